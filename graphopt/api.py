@@ -1,0 +1,128 @@
+"""The Python API: ``optimize(model_or_path, passes=[...], ...) -> (model, report)``; the CLI is a thin shell over it.
+
+Steps (DESIGN.md §1): load, check that onnxruntime runs the input, run the pass pipeline (each pass verified),
+validate rewritten vs original on the same feeds, measure both models, assemble the report. Nothing is written
+here; the caller saves the returned model (the CLI through ``graphopt.io.save_model``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from calibration.readers import Batch, DataSource, RandomSource, model_inputs, open_source
+
+from . import io
+from .errors import UsageError, ValidationFailed
+from .pipeline import (PassContext, PassSpec, check_calibration, check_order, default_pipeline, make_spec,
+                       parse_pass_arg, run_pipeline)
+from .report import Report, measure_latency, model_stats
+from .validate import Thresholds, make_session, validate
+
+log = logging.getLogger("graphopt")
+
+PassArg = str | PassSpec | tuple[str, Mapping[str, Any]]
+
+
+def resolve_passes(passes: Sequence[PassArg] | None) -> list[PassSpec]:
+    """Turn ``"name:k=v"`` strings, ``(name, {k: v})`` pairs or PassSpecs into PassSpecs (default if None)."""
+    if passes is None:
+        passes = default_pipeline()
+    specs = []
+    for p in passes:
+        if isinstance(p, PassSpec):
+            specs.append(p)
+        elif isinstance(p, str):
+            specs.append(parse_pass_arg(p))
+        elif isinstance(p, tuple) and len(p) == 2:
+            specs.append(make_spec(p[0], p[1]))
+        else:
+            raise UsageError(f"cannot understand pass {p!r}: give 'name:key=value' or (name, options)")
+    return specs
+
+
+def _one_row(batch: Batch, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The feed for latency and MAC counting: the first batch, cut to one row where the batch axis is dynamic."""
+    specs = {s.name: s for s in model_inputs(model)}
+    feed = {}
+    for name, arr in batch.feed.items():
+        spec = specs.get(name)
+        if (isinstance(arr, np.ndarray) and arr.ndim >= 1 and spec is not None and spec.shape
+                and spec.shape[0] is None and arr.shape[0] > 1):
+            arr = arr[:1]
+        feed[name] = arr
+    return feed
+
+
+def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[PassArg] | None = None, *,
+             calib_data: Any = None, val_data: Any = None, input_shapes: Mapping[str, Sequence[int]] | None = None,
+             validate_output: bool = True, min_cosine: float | None = None, min_top1: float | None = None,
+             max_rel_error: float | None = None, force: bool = False, seed: int = 0, verify: bool = True,
+             dump_dir: str | os.PathLike[str] | None = None, latency_runs: int = 20, threads: int = 1,
+             calib_samples: int | None = None, on_dump: Callable[[onnx.ModelProto, Path], None] | None = None,
+             ) -> tuple[onnx.ModelProto, Report]:
+    """Rewrite ``model`` with ``passes`` and validate it; return the rewritten model and the report.
+
+    ``calib_data``/``val_data``: an ``.npz`` path, a folder of ``.npz``, an iterable of ``{input: array}`` dicts, or
+    an onnxruntime ``CalibrationDataReader``. Raises ``ValidationFailed`` (carrying model and report) when the
+    result fails validation, unless ``force``.
+    """
+    path = None
+    if not isinstance(model, onnx.ModelProto):
+        path = str(model)
+        model = io.load_model(model)
+    specs = resolve_passes(passes)
+    check_order(specs)
+    check_calibration(specs, calib_data is not None)
+    shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
+    unknown = set(shapes) - {s.name for s in model_inputs(model)}
+    if unknown:
+        raise UsageError(f"--input-shape names unknown input(s) {', '.join(sorted(unknown))}; inputs: "
+                         f"{', '.join(s.name for s in model_inputs(model))}")
+    report = Report(input=path or "<model>", output=None)
+    ref_session = make_session(model, "input model")
+
+    calib: DataSource | None = None
+    if calib_data is not None:
+        calib = open_source(calib_data, model, max_samples=calib_samples)
+    if val_data is not None:
+        val: DataSource = open_source(val_data, model)
+    elif calib is not None:
+        val = calib
+    else:
+        val = RandomSource(model_inputs(model), shapes, seed)
+        report.warnings.extend(val.guesses)
+
+    ctx = PassContext(original=model, calib=calib, input_shapes=shapes, seed=seed)
+    dump = Path(dump_dir) if dump_dir is not None else None
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+    out, records = run_pipeline(model, specs, ctx, verify=verify, dump_dir=dump, on_dump=on_dump)
+    exact = all(s.build().exact for s in specs)
+    report.passes = [{"pass": r.spec, "seconds": round(r.seconds, 3), "changed": r.result.changed,
+                      "counts": r.result.counts, "layers": r.result.layers, "declined": r.result.declined,
+                      "notes": r.result.notes, "removed_nodes": r.removed_nodes, "nodes_after": r.nodes_after}
+                     for r in records]
+
+    first = next(iter(val), None)
+    feed = _one_row(first, model) if first is not None else None
+    if validate_output:
+        new_session = make_session(out, "rewritten model")
+        report.validation = validate(model, out, val, exact=exact, description=val.description,
+                                     thresholds=Thresholds(min_cosine, min_top1, max_rel_error),
+                                     sessions=(ref_session, new_session))
+    report.before = model_stats(model, feed)
+    report.after = model_stats(out, feed)
+    if latency_runs > 0 and feed is not None:
+        report.latency_ms = tuple(measure_latency([model, out], feed, threads=threads, runs=latency_runs))  # type: ignore[assignment]
+        report.latency_setup = {"threads": threads, "runs": latency_runs, "warmup": 3,
+                                "optimization": "onnxruntime default graph optimizations",
+                                "feed_shapes": {k: list(np.shape(v)) for k, v in feed.items()}}
+    if report.validation is not None and not report.validation.passed and not force:
+        raise ValidationFailed(f"validation failed: {report.validation.failures[0]}", model=out, report=report)
+    return out, report

@@ -1,0 +1,189 @@
+"""Command line: ``python -m graphopt IN.onnx OUT.onnx [--pass NAME[:k=v,...]]... [options]`` (DESIGN.md §2).
+
+Also ``graphopt info MODEL`` (a model's summary) and ``graphopt --list-passes``. Every failure is one line on
+stderr with exit code 2 (bad input or usage), 1 (validation failed; nothing written unless --force) or 3 (a bug in
+graphopt); ``--debug`` adds the traceback. OUT is checked before any work and written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+from . import io
+from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_VALIDATION, GraphoptError,
+                     InternalError, UsageError, ValidationFailed, one_line)
+
+log = logging.getLogger("graphopt")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="graphopt", description="Rewrite an ONNX model to make it smaller and faster, validated in "
+                "onnxruntime. Also: 'graphopt info MODEL' prints a model's summary.")
+    p.add_argument("paths", nargs="*", metavar="IN.onnx OUT.onnx", help="input model and output path")
+    p.add_argument("--pass", dest="passes", action="append", default=[], metavar="NAME[:key=value,...]",
+                   help="run this pass (repeatable, in order); list options repeat the key. Default pipeline "
+                   "when none is given: the exact passes fold-constants, fold-bn")
+    p.add_argument("--recipe", metavar="FILE.toml", help="passes from a TOML file: [[pass]] name = ... options")
+    p.add_argument("--calib-data", metavar="PATH", help=".npz (arrays stacked on axis 0) or folder of .npz files")
+    p.add_argument("--val-data", metavar="PATH", help="validation data (default: calibration data, else random)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1xD2x...",
+                   help="concrete shape for an input with dynamic dims (for random validation inputs)")
+    p.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
+    p.add_argument("--min-cosine", type=float, metavar="X", help="lossy passes: fail below this output cosine")
+    p.add_argument("--min-top1", type=float, metavar="X", help="lossy passes: fail below this top-1 agreement")
+    p.add_argument("--max-rel-error", type=float, metavar="X",
+                   help="lossy passes: fail above this max|y-x|/max|x| per output")
+    p.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
+    p.add_argument("--no-verify", action="store_true", help="skip onnx.checker after each pass")
+    p.add_argument("--force", action="store_true", help="write OUT even when validation fails (exit code stays 1)")
+    p.add_argument("--dump-dir", metavar="DIR", help="save the model after each pass into DIR")
+    p.add_argument("--seed", type=int, default=0, help="seed for random inputs and sampling (default 0)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency (default 1)")
+    p.add_argument("--latency-runs", type=int, default=20, metavar="N",
+                   help="timed runs per model for latency, 0 to skip (default 20)")
+    p.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples/feeds")
+    p.add_argument("--list-passes", action="store_true", help="list passes with their options and exit")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="log each pass and every declined site")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def list_passes() -> str:
+    from .pipeline import default_pipeline, registry
+
+    defaults = default_pipeline()
+    lines = []
+    for name, cls in sorted(registry().items()):
+        tags = ["exact" if cls.exact else "lossy"] + (["default"] if name in defaults else [])
+        lines.append(f"{name}  [{', '.join(tags)}]")
+        lines.append(f"    {cls.summary}")
+        for spec in cls.option_specs():
+            lines.append(f"    {spec.name}: {spec.type_name()} = {spec.default!r}  {spec.help}")
+    return "\n".join(lines)
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    if args.list_passes:
+        print(list_passes())
+        return EXIT_OK
+    if args.paths and args.paths[0] == "info":
+        return _info(args)
+    if len(args.paths) != 2:
+        raise UsageError("expected IN.onnx OUT.onnx (or 'info MODEL', or --list-passes)")
+    for name, value in (("--threads", args.threads), ("--latency-runs", args.latency_runs + 1),
+                        ("--calib-samples", args.calib_samples)):
+        if value is not None and value < 1:
+            raise UsageError(f"{name} must be positive")
+    return _optimize(args)
+
+
+def _shapes(items: list[str]) -> dict[str, list[int]]:
+    from calibration.readers import parse_shape
+
+    return dict(parse_shape(s) for s in items)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from calibration.readers import RandomSource, model_inputs, open_source
+
+    from .report import summary
+
+    if len(args.paths) != 2:
+        raise UsageError("usage: graphopt info MODEL.onnx")
+    model = io.load_model(args.paths[1])
+    data = args.val_data or args.calib_data
+    source = open_source(data, model) if data else RandomSource(model_inputs(model), _shapes(args.input_shape),
+                                                                args.seed, n_feeds=1)
+    first = next(iter(source), None)
+    from .api import _one_row
+
+    feed = _one_row(first, model) if first is not None else None
+    print(summary(model, feed, args.paths[1]))
+    return EXIT_OK
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from .api import optimize
+    from .pipeline import parse_recipe
+
+    in_path, out_path = Path(args.paths[0]), Path(args.paths[1])
+    if args.recipe and args.passes:
+        raise UsageError("give passes with --pass or with --recipe, not both")
+    passes = parse_recipe(args.recipe) if args.recipe else (args.passes or None)
+    model = io.load_model(in_path)
+    protected = [in_path, *io.external_data_files(model, in_path.parent)]
+    io.check_output_path(out_path, protected)
+    if args.report:
+        io.check_output_path(args.report, protected + [out_path])
+    status = EXIT_OK
+    try:
+        out, report = optimize(model, passes, calib_data=args.calib_data, val_data=args.val_data,
+                               input_shapes=_shapes(args.input_shape), validate_output=not args.no_validate,
+                               min_cosine=args.min_cosine, min_top1=args.min_top1,
+                               max_rel_error=args.max_rel_error, force=args.force, seed=args.seed,
+                               verify=not args.no_verify, dump_dir=args.dump_dir, latency_runs=args.latency_runs,
+                               threads=args.threads, calib_samples=args.calib_samples)
+    except ValidationFailed as e:
+        report = e.report
+        report.input = str(in_path)
+        if not args.quiet:
+            print(report.format())
+        if args.report:
+            io.write_json(args.report, report.to_dict())
+        raise
+    report.input, report.output = str(in_path), str(out_path)
+    if report.validation is not None and not report.validation.passed:
+        status = EXIT_VALIDATION  # --force: written anyway, still reported as failed
+    written = io.save_model(out, out_path)
+    if args.report:
+        io.write_json(args.report, report.to_dict())
+    if not args.quiet:
+        print(report.format())
+        print(f"wrote {', '.join(str(p) for p in written)}")
+    if status == EXIT_VALIDATION:
+        print(f"error: validation failed: {report.validation.failures[0]} (written anyway: --force)",  # type: ignore[union-attr]
+              file=sys.stderr)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except ValidationFailed as e:
+        print(f"error: {e} (nothing written; --force writes anyway)", file=sys.stderr)
+        return EXIT_VALIDATION
+    except GraphoptError as e:
+        if debug:
+            traceback.print_exc()
+        kind = "internal error" if isinstance(e, InternalError) else "error"
+        hint = " (this is a bug in graphopt; --debug shows the traceback)" if isinstance(e, InternalError) else ""
+        print(f"{kind}: {one_line(e)}{hint}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        print("error: out of memory", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # a bug: one line unless --debug
+        if debug:
+            traceback.print_exc()
+        print(f"internal error: {type(e).__name__}: {one_line(e)} (this is a bug in graphopt; --debug shows the "
+              "traceback)", file=sys.stderr)
+        return EXIT_INTERNAL

@@ -1,0 +1,253 @@
+"""Reading and writing models and data files: the only module that touches the file system for graphopt.
+
+Loading refuses what would be unsafe or unsupported, with a one-line reason:
+  * not a file, empty, not a protobuf ModelProto, or a ModelProto that fails ``onnx.checker``;
+  * IR or ai.onnx opset versions outside what the installed onnx understands;
+  * external-data locations that resolve outside the model's folder (absolute paths, ``..``, symlinks out of the
+    folder) — reading them would let a model file make the loader read arbitrary files — or that are missing.
+Saving is atomic: the bytes go to a temporary file in OUT's folder which is renamed over OUT only when complete, so
+an error or Ctrl-C never leaves a partial OUT. Models whose protobuf would exceed 2 GB are saved with their tensors
+in one external-data file beside OUT (``OUT.data``), moved into place before OUT itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import onnx
+from onnx import external_data_helper
+
+from .errors import InputError, OutputError, one_line
+
+PROTOBUF_LIMIT = 2**31 - 1
+# Stay clear of the hard limit: serialisation also needs room for the graph structure and field headers.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24
+MIN_OPSET = 7
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto in the model: initializers and tensor attributes, in subgraphs and functions too."""
+    yield from external_data_helper._get_all_tensors(model)
+
+
+def external_data_files(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
+    """Resolved paths of the external-data files a model refers to, after checking each location is safe."""
+    base = base_dir.resolve()
+    files: list[Path] = []
+    for tensor in _all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = info.location
+        if not location:
+            raise InputError(f"tensor '{tensor.name}' uses external data but names no location")
+        if os.path.isabs(location) or Path(location).drive:
+            raise InputError(f"tensor '{tensor.name}': external-data location '{location}' is an absolute path; "
+                             "only files inside the model's folder are read")
+        target = (base / location).resolve()
+        if target != base and base not in target.parents:
+            raise InputError(f"tensor '{tensor.name}': external-data location '{location}' resolves outside "
+                             f"the model's folder ({target}); refusing to read it")
+        if not target.is_file():
+            raise InputError(f"external-data file '{location}' (tensor '{tensor.name}') not found next to the model")
+        if target not in files:
+            files.append(target)
+    return files
+
+
+def _check_versions(model: onnx.ModelProto, where: str) -> None:
+    if model.ir_version < 3:
+        raise InputError(f"{where}: IR version {model.ir_version} is not supported (need 3 or newer)")
+    if model.ir_version > onnx.IR_VERSION:
+        raise InputError(f"{where}: IR version {model.ir_version} is newer than the installed onnx "
+                         f"{onnx.__version__} understands (up to {onnx.IR_VERSION})")
+    max_opset = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            if opset.version < MIN_OPSET or opset.version > max_opset:
+                raise InputError(f"{where}: ai.onnx opset {opset.version} is not supported "
+                                 f"(graphopt handles opsets {MIN_OPSET} to {max_opset})")
+
+
+def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Read, check and return a model with its external data loaded; raise InputError with the reason if not."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file")
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory, not an ONNX model file")
+    if not p.is_file():
+        raise InputError(f"{p}: not a regular file")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p}: file is empty")
+    try:
+        with open(p, "rb") as f:
+            model = onnx.load_model_from_string(f.read())
+    except OSError as e:
+        raise InputError(f"{p}: cannot read: {e.strerror or one_line(e)}") from e
+    except Exception as e:  # protobuf DecodeError and friends
+        raise InputError(f"{p}: not an ONNX model (the file does not parse as an ONNX protobuf)") from e
+    if not model.HasField("graph") or (len(model.graph.node) == 0 and len(model.graph.output) == 0):
+        raise InputError(f"{p}: not an ONNX model (no graph inside; is it truncated or another file type?)")
+    if not model.opset_import:
+        raise InputError(f"{p}: not a usable ONNX model (no opset_import; is it truncated?)")
+    _check_versions(model, str(p))
+    external_data_files(model, p.parent)
+    try:
+        external_data_helper.load_external_data_for_model(model, str(p.parent))
+    except Exception as e:
+        raise InputError(f"{p}: cannot load external data: {one_line(e)}") from e
+    check_model(model, str(p))
+    return model
+
+
+def check_model(model: onnx.ModelProto, where: str) -> None:
+    """``onnx.checker`` on a model, turning failures into a one-line InputError."""
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise InputError(f"{where}: invalid ONNX model: {one_line(e)}") from e
+
+
+def model_size_bytes(model: onnx.ModelProto) -> int:
+    """Size of the model as saved (protobuf plus any external data)."""
+    return model.ByteSize()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def check_output_path(out: str | os.PathLike[str], protected: list[Path] | None = None) -> Path:
+    """Refuse an OUT that cannot be written or would overwrite one of ``protected`` (the input and its data)."""
+    o = Path(out)
+    if o.name in ("", ".", ".."):
+        raise OutputError(f"{o}: output must be a file path")
+    if o.exists() and o.is_dir():
+        raise OutputError(f"{o}: output is a directory; give a file path")
+    folder = o.parent if str(o.parent) else Path(".")
+    if not folder.exists():
+        raise OutputError(f"{o}: output folder '{folder}' does not exist")
+    if not folder.is_dir():
+        raise OutputError(f"{o}: '{folder}' is not a folder")
+    for p in protected or []:
+        for candidate in (o, o.with_name(o.name + ".data")):
+            if candidate.resolve() == p.resolve() or _same_file(candidate, p):
+                raise OutputError(f"{o}: writing here would overwrite the input file {p}; choose another output path")
+    # A real probe: os.access() says yes to root even on read-only mounts.
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{o.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise OutputError(f"{o}: output folder '{folder}' is not writable ({e.strerror})") from e
+    return o
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename tmp over ``path``; the temporary file never outlives a failure."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: onnx.ModelProto, out: str | os.PathLike[str]) -> list[Path]:
+    """Atomically write ``model`` to ``out`` (with ``out.data`` when over 2 GB); return the paths written."""
+    o = Path(out)
+    try:
+        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            data = model.SerializeToString()
+            _write_atomic(o, lambda tmp: tmp.write_bytes(data))
+            return [o]
+        return _save_external(model, o)
+    except OSError as e:
+        raise OutputError(f"{o}: cannot write output: {e.strerror or one_line(e)}") from e
+
+
+def _save_external(model: onnx.ModelProto, o: Path) -> list[Path]:
+    data_name = o.name + ".data"
+    work = Path(tempfile.mkdtemp(prefix=f".{o.name}.", dir=o.parent))
+    try:
+        big = onnx.ModelProto()
+        big.CopyFrom(model)
+        onnx.save_model(big, str(work / o.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        del big
+        os.replace(work / data_name, o.parent / data_name)
+        os.replace(work / o.name, o)
+        return [o, o.parent / data_name]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Atomically write ``data`` as indented JSON."""
+    p = Path(path)
+    text = json.dumps(data, indent=2, default=_json_default) + "\n"
+    try:
+        _write_atomic(p, lambda tmp: tmp.write_text(text))
+    except OSError as e:
+        raise OutputError(f"{p}: cannot write: {e.strerror or one_line(e)}") from e
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except OSError as e:
+        raise InputError(f"{p}: cannot read: {e.strerror or one_line(e)}") from e
+    except ValueError as e:
+        raise InputError(f"{p}: not valid JSON: {one_line(e)}") from e
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text())
+    except OSError as e:
+        raise InputError(f"{p}: cannot read: {e.strerror or one_line(e)}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{p}: not valid TOML: {one_line(e)}") from e
+
+
+def open_npz(path: str | os.PathLike[str]) -> Any:
+    """Open an ``.npz`` lazily (arrays are read on access) with pickles refused."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such .npz file")
+    try:
+        return np.load(p, allow_pickle=False)
+    except Exception as e:
+        raise InputError(f"{p}: not a readable .npz file: {one_line(e)}") from e

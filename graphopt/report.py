@@ -1,0 +1,331 @@
+"""Model statistics, latency measurement and the before/after report (stdout table and JSON).
+
+MACs are counted from the shapes each tensor really has when the model runs on one feed (the feed's batch, cut to
+one row when the batch axis is dynamic): onnxruntime runs the model once with the operands of the counted ops
+exposed as extra outputs, so ops onnx shape inference does not know (com.microsoft ones) are counted too.
+  Conv / FusedConv / QLinearConv / ConvInteger:  MACs = |Y| · (C_in / group) · prod(kernel)
+  ConvTranspose:                                  MACs = |X| · (C_out / group) · prod(kernel)
+  Gemm / MatMul / QLinearMatMul / MatMulInteger / FusedMatMul / FusedGemm:  MACs = |Y| · K
+Latency: both models in one process, onnxruntime CPU, a fixed thread count, warm-up runs, then runs interleaved
+(alternating which goes first) so that machine noise hits both alike; the median of each is reported.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from . import __version__
+from .validate import ValidationResult, make_session
+
+_CONV = {"Conv", "FusedConv", "QLinearConv", "ConvInteger", "NhwcConv"}
+_MATMUL = {"Gemm", "MatMul", "QLinearMatMul", "MatMulInteger", "FusedMatMul", "FusedGemm", "MatMulIntegerToFloat",
+           "DynamicQuantizeMatMul", "QGemm"}
+
+
+@dataclass
+class ModelStats:
+    size_bytes: int
+    parameters: int
+    macs: int | None
+    nodes: int
+    op_counts: dict[str, int]
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model and the instruction-set extensions that matter for int8 and float kernels."""
+    flags: set[str] = set()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                elif line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX512-VNNI"),
+                                   ("avx_vnni", "AVX-VNNI"), ("amx_int8", "AMX-INT8")) if flag in flags]
+    return {"model": model, "isa": isa, "cores": _cores()}
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def environment() -> dict[str, Any]:
+    return {"graphopt": __version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__,
+            "numpy": np.__version__, "python": platform.python_version(), "cpu": cpu_info()}
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Elements of every initializer and Constant-node tensor in the main graph."""
+    n = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    n += int(np.prod(a.t.dims, dtype=np.int64))
+    return n
+
+
+def model_stats(model: onnx.ModelProto, feed: dict[str, np.ndarray] | None) -> ModelStats:
+    ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node)
+    return ModelStats(size_bytes=model.ByteSize(), parameters=count_parameters(model),
+                      macs=count_macs(model, feed) if feed is not None else None,
+                      nodes=len(model.graph.node), op_counts=dict(sorted(ops.items())))
+
+
+def count_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int | None:
+    """Multiply-accumulates of one run on ``feed`` (see the module docstring); None when the model cannot run."""
+    counted = [n for n in model.graph.node if n.op_type in _CONV | _MATMUL | {"ConvTranspose"}]
+    if not counted:
+        return 0
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    wanted: list[str] = []
+    inits = {t.name: t for t in model.graph.initializer}
+    for n in counted:
+        for name in (*n.input[:2], n.output[0]):
+            if name and name not in inits and name not in existing and name not in wanted:
+                wanted.append(name)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in wanted)
+    try:
+        sess = make_session(probe, "model (MAC count)", threads=None, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        names = [o.name for o in sess.get_outputs()]
+        values = sess.run(names, feed)
+    except Exception:
+        return None
+    shapes = {name: np.shape(v) for name, v in zip(names, values)}
+    shapes.update({k: tuple(v.dims) for k, v in inits.items()})
+    shapes.update({k: np.shape(v) for k, v in feed.items()})
+    total = 0
+    for n in counted:
+        total += _node_macs(n, shapes)
+    return int(total)
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
+    op = node.op_type
+    if op in _CONV:
+        x_i, w_i = (0, 3) if op == "QLinearConv" else (0, 1)
+        w = shapes.get(node.input[w_i]) if len(node.input) > w_i else None
+        y = shapes.get(node.output[0])
+        if w is None or y is None:
+            return 0
+        return int(np.prod(y, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64))
+    if op == "ConvTranspose":
+        x = shapes.get(node.input[0])
+        w = shapes.get(node.input[1])
+        if x is None or w is None:
+            return 0
+        # W is [C_in, C_out / group, k...]: each input element meets C_out / group filters of prod(k) taps.
+        return int(np.prod(x, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64))
+    if op in _MATMUL:
+        a = shapes.get(node.input[0])
+        y = shapes.get(node.output[0])
+        if a is None or y is None or len(a) == 0:
+            return 0
+        if op in ("Gemm", "FusedGemm", "QGemm"):
+            k = a[0] if _attr(node, "transA", 0) else a[-1]
+        else:
+            k = a[-1]
+        return int(np.prod(y, dtype=np.int64)) * int(k)
+    return 0
+
+
+def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, threads: int = 1, runs: int = 20,
+                    warmup: int = 3, budget_s: float = 20.0) -> list[float]:
+    """Median latency in ms of each model on ``feed``, measured interleaved in this process."""
+    sessions = [make_session(m, "model (latency)", threads=threads) for m in models]
+    for s in sessions:
+        for _ in range(warmup):
+            s.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    start = time.perf_counter()
+    for r in range(runs):
+        order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
+        for i in order:
+            t0 = time.perf_counter()
+            sessions[i].run(None, feed)
+            times[i].append(time.perf_counter() - t0)
+        if r >= 4 and time.perf_counter() - start > budget_s:
+            break
+    return [statistics.median(t) * 1e3 for t in times]
+
+
+@dataclass
+class Report:
+    """Everything the CLI prints and ``--report`` writes."""
+
+    input: str
+    output: str | None
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    before: ModelStats | None = None
+    after: ModelStats | None = None
+    latency_ms: tuple[float, float] | None = None
+    latency_setup: dict[str, Any] = field(default_factory=dict)
+    validation: ValidationResult | None = None
+    warnings: list[str] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=environment)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input": self.input, "output": self.output, "environment": self.environment,
+            "passes": self.passes,
+            "before": asdict(self.before) if self.before else None,
+            "after": asdict(self.after) if self.after else None,
+            "latency_ms": {"before": self.latency_ms[0], "after": self.latency_ms[1], **self.latency_setup}
+            if self.latency_ms else None,
+            "validation": self.validation.to_dict() if self.validation else None,
+            "warnings": self.warnings,
+        }
+
+    def format(self) -> str:
+        return format_report(self)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _count(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def _change(a: float | None, b: float | None) -> str:
+    if a is None or b is None:
+        return ""
+    if a == b:
+        return "="
+    if a == 0:
+        return "new"
+    return f"{(b - a) / a * 100:+.1f}%"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    if x is None:
+        return "-"
+    if x == float("inf"):
+        return "inf"
+    return format(x, fmt)
+
+
+def format_report(r: Report) -> str:
+    env = r.environment
+    cpu = env["cpu"]
+    lines = [f"graphopt {env['graphopt']} | onnxruntime {env['onnxruntime']} | CPU: {cpu['model']} "
+             f"({', '.join(cpu['isa']) or 'no AVX2'}; {cpu['cores']} cores)"]
+    for w in r.warnings:
+        lines.append(f"warning: {w}")
+    if r.passes:
+        lines.append("pipeline:")
+        for p in r.passes:
+            counts = ", ".join(f"{k} {_count(v) if isinstance(v, (int, float)) and v >= 1000 else v}"
+                               for k, v in p["counts"].items())
+            extra = f"; {len(p['declined'])} declined" if p["declined"] else ""
+            removed = f"; cleanup removed {p['removed_nodes']} nodes" if p["removed_nodes"] else ""
+            lines.append(f"  {p['pass']:<28} {p['seconds']:.2f} s  {counts or 'no change'}{extra}{removed}")
+            for d in p["declined"][:8]:
+                lines.append(f"      declined {d['site']}: {d['reason']}")
+            if len(p["declined"]) > 8:
+                lines.append(f"      ... and {len(p['declined']) - 8} more (see --report)")
+            for note in p.get("notes", []):
+                lines.append(f"      {note}")
+    b, a = r.before, r.after
+    if b and a:
+        lines.append("")
+        lines.append(f"{'':<22}{'before':>14}{'after':>14}{'change':>10}")
+        rows = [("file size", _size(b.size_bytes), _size(a.size_bytes), _change(b.size_bytes, a.size_bytes)),
+                ("parameters", _count(b.parameters), _count(a.parameters), _change(b.parameters, a.parameters)),
+                ("MACs", _count(b.macs), _count(a.macs), _change(b.macs, a.macs)),
+                ("nodes", str(b.nodes), str(a.nodes), _change(b.nodes, a.nodes))]
+        if r.latency_ms:
+            lb, la = r.latency_ms
+            rows.append((f"latency ms ({r.latency_setup.get('threads')} thr)", f"{lb:.3f}", f"{la:.3f}",
+                         f"{lb / la:.2f}x" if la > 0 else ""))
+        for name, x, y, c in rows:
+            lines.append(f"{name:<22}{x:>14}{y:>14}{c:>10}")
+        ops = sorted(set(b.op_counts) | set(a.op_counts))
+        changed_ops = [op for op in ops if b.op_counts.get(op, 0) != a.op_counts.get(op, 0)]
+        for op in changed_ops:
+            lines.append(f"  {op:<20}{b.op_counts.get(op, 0):>14}{a.op_counts.get(op, 0):>14}")
+        if r.latency_ms:
+            s = r.latency_setup
+            lines.append(f"  (latency: median of {s.get('runs')} interleaved runs after {s.get('warmup')} warm-up, "
+                         f"input {s.get('feed_shapes')}, {s.get('optimization')})")
+    v = r.validation
+    if v is not None:
+        lines.append("")
+        verdict = "PASSED" if v.passed else "FAILED"
+        mode = "exact pipeline" if v.exact else "lossy pipeline"
+        lines.append(f"validation on {v.data} ({v.feeds} feeds, {v.samples} samples, {mode}): {verdict}")
+        lines.append(f"  {'output':<20}{'max abs':>11}{'rel err':>11}{'cosine':>10}{'SQNR dB':>9}{'top-1':>9}")
+        for o in v.outputs:
+            lines.append(f"  {o.name[:20]:<20}{_num(o.max_abs_error, '.3g'):>11}{_num(o.rel_error, '.3g'):>11}"
+                         f"{_num(o.cosine, '.6f'):>10}{_num(o.sqnr_db, '.1f'):>9}"
+                         f"{_num(None if o.top1 is None else o.top1 * 100, '.2f'):>9}")
+        acc = v.accuracy
+        if acc:
+            lines.append(f"  accuracy on labels ({v.labelled} samples): {acc[0] * 100:.2f}% -> {acc[1] * 100:.2f}% "
+                         f"({(acc[1] - acc[0]) * 100:+.2f} points)")
+        for f in v.failures:
+            lines.append(f"  FAIL: {f}")
+    return "\n".join(lines)
+
+
+def summary(model: onnx.ModelProto, feed: dict[str, np.ndarray] | None, path: str) -> str:
+    """A model's summary for ``graphopt info``."""
+    st = model_stats(model, feed)
+    opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
+    lines = [f"{path}", f"  IR version {model.ir_version}; opsets: {opsets}; producer: "
+             f"{model.producer_name or '-'} {model.producer_version}".rstrip(),
+             f"  file size {_size(st.size_bytes)}, parameters {_count(st.parameters)}, MACs {_count(st.macs)}"
+             f"{' (per run on ' + str({k: list(v.shape) for k, v in feed.items()}) + ')' if feed else ''}",
+             f"  nodes {st.nodes}: " + ", ".join(f"{op} {n}" for op, n in sorted(st.op_counts.items(),
+                                                                             key=lambda kv: -kv[1]))]
+    for vi in model.graph.input:
+        lines.append(f"  input  {vi.name}: {_type_str(vi)}")
+    for vi in model.graph.output:
+        lines.append(f"  output {vi.name}: {_type_str(vi)}")
+    return "\n".join(lines)
+
+
+def _type_str(vi: onnx.ValueInfoProto) -> str:
+    t = vi.type
+    if t.HasField("tensor_type"):
+        tt = t.tensor_type
+        dt = onnx.TensorProto.DataType.Name(tt.elem_type).lower()
+        if not tt.HasField("shape"):
+            return f"{dt}[unknown rank]"
+        dims = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+        return f"{dt}[{', '.join(dims)}]"
+    return str(t.WhichOneof("value"))

@@ -1,0 +1,276 @@
+"""Validation: run the original and the rewritten model in onnxruntime (CPU) on the same feeds and compare.
+
+Per output, accumulated over all feeds (memory holds one feed's outputs at a time):
+  * max abs error  = max |y - x|                      (x: original output, y: rewritten)
+  * rel error      = max |y - x| / max |x|            (error relative to the output's range; robust near zero)
+  * cosine         = <x, y> / (|x| |y|)               over all elements of all feeds
+  * SQNR (dB)      = 10 log10(sum x^2 / sum (y - x)^2)
+  * top-1          = fraction of rows whose argmax agrees, for class-score-shaped outputs ([N, C], C >= 2, float)
+  * accuracy       = argmax vs labels for the first class-score output, when the data carries ``__labels__``.
+A rewritten output that is NaN/Inf where the original is finite, or a changed shape or dtype, always fails.
+An exact pipeline must match within EXACT_REL_TOL (float) or exactly (integers, bools, strings). Lossy pipelines are
+gated by the user's thresholds (min cosine, min top-1, max rel error).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import InputError, one_line
+
+EXACT_REL_TOL = {np.dtype(np.float64): 1e-9, np.dtype(np.float32): 1e-4, np.dtype(np.float16): 1e-2}
+DEFAULT_REL_TOL = 1e-2  # bfloat16 and other low-precision floats
+
+
+@dataclass
+class Thresholds:
+    min_cosine: float | None = None
+    min_top1: float | None = None
+    max_rel_error: float | None = None
+
+
+def session_options(threads: int | None = None, level: ort.GraphOptimizationLevel | None = None
+                    ) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if level is not None:
+        so.graph_optimization_level = level
+    return so
+
+
+def make_session(model: onnx.ModelProto, what: str, threads: int | None = None,
+                 level: ort.GraphOptimizationLevel | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session for an in-memory model; failures name ``what`` in one line."""
+    try:
+        return ort.InferenceSession(model.SerializeToString(), session_options(threads, level),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise InputError(f"onnxruntime cannot load the {what}: {one_line(e)}") from e
+
+
+@dataclass
+class OutputStats:
+    name: str
+    kind: str = "float"              # float | exact (ints, bools, strings) | other (sequences, maps)
+    dtype: str = ""
+    elements: int = 0
+    max_abs_error: float = 0.0
+    ref_max_abs: float = 0.0
+    sum_ref2: float = 0.0
+    sum_out2: float = 0.0
+    sum_err2: float = 0.0
+    dot: float = 0.0
+    top1_agree: int = 0
+    top1_rows: int = 0
+    mismatches: int = 0              # exact kinds: differing elements
+    new_nonfinite: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def rel_error(self) -> float:
+        if self.max_abs_error == 0:
+            return 0.0
+        return self.max_abs_error / self.ref_max_abs if self.ref_max_abs > 0 else math.inf
+
+    @property
+    def cosine(self) -> float | None:
+        if self.kind != "float":
+            return None
+        if self.sum_ref2 == 0 and self.sum_out2 == 0:
+            return 1.0
+        if self.sum_ref2 == 0 or self.sum_out2 == 0:
+            return 0.0
+        return self.dot / math.sqrt(self.sum_ref2 * self.sum_out2)
+
+    @property
+    def sqnr_db(self) -> float | None:
+        if self.kind != "float":
+            return None
+        if self.sum_err2 == 0:
+            return math.inf
+        if self.sum_ref2 == 0:
+            return -math.inf
+        return 10 * math.log10(self.sum_ref2 / self.sum_err2)
+
+    @property
+    def top1(self) -> float | None:
+        return self.top1_agree / self.top1_rows if self.top1_rows else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k not in ("sum_ref2", "sum_out2", "sum_err2", "dot",
+                                                                 "top1_agree")}
+        d.update(rel_error=self.rel_error, cosine=self.cosine, sqnr_db=self.sqnr_db, top1=self.top1)
+        return d
+
+
+def looks_like_scores(arr: np.ndarray) -> bool:
+    return arr.dtype.kind == "f" and arr.ndim == 2 and arr.shape[1] >= 2
+
+
+@dataclass
+class ValidationResult:
+    data: str
+    feeds: int = 0
+    samples: int = 0
+    exact: bool = True
+    outputs: list[OutputStats] = field(default_factory=list)
+    labelled: int = 0
+    correct_before: int = 0
+    correct_after: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def accuracy(self) -> tuple[float, float] | None:
+        if not self.labelled:
+            return None
+        return self.correct_before / self.labelled, self.correct_after / self.labelled
+
+    def to_dict(self) -> dict[str, Any]:
+        acc = self.accuracy
+        return {"data": self.data, "feeds": self.feeds, "samples": self.samples, "exact": self.exact,
+                "passed": self.passed, "failures": self.failures,
+                "accuracy_before": acc[0] if acc else None, "accuracy_after": acc[1] if acc else None,
+                "outputs": [o.to_dict() for o in self.outputs]}
+
+
+def _compare(stats: OutputStats, ref: Any, out: Any) -> None:
+    if not isinstance(ref, np.ndarray) or not isinstance(out, np.ndarray):
+        stats.kind = "other"
+        if not _equal_nested(ref, out):
+            stats.mismatches += 1
+        return
+    if ref.shape != out.shape:
+        stats.problems.append(f"shape changed from {list(ref.shape)} to {list(out.shape)}")
+        return
+    if ref.dtype != out.dtype:
+        stats.problems.append(f"dtype changed from {ref.dtype} to {out.dtype}")
+        return
+    stats.elements += ref.size
+    stats.dtype = str(ref.dtype)
+    if ref.dtype.kind not in "fc":
+        stats.kind = "exact"
+        stats.mismatches += int(np.count_nonzero(ref != out))
+        return
+    x = ref.astype(np.float64)
+    y = out.astype(np.float64)
+    fin_x = np.isfinite(x)
+    fin_y = np.isfinite(y)
+    stats.new_nonfinite += int(np.count_nonzero(fin_x & ~fin_y))
+    # Non-finite values in the original must be reproduced exactly (same NaN/Inf positions and signs).
+    nf = ~fin_x
+    if nf.any():
+        same = (np.isnan(x[nf]) & np.isnan(y[nf])) | (x[nf] == y[nf])
+        stats.mismatches += int(np.count_nonzero(~same))
+    both = fin_x & fin_y
+    xb, yb = x[both], y[both]
+    if xb.size:
+        err = np.abs(yb - xb)
+        stats.max_abs_error = max(stats.max_abs_error, float(err.max()))
+        stats.ref_max_abs = max(stats.ref_max_abs, float(np.abs(xb).max()))
+        stats.sum_ref2 += float(np.dot(xb.ravel(), xb.ravel()) if xb.dtype.kind == "f" else np.sum(np.abs(xb) ** 2))
+        stats.sum_out2 += float(np.sum(np.abs(yb) ** 2))
+        stats.sum_err2 += float(np.sum(err ** 2))
+        stats.dot += float(np.real(np.sum(xb * np.conj(yb))))
+    if looks_like_scores(ref) and fin_x.all():
+        stats.top1_rows += ref.shape[0]
+        stats.top1_agree += int(np.count_nonzero(ref.argmax(1) == out.argmax(1)))
+
+
+def _equal_nested(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(
+            np.all((a == b) | (np.isnan(a) & np.isnan(b)) if a.dtype.kind == "f" else a == b))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_equal_nested(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal_nested(a[k], b[k]) for k in a)
+    return bool(a == b) if not isinstance(a, np.ndarray) else False
+
+
+def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Iterable[Any], *, exact: bool,
+             thresholds: Thresholds, description: str = "", sessions: tuple[Any, Any] | None = None
+             ) -> ValidationResult:
+    """Compare the two models on every batch; the result lists failures (empty when validation passed)."""
+    ref_sess, new_sess = sessions or (make_session(original, "input model"),
+                                      make_session(rewritten, "rewritten model"))
+    ref_names = [o.name for o in ref_sess.get_outputs()]
+    new_names = [o.name for o in new_sess.get_outputs()]
+    res = ValidationResult(data=description, exact=exact)
+    if ref_names != new_names:
+        res.failures.append(f"outputs changed from {ref_names} to {new_names}")
+        return res
+    stats = [OutputStats(n) for n in ref_names]
+    score_index: int | None = None
+    for batch in batches:
+        try:
+            ref = ref_sess.run(None, batch.feed)
+        except Exception as e:
+            raise InputError(f"the input model fails on the validation data: {one_line(e)}") from e
+        try:
+            out = new_sess.run(None, batch.feed)
+        except Exception as e:
+            res.failures.append(f"the rewritten model fails in onnxruntime: {one_line(e)}")
+            return res
+        res.feeds += 1
+        first = next(iter(batch.feed.values()), None)
+        res.samples += first.shape[0] if isinstance(first, np.ndarray) and first.ndim > 0 else 1
+        for s, r, o in zip(stats, ref, out):
+            _compare(s, r, o)
+        if batch.labels is not None:
+            if score_index is None:
+                score_index = next((i for i, r in enumerate(ref) if isinstance(r, np.ndarray) and looks_like_scores(r)),
+                                   -1)
+            if score_index >= 0 and ref[score_index].shape[0] == batch.labels.shape[0]:
+                labels = batch.labels.astype(np.int64)
+                res.labelled += labels.shape[0]
+                res.correct_before += int(np.count_nonzero(ref[score_index].argmax(1) == labels))
+                res.correct_after += int(np.count_nonzero(out[score_index].argmax(1) == labels))
+    res.outputs = stats
+    _judge(res, thresholds)
+    return res
+
+
+def _judge(res: ValidationResult, t: Thresholds) -> None:
+    if res.feeds == 0:
+        res.failures.append("no validation data: the data source gave no feeds")
+    for s in res.outputs:
+        for p in dict.fromkeys(s.problems):
+            res.failures.append(f"output '{s.name}': {p}")
+        if s.new_nonfinite:
+            res.failures.append(f"output '{s.name}': {s.new_nonfinite} values became NaN/Inf")
+        if s.mismatches:
+            res.failures.append(f"output '{s.name}': {s.mismatches} values differ from the original")
+        if s.kind != "float" or s.problems:
+            continue
+        if res.exact:
+            tol = _exact_tol(s)
+            if s.rel_error > tol:
+                res.failures.append(f"output '{s.name}': rel error {s.rel_error:.3g} exceeds {tol:g} for an exact "
+                                    "pipeline")
+            continue
+        cos = s.cosine
+        if t.min_cosine is not None and cos is not None and cos < t.min_cosine:
+            res.failures.append(f"output '{s.name}': cosine {cos:.5f} below --min-cosine {t.min_cosine}")
+        if t.min_top1 is not None and s.top1 is not None and s.top1 < t.min_top1:
+            res.failures.append(f"output '{s.name}': top-1 agreement {s.top1:.4f} below --min-top1 {t.min_top1}")
+        if t.max_rel_error is not None and s.rel_error > t.max_rel_error:
+            res.failures.append(f"output '{s.name}': rel error {s.rel_error:.3g} above --max-rel-error "
+                                f"{t.max_rel_error}")
+
+
+def _exact_tol(s: OutputStats) -> float:
+    """Float tolerance for exact passes: rounding differences from reassociated arithmetic, by output dtype."""
+    return EXACT_REL_TOL.get(np.dtype(s.dtype), DEFAULT_REL_TOL) if s.dtype else DEFAULT_REL_TOL

@@ -1,0 +1,3 @@
+"""Rewrite passes, one module each; importing this package registers them all (graphopt.pipeline.registry)."""
+
+from . import fold_constants  # noqa: F401

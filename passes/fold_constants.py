@@ -1,0 +1,172 @@
+"""``fold-constants``: Constant nodes become initializers; nodes computable from constants alone are computed once.
+
+Cases:
+  * an ai.onnx ``Constant`` node (``value``, ``value_float(s)``, ``value_int(s)``) becomes an initializer. Exported
+    models (PaddleOCR's among them) keep every weight in Constant nodes, which hides the weights from other passes.
+    Declined: sparse or string constants, and a Constant whose output is a graph output (kept as a node, so the
+    output stays a computed value).
+  * a node whose every input is a constant (an initializer that is not a graph input) is evaluated once with
+    onnxruntime, the same kernels that would run it at inference, so the result is bit-identical; its outputs
+    become initializers. Declined: random ops, ops with subgraphs, non-ai.onnx domains, nodes producing a graph
+    output, string results, and results over 1 MiB that are more than twice the size of their inputs (folding an
+    Expand or ConstantOfShape would grow the file rather than shrink the work).
+Exact: the rewritten model computes the same values. Dead nodes and unused initializers are removed by the
+pipeline's cleanup after the pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from graphopt.pipeline import Pass, PassContext, PassResult, register
+
+STANDARD = ("", "ai.onnx", None)
+NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+                    "Bernoulli", "Dropout"}
+GROWTH_LIMIT_BYTES = 1 << 20
+
+
+def constant_value(node: gs.Node) -> np.ndarray | str:
+    """The value of a Constant node, or the reason it cannot be lowered."""
+    if len(node.attrs) != 1:
+        return "Constant node without exactly one value attribute"
+    (key, val), = node.attrs.items()
+    if key == "value" and isinstance(val, gs.Constant):
+        if val.values.dtype.kind in "OSU":
+            return "string constant"
+        return np.asarray(val.values)
+    if key == "value_float":
+        return np.array(val, dtype=np.float32)
+    if key == "value_floats":
+        return np.array(val, dtype=np.float32).reshape(-1)
+    if key == "value_int":
+        return np.array(val, dtype=np.int64)
+    if key == "value_ints":
+        return np.array(val, dtype=np.int64).reshape(-1)
+    return f"unsupported Constant attribute '{key}'"
+
+
+@register
+class FoldConstants(Pass):
+    name = "fold-constants"
+    summary = "Constant nodes become initializers; nodes computable from constants are evaluated once (exact)."
+
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        res = PassResult()
+        outputs = {t.name for t in graph.outputs}
+        for node in graph.nodes:
+            if node.op != "Constant" or node.domain not in STANDARD or not node.outputs:
+                continue
+            out = node.outputs[0]
+            if out.name in outputs:
+                res.decline(f"Constant '{node.name or out.name}'", "its output is a graph output")
+                continue
+            value = constant_value(node)
+            if isinstance(value, str):
+                res.decline(f"Constant '{node.name or out.name}'", value)
+                continue
+            out.inputs.clear()
+            out.to_constant(value)
+            res.count("Constant nodes lowered")
+            res.changed = True
+        self._fold(graph, res)
+        return res
+
+    def _fold(self, graph: gs.Graph, res: PassResult) -> None:
+        graph.toposort()
+        inputs = {t.name for t in graph.inputs}
+        outputs = {t.name for t in graph.outputs}
+        known: set[str] = {name for name, t in graph.tensors().items()
+                           if isinstance(t, gs.Constant) and name not in inputs}
+        candidates: list[gs.Node] = []
+        for node in graph.nodes:
+            if node.domain not in STANDARD or node.op in NONDETERMINISTIC or node.op == "Constant":
+                continue
+            real_inputs = [t for t in node.inputs if not t.is_empty()]
+            if not real_inputs or not all(t.name in known for t in real_inputs):
+                continue
+            if any(isinstance(v, (gs.Graph, gs.Node.AttributeRef)) for v in node.attrs.values()):
+                continue
+            if any(o.name in outputs for o in node.outputs):
+                res.decline(f"{node.op} '{node.name}'", "produces a graph output")
+                continue
+            candidates.append(node)
+            known.update(o.name for o in node.outputs)
+        if not candidates:
+            return
+        values = self._evaluate(graph, candidates, res)
+        if values is None:
+            return
+        folded = set(map(id, candidates))
+        # Keep producers whose boundary results would grow the model; re-check until nothing changes.
+        changed = True
+        while changed:
+            changed = False
+            for node in candidates:
+                if id(node) not in folded:
+                    continue
+                for t in node.outputs:
+                    if not self._is_boundary(t, folded):
+                        continue
+                    reason = self._refuse(node, t, values)
+                    if reason:
+                        res.decline(f"{node.op} '{node.name}'", reason)
+                        folded.discard(id(node))
+                        changed = True
+                        break
+        for node in candidates:
+            if id(node) not in folded:
+                continue
+            res.count("nodes folded")
+            res.changed = True
+            for t in list(node.outputs):
+                if self._is_boundary(t, folded):
+                    t.inputs.clear()
+                    t.to_constant(np.asarray(values[t.name]))
+
+    @staticmethod
+    def _is_boundary(t: gs.Tensor, folded: set[int]) -> bool:
+        return any(id(c) not in folded for c in t.outputs)
+
+    @staticmethod
+    def _refuse(node: gs.Node, t: gs.Tensor, values: dict[str, Any]) -> str | None:
+        v = values.get(t.name)
+        if not isinstance(v, np.ndarray):
+            return "result is not a tensor"
+        if v.dtype.kind in "OSU":
+            return "string result"
+        in_bytes = sum(np.asarray(values[i.name]).nbytes if i.name in values else
+                       (i.values.nbytes if isinstance(i, gs.Constant) else 0) for i in node.inputs if not i.is_empty())
+        if v.nbytes > GROWTH_LIMIT_BYTES and v.nbytes > 2 * in_bytes:
+            return f"result of {v.nbytes} bytes would grow the model (inputs {in_bytes} bytes)"
+        return None
+
+    @staticmethod
+    def _evaluate(graph: gs.Graph, candidates: list[gs.Node], res: PassResult) -> dict[str, Any] | None:
+        names = list(dict.fromkeys(o.name for n in candidates for o in n.outputs if not o.is_empty()))
+        clone = graph.copy()
+        tensors = clone.tensors()
+        clone.inputs = []
+        clone.outputs = [tensors[n] for n in names]
+        clone.cleanup(remove_unused_graph_inputs=True, recurse_functions=False)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            model = gs.export_onnx(clone, do_type_check=False)
+            sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            out_names = [o.name for o in sess.get_outputs()]
+            return dict(zip(out_names, sess.run(out_names, {})))
+        except Exception as e:
+            res.decline(f"{len(candidates)} constant nodes", f"onnxruntime could not evaluate them: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            return None
