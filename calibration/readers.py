@@ -250,13 +250,23 @@ def _feed_from_mapping(data: dict[str, Any], inputs: Sequence[InputSpec], where:
 
 
 class IterableSource(DataSource):
-    """Feeds from a Python iterable or a CalibrationDataReader; a one-shot iterator is cached as it streams."""
+    """Feeds from a Python iterable or a CalibrationDataReader.
+
+    A re-iterable source (a list, a reader with ``rewind``) is read again on each pass; a one-shot iterator (a
+    generator, a reader without ``rewind``) is cached as it streams, so a second pass sees the same feeds.
+    """
 
     def __init__(self, data: Any, inputs: Sequence[InputSpec], max_samples: int | None = None) -> None:
         self.data = data
         self.inputs = list(inputs)
         self.max_samples = max_samples
-        self._cache: list[Batch] | None = None
+        if hasattr(data, "get_next"):
+            self.one_shot = not hasattr(data, "rewind")
+        else:
+            self.one_shot = iter(data) is data
+        self._cache: list[Batch] = []
+        self._live: Iterator[Any] | None = None
+        self._exhausted = False
         self.description = type(data).__name__
 
     def _raw(self) -> Iterator[Any]:
@@ -268,26 +278,35 @@ class IterableSource(DataSource):
         else:
             yield from iter(self.data)
 
+    def _convert(self, i: int, item: Any) -> Batch:
+        if not isinstance(item, dict):
+            raise InputError(f"calibration data item {i} is a {type(item).__name__}, not a dict of arrays")
+        return _feed_from_mapping(item, self.inputs, f"calibration data item {i}")
+
     def __iter__(self) -> Iterator[Batch]:
-        if self._cache is not None:
-            yield from self._cache
+        limit = self.max_samples
+        if not self.one_shot:
+            for i, item in enumerate(self._raw()):
+                if limit is not None and i >= limit:
+                    return
+                yield self._convert(i, item)
             return
-        if hasattr(self.data, "get_next"):
-            one_shot = not hasattr(self.data, "rewind")
-        else:
-            one_shot = iter(self.data) is self.data
-        cache: list[Batch] = []
-        for i, item in enumerate(self._raw()):
-            if self.max_samples is not None and i >= self.max_samples:
-                break
-            if not isinstance(item, dict):
-                raise InputError(f"calibration data item {i} is a {type(item).__name__}, not a dict of arrays")
-            batch = _feed_from_mapping(item, self.inputs, f"calibration data item {i}")
-            if one_shot:
-                cache.append(batch)
-            yield batch
-        if one_shot:
-            self._cache = cache
+        i = 0
+        while True:
+            if i < len(self._cache):
+                yield self._cache[i]
+            elif self._exhausted or (limit is not None and i >= limit):
+                return
+            else:
+                if self._live is None:
+                    self._live = self._raw()
+                item = next(self._live, None)
+                if item is None:
+                    self._exhausted = True
+                    return
+                self._cache.append(self._convert(i, item))
+                yield self._cache[i]
+            i += 1
 
 
 def open_source(data: Any, model: onnx.ModelProto, *, batch_size: int = DEFAULT_BATCH,

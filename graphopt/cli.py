@@ -125,8 +125,7 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.recipe and args.passes:
         raise UsageError("give passes with --pass or with --recipe, not both")
     passes = parse_recipe(args.recipe) if args.recipe else (args.passes or None)
-    model = io.load_model(in_path)
-    protected = [in_path, *io.external_data_files(model, in_path.parent)]
+    model, protected = io.load_model_and_files(in_path)
     io.check_output_path(out_path, protected)
     if args.report:
         io.check_output_path(args.report, protected + [out_path])

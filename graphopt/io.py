@@ -77,6 +77,11 @@ def _check_versions(model: onnx.ModelProto, where: str) -> None:
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Read, check and return a model with its external data loaded; raise InputError with the reason if not."""
+    return load_model_and_files(path)[0]
+
+
+def load_model_and_files(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, list[Path]]:
+    """Like load_model, also returning every file the model was read from (itself and its external data)."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file")
@@ -98,13 +103,13 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if not model.opset_import:
         raise InputError(f"{p}: not a usable ONNX model (no opset_import; is it truncated?)")
     _check_versions(model, str(p))
-    external_data_files(model, p.parent)
+    files = [p, *external_data_files(model, p.parent)]
     try:
         external_data_helper.load_external_data_for_model(model, str(p.parent))
     except Exception as e:
         raise InputError(f"{p}: cannot load external data: {one_line(e)}") from e
     check_model(model, str(p))
-    return model
+    return model, files
 
 
 def check_model(model: onnx.ModelProto, where: str) -> None:

@@ -88,12 +88,14 @@ class OptionSpec:
         where = f"pass '{pass_name}': option '{self.name}'"
         if _is_optional(self.type) and isinstance(raw, str) and raw.lower() in ("none", ""):
             return None
-        if self.is_list:
-            item_type = typing.get_args(base)[0]
-            items = raw if isinstance(raw, (list, tuple)) else [raw]
-            return tuple(self._scalar(item_type, x, where) for x in items)
-        value = self._scalar(base, raw, where)
-        return value
+        try:
+            if self.is_list:
+                item_type = typing.get_args(base)[0]
+                items = raw if isinstance(raw, (list, tuple)) else [raw]
+                return tuple(self._scalar(item_type, x, where) for x in items)
+            return self._scalar(base, raw, where)
+        except UsageError as e:
+            raise UsageError(f"{e}; expected {self.type_name()}") from None
 
     def _scalar(self, typ: Any, raw: Any, where: str) -> Any:
         if typing.get_origin(typ) is Literal:
@@ -101,7 +103,7 @@ class OptionSpec:
             for c in choices:
                 if str(c) == str(raw).lower() or c == raw:
                     return c
-            raise UsageError(f"{where}: '{raw}' is not one of {', '.join(str(c) for c in choices)}")
+            raise UsageError(f"{where}: '{raw}' is not a valid choice")
         if typ is bool:
             if isinstance(raw, bool):
                 return raw
@@ -140,7 +142,7 @@ class OptionSpec:
         bad_lo = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
         bad_hi = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
         if bad_lo or bad_hi:
-            raise UsageError(f"{where}: {value} is out of range; expected {self.type_name()}")
+            raise UsageError(f"{where}: {value} is out of range")
 
 
 def _fmt(x: float) -> str:
@@ -362,17 +364,40 @@ def check_order(specs: Sequence[PassSpec]) -> None:
 # ------------------------------------------------------------------------------------------------------ graph
 
 
+def _input_defaults(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Initializers that are also graph inputs (IR < 4 style): defaults the caller may override, not constants."""
+    inputs = {i.name for i in model.graph.input}
+    return {t.name: t for t in model.graph.initializer if t.name in inputs}
+
+
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """onnx-graphsurgeon graph of the model; inputs with default initializers stay inputs (gs would freeze them)."""
     try:
-        return gs.import_onnx(model)
+        graph = gs.import_onnx(model)
     except Exception as e:
         raise InputError(f"cannot read the model's graph: {one_line(e)}") from e
+    defaults = _input_defaults(model)
+    if defaults:
+        tensors = graph.tensors()
+        order = [i.name for i in model.graph.input]
+        for name in defaults:
+            t = tensors.get(name)
+            if isinstance(t, gs.Constant):
+                t.to_variable(dtype=t.dtype, shape=list(t.shape))
+                t.type = "tensor_type"
+        graph.inputs = [tensors[n] for n in order if n in tensors]
+    return graph
 
 
 def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export a graph to a ModelProto keeping the template model's IR version and model-level metadata."""
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = max(template.ir_version, _min_ir_for(model))
+    defaults = _input_defaults(template)
+    if defaults:
+        have = {t.name for t in model.graph.initializer}
+        model.graph.initializer.extend(defaults[i.name] for i in model.graph.input
+                                       if i.name in defaults and i.name not in have)
     for attr in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, attr, getattr(template, attr))
     del model.metadata_props[:]
