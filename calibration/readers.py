@@ -346,6 +346,9 @@ class RandomSource(DataSource):
             if spec.dtype is None:
                 raise InputError(f"input '{spec.name}' is not a tensor; random inputs cannot be made for it: "
                                  "give --val-data")
+            if spec.dtype.kind == "V":  # ml_dtypes: bfloat16, float8, int4...
+                raise InputError(f"input '{spec.name}' is {spec.dtype}, which onnxruntime's Python API cannot take "
+                                 "from numpy; graphopt cannot validate this model")
             self.shapes[spec.name] = self._resolve(spec, shapes.get(spec.name))
         self.description = f"random inputs (seed {seed}, {n_feeds} feeds)"
 

@@ -65,11 +65,13 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
              max_rel_error: float | None = None, force: bool = False, seed: int = 0, verify: bool = True,
              dump_dir: str | os.PathLike[str] | None = None, latency_runs: int = 20, threads: int = 1,
              calib_samples: int | None = None, on_dump: Callable[[onnx.ModelProto, Path], None] | None = None,
+             calibration_ranges: Mapping[str, Sequence[float]] | None = None,
              ) -> tuple[onnx.ModelProto, Report]:
     """Rewrite ``model`` with ``passes`` and validate it; return the rewritten model and the report.
 
     ``calib_data``/``val_data``: an ``.npz`` path, a folder of ``.npz``, an iterable of ``{input: array}`` dicts, or
-    an onnxruntime ``CalibrationDataReader``. Raises ``ValidationFailed`` (carrying model and report) when the
+    an onnxruntime ``CalibrationDataReader``. ``calibration_ranges`` ({tensor: (lo, hi)}, as saved from a previous
+    run's report) replaces running calibration. Raises ``ValidationFailed`` (carrying model and report) when the
     result fails validation, unless ``force``.
     """
     path = None
@@ -78,7 +80,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
         model = io.load_model(model)
     specs = resolve_passes(passes)
     check_order(specs)
-    check_calibration(specs, calib_data is not None)
+    check_calibration(specs, calib_data is not None or calibration_ranges is not None)
     shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
     unknown = set(shapes) - {s.name for s in model_inputs(model)}
     if unknown:
@@ -98,7 +100,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
         val = RandomSource(model_inputs(model), shapes, seed)
         report.warnings.extend(val.guesses)
 
-    ctx = PassContext(original=model, calib=calib, input_shapes=shapes, seed=seed)
+    ranges = {k: (float(v[0]), float(v[1])) for k, v in calibration_ranges.items()} if calibration_ranges else None
+    ctx = PassContext(original=model, calib=calib, input_shapes=shapes, seed=seed, calibration_ranges=ranges)
     dump = Path(dump_dir) if dump_dir is not None else None
     if dump is not None:
         dump.mkdir(parents=True, exist_ok=True)
@@ -106,7 +109,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
     exact = all(s.build().exact for s in specs)
     report.passes = [{"pass": r.spec, "seconds": round(r.seconds, 3), "changed": r.result.changed,
                       "counts": r.result.counts, "layers": r.result.layers, "declined": r.result.declined,
-                      "notes": r.result.notes, "removed_nodes": r.removed_nodes, "nodes_after": r.nodes_after}
+                      "notes": r.result.notes, "removed_nodes": r.removed_nodes, "nodes_after": r.nodes_after,
+                      "artifacts": r.result.artifacts}
                      for r in records]
 
     first = next(iter(val), None)

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-runs", type=int, default=20, metavar="N",
                    help="timed runs per model for latency, 0 to skip (default 20)")
     p.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples/feeds")
+    p.add_argument("--save-calibration", metavar="FILE.json", help="write quantize's calibration ranges as JSON")
+    p.add_argument("--load-calibration", metavar="FILE.json",
+                   help="reuse ranges saved by --save-calibration instead of calibrating (no --calib-data needed)")
     p.add_argument("--list-passes", action="store_true", help="list passes with their options and exit")
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="log each pass and every declined site")
@@ -127,8 +130,10 @@ def _optimize(args: argparse.Namespace) -> int:
     passes = parse_recipe(args.recipe) if args.recipe else (args.passes or None)
     model, protected = io.load_model_and_files(in_path)
     io.check_output_path(out_path, protected)
-    if args.report:
-        io.check_output_path(args.report, protected + [out_path])
+    for extra in (args.report, args.save_calibration):
+        if extra:
+            io.check_output_path(extra, protected + [out_path])
+    ranges = _load_calibration(args.load_calibration) if args.load_calibration else None
     status = EXIT_OK
     try:
         out, report = optimize(model, passes, calib_data=args.calib_data, val_data=args.val_data,
@@ -136,7 +141,7 @@ def _optimize(args: argparse.Namespace) -> int:
                                min_cosine=args.min_cosine, min_top1=args.min_top1,
                                max_rel_error=args.max_rel_error, force=args.force, seed=args.seed,
                                verify=not args.no_verify, dump_dir=args.dump_dir, latency_runs=args.latency_runs,
-                               threads=args.threads, calib_samples=args.calib_samples)
+                               threads=args.threads, calib_samples=args.calib_samples, calibration_ranges=ranges)
     except ValidationFailed as e:
         report = e.report
         report.input = str(in_path)
@@ -149,6 +154,11 @@ def _optimize(args: argparse.Namespace) -> int:
     if report.validation is not None and not report.validation.passed:
         status = EXIT_VALIDATION  # --force: written anyway, still reported as failed
     written = io.save_model(out, out_path)
+    if args.save_calibration:
+        saved = [p["artifacts"]["calibration"] for p in report.passes if "calibration" in p["artifacts"]]
+        if not saved:
+            raise UsageError("--save-calibration: no pass in this pipeline calibrated anything")
+        io.write_json(args.save_calibration, {"graphopt_calibration": 1, **saved[-1]})
     if args.report:
         io.write_json(args.report, report.to_dict())
     if not args.quiet:
@@ -158,6 +168,18 @@ def _optimize(args: argparse.Namespace) -> int:
         print(f"error: validation failed: {report.validation.failures[0]} (written anyway: --force)",  # type: ignore[union-attr]
               file=sys.stderr)
     return status
+
+
+def _load_calibration(path: str) -> dict[str, list[float]]:
+    from .errors import InputError
+
+    data = io.read_json(path)
+    ranges = data.get("ranges") if isinstance(data, dict) and data.get("graphopt_calibration") == 1 else None
+    if not isinstance(ranges, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
+            for v in ranges.values()):
+        raise InputError(f"{path}: not a graphopt calibration file (written by --save-calibration)")
+    return ranges
 
 
 def main(argv: Sequence[str] | None = None) -> int:

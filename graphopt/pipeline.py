@@ -172,6 +172,8 @@ class PassResult:
     layers: list[dict[str, Any]] = field(default_factory=list)
     declined: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Data for the caller rather than the report (e.g. quantize's calibration ranges for --save-calibration).
+    artifacts: dict[str, Any] = field(default_factory=dict)
 
     def count(self, key: str, n: float = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
@@ -187,6 +189,8 @@ class PassContext:
 
     original: onnx.ModelProto
     calib: Any = None                 # calibration.readers.DataSource or None
+    # Tensor ranges from --load-calibration: {tensor name: (lo, hi)}; used instead of running calibration.
+    calibration_ranges: dict[str, tuple[float, float]] | None = None
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     seed: int = 0
 
@@ -364,6 +368,16 @@ def check_order(specs: Sequence[PassSpec]) -> None:
 # ------------------------------------------------------------------------------------------------------ graph
 
 
+def replace_graph(graph: gs.Graph, new: gs.Graph) -> None:
+    """Make ``graph`` (the object the pipeline holds) take the contents of ``new``."""
+    graph.nodes = new.nodes
+    graph.inputs = new.inputs
+    graph.outputs = new.outputs
+    graph.opset = new.opset
+    graph.import_domains = new.import_domains
+    graph.functions = new.functions
+
+
 def _input_defaults(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     """Initializers that are also graph inputs (IR < 4 style): defaults the caller may override, not constants."""
     inputs = {i.name for i in model.graph.input}
@@ -386,12 +400,63 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
                 t.to_variable(dtype=t.dtype, shape=list(t.shape))
                 t.type = "tensor_type"
         graph.inputs = [tensors[n] for n in order if n in tensors]
+    _patch_gs_import(graph, model.graph)
     return graph
+
+
+def _patch_gs_import(graph: gs.Graph, proto: onnx.GraphProto) -> None:
+    """Undo what onnx-graphsurgeon loses on import, in a graph and its subgraphs.
+
+    * attributes it skips (TYPE_PROTO such as Optional's ``type``, SPARSE_TENSOR, TENSORS, ...) go back on the node
+      as their onnx values, which its exporter writes back as they were;
+    * optional, map and opaque types and sequences of non-tensors, which its exporter crashes on or writes wrongly,
+      are forgotten on the tensors; ``export`` restores the declared types from the original model.
+    """
+    for node, pnode in zip(graph.nodes, proto.node):
+        for a in pnode.attribute:
+            if a.name not in node.attrs:
+                node.attrs[a.name] = onnx.helper.get_attribute_value(a)
+            elif a.type == onnx.AttributeProto.GRAPH and isinstance(node.attrs[a.name], gs.Graph):
+                _patch_gs_import(node.attrs[a.name], a.g)
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Variable) and t.dtype is not None and (
+                getattr(t, "type", "tensor_type") not in ("tensor_type", "sequence_type", "sparse_tensor_type")
+                or isinstance(t.dtype, onnx.TypeProto) or (isinstance(t.dtype, int) and t.dtype == 0)):
+            t.dtype, t.shape = None, None
+
+
+def _graph_protos(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
+    """A graph and all its subgraphs (If/Loop/Scan bodies), recursively."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("g"):
+                yield from _graph_protos(a.g)
+            for sub in a.graphs:
+                yield from _graph_protos(sub)
+
+
+def _restore_types(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Put back the non-tensor types (optional, map, nested sequence) that ``_patch_gs_import`` had to forget."""
+    types: dict[str, onnx.TypeProto] = {}
+    for g in _graph_protos(template.graph):
+        for vi in (*g.input, *g.output, *g.value_info):
+            if vi.HasField("type") and not vi.type.HasField("tensor_type"):
+                types.setdefault(vi.name, vi.type)
+    for g in _graph_protos(model.graph):
+        for vi in (*g.input, *g.output, *g.value_info):
+            if vi.name in types and not vi.type.HasField("tensor_type"):
+                vi.type.CopyFrom(types[vi.name])
+        keep = [vi for vi in g.value_info if vi.HasField("type")]
+        if len(keep) != len(g.value_info):
+            del g.value_info[:]
+            g.value_info.extend(keep)
 
 
 def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export a graph to a ModelProto keeping the template model's IR version and model-level metadata."""
     model = gs.export_onnx(graph, do_type_check=False)
+    _restore_types(model, template)
     model.ir_version = max(template.ir_version, _min_ir_for(model))
     defaults = _input_defaults(template)
     if defaults:

@@ -15,6 +15,7 @@ gated by the user's thresholds (min cosine, min top-1, max rel error).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
@@ -54,7 +55,51 @@ def make_session(model: onnx.ModelProto, what: str, threads: int | None = None,
         return ort.InferenceSession(model.SerializeToString(), session_options(threads, level),
                                     providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise InputError(f"onnxruntime cannot load the {what}: {one_line(e)}") from e
+        raise InputError(f"onnxruntime cannot load the {what}: {ort_message(e)}") from e
+
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_ORT_SOURCE = re.compile(r"\S*onnxruntime\S*\.(?:h|cc|cpp|cu):\d+ ")
+
+
+def ort_message(e: BaseException) -> str:
+    """onnxruntime's error in one readable line: without the status-code prefix and the C++ source location and
+    function signature that ORT_ENFORCE messages carry."""
+    msg = _ORT_PREFIX.sub("", one_line(e))
+    m = _ORT_SOURCE.search(msg)
+    if m:
+        end = m.end()
+        paren = msg.find("(", end)
+        if paren > 0 and re.fullmatch(r"[\w:<>~,*& ]+", msg[end:paren]):
+            depth, i = 0, paren
+            for i in range(paren, len(msg)):
+                depth += {"(": 1, ")": -1}.get(msg[i], 0)
+                if depth == 0:
+                    break
+            tail = re.match(r"(?: const)?(?:::<lambda\(\)>)?\s*", msg[i + 1:])
+            end = i + 1 + (tail.end() if tail else 0)
+        msg = msg[:m.start()] + msg[end:]
+    return msg.strip() or type(e).__name__
+
+
+def numpy_exchange_problem(e: BaseException, sess: Any) -> str | None:
+    """When a run failed because onnxruntime's Python API cannot turn a tensor type into numpy or back (bfloat16,
+    most float8 types, int4, ...), say which input or output it is, in one line; else None."""
+    text = str(e)
+    m = re.search(r"No corresponding Numpy type for Tensor Type\. (\w+)", text)
+    if m:
+        ort_name = re.sub(r"x\d$", "", m.group(1)).lower()  # Int4x2 -> int4, Float8E5M2 -> float8e5m2
+        outs = [o for o in sess.get_outputs() if f"({ort_name})" in o.type] or sess.get_outputs()
+        o = outs[0]
+        return (f"output '{o.name}' is {o.type}, which onnxruntime's Python API cannot return as a numpy array; "
+                "graphopt cannot validate this model")
+    if "can't be converted to MLDataType" in text:
+        basic = r"tensor\((float|float16|double|u?int(8|16|32|64)|bool|string)\)"
+        ins = [i for i in sess.get_inputs() if not re.search(basic, i.type)] or sess.get_inputs()
+        i = ins[0]
+        return (f"input '{i.name}' is {i.type}, which onnxruntime's Python API cannot take from numpy; graphopt "
+                "cannot validate this model")
+    return None
 
 
 @dataclass
@@ -218,11 +263,12 @@ def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Ite
         try:
             ref = ref_sess.run(None, batch.feed)
         except Exception as e:
-            raise InputError(f"the input model fails on the validation data: {one_line(e)}") from e
+            raise InputError(numpy_exchange_problem(e, ref_sess) or
+                             f"the input model fails on the validation data: {ort_message(e)}") from e
         try:
             out = new_sess.run(None, batch.feed)
         except Exception as e:
-            res.failures.append(f"the rewritten model fails in onnxruntime: {one_line(e)}")
+            res.failures.append(f"the rewritten model fails in onnxruntime: {ort_message(e)}")
             return res
         res.feeds += 1
         first = next(iter(batch.feed.values()), None)

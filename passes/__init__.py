@@ -1,3 +1,4 @@
 """Rewrite passes, one module each; importing this package registers them all (graphopt.pipeline.registry)."""
 
 from . import fold_constants  # noqa: F401
+from . import quantize  # noqa: F401

@@ -1,0 +1,95 @@
+"""Observers: collect a tensor's statistics as calibration batches stream; nothing else (torch.ao's split).
+
+``MinMaxObserver`` keeps two numbers. ``HistogramObserver`` keeps a fixed-size histogram of the signed values over
+[-A, A] with ``2·bins`` equal bins, plus the exact min and max. A is a power of two, the smallest covering every
+finite value seen so far; when a batch exceeds it, A doubles and each pair of neighbouring bins on either side of
+zero merges into one. Merging nests exactly (bin edges A·k/bins are shared by every power-of-two A), so updating in
+pieces gives the same histogram as one update with all the data — memory does not grow with the sample count.
+Range methods (``calibration.ranges``) read the histogram; they never see the raw data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class MinMaxObserver:
+    """Running min and max of the finite values."""
+
+    def __init__(self) -> None:
+        self.lo = math.inf
+        self.hi = -math.inf
+        self.count = 0
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x)
+        finite = x[np.isfinite(x)] if x.dtype.kind == "f" else x
+        if finite.size:
+            self.lo = min(self.lo, float(finite.min()))
+            self.hi = max(self.hi, float(finite.max()))
+            self.count += int(finite.size)
+
+    def range(self) -> tuple[float, float]:
+        if self.count == 0:
+            return 0.0, 0.0
+        return self.lo, self.hi
+
+
+class HistogramObserver(MinMaxObserver):
+    """Signed histogram over [-A, A] (A a power of two), ``bins`` bins per side; see the module docstring."""
+
+    def __init__(self, bins: int = 2048) -> None:
+        super().__init__()
+        if bins < 2 or bins & (bins - 1):
+            raise ValueError(f"bins must be a power of two >= 2, got {bins}")
+        self.bins = bins
+        self.extent = 0.0                       # A; 0 until a non-zero value is seen
+        self.hist = np.zeros(2 * bins, dtype=np.int64)
+        self.zeros_only = 0                     # values seen while A was 0 (all exactly zero)
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64).ravel()
+        x = x[np.isfinite(x)]
+        if not x.size:
+            return
+        super().update(x)
+        amax = float(np.abs(x).max())
+        if amax > self.extent:
+            self._grow(amax)
+        if self.extent == 0.0:
+            self.zeros_only += int(x.size)
+            return
+        width = self.extent / self.bins
+        idx = np.floor(x / width).astype(np.int64) + self.bins
+        np.clip(idx, 0, 2 * self.bins - 1, out=idx)
+        self.hist += np.bincount(idx, minlength=2 * self.bins)
+
+    def _grow(self, amax: float) -> None:
+        new = 2.0 ** math.ceil(math.log2(amax))
+        if new < amax:  # log2 rounding
+            new *= 2
+        if self.extent == 0.0:
+            self.extent = new
+            if self.zeros_only:
+                self.hist[self.bins] += self.zeros_only  # zeros fall in the first bin above zero
+                self.zeros_only = 0
+            return
+        while self.extent < new:
+            neg = self.hist[: self.bins][::-1]  # distance order from zero
+            pos = self.hist[self.bins:]
+            merged_neg = np.zeros(self.bins, np.int64)
+            merged_pos = np.zeros(self.bins, np.int64)
+            merged_neg[: self.bins // 2] = neg.reshape(-1, 2).sum(1)
+            merged_pos[: self.bins // 2] = pos.reshape(-1, 2).sum(1)
+            self.hist = np.concatenate([merged_neg[::-1], merged_pos])
+            self.extent *= 2
+
+    def abs_histogram(self) -> tuple[np.ndarray, float]:
+        """Histogram of |x| over [0, A] in ``bins`` bins (the two sides folded), and A."""
+        h = self.hist[self.bins:] + self.hist[: self.bins][::-1]
+        if self.extent == 0.0:
+            h = h.copy()
+            h[0] += self.zeros_only
+        return h, self.extent

@@ -1,0 +1,551 @@
+"""``quantize``: int8 QDQ (QuantizeLinear/DequantizeLinear) placed so onnxruntime's CPU provider runs integer kernels.
+
+What gets quantized (each choice is what onnxruntime's QDQ fusions need to produce QLinear*/MatMulInteger kernels):
+  * weighted units: Conv, Gemm (alpha = beta = 1) and MatMul with a constant 2-D weight — weights int8 symmetric
+    [-127, 127], per output channel (axis 0 for Conv and Gemm transB=1, axis 1 for Gemm transB=0 and MatMul) from
+    opset 13; bias int32 with scale s_x·s_w and zero point 0; MatMul of two activations (attention). A Conv/Gemm whose
+    only consumer is Relu or Clip (constant bounds) forms one unit with it: no QDQ between them, the output range is
+    observed after the activation, so it starts at 0 and onnxruntime folds the activation into the requantization;
+  * residual Add of two activations and Concat (inputs and output share one scale, so Concat needs no rescale);
+  * pooling and pass-through ops (MaxPool, AveragePool, GlobalAveragePool, Reshape, Transpose, Flatten, Squeeze,
+    Unsqueeze, Resize) when their input is already quantized; pass-through outputs share their input's scale so
+    onnxruntime can drop the Q/DQ pair and move int8 data;
+  * every other op (LayerNormalization, Softmax, Sigmoid, ...) stays float: it reads the DequantizeLinear output.
+Activations: per tensor, uint8 asymmetric by default; ranges from calibration (``calibration/``): minmax, kl
+(Migacz 2017) or percentile over one streamed histogram per tensor.
+
+Never ship a broken model: after quantizing, the output cosine against the float model is measured on calibration
+data; below ``min-cosine`` each quantized activation tensor's sensitivity (output cosine with only that tensor
+quantized) is measured and the most harmful tensors are left float, fewest first (binary search over the
+sensitivity order), until the target holds. A unit whose input stays float runs float (its weights too). The
+report lists the tensors with their sensitivity and the layers that run float.
+Declined: models already quantized (QDQ, QLinear*, *Integer ops); opset < 10 that cannot be converted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from calibration.collector import collect
+from calibration.observers import HistogramObserver, MinMaxObserver
+from calibration.qparams import qparams, quantize
+from calibration.ranges import compute_range
+from calibration.readers import Batch
+from graphopt.errors import UsageError
+from graphopt.pipeline import Pass, PassContext, PassResult, export, import_graph, option, register, replace_graph
+from graphopt.report import cpu_info
+from graphopt.validate import Thresholds, validate
+
+STANDARD = ("", "ai.onnx", None)
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul",
+                 "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "MatMulIntegerToFloat", "QGemm",
+                 "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid",
+                 "QLinearLeakyRelu", "QLinearSoftmax", "DynamicQuantizeMatMul", "QAttention"}
+WEIGHTED = {"Conv", "Gemm", "MatMul"}
+FUSABLE_ACTIVATIONS = {"Relu", "Clip"}
+SHARED_SCALE = {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize"}
+OWN_SCALE = {"AveragePool", "GlobalAveragePool"}
+FALLBACK_SAMPLES = 64
+
+
+@dataclass
+class Unit:
+    """A weighted op (with its fused activation) that is quantized or left float as a whole."""
+
+    node: gs.Node
+    act: gs.Node | None
+    weight_axis: int | None      # None: activation x activation MatMul
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.outputs[0].name
+
+    @property
+    def output(self) -> gs.Tensor:
+        return (self.act or self.node).outputs[0]
+
+
+@dataclass
+class Plan:
+    units: list[Unit] = field(default_factory=list)
+    others: list[gs.Node] = field(default_factory=list)   # Add, Concat, pooling, pass-through candidates
+
+
+def _is_const(t: gs.Tensor) -> bool:
+    return isinstance(t, gs.Constant)
+
+
+def _float(t: gs.Tensor) -> bool:
+    return t.dtype is not None and np.dtype(t.dtype) in (np.dtype(np.float32),)
+
+
+def reduce_range_auto() -> bool:
+    """7-bit weights where the CPU's u8·s8 kernels can saturate: x86 without VNNI (vpmaddubsw sums in int16)."""
+    isa = set(cpu_info()["isa"])
+    return "AVX2" in isa and not ({"AVX512-VNNI", "AVX-VNNI"} & isa)
+
+
+@register
+class Quantize(Pass):
+    name = "quantize"
+    summary = "int8 QDQ quantization with minmax/kl/percentile calibration and a sensitivity-guided float fallback."
+    exact = False
+    must_not_follow = {"fuse-conv-relu": "onnxruntime's int8 kernels match plain Conv; a FusedConv made before "
+                                         "quantize stays float — run fuse-conv-relu without quantize"}
+
+    @dataclass(frozen=True)
+    class Options:
+        method: Literal["minmax", "kl", "percentile"] = option("percentile", "activation range method")
+        percentile: float = option(99.999, "percentile of |x| for method=percentile", lo=50, hi=100, lo_open=True)
+        bins: int = option(2048, "histogram bins per sign (a power of two)", lo=128, hi=1 << 16)
+        per_channel: bool = option(True, "per-output-channel weight scales (needs opset 13; upgraded if possible)")
+        activations: Literal["uint8", "int8"] = option("uint8", "activation integer type")
+        reduce_range: Literal["auto", "true", "false"] = option(
+            "auto", "7-bit weights; auto: on x86 CPUs without VNNI, where u8s8 kernels can saturate")
+        exclude: tuple[str, ...] = option((), "node names or op types to keep float (repeat the key)")
+        samples: int | None = option(None, "use at most this many calibration samples", lo=1)
+        min_cosine: float = option(0.98, "fallback target: output cosine vs float on calibration data (0: off)",
+                                   lo=0, hi=1)
+
+        def __post_init__(self) -> None:
+            if self.bins & (self.bins - 1):
+                raise ValueError(f"option 'bins': {self.bins} is not a power of two")
+
+    def needs_calibration(self) -> bool:
+        return True
+
+    # ------------------------------------------------------------------------------------------------ run
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        res = PassResult()
+        o = self.options
+        already = sorted({n.op for n in graph.nodes if n.op in QUANTIZED_OPS})
+        if already:
+            res.decline("model", f"already quantized ({', '.join(already)}); not quantizing twice")
+            return res
+        per_channel = o.per_channel
+        if graph.opset < 13:
+            upgraded = self._upgrade(graph, ctx, res, 13 if per_channel else 10)
+            if not upgraded:
+                if graph.opset < 10:
+                    res.decline("model", f"opset {graph.opset} has no QuantizeLinear and conversion failed")
+                    return res
+                per_channel = False
+                res.notes.append(f"opset {graph.opset}: per-tensor weights (per-channel needs opset 13)")
+        reduce = reduce_range_auto() if o.reduce_range == "auto" else o.reduce_range == "true"
+        _infer_types(graph, ctx)
+        plan = self._plan(graph, res)
+        if not plan.units:
+            res.decline("model", "no Conv, Gemm or MatMul to quantize")
+            return res
+        float_model = export(graph, ctx.original)
+        ranges = self._calibrate(graph, float_model, plan, ctx, res)
+        builder = _Builder(graph, plan, ranges, ctx.original, per_channel=per_channel, reduce_range=reduce,
+                           activations=o.activations)
+        floated: dict[str, str] = {}
+        model = builder.build(set())
+        if o.min_cosine > 0 and ctx.calib is not None:
+            model, floated = self._fallback(builder, float_model, model, ctx, res)
+        elif o.min_cosine > 0:
+            res.notes.append("sensitivity fallback skipped: no calibration data to measure it on")
+        replace_graph(graph, import_graph(model))
+        res.changed = True
+        for u in plan.units:
+            inputs = [t.name for t in u.node.inputs[:1 if u.weight_axis is not None else 2]]
+            why = [f"input '{t}' left float" for t in inputs if t in floated]
+            status = "int8" if u.name in builder.int8_units else "float: " + ("; ".join(why) or "input not "
+                                                                                "quantized")
+            res.layers.append({"layer": u.name, "op": u.node.op + (f"+{u.act.op}" if u.act else ""),
+                               "weights": "per-channel" if per_channel and u.weight_axis is not None else
+                               ("per-tensor" if u.weight_axis is not None else "activation"), "status": status})
+        res.counts["units int8"] = len(builder.int8_units)
+        if len(builder.int8_units) < len(plan.units):
+            res.counts["units float"] = len(plan.units) - len(builder.int8_units)
+        res.counts["tensors quantized"] = len(builder.last_tensors)
+        res.notes.append(f"method={o.method}, activations={o.activations}, reduce-range={'on' if reduce else 'off'}"
+                         f", weights {'per-channel' if per_channel else 'per-tensor'}")
+        for name, why in floated.items():
+            res.notes.append(f"left float: tensor '{name}': {why}")
+        for row in res.layers:
+            if row["status"] != "int8":
+                res.notes.append(f"layer {row['layer']} ({row['op']}) runs float: {row['status'][7:]}")
+        res.artifacts["calibration"] = {"method": o.method, "ranges": {k: list(v) for k, v in ranges.items()}}
+        return res
+
+    def _upgrade(self, graph: gs.Graph, ctx: PassContext, res: PassResult, target: int) -> bool:
+        from onnx import version_converter
+
+        try:
+            converted = version_converter.convert_version(export(graph, ctx.original), target)
+            onnx.checker.check_model(converted)
+        except Exception as e:
+            res.notes.append(f"opset upgrade {graph.opset} -> {target} failed: {str(e).splitlines()[0][:120]}")
+            return False
+        res.notes.append(f"opset upgraded {graph.opset} -> {target}")
+        replace_graph(graph, import_graph(converted))
+        return True
+
+    # ----------------------------------------------------------------------------------------------- plan
+
+    def _excluded(self, node: gs.Node) -> bool:
+        return node.name in self.options.exclude or node.op in self.options.exclude
+
+    def _plan(self, graph: gs.Graph, res: PassResult) -> Plan:
+        plan = Plan()
+        outputs = {t.name for t in graph.outputs}
+        for node in graph.nodes:
+            if node.domain not in STANDARD:
+                continue
+            if node.op in WEIGHTED | {"Add", "Concat"} | SHARED_SCALE | OWN_SCALE and self._excluded(node):
+                res.decline(f"{node.op} '{node.name}'", "excluded by option")
+                continue
+            if node.op in WEIGHTED:
+                unit = self._unit(node, outputs, res)
+                if unit is not None:
+                    plan.units.append(unit)
+            elif node.op in {"Add", "Concat"} | SHARED_SCALE | OWN_SCALE:
+                plan.others.append(node)
+        return plan
+
+    def _unit(self, node: gs.Node, outputs: set[str], res: PassResult) -> Unit | None:
+        site = f"{node.op} '{node.name}'"
+        x = node.inputs[0]
+        if not _float(x):
+            res.decline(site, "input is not float32")
+            return None
+        w = node.inputs[1]
+        axis: int | None
+        if node.op == "Conv":
+            if not _is_const(w):
+                res.decline(site, "weight is not a constant")
+                return None
+            axis = 0
+        elif node.op == "Gemm":
+            if not _is_const(w) or w.values.ndim != 2:
+                res.decline(site, "weight is not a constant matrix")
+                return None
+            if node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0 or node.attrs.get(
+                    "transA", 0):
+                res.decline(site, "alpha/beta != 1 or transA")
+                return None
+            axis = 0 if node.attrs.get("transB", 0) else 1
+        else:  # MatMul
+            if _is_const(w):
+                if w.values.ndim != 2:
+                    res.decline(site, f"constant weight of rank {w.values.ndim} (need 2)")
+                    return None
+                axis = 1
+            elif _float(w):
+                axis = None
+            else:
+                res.decline(site, "second input is not float32")
+                return None
+        if _is_const(w) and w.values.dtype != np.float32:
+            res.decline(site, f"weight dtype {w.values.dtype}")
+            return None
+        act = None
+        out = node.outputs[0]
+        if node.op != "MatMul" and len(out.outputs) == 1 and out.name not in outputs:
+            nxt = out.outputs[0]
+            if nxt.op in FUSABLE_ACTIVATIONS and nxt.domain in STANDARD and not self._excluded(nxt):
+                if nxt.op == "Relu" or all(_is_const(t) for t in nxt.inputs[1:] if not t.is_empty()):
+                    act = nxt
+        return Unit(node, act, axis)
+
+    # ------------------------------------------------------------------------------------------ calibrate
+
+    def _calibrate(self, graph: gs.Graph, float_model: onnx.ModelProto, plan: Plan, ctx: PassContext,
+                   res: PassResult) -> dict[str, tuple[float, float]]:
+        """(lo, hi) of every tensor any build may quantize."""
+        wanted = _Builder.candidate_tensors(graph, plan)
+        if ctx.calibration_ranges is not None:
+            missing = [t for t in wanted if t not in ctx.calibration_ranges]
+            if missing:
+                raise UsageError(f"--load-calibration has no range for {len(missing)} tensor(s) this model needs, "
+                                 f"e.g. '{missing[0]}'; calibrate again")
+            res.notes.append(f"ranges loaded for {len(wanted)} tensors")
+            return {t: tuple(ctx.calibration_ranges[t]) for t in wanted}  # type: ignore[misc]
+        o = self.options
+        calib = ctx.require_calib(self.name)
+        observers: dict[str, MinMaxObserver] = {
+            t: (MinMaxObserver() if o.method == "minmax" else HistogramObserver(o.bins)) for t in wanted}
+        feed_names = {i.name for i in graph.inputs}
+        fetch = [t for t in wanted if t not in feed_names]
+        batches = _with_inputs_observed(calib, observers, feed_names)
+        seen = collect(float_model, fetch, batches, observers, max_samples=o.samples)
+        res.counts["calibration samples"] = seen
+        # A graph output is what the user reads: never clip it (minmax), whatever the method for the rest.
+        outputs = {t.name for t in graph.outputs}
+        return {t: compute_range(obs, "minmax" if t in outputs else o.method, o.percentile)
+                for t, obs in observers.items()}
+
+    # ------------------------------------------------------------------------------------------- fallback
+
+    def _fallback(self, builder: "_Builder", float_model: onnx.ModelProto, model: onnx.ModelProto,
+                  ctx: PassContext, res: PassResult) -> tuple[onnx.ModelProto, dict[str, str]]:
+        """Leave the most harmful activation tensors float until the output cosine reaches the target."""
+        batches = _take(ctx.calib, FALLBACK_SAMPLES)
+        target = self.options.min_cosine
+
+        def cosine(m: onnx.ModelProto) -> float:
+            v = validate(float_model, m, batches, exact=False, thresholds=Thresholds())
+            return min((o.cosine for o in v.outputs if o.cosine is not None), default=1.0)
+
+        full = cosine(model)
+        res.counts["output cosine (calibration)"] = round(full, 6)
+        if full >= target:
+            return model, {}
+        sites = list(builder.last_tensors)
+        sens = {}
+        for t in sites:
+            sens[t] = cosine(builder.build(set(sites) - {t}))
+        order = sorted(sites, key=lambda t: sens[t])
+        # Smallest k such that leaving the k most harmful tensors float reaches the target (binary search).
+        lo, hi = 1, len(order)
+        best: tuple[onnx.ModelProto, float, int] | None = None
+        while lo <= hi:
+            k = (lo + hi) // 2
+            cand = builder.build(set(order[:k]))
+            c = cosine(cand)
+            if c >= target:
+                best, hi = (cand, c, k), k - 1
+            else:
+                lo = k + 1
+        if best is None:
+            res.notes.append(f"fallback: no subset reached cosine {target}; model left float")
+            best = (builder.build(set(order)), 1.0, len(order))
+        model, c, k = best
+        builder.build(set(order[:k]))  # leave the builder's bookkeeping on the chosen model
+        res.counts["output cosine (calibration)"] = round(c, 6)
+        res.counts["tensors left float"] = k
+        return model, {t: f"quantizing it alone gives output cosine {sens[t]:.4f} (all int8: {full:.4f} < "
+                          f"min-cosine {target})" for t in order[:k]}
+
+
+def _infer_types(graph: gs.Graph, ctx: PassContext) -> None:
+    """Give intermediate tensors their dtypes (onnx shape inference); only float32 tensors are quantized."""
+    model = export(graph, ctx.original)
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        return  # unknown dtypes stay unknown and those tensors are left float
+    replace_graph(graph, import_graph(model))
+
+
+def _with_inputs_observed(calib: Any, observers: dict[str, MinMaxObserver], feed_names: set[str]) -> Any:
+    """Batches of ``calib`` with the graph inputs that are observed fed to their observers on the way through."""
+    for batch in calib:
+        for name in feed_names & observers.keys():
+            if name in batch.feed:
+                observers[name].update(batch.feed[name])
+        yield batch
+
+
+def _take(source: Any, n: int) -> list[Batch]:
+    out: list[Batch] = []
+    seen = 0
+    for b in source:
+        out.append(b)
+        first = next(iter(b.feed.values()), None)
+        seen += first.shape[0] if isinstance(first, np.ndarray) and first.ndim else 1
+        if seen >= n:
+            break
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ builder
+
+
+class _Builder:
+    """Builds the QDQ model for a given set of units kept float, from the float graph and fixed ranges."""
+
+    def __init__(self, graph: gs.Graph, plan: Plan, ranges: dict[str, tuple[float, float]],
+                 template: onnx.ModelProto, *, per_channel: bool, reduce_range: bool, activations: str) -> None:
+        self.graph = graph.copy()
+        self.plan = plan
+        self.ranges = ranges
+        self.template = template
+        self.per_channel = per_channel
+        self.reduce_range = reduce_range
+        self.activations = activations
+        self.last_tensors: list[str] = []
+        self.int8_units: list[str] = []
+
+    @staticmethod
+    def candidate_tensors(graph: gs.Graph, plan: Plan) -> list[str]:
+        """Every float activation tensor a build could quantize (inputs and outputs of planned ops)."""
+        names: list[str] = []
+        for u in plan.units:
+            names += [t.name for t in u.node.inputs[:2] if not _is_const(t) and _float(t)]
+            names.append(u.output.name)
+        for n in plan.others:
+            data = n.inputs if n.op in {"Add", "Concat"} else n.inputs[:1]
+            names += [t.name for t in data if not _is_const(t) and not t.is_empty() and _float(t)]
+            names += [t.name for t in n.outputs[:1] if _float(t)]
+        return list(dict.fromkeys(names))
+
+    def build(self, keep_float: set[str]) -> onnx.ModelProto:
+        g = self.graph.copy()
+        tensors = g.tensors()
+        nodes = {id(n): n for n in g.nodes}
+        del nodes
+        # map plan nodes (of the original graph) to this copy by output tensor name
+        by_out = {n.outputs[0].name: n for n in g.nodes if n.outputs}
+        units = [(u, by_out[u.node.outputs[0].name], by_out[u.act.outputs[0].name] if u.act else None)
+                 for u in self.plan.units]
+        qdq: dict[str, None] = {}            # tensors to quantize, in order
+        inner: set[str] = set()              # conv outputs inside a fused unit: never quantized
+        for u, node, act in units:
+            for t in node.inputs[:2]:
+                if not _is_const(t) and _float(t):
+                    qdq[t.name] = None
+            qdq[(act or node).outputs[0].name] = None
+            if act is not None:
+                inner.add(node.outputs[0].name)
+        # Other ops follow: quantized when a data input is already quantized (in topological order).
+        shared: list[tuple[str, str]] = []
+        for n in self.plan.others:
+            node = by_out.get(n.outputs[0].name)
+            if node is None:
+                continue
+            data = [t for t in (node.inputs if node.op in {"Add", "Concat"} else node.inputs[:1])
+                    if not t.is_empty()]
+            if not data or not all(_float(t) and not _is_const(t) for t in data):
+                continue
+            if not any(t.name in qdq for t in data):
+                continue
+            if node.op == "Add" and len(data) != 2:
+                continue
+            for t in data:
+                qdq[t.name] = None
+            out = node.outputs[0]
+            qdq[out.name] = None
+            if node.op in SHARED_SCALE or node.op == "Concat":
+                shared += [(t.name, out.name) for t in data]
+        for name in inner | keep_float:
+            qdq.pop(name, None)
+        params = self._activation_params([t for t in qdq if t in self.ranges], shared)
+        for name in list(qdq):
+            if name not in params:
+                qdq.pop(name)
+        unit_inputs = {u.name: [t.name for t in node.inputs[:1 if u.weight_axis is not None else 2]]
+                       for u, node, _ in units}
+        for name in qdq:
+            self._insert_qdq(g, tensors[name], *params[name])
+        self.int8_units = []
+        for u, node, act in units:
+            x_names = unit_inputs[u.name]
+            if not all(t in qdq for t in x_names):
+                continue  # an input stays float: the unit cannot run integer, so its weights stay float too
+            if u.weight_axis is not None:
+                self._quantize_weights(g, node, u.weight_axis, params[x_names[0]][0])
+            self.int8_units.append(u.name)
+        self.last_tensors = list(qdq)
+        g.cleanup().toposort()
+        return export(g, self.template)
+
+    def _activation_params(self, names: list[str], shared: list[tuple[str, str]]
+                           ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        # Union-find over tensors that must share one scale (pass-through in/out, Concat inputs and output).
+        parent = {n: n for n in names}
+
+        def find(a: str) -> str:
+            while parent[a] != a:
+                parent[a] = parent[parent[a]]
+                a = parent[a]
+            return a
+
+        for a, b in shared:
+            if a in parent and b in parent:
+                parent[find(a)] = find(b)
+        group_range: dict[str, list[float]] = {}
+        for n in names:
+            lo, hi = self.ranges[n]
+            r = group_range.setdefault(find(n), [math.inf, -math.inf])
+            r[0], r[1] = min(r[0], lo), max(r[1], hi)
+        out = {}
+        for n in names:
+            lo, hi = group_range[find(n)]
+            out[n] = qparams(lo, hi, self.activations, symmetric=False)
+        return out
+
+    @staticmethod
+    def _unique(g: gs.Graph, base: str, taken: set[str] | None = None) -> str:
+        existing = taken if taken is not None else set(g.tensors())
+        if base not in existing:
+            return base
+        for i in itertools.count(1):
+            if f"{base}_{i}" not in existing:
+                return f"{base}_{i}"
+        raise AssertionError
+
+    def _insert_qdq(self, g: gs.Graph, t: gs.Variable, scale: np.ndarray, zp: np.ndarray) -> None:
+        s = gs.Constant(self._unique(g, f"{t.name}_scale"), np.asarray(scale, np.float32).reshape(()))
+        z = gs.Constant(self._unique(g, f"{t.name}_zero_point"), np.asarray(zp).reshape(()))
+        consumers = list(t.outputs)
+        q = gs.Variable(self._unique(g, f"{t.name}_quantized"), dtype=z.values.dtype, shape=t.shape)
+        dq = gs.Variable(self._unique(g, f"{t.name}_dequantized"), dtype=np.float32, shape=t.shape)
+        g.nodes.append(gs.Node("QuantizeLinear", name=self._unique(g, f"{t.name}_QuantizeLinear"),
+                               inputs=[t, s, z], outputs=[q]))
+        g.nodes.append(gs.Node("DequantizeLinear", name=self._unique(g, f"{t.name}_DequantizeLinear"),
+                               inputs=[q, s, z], outputs=[dq]))
+        for c in consumers:
+            for i, inp in enumerate(c.inputs):
+                if inp is t:
+                    c.inputs[i] = dq
+        if t in g.outputs:
+            name = t.name
+            t.name = self._unique(g, f"{name}_float")
+            dq.name = name
+            g.outputs = [dq if o is t else o for o in g.outputs]
+
+    def _quantize_weights(self, g: gs.Graph, node: gs.Node, axis: int, x_scale: np.ndarray) -> None:
+        w = node.inputs[1]
+        if not isinstance(w, gs.Constant):
+            return
+        values = np.asarray(w.values, dtype=np.float32)
+        if self.per_channel:
+            red = tuple(i for i in range(values.ndim) if i != axis)
+            absmax = np.abs(values).max(axis=red)
+            dq_axis: int | None = axis
+        else:
+            absmax = np.array(np.abs(values).max())
+            dq_axis = None
+        w_scale, w_zp = qparams(-absmax, absmax, "int8", symmetric=True, reduce_range=self.reduce_range)
+        qw = quantize(values, w_scale, w_zp, "int8", axis=dq_axis)
+        wq = gs.Constant(self._unique(g, f"{w.name}_quantized"), qw)
+        attrs = {"axis": dq_axis} if dq_axis is not None else {}
+        s = gs.Constant(self._unique(g, f"{w.name}_scale"), w_scale if dq_axis is not None else w_scale.reshape(()))
+        z = gs.Constant(self._unique(g, f"{w.name}_zero_point"), w_zp if dq_axis is not None else w_zp.reshape(()))
+        wdq = gs.Variable(self._unique(g, f"{w.name}_dequantized"), dtype=np.float32, shape=list(values.shape))
+        g.nodes.append(gs.Node("DequantizeLinear", name=self._unique(g, f"{w.name}_DequantizeLinear"),
+                               inputs=[wq, s, z], outputs=[wdq], attrs=attrs))
+        node.inputs[1] = wdq
+        # Bias: int32, scale s_x * s_w, zero point 0 (Conv input 2; Gemm C when it is a vector over outputs).
+        if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+            b = np.asarray(node.inputs[2].values, dtype=np.float32)
+            n_out = values.shape[axis]
+            if b.ndim == 1 and b.shape[0] == n_out:
+                b_scale = (np.float32(x_scale) * np.broadcast_to(w_scale, (n_out,))).astype(np.float32)
+                b_scale = np.where(b_scale > 0, b_scale, np.float32(1.0)).astype(np.float32)
+                qb = np.clip(np.rint(b / b_scale), -(2**31), 2**31 - 1).astype(np.int32)
+                bias_name = node.inputs[2].name
+                bq = gs.Constant(self._unique(g, f"{bias_name}_quantized"), qb)
+                bs = gs.Constant(self._unique(g, f"{bias_name}_scale"),
+                                 b_scale if dq_axis is not None else b_scale[:1].reshape(()))
+                bz = gs.Constant(self._unique(g, f"{bias_name}_zero_point"),
+                                 np.zeros(n_out if dq_axis is not None else (), np.int32))
+                if dq_axis is None and not np.all(b_scale == b_scale[0]):
+                    return
+                bdq = gs.Variable(self._unique(g, f"{bias_name}_dequantized"), dtype=np.float32, shape=[n_out])
+                g.nodes.append(gs.Node("DequantizeLinear", name=self._unique(g, f"{bias_name}_DequantizeLinear"),
+                                       inputs=[bq, bs, bz], outputs=[bdq], attrs={"axis": 0} if dq_axis is not None
+                                       else {}))
+                node.inputs[2] = bdq

@@ -1,0 +1,128 @@
+"""Calibration math as properties: qparams, observers (streamed == one-shot), KL == a slow reference, readers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from calibration.observers import HistogramObserver, MinMaxObserver
+from calibration.qparams import dequantize, qparams, qrange, quantize
+from calibration.ranges import compute_range, kl_threshold_bin, percentile_range
+
+finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
+
+
+@given(lo=finite, hi=finite, dtype=st.sampled_from(["uint8", "int8"]), symmetric=st.booleans(),
+       reduce=st.booleans())
+def test_qparams_zero_exact_and_scale_positive(lo, hi, dtype, symmetric, reduce):
+    lo, hi = min(lo, hi), max(lo, hi)
+    scale, zp = qparams(lo, hi, dtype, symmetric, reduce)
+    assert scale > 0 and np.isfinite(scale)
+    qmin, qmax = qrange(dtype, symmetric, reduce)
+    assert qmin <= int(zp) <= qmax
+    q0 = quantize(np.zeros(1, np.float32), scale, zp, dtype)
+    assert dequantize(q0, scale, zp)[0] == 0.0          # zero is exact
+    # the range's ends are representable to within half a step (after widening to contain 0)
+    for v in (min(lo, 0.0), max(hi, 0.0)):
+        back = dequantize(quantize(np.array([v], np.float32), scale, zp, dtype), scale, zp)[0]
+        assert abs(back - v) <= scale * 0.5001 + 1e-6 * abs(v)
+
+
+@given(arrays(np.float32, st.integers(1, 300), elements=st.floats(-50, 50, width=32)),
+       st.integers(1, 5), st.sampled_from([128, 256, 2048]))
+@settings(max_examples=60, deadline=None)
+def test_histogram_streamed_equals_one_shot(x, pieces, bins):
+    one = HistogramObserver(bins)
+    one.update(x)
+    streamed = HistogramObserver(bins)
+    for part in np.array_split(x, pieces):
+        streamed.update(part * 1.0)
+    assert one.extent == streamed.extent
+    np.testing.assert_array_equal(one.hist, streamed.hist)
+    assert one.range() == streamed.range()
+    assert one.hist.sum() + one.zeros_only == x.size
+
+
+@given(arrays(np.float32, st.integers(1, 200), elements=finite), st.integers(1, 6))
+def test_minmax_streamed_equals_one_shot(x, pieces):
+    a, b = MinMaxObserver(), MinMaxObserver()
+    a.update(x)
+    for part in np.array_split(x, pieces):
+        b.update(part)
+    assert a.range() == b.range() == (float(x.min()), float(x.max()))
+
+
+def test_histogram_ignores_nonfinite_and_memory_is_fixed():
+    obs = HistogramObserver(256)
+    obs.update(np.array([np.nan, np.inf, -np.inf, 1.0], np.float32))
+    assert obs.range() == (1.0, 1.0) and obs.hist.sum() == 1
+    size = obs.hist.nbytes
+    for i in range(50):
+        obs.update(np.random.default_rng(i).standard_normal(10_000) * (i + 1))
+    assert obs.hist.nbytes == size
+
+
+def _smooth(p, eps=1e-4):
+    zeros, nonzeros = p == 0, p != 0
+    return p + eps * zeros - eps * zeros.sum() / nonzeros.sum() * nonzeros
+
+
+def reference_kl_bin(hist: np.ndarray, levels: int) -> int:
+    """TensorRT/MXNet entropy calibration, written as plainly as possible (the slow loop we replaced)."""
+    best, best_i = np.inf, levels
+    for i in range(levels, len(hist) + 1):
+        sliced = hist[:i].astype(np.float64)
+        p = sliced.copy()
+        p[-1] += hist[i:].sum()
+        nonzero = p != 0
+        m = i // levels
+        merged = np.array([sliced[j * m:(j + 1) * m].sum() for j in range(levels)])
+        merged[-1] += sliced[levels * m:].sum()
+        q = np.zeros(i)
+        for j in range(levels):
+            start, stop = j * m, (i if j == levels - 1 else j * m + m)
+            norm = nonzero[start:stop].sum()
+            if norm:
+                q[start:stop] = merged[j] / norm
+        q[p == 0] = 0
+        p, q = _smooth(p), _smooth(q)
+        p, q = p / p.sum(), q / q.sum()
+        kl = float(np.sum(np.where(p > 0, p * np.log(p / q), 0.0)))
+        if kl < best:
+            best, best_i = kl, i
+    return best_i
+
+
+@given(st.integers(0, 10_000), st.sampled_from([(64, 8), (128, 16), (256, 32)]), st.booleans())
+@settings(max_examples=40, deadline=None)
+def test_kl_equals_reference(seed, sizes, sparse):
+    bins, levels = sizes
+    rng = np.random.default_rng(seed)
+    hist = rng.integers(0, 50, bins) * (rng.random(bins) < (0.3 if sparse else 1.0))
+    hist[rng.integers(0, bins)] += 1
+    assert kl_threshold_bin(hist, levels) == reference_kl_bin(hist, levels)
+
+
+def test_kl_clips_outliers_of_a_bell_curve():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(200_000), [40.0, -35.0]]).astype(np.float32)
+    obs = HistogramObserver(2048)
+    obs.update(x)
+    lo, hi = compute_range(obs, "kl")
+    assert 2.0 < hi < 10.0 and -10.0 < lo < -2.0       # the two outliers do not set the range
+    assert compute_range(obs, "minmax") == (-35.0, 40.0)
+    plo, phi = percentile_range(obs, 99.9)
+    assert 2.5 < phi < 4.5 and plo == -phi
+
+
+def test_kl_uses_unsigned_levels_for_nonnegative():
+    from calibration.ranges import quantized_levels
+
+    pos, signed = HistogramObserver(256), HistogramObserver(256)
+    pos.update(np.abs(np.random.default_rng(0).standard_normal(1000)))
+    signed.update(np.random.default_rng(0).standard_normal(1000))
+    assert quantized_levels(pos) == 256 and quantized_levels(signed) == 128
+    assert compute_range(pos, "kl")[0] == pytest.approx(pos.range()[0])

@@ -1,0 +1,144 @@
+"""Data readers (npz cutting rules, folders, labels, streaming) and validation metrics / MAC counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from calibration.readers import LABELS_KEY, open_source
+from conftest import conv_model
+from graphopt.errors import InputError
+from graphopt.report import count_macs
+from graphopt.validate import Thresholds, validate
+
+
+def _model(shape, dtype=TensorProto.FLOAT):
+    x = helper.make_tensor_value_info("x", dtype, shape)
+    y = helper.make_tensor_value_info("y", dtype, shape)
+    m = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y]),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _feeds(source):
+    return [(b.feed["x"].shape, None if b.labels is None else b.labels.tolist()) for b in source]
+
+
+def test_npz_dynamic_batch_cut_in_rows(tmp_path):
+    p = tmp_path / "d.npz"
+    np.savez(p, x=np.arange(70 * 2, dtype=np.float32).reshape(70, 2), **{LABELS_KEY: np.arange(70)})
+    src = open_source(p, _model(["N", 2]))
+    feeds = list(src)
+    assert [f.feed["x"].shape for f in feeds] == [(32, 2), (32, 2), (6, 2)]
+    assert feeds[2].labels.tolist() == list(range(64, 70))
+    np.testing.assert_array_equal(np.concatenate([f.feed["x"] for f in feeds]), np.load(p)["x"])
+    assert [f.feed["x"].shape for f in open_source(p, _model(["N", 2]), max_samples=5)] == [(5, 2)]
+
+
+def test_npz_fixed_batch_and_stacked(tmp_path):
+    p = tmp_path / "d.npz"
+    np.savez(p, x=np.zeros((6, 3, 4), np.float32))
+    assert _feeds(open_source(p, _model([3, 3, 4]))) == [((3, 3, 4), None)] * 2   # fixed batch of 3
+    assert _feeds(open_source(p, _model([3, 4]))) == [((3, 4), None)] * 6         # one more axis: one feed each
+    with pytest.raises(InputError, match="not a multiple"):
+        open_source(p, _model([4, 3, 4]))
+    with pytest.raises(InputError, match="does not match"):
+        open_source(p, _model(["N", 5]))
+
+
+def test_npz_casts_safely_and_refuses_unsafe(tmp_path):
+    p = tmp_path / "d.npz"
+    np.savez(p, x=np.zeros((2, 2), np.float64))
+    assert next(iter(open_source(p, _model(["N", 2])))).feed["x"].dtype == np.float32
+    np.savez(p, x=np.zeros((2, 2), np.float32))
+    with pytest.raises(InputError, match="dtype"):
+        list(open_source(p, _model(["N", 2], TensorProto.INT64)))
+
+
+def test_folder_source(tmp_path):
+    for i in range(3):
+        np.savez(tmp_path / f"{i}.npz", x=np.full((1, 2), i, np.float32), **{LABELS_KEY: np.array([i])})
+    feeds = list(open_source(tmp_path, _model(["N", 2])))
+    assert [f.feed["x"][0, 0] for f in feeds] == [0, 1, 2]
+    assert [f.labels.tolist() for f in feeds] == [[0], [1], [2]]
+
+
+def test_npz_streams_rows_not_whole_arrays(tmp_path, monkeypatch):
+    """Only the rows of the current batch are read: the whole array is never materialised."""
+    p = tmp_path / "big.npz"
+    np.savez(p, x=np.ones((1000, 64), np.float32))
+    import numpy.lib.npyio as npyio
+
+    def refuse(self, key):  # NpzFile.__getitem__ would load the whole array
+        raise AssertionError(f"whole array {key} loaded")
+
+    monkeypatch.setattr(npyio.NpzFile, "__getitem__", refuse)
+    total = sum(b.feed["x"].shape[0] for b in open_source(p, _model(["N", 64])))
+    assert total == 1000
+
+
+def test_validation_metrics_known_values():
+    ref = conv_model()
+    scaled = onnx.ModelProto()
+    scaled.CopyFrom(ref)
+    for t in scaled.graph.initializer:
+        if t.name == "fc_w":
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1.5), "fc_w"))
+        if t.name == "fc_b":
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1.5), "fc_b"))
+    feeds = [{"x": np.random.default_rng(i).standard_normal((4, 3, 8, 8)).astype(np.float32)} for i in range(3)]
+    from calibration.readers import IterableSource, model_inputs
+
+    src = IterableSource(feeds, model_inputs(ref))
+    res = validate(ref, scaled, src, exact=False, thresholds=Thresholds(min_cosine=0.999))
+    out = res.outputs[0]
+    assert out.cosine == pytest.approx(1.0, abs=1e-6)        # y' = 1.5 y: same direction
+    assert out.rel_error == pytest.approx(0.5, rel=1e-5)     # max|y'-y| / max|y| = 0.5
+    assert out.sqnr_db == pytest.approx(10 * np.log10(1 / 0.25), rel=1e-4)
+    assert out.top1 == 1.0 and res.passed and res.samples == 12
+    strict = validate(ref, scaled, src, exact=True, thresholds=Thresholds())
+    assert not strict.passed and "exact pipeline" in strict.failures[0]
+    gated = validate(ref, scaled, src, exact=False, thresholds=Thresholds(max_rel_error=0.1))
+    assert not gated.passed and "--max-rel-error" in gated.failures[0]
+
+
+def test_validation_catches_nan_and_shape_change():
+    ref = _model([2, 2])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])
+    nan = helper.make_model(helper.make_graph([helper.make_node("Log", ["x"], ["y"])], "g", [x], [y]),
+                            opset_imports=[helper.make_opsetid("", 17)])
+    nan.ir_version = 8
+    feeds = [type("B", (), {"feed": {"x": -np.ones((2, 2), np.float32)}, "labels": None})()]
+    res = validate(ref, nan, feeds, exact=False, thresholds=Thresholds())
+    assert any("NaN/Inf" in f for f in res.failures)
+    y4 = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    shape = helper.make_model(helper.make_graph(
+        [helper.make_node("Reshape", ["x", "s"], ["y"])], "g", [x], [y4],
+        [numpy_helper.from_array(np.array([4]), "s")]), opset_imports=[helper.make_opsetid("", 17)])
+    shape.ir_version = 8
+    res = validate(ref, shape, feeds, exact=False, thresholds=Thresholds())
+    assert any("shape changed" in f for f in res.failures)
+
+
+def test_mac_counts():
+    # Conv: |Y| * Cin/g * k*k ; Gemm: M*N*K ; MatMul: |Y| * K ; ConvTranspose: |X| * Cout/g * k*k
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("c", "t", "m")]
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 2, 3, 3)).astype(np.float32), "w"),   # group 2
+             numpy_helper.from_array(rng.standard_normal((4, 3, 2, 2)).astype(np.float32), "wt"),
+             numpy_helper.from_array(rng.standard_normal((8, 5)).astype(np.float32), "mm")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], group=2, pads=[1, 1, 1, 1]),
+             helper.make_node("ConvTranspose", ["x", "wt"], ["t"], strides=[2, 2]),
+             helper.make_node("MatMul", ["x", "mm"], ["m"])]
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], outs, inits), opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    feed = {"x": np.zeros((1, 4, 8, 8), np.float32)}
+    conv = 6 * 8 * 8 * 2 * 9
+    convt = 4 * 8 * 8 * 3 * 4
+    matmul = 4 * 8 * 5 * 8
+    assert count_macs(m, feed) == conv + convt + matmul
