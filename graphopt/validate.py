@@ -76,7 +76,7 @@ def ort_message(e: BaseException) -> str:
                 depth += {"(": 1, ")": -1}.get(msg[i], 0)
                 if depth == 0:
                     break
-            tail = re.match(r"(?: const)?(?:::<lambda\(\)>)?\s*", msg[i + 1:])
+            tail = re.match(r"(?: const)?(?:::<lambda\(\)>)?(?: \[with [^\]]*\])?\s*", msg[i + 1:])
             end = i + 1 + (tail.end() if tail else 0)
         msg = msg[:m.start()] + msg[end:]
     return msg.strip() or type(e).__name__

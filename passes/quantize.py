@@ -377,6 +377,7 @@ class _Builder:
         self.activations = activations
         self.last_tensors: list[str] = []
         self.int8_units: list[str] = []
+        self._taken: set[str] = set()
 
     @staticmethod
     def candidate_tensors(graph: gs.Graph, plan: Plan) -> list[str]:
@@ -394,8 +395,7 @@ class _Builder:
     def build(self, keep_float: set[str]) -> onnx.ModelProto:
         g = self.graph.copy()
         tensors = g.tensors()
-        nodes = {id(n): n for n in g.nodes}
-        del nodes
+        self._taken = set(tensors) | {n.name for n in g.nodes}
         # map plan nodes (of the original graph) to this copy by output tensor name
         by_out = {n.outputs[0].name: n for n in g.nodes if n.outputs}
         units = [(u, by_out[u.node.outputs[0].name], by_out[u.act.outputs[0].name] if u.act else None)
@@ -476,25 +476,25 @@ class _Builder:
             out[n] = qparams(lo, hi, self.activations, symmetric=False)
         return out
 
-    @staticmethod
-    def _unique(g: gs.Graph, base: str, taken: set[str] | None = None) -> str:
-        existing = taken if taken is not None else set(g.tensors())
-        if base not in existing:
-            return base
+    def _name(self, base: str) -> str:
+        """A tensor or node name derived from ``base`` that the graph being built does not use yet."""
+        name = base
         for i in itertools.count(1):
-            if f"{base}_{i}" not in existing:
-                return f"{base}_{i}"
-        raise AssertionError
+            if name not in self._taken:
+                break
+            name = f"{base}_{i}"
+        self._taken.add(name)
+        return name
 
     def _insert_qdq(self, g: gs.Graph, t: gs.Variable, scale: np.ndarray, zp: np.ndarray) -> None:
-        s = gs.Constant(self._unique(g, f"{t.name}_scale"), np.asarray(scale, np.float32).reshape(()))
-        z = gs.Constant(self._unique(g, f"{t.name}_zero_point"), np.asarray(zp).reshape(()))
+        s = gs.Constant(self._name(f"{t.name}_scale"), np.asarray(scale, np.float32).reshape(()))
+        z = gs.Constant(self._name(f"{t.name}_zero_point"), np.asarray(zp).reshape(()))
         consumers = list(t.outputs)
-        q = gs.Variable(self._unique(g, f"{t.name}_quantized"), dtype=z.values.dtype, shape=t.shape)
-        dq = gs.Variable(self._unique(g, f"{t.name}_dequantized"), dtype=np.float32, shape=t.shape)
-        g.nodes.append(gs.Node("QuantizeLinear", name=self._unique(g, f"{t.name}_QuantizeLinear"),
+        q = gs.Variable(self._name(f"{t.name}_quantized"), dtype=z.values.dtype, shape=t.shape)
+        dq = gs.Variable(self._name(f"{t.name}_dequantized"), dtype=np.float32, shape=t.shape)
+        g.nodes.append(gs.Node("QuantizeLinear", name=self._name(f"{t.name}_QuantizeLinear"),
                                inputs=[t, s, z], outputs=[q]))
-        g.nodes.append(gs.Node("DequantizeLinear", name=self._unique(g, f"{t.name}_DequantizeLinear"),
+        g.nodes.append(gs.Node("DequantizeLinear", name=self._name(f"{t.name}_DequantizeLinear"),
                                inputs=[q, s, z], outputs=[dq]))
         for c in consumers:
             for i, inp in enumerate(c.inputs):
@@ -502,7 +502,7 @@ class _Builder:
                     c.inputs[i] = dq
         if t in g.outputs:
             name = t.name
-            t.name = self._unique(g, f"{name}_float")
+            t.name = self._name(f"{name}_float")
             dq.name = name
             g.outputs = [dq if o is t else o for o in g.outputs]
 
@@ -520,12 +520,12 @@ class _Builder:
             dq_axis = None
         w_scale, w_zp = qparams(-absmax, absmax, "int8", symmetric=True, reduce_range=self.reduce_range)
         qw = quantize(values, w_scale, w_zp, "int8", axis=dq_axis)
-        wq = gs.Constant(self._unique(g, f"{w.name}_quantized"), qw)
+        wq = gs.Constant(self._name(f"{w.name}_quantized"), qw)
         attrs = {"axis": dq_axis} if dq_axis is not None else {}
-        s = gs.Constant(self._unique(g, f"{w.name}_scale"), w_scale if dq_axis is not None else w_scale.reshape(()))
-        z = gs.Constant(self._unique(g, f"{w.name}_zero_point"), w_zp if dq_axis is not None else w_zp.reshape(()))
-        wdq = gs.Variable(self._unique(g, f"{w.name}_dequantized"), dtype=np.float32, shape=list(values.shape))
-        g.nodes.append(gs.Node("DequantizeLinear", name=self._unique(g, f"{w.name}_DequantizeLinear"),
+        s = gs.Constant(self._name(f"{w.name}_scale"), w_scale if dq_axis is not None else w_scale.reshape(()))
+        z = gs.Constant(self._name(f"{w.name}_zero_point"), w_zp if dq_axis is not None else w_zp.reshape(()))
+        wdq = gs.Variable(self._name(f"{w.name}_dequantized"), dtype=np.float32, shape=list(values.shape))
+        g.nodes.append(gs.Node("DequantizeLinear", name=self._name(f"{w.name}_DequantizeLinear"),
                                inputs=[wq, s, z], outputs=[wdq], attrs=attrs))
         node.inputs[1] = wdq
         # Bias: int32, scale s_x * s_w, zero point 0 (Conv input 2; Gemm C when it is a vector over outputs).
@@ -537,15 +537,15 @@ class _Builder:
                 b_scale = np.where(b_scale > 0, b_scale, np.float32(1.0)).astype(np.float32)
                 qb = np.clip(np.rint(b / b_scale), -(2**31), 2**31 - 1).astype(np.int32)
                 bias_name = node.inputs[2].name
-                bq = gs.Constant(self._unique(g, f"{bias_name}_quantized"), qb)
-                bs = gs.Constant(self._unique(g, f"{bias_name}_scale"),
+                bq = gs.Constant(self._name(f"{bias_name}_quantized"), qb)
+                bs = gs.Constant(self._name(f"{bias_name}_scale"),
                                  b_scale if dq_axis is not None else b_scale[:1].reshape(()))
-                bz = gs.Constant(self._unique(g, f"{bias_name}_zero_point"),
+                bz = gs.Constant(self._name(f"{bias_name}_zero_point"),
                                  np.zeros(n_out if dq_axis is not None else (), np.int32))
                 if dq_axis is None and not np.all(b_scale == b_scale[0]):
                     return
-                bdq = gs.Variable(self._unique(g, f"{bias_name}_dequantized"), dtype=np.float32, shape=[n_out])
-                g.nodes.append(gs.Node("DequantizeLinear", name=self._unique(g, f"{bias_name}_DequantizeLinear"),
+                bdq = gs.Variable(self._name(f"{bias_name}_dequantized"), dtype=np.float32, shape=[n_out])
+                g.nodes.append(gs.Node("DequantizeLinear", name=self._name(f"{bias_name}_DequantizeLinear"),
                                        inputs=[bq, bs, bz], outputs=[bdq], attrs={"axis": 0} if dq_axis is not None
                                        else {}))
                 node.inputs[2] = bdq
