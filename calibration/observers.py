@@ -5,7 +5,9 @@
 finite value seen so far; when a batch exceeds it, A doubles and each pair of neighbouring bins on either side of
 zero merges into one. Merging nests exactly (bin edges A·k/bins are shared by every power-of-two A), so updating in
 pieces gives the same histogram as one update with all the data — memory does not grow with the sample count.
-Range methods (``calibration.ranges``) read the histogram; they never see the raw data.
+Exact zeros are also counted on their own: zero is exactly representable after quantization, so the KL search
+leaves ReLU's spike at 0 out of the distributions it compares. Range methods (``calibration.ranges``) read the
+histogram; they never see the raw data.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class HistogramObserver(MinMaxObserver):
         self.extent = 0.0                       # A; 0 until a non-zero value is seen
         self.hist = np.zeros(2 * bins, dtype=np.int64)
         self.zeros_only = 0                     # values seen while A was 0 (all exactly zero)
+        self.exact_zeros = 0                    # values exactly 0 (ReLU's spike), also counted in the histogram
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float64).ravel()
@@ -55,6 +58,7 @@ class HistogramObserver(MinMaxObserver):
         if not x.size:
             return
         super().update(x)
+        self.exact_zeros += int(np.count_nonzero(x == 0))
         amax = float(np.abs(x).max())
         if amax > self.extent:
             self._grow(amax)

