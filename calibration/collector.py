@@ -2,13 +2,14 @@
 
 It adds the tensors to observe as extra outputs of an in-memory *copy* of the model (no files anywhere), runs the
 copy in onnxruntime (CPU) batch by batch, hands each batch's arrays to the tensors' observers and drops them, so
-memory holds one batch of activations however many samples there are. A tqdm progress bar counts samples when
+memory holds one run's activations however many samples there are; a run is cut to as many rows as keep its
+observed tensors under a fixed budget (256 MB), measured on the first row. A tqdm progress bar counts samples when
 stderr is a terminal.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -18,13 +19,21 @@ from tqdm import tqdm
 from graphopt.errors import InputError, one_line
 
 from .observers import MinMaxObserver
-from .readers import Batch
+from .readers import Batch, model_inputs
+
+BUDGET_BYTES = 256 << 20
 
 
 def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[Batch],
             observers: Mapping[str, MinMaxObserver], *, max_samples: int | None = None,
-            threads: int | None = None) -> int:
-    """Feed every batch through the model and update ``observers[name]`` with each tensor; return samples seen."""
+            threads: int | None = None, budget_bytes: int = BUDGET_BYTES) -> int:
+    """Feed every batch through the model and update ``observers[name]`` with each tensor; return samples seen.
+
+    A batch is cut into runs of as many rows as keep one run's observed tensors within ``budget_bytes`` (measured
+    on its first row), where every input has a dynamic batch axis; otherwise it runs whole.
+    """
+    splittable = all(spec.shape is not None and len(spec.shape) > 0 and spec.shape[0] is None
+                     for spec in model_inputs(model) if not spec.has_default)
     names = list(dict.fromkeys(tensors))
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -39,20 +48,41 @@ def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[Ba
     except Exception as e:
         raise InputError(f"onnxruntime cannot run the model for calibration: {one_line(e)}") from e
     seen = 0
+    rows: int | None = None  # rows per run, chosen from the first sample so one run's outputs fit the budget
     with tqdm(total=max_samples, unit="sample", desc="calibrating", leave=False, disable=None) as bar:
         for batch in batches:
-            try:
-                values = sess.run(names, batch.feed)
-            except Exception as e:
-                raise InputError(f"the model fails on the calibration data: {one_line(e)}") from e
-            for name, value in zip(names, values):
-                if isinstance(value, np.ndarray) and value.dtype.kind == "f":
-                    observers[name].update(value)
-            first = next(iter(batch.feed.values()), None)
-            n = first.shape[0] if isinstance(first, np.ndarray) and first.ndim else 1
-            seen += n
-            bar.update(n)
-            del values
+            n = _rows(batch.feed, splittable)
+            if rows is None and n > 1:
+                probe_values = _run(sess, names, {k: v[:1] for k, v in batch.feed.items()})
+                per_row = sum(v.nbytes for v in probe_values if isinstance(v, np.ndarray))
+                rows = max(1, int(budget_bytes // max(per_row, 1)))
+                del probe_values
+            step = n if (rows is None or n <= 1) else rows
+            for start in range(0, max(n, 1), step):
+                feed = batch.feed if step >= n else {k: v[start:start + step] for k, v in batch.feed.items()}
+                values = _run(sess, names, feed)
+                for name, value in zip(names, values):
+                    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+                        observers[name].update(value)
+                del values
+            seen += max(n, 1)
+            bar.update(max(n, 1))
             if max_samples is not None and seen >= max_samples:
                 break
     return seen
+
+
+def _run(sess: ort.InferenceSession, names: list[str], feed: Mapping[str, np.ndarray]) -> list[Any]:
+    try:
+        return sess.run(names, dict(feed))
+    except Exception as e:
+        raise InputError(f"the model fails on the calibration data: {one_line(e)}") from e
+
+
+def _rows(feed: Mapping[str, np.ndarray], splittable: bool) -> int:
+    """Rows a feed can be cut into along axis 0 (1 when it cannot be cut)."""
+    if not splittable:
+        return 1
+    sizes = {v.shape[0] for v in feed.values() if isinstance(v, np.ndarray) and v.ndim > 0}
+    return sizes.pop() if len(sizes) == 1 and all(isinstance(v, np.ndarray) and v.ndim > 0
+                                                   for v in feed.values()) else 1

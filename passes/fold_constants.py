@@ -7,7 +7,8 @@ Cases:
     output stays a computed value).
   * a node whose every input is a constant (an initializer that is not a graph input) is evaluated once with
     onnxruntime, the same kernels that would run it at inference, so the result is bit-identical; its outputs
-    become initializers. Declined: random ops, ops with subgraphs, non-ai.onnx domains, nodes producing a graph
+    become initializers. Declined: random ops, QuantizeLinear/DequantizeLinear (a quantized model stays quantized),
+    ops with subgraphs, non-ai.onnx domains, nodes producing a graph
     output, string results, and results over 1 MiB that are more than twice the size of their inputs (folding an
     Expand or ConstantOfShape would grow the file rather than shrink the work).
 Exact: the rewritten model computes the same values. Dead nodes and unused initializers are removed by the
@@ -28,6 +29,9 @@ from graphopt.pipeline import Pass, PassContext, PassResult, register
 STANDARD = ("", "ai.onnx", None)
 NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
                     "Bernoulli", "Dropout"}
+# Folding DequantizeLinear(int8 weight) would turn a quantized model's weights back into float: 4x the size, and
+# onnxruntime could no longer form its integer kernels.
+QUANTIZATION = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 GROWTH_LIMIT_BYTES = 1 << 20
 
 
@@ -51,6 +55,26 @@ def constant_value(node: gs.Node) -> np.ndarray | str:
     return f"unsupported Constant attribute '{key}'"
 
 
+def lower_constant_nodes(graph: gs.Graph, res: PassResult) -> None:
+    """Turn ai.onnx Constant nodes into initializers (see the module docstring for what is declined)."""
+    outputs = {t.name for t in graph.outputs}
+    for node in graph.nodes:
+        if node.op != "Constant" or node.domain not in STANDARD or not node.outputs:
+            continue
+        out = node.outputs[0]
+        if out.name in outputs:
+            res.decline(f"Constant '{node.name or out.name}'", "its output is a graph output")
+            continue
+        value = constant_value(node)
+        if isinstance(value, str):
+            res.decline(f"Constant '{node.name or out.name}'", value)
+            continue
+        out.inputs.clear()
+        out.to_constant(value)
+        res.count("Constant nodes lowered")
+        res.changed = True
+
+
 @register
 class FoldConstants(Pass):
     name = "fold-constants"
@@ -62,22 +86,7 @@ class FoldConstants(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         res = PassResult()
-        outputs = {t.name for t in graph.outputs}
-        for node in graph.nodes:
-            if node.op != "Constant" or node.domain not in STANDARD or not node.outputs:
-                continue
-            out = node.outputs[0]
-            if out.name in outputs:
-                res.decline(f"Constant '{node.name or out.name}'", "its output is a graph output")
-                continue
-            value = constant_value(node)
-            if isinstance(value, str):
-                res.decline(f"Constant '{node.name or out.name}'", value)
-                continue
-            out.inputs.clear()
-            out.to_constant(value)
-            res.count("Constant nodes lowered")
-            res.changed = True
+        lower_constant_nodes(graph, res)
         self._fold(graph, res)
         return res
 
@@ -89,7 +98,7 @@ class FoldConstants(Pass):
                            if isinstance(t, gs.Constant) and name not in inputs}
         candidates: list[gs.Node] = []
         for node in graph.nodes:
-            if node.domain not in STANDARD or node.op in NONDETERMINISTIC or node.op == "Constant":
+            if node.domain not in STANDARD or node.op in NONDETERMINISTIC | QUANTIZATION or node.op == "Constant":
                 continue
             real_inputs = [t for t in node.inputs if not t.is_empty()]
             if not real_inputs or not all(t.name in known for t in real_inputs):

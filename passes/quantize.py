@@ -16,7 +16,7 @@ Activations: per tensor, uint8 asymmetric by default; ranges from calibration (`
 
 Never ship a broken model: after quantizing, the output cosine against the float model is measured on calibration
 data; below ``min-cosine`` each quantized activation tensor's sensitivity (output cosine with only that tensor
-quantized) is measured and the most harmful tensors are left float, fewest first (binary search over the
+quantized, on up to 8 samples) is measured and the most harmful tensors are left float, fewest first (binary search over the
 sensitivity order), until the target holds. A unit whose input stays float runs float (its weights too). The
 report lists the tensors with their sensitivity and the layers that run float.
 Declined: models already quantized (QDQ, QLinear*, *Integer ops); opset < 10 that cannot be converted.
@@ -42,6 +42,7 @@ from graphopt.errors import UsageError
 from graphopt.pipeline import Pass, PassContext, PassResult, export, import_graph, option, register, replace_graph
 from graphopt.report import cpu_info
 from graphopt.validate import Thresholds, validate
+from passes.fold_constants import lower_constant_nodes
 
 STANDARD = ("", "ai.onnx", None)
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul",
@@ -53,6 +54,7 @@ FUSABLE_ACTIVATIONS = {"Relu", "Clip"}
 SHARED_SCALE = {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize"}
 OWN_SCALE = {"AveragePool", "GlobalAveragePool"}
 FALLBACK_SAMPLES = 64
+SENSITIVITY_SAMPLES = 8
 BOUNDED = {"Softmax", "Sigmoid", "HardSigmoid", "Tanh"}
 
 
@@ -141,6 +143,9 @@ class Quantize(Pass):
                 per_channel = False
                 res.notes.append(f"opset {graph.opset}: per-tensor weights (per-channel needs opset 13)")
         reduce = reduce_range_auto() if o.reduce_range == "auto" else o.reduce_range == "true"
+        # Exporters such as Paddle keep weights in Constant nodes; as initializers they can be quantized.
+        lower_constant_nodes(graph, res)
+        graph.cleanup()
         _infer_types(graph, ctx)
         plan = self._plan(graph, res)
         if not plan.units:
@@ -306,9 +311,14 @@ class Quantize(Pass):
         if full >= target:
             return model, {}
         sites = list(builder.last_tensors)
-        sens = {}
-        for t in sites:
-            sens[t] = cosine(builder.build(set(sites) - {t}))
+        # One build per tensor: measured on fewer samples than the final check, to bound the cost on big models.
+        few = _take(batches, SENSITIVITY_SAMPLES)
+
+        def cosine_few(m: onnx.ModelProto) -> float:
+            v = validate(float_model, m, few, exact=False, thresholds=Thresholds())
+            return min((o.cosine for o in v.outputs if o.cosine is not None), default=1.0)
+
+        sens = {t: cosine_few(builder.build(set(sites) - {t})) for t in sites}
         order = sorted(sites, key=lambda t: sens[t])
         # Smallest k such that leaving the k most harmful tensors float reaches the target (binary search).
         lo, hi = 1, len(order)

@@ -119,3 +119,15 @@ def test_dead_nodes_and_initializers_removed():
     assert "unused" not in {t.name for t in out.graph.initializer}
     assert "dead" not in {o for n in out.graph.node for o in n.output}
     assert report.after.parameters < report.before.parameters
+
+
+def test_quantized_model_stays_quantized():
+    """DequantizeLinear of an int8 weight has constant inputs, but folding it would undo the quantization."""
+    w = numpy_helper.from_array(np.arange(-6, 6, dtype=np.int8).reshape(3, 4), "w_q")
+    s = numpy_helper.from_array(np.array(0.1, np.float32), "w_scale")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"]), helper.make_node("MatMul", ["x", "w"], ["y"])]
+    out, report = fold(_graph(nodes, [x], [y], [w, s]))
+    assert ops(out) == ["DequantizeLinear", "MatMul"]
+    assert {t.name for t in out.graph.initializer} == {"w_q", "w_scale"}

@@ -1,0 +1,286 @@
+"""``fold-bn``: an inference BatchNormalization (and a per-channel constant Mul/Add) is folded into the weights of the
+Conv, ConvTranspose, Gemm or MatMul before it.
+
+BatchNormalization computes ``y = s·x + t`` per channel (axis 1) with ``s = γ/√(σ²+ε)`` and ``t = β − μ·s``; a
+constant Mul is ``s = k, t = 0`` and a constant Add ``s = 1, t = k``. Folding into the producer ``x = W∗a + b``:
+``W' = W·s`` per output channel, ``b' = b·s + t``. Everything is computed in float64 and cast to the weight's dtype.
+
+Cases:
+  * Conv: W is ``[C_out, C_in/group, k...]``, scale along axis 0; a missing bias is created.
+  * ConvTranspose: W is ``[C_in, C_out/group, k...]``; output channel ``o = g·(C_out/group) + j`` for W's row block
+    ``g`` (of ``C_in/group`` rows) and column ``j``, so W is viewed as ``[group, C_in/group, C_out/group, k...]``.
+  * Gemm (opset >= 7): the output is ``[M, N]``, BN's axis 1 is N; W scaled along axis 1 (``transB=0``, W is
+    ``[K, N]``) or axis 0 (``transB=1``). The bias becomes ``C' = β_gemm·C·s + t`` (any broadcastable shape) and
+    ``beta`` is set to 1.
+  * MatMul with a constant ``[K, N]`` weight, when its output is rank 2 (then BN's axis 1 is N): becomes a Gemm
+    with the folded weight and ``C = t``. Other ranks are declined: BN's axis 1 is then not the weight's axis.
+  * Mul or Add with a constant that is a scalar or per-channel (``[C,1,1]``, ``[1,C,1,1]``, ...; never broadcasting
+    the output to a bigger shape) directly after a Conv or ConvTranspose (option ``mul-add``).
+Declined, with the reason, graph untouched: the producer's output has other consumers or is a graph output; the
+weight is not an initializer (e.g. a Constant node output: run fold-constants first) or is shared with another node
+(when it would change); a BN parameter, the bias or the Mul/Add operand is not a constant; a training-mode BN (more
+than one output, ``training_mode=1``) or ``spatial=0``; ``σ²+ε <= 0``; results that overflow the weight's dtype.
+Exact (up to float rounding). New tensors are named after the old ones (``conv1.weight`` -> ``conv1.weight_fold``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.pipeline import Pass, PassContext, PassResult, option, register
+
+STANDARD = ("", "ai.onnx", None)
+PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+CONV_LIKE = ("Conv", "ConvTranspose")
+
+
+class _Decline(Exception):
+    """A site that does not qualify; the message is the reason."""
+
+
+def _std(n: gs.Node, *ops: str) -> bool:
+    return n.domain in STANDARD and n.op in ops
+
+
+def _const(t: gs.Tensor) -> np.ndarray | None:
+    return np.asarray(t.values) if isinstance(t, gs.Constant) else None
+
+
+def _desc(n: gs.Node) -> str:
+    return f"{n.op} '{n.name or n.outputs[0].name}'" if n.outputs else f"{n.op} '{n.name}'"
+
+
+@register
+class FoldBatchNorm(Pass):
+    name = "fold-bn"
+    summary = ("BatchNormalization (and per-channel constant Mul/Add) folded into the preceding Conv, ConvTranspose, "
+               "Gemm or MatMul weights (exact).")
+
+    @dataclass(frozen=True)
+    class Options:
+        mul_add: bool = option(True, "also fold a scalar or per-channel constant Mul/Add that follows a Conv")
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        res = PassResult()
+        self._graph = graph
+        self._names = set(graph.tensors())
+        self._outputs = {t.name for t in graph.outputs}
+        pending: dict[str, str] = {}   # site -> latest decline reason; a later success (fixed point) clears it
+        progress = True
+        while progress:
+            progress = False
+            for n in list(graph.nodes):
+                if not n.outputs:       # removed earlier in this sweep
+                    continue
+                if _std(n, "BatchNormalization"):
+                    site, fold = _desc(n), self._fold_bn
+                elif _std(n, "Mul", "Add") and self.options.mul_add:
+                    site, fold = _desc(n), self._fold_mul_add
+                else:
+                    continue
+                try:
+                    done = fold(n)
+                except _Decline as e:
+                    pending[site] = str(e)
+                    continue
+                if done is not None:
+                    into, was = done
+                    pending.pop(site, None)
+                    res.changed = progress = True
+                    res.count(f"{n.op} folded into {was}")
+                    res.layers.append({"node": site, "into": _desc(into), "was": was})
+        for site, reason in pending.items():
+            res.decline(site, reason)
+        return res
+
+    # ------------------------------------------------------------------------------------------------- matching
+
+    def _fold_bn(self, bn: gs.Node) -> tuple[gs.Node, str]:
+        if sum(1 for o in bn.outputs if not o.is_empty()) > 1 or bn.attrs.get("training_mode", 0):
+            raise _Decline("training-mode BatchNormalization (running statistics are outputs)")
+        if bn.attrs.get("spatial", 1) == 0:
+            raise _Decline("spatial=0: statistics are per element, not per channel")
+        if len(bn.inputs) != 5:
+            raise _Decline(f"expected 5 inputs, found {len(bn.inputs)}")
+        x = bn.inputs[0]
+        producer = x.inputs[0] if len(x.inputs) == 1 else None
+        if producer is None or not _std(producer, *PRODUCERS):
+            what = "a graph input" if producer is None else _desc(producer)
+            raise _Decline(f"its input comes from {what}, not from Conv, ConvTranspose, Gemm or MatMul")
+        params = []
+        for role, t in zip(("scale", "bias", "mean", "var"), bn.inputs[1:]):
+            v = _const(t)
+            if v is None:
+                raise _Decline(f"{role} '{t.name}' is not a constant")
+            if v.ndim != 1:
+                raise _Decline(f"{role} '{t.name}' has shape {list(v.shape)}, expected [C]")
+            params.append(v.astype(np.float64))
+        gamma, beta, mean, var = params
+        eps = float(np.float32(bn.attrs.get("epsilon", 1e-5)))
+        if np.any(~(var + eps > 0)):
+            raise _Decline("variance + epsilon is not positive (or NaN) for some channel")
+        scale = gamma / np.sqrt(var + eps)
+        shift = beta - mean * scale
+        return self._fold_into(producer, x, bn, scale, shift)
+
+    def _fold_mul_add(self, n: gs.Node) -> tuple[gs.Node, str] | None:
+        if len(n.inputs) != 2:
+            return None
+        a, b = n.inputs
+        if isinstance(b, gs.Constant) and not isinstance(a, gs.Constant):
+            y, k = a, b
+        elif isinstance(a, gs.Constant) and not isinstance(b, gs.Constant):
+            y, k = b, a
+        else:
+            return None
+        producer = y.inputs[0] if len(y.inputs) == 1 else None
+        if producer is None or not _std(producer, *CONV_LIKE):
+            return None                     # not a site: Mul/Add elsewhere in the graph
+        w_t = producer.inputs[1] if len(producer.inputs) > 1 else None
+        if not isinstance(w_t, gs.Constant):
+            raise _Decline(f"{_desc(producer)}: weight is not an initializer (run fold-constants first)")
+        if w_t.shape is None or len(w_t.shape) < 3:
+            raise _Decline(f"{_desc(producer)}: weight '{w_t.name}' is not a convolution weight")
+        channels, rank = self._channels(producer, tuple(w_t.shape)), len(w_t.shape)   # shape only: no load
+        kv = _const(k)
+        assert kv is not None
+        if kv.dtype.kind != "f":
+            raise _Decline(f"constant '{k.name}' is {kv.dtype}, not a float")
+        if kv.ndim > rank:
+            raise _Decline(f"constant '{k.name}' of shape {list(kv.shape)} would broadcast the rank-{rank} output")
+        shape = (1,) * (rank - kv.ndim) + kv.shape
+        if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+            raise _Decline(f"constant '{k.name}' of shape {list(kv.shape)} is not a scalar or per-channel for "
+                           f"{channels} channels")
+        vec = np.broadcast_to(kv.astype(np.float64).reshape(-1), (channels,))
+        if not np.all(np.isfinite(vec)):
+            raise _Decline(f"constant '{k.name}' has non-finite values")
+        if n.op == "Mul":
+            return self._fold_into(producer, y, n, vec, np.zeros(channels))
+        return self._fold_into(producer, y, n, np.ones(channels), vec)
+
+    # ------------------------------------------------------------------------------------------------- rewriting
+
+    @staticmethod
+    def _channels(producer: gs.Node, w_shape: tuple[int, ...]) -> int:
+        """Output channels of a Conv/ConvTranspose from its weight's shape."""
+        if producer.op == "Conv":
+            return int(w_shape[0])
+        return int(w_shape[1]) * int(producer.attrs.get("group", 1))
+
+    def _fold_into(self, producer: gs.Node, y: gs.Tensor, consumer: gs.Node, scale: np.ndarray,
+                   shift: np.ndarray) -> tuple[gs.Node, str]:
+        """Fold ``consumer(y) = scale·y + shift`` (per channel) into ``producer``, ``y`` being its output; return
+        the node that now computes the consumer's output and the producer's op type before the rewrite."""
+        where = _desc(producer)
+        if len(producer.outputs) != 1:
+            raise _Decline(f"{where} has {len(producer.outputs)} outputs")
+        if y.name in self._outputs:
+            raise _Decline(f"the output '{y.name}' of {where} is a graph output")
+        if len(y.outputs) != 1:
+            raise _Decline(f"the output '{y.name}' of {where} has {len(y.outputs)} consumers")
+        if len(producer.inputs) < 2:
+            raise _Decline(f"{where} has no weight input")
+        w_t = producer.inputs[1]
+        w = _const(w_t)
+        if w is None:
+            raise _Decline(f"{where}: weight '{w_t.name}' is not an initializer (run fold-constants first)")
+        if w.dtype.kind != "f":
+            raise _Decline(f"{where}: weight '{w_t.name}' is {w.dtype}, not a float")
+        bias_t = producer.inputs[2] if len(producer.inputs) > 2 and not producer.inputs[2].is_empty() else None
+        bias = None
+        if bias_t is not None:
+            bias = _const(bias_t)
+            if bias is None:
+                raise _Decline(f"{where}: bias '{bias_t.name}' is not a constant")
+        op = producer.op
+        w64 = w.astype(np.float64)
+        c = scale.shape[0]
+        if op == "Conv":
+            if w.ndim < 3 or w.shape[0] != c:
+                raise _Decline(f"{where} has {w.shape[0]} output channels, the folded node {c}")
+            new_w = w64 * scale.reshape((c,) + (1,) * (w.ndim - 1))
+        elif op == "ConvTranspose":
+            group = int(producer.attrs.get("group", 1))
+            if w.ndim < 3 or w.shape[0] % group or group * w.shape[1] != c:
+                raise _Decline(f"{where} has {group * w.shape[1]} output channels, the folded node {c}")
+            per = w.shape[1]
+            view = w64.reshape((group, w.shape[0] // group, per) + w.shape[2:])
+            new_w = (view * scale.reshape((group, 1, per) + (1,) * (w.ndim - 2))).reshape(w.shape)
+        else:  # Gemm, MatMul
+            if self._graph.opset < 7:
+                raise _Decline(f"opset {self._graph.opset} < 7 (Gemm without broadcasting)")
+            if w.ndim != 2:
+                raise _Decline(f"{where}: weight '{w_t.name}' has rank {w.ndim}, expected 2")
+            trans_b = op == "Gemm" and bool(producer.attrs.get("transB", 0))
+            n_out = w.shape[0] if trans_b else w.shape[1]
+            if n_out != c:
+                raise _Decline(f"{where} has {n_out} output channels, the folded node {c}")
+            if op == "MatMul":
+                ranks = {len(t.shape) for t in (producer.inputs[0], y) if t.shape is not None}
+                if ranks != {2}:
+                    raise _Decline(f"{where}: output rank is {'unknown' if not ranks else max(ranks)}; the channel "
+                                   "axis 1 is the weight's output axis only for rank 2")
+            new_w = w64 * (scale[:, None] if trans_b else scale[None, :])
+        changes_w = not np.all(scale == 1.0)
+        if changes_w and (len(w_t.outputs) > 1 or w_t.name in self._outputs):
+            raise _Decline(f"{where}: weight '{w_t.name}' is shared with other nodes")
+        if op in CONV_LIKE:
+            if bias is not None and bias.shape != (c,):
+                raise _Decline(f"{where}: bias '{bias_t.name}' has shape {list(bias.shape)}, expected [{c}]")
+            b64 = bias.astype(np.float64) if bias is not None else np.zeros(c)
+            new_b = b64 * scale + shift
+        elif op == "Gemm" and bias is not None:
+            beta = float(np.float32(producer.attrs.get("beta", 1.0)))
+            new_b = beta * bias.astype(np.float64) * scale + shift
+        else:
+            new_b = shift
+        w_out, b_out = new_w.astype(w.dtype), new_b.astype(bias.dtype if bias is not None else w.dtype)
+        if not (np.all(np.isfinite(w_out)) and np.all(np.isfinite(b_out))):
+            raise _Decline(f"{where}: folded values overflow {w.dtype}")
+
+        # Rewire: the producer takes the folded constants and the consumer's output tensor; the consumer goes.
+        w_new = gs.Constant(self._fresh(w_t.name), w_out) if changes_w else w_t
+        b_base = bias_t.name if bias_t is not None else (w_t.name[:-6] + "bias" if w_t.name.endswith("weight")
+                                                         else f"{w_t.name}_bias")
+        b_new = gs.Constant(self._fresh(b_base), b_out)
+        out = consumer.outputs[0]
+        consumer.inputs.clear()
+        consumer.outputs.clear()
+        self._remove(consumer)
+        if op == "MatMul":
+            a = producer.inputs[0]
+            producer.inputs.clear()
+            producer.outputs.clear()
+            self._remove(producer)
+            producer = gs.Node("Gemm", name=producer.name, inputs=[a, w_new, b_new], outputs=[out])
+            self._graph.nodes.append(producer)
+            return producer, op
+        producer.inputs[1] = w_new
+        if len(producer.inputs) > 2:
+            producer.inputs[2] = b_new
+        else:
+            producer.inputs.append(b_new)
+        if op == "Gemm":
+            producer.attrs["beta"] = 1.0
+        producer.outputs.clear()
+        producer.outputs.append(out)
+        return producer, op
+
+    def _remove(self, n: gs.Node) -> None:
+        nodes = self._graph.nodes
+        del nodes[next(i for i, m in enumerate(nodes) if m is n)]
+
+    def _fresh(self, name: str) -> str:
+        """A new tensor name derived from ``name``: ``w`` -> ``w_fold`` (``w_fold_2``, ... if taken)."""
+        base = re.sub(r"_fold(_\d+)?$", "", name) + "_fold"
+        new, i = base, 1
+        while new in self._names:
+            i += 1
+            new = f"{base}_{i}"
+        self._names.add(new)
+        return new

@@ -1,0 +1,192 @@
+"""Small helpers for tests that build graphs with ``onnx.helper`` and run them in onnxruntime.
+
+Build a model in a test so the test shows its graph::
+
+    model = make_model(
+        [node("Conv", ["x", "w"], ["c"]), node("Relu", ["c"], ["y"])],
+        inputs=[("x", [1, 3, 8, 8])], outputs=["y"],
+        initializers={"w": rand(4, 3, 3, 3)})
+
+then run passes and compare in onnxruntime with every graph optimization off (so onnxruntime's own fusions cannot
+hide a bug in ours)::
+
+    out, records = run_passes(model, ["fold-bn"])
+    assert ops(out) == ["Conv", "Relu"]
+    assert_same_outputs(model, out)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from graphopt.pipeline import PassContext, StepRecord, make_spec, run_pipeline
+
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+
+ShapeLike = Sequence[int | str | None] | None
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def rand(*shape: int, seed: int = 0, lo: float = -1.0, hi: float = 1.0, dtype: Any = np.float32) -> np.ndarray:
+    """Seeded uniform random array (different seeds give different arrays of the same shape)."""
+    return np.random.default_rng(seed).uniform(lo, hi, size=shape).astype(dtype)
+
+
+def node(op: str, inputs: Sequence[str], outputs: Sequence[str], name: str | None = None, domain: str = "",
+         **attrs: Any) -> onnx.NodeProto:
+    """``onnx.helper.make_node`` with a default node name (the first output's name)."""
+    return helper.make_node(op, list(inputs), list(outputs), name=name if name is not None else outputs[0],
+                            domain=domain, **attrs)
+
+
+def value_info(name: str, shape: ShapeLike = None, dtype: Any = np.float32) -> onnx.ValueInfoProto:
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    return helper.make_tensor_value_info(name, elem, None if shape is None else list(shape))
+
+
+def _vi(item: str | tuple | onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    if isinstance(item, onnx.ValueInfoProto):
+        return item
+    if isinstance(item, str):
+        return onnx.ValueInfoProto(name=item)   # typed by shape inference in make_model
+    return value_info(*item)
+
+
+def make_model(nodes: Sequence[onnx.NodeProto], inputs: Iterable[str | tuple | onnx.ValueInfoProto],
+               outputs: Iterable[str | tuple | onnx.ValueInfoProto],
+               initializers: Mapping[str, np.ndarray] | None = None, *, opset: int = OPSET,
+               domains: Mapping[str, int] | None = None, value_infos: Iterable[tuple] = (),
+               check: bool = True) -> onnx.ModelProto:
+    """A checked model. Inputs/outputs: a name, ``(name, shape[, dtype])`` or a ValueInfoProto; an output given by
+    name only is typed by onnx shape inference (the onnx checker wants a type and shape on graph outputs)."""
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in (initializers or {}).items()]
+    graph = helper.make_graph(list(nodes), "test", [_vi(i) for i in inputs], [_vi(o) for o in outputs], inits,
+                              value_info=[value_info(*v) for v in value_infos])
+    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in (domains or {}).items()]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="graphopt-tests")
+    if any(not o.HasField("type") for o in model.graph.output):
+        # Outputs given by name: take their types from shape inference (only theirs: intermediate tensors stay
+        # without value_info, as in most exported models).
+        inferred = {o.name: o for o in onnx.shape_inference.infer_shapes(model).graph.output}
+        for o in model.graph.output:
+            if not o.HasField("type") and inferred[o.name].HasField("type"):
+                o.CopyFrom(inferred[o.name])
+    if check:
+        onnx.checker.check_model(model)
+    return model
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    """The node op types in graph order; other domains as ``domain.Op``."""
+    return [n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node]
+
+
+def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    raise KeyError(name)
+
+
+def node_by_op(model: onnx.ModelProto, op: str) -> onnx.NodeProto:
+    matches = [n for n in model.graph.node if n.op_type == op]
+    assert len(matches) == 1, f"expected one {op}, found {len(matches)}"
+    return matches[0]
+
+
+def attrs(n: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: helper.get_attribute_value(a) for a in n.attribute}
+
+
+# ----------------------------------------------------------------------------------------------------- running
+
+
+def session(model: onnx.ModelProto, optimize: bool = False) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def random_feeds(model: onnx.ModelProto, seed: int = 0, dims: int = 2) -> dict[str, np.ndarray]:
+    """Seeded inputs of the declared shapes (symbolic dims become ``dims``); floats in [-1, 1)."""
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else dims for d in tt.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if dtype.kind == "f":
+            feeds[vi.name] = rng.uniform(-1, 1, size=shape).astype(dtype)
+        else:
+            feeds[vi.name] = rng.integers(0, 4, size=shape).astype(dtype)
+    return feeds
+
+
+def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], optimize: bool = False) -> list[np.ndarray]:
+    """Run in onnxruntime CPU, one thread, with graph optimizations off unless ``optimize``."""
+    return session(model, optimize).run(None, dict(feeds))
+
+
+def rel_error(ref: np.ndarray, out: np.ndarray) -> float:
+    """max |out - ref| / max |ref| (0 when both are all zero)."""
+    ref64, out64 = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+    err = float(np.max(np.abs(out64 - ref64))) if ref64.size else 0.0
+    scale = float(np.max(np.abs(ref64))) if ref64.size else 0.0
+    return 0.0 if err == 0 else (err / scale if scale > 0 else float("inf"))
+
+
+def assert_same_outputs(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: Mapping | None = None, *,
+                        rtol: float = 1e-5, seeds: Sequence[int] = (0, 1)) -> float:
+    """Both models give the same outputs (shape, dtype, rel error <= rtol) with graph optimizations off; returns the
+    largest relative error seen."""
+    worst = 0.0
+    for feed in [feeds] if feeds is not None else [random_feeds(original, s) for s in seeds]:
+        ref, out = run(original, feed), run(rewritten, feed)
+        assert len(ref) == len(out)
+        for r, o in zip(ref, out):
+            assert r.shape == o.shape and r.dtype == o.dtype, (r.shape, r.dtype, o.shape, o.dtype)
+            e = rel_error(r, o)
+            assert e <= rtol, f"relative error {e:.3g} > {rtol:g}"
+            worst = max(worst, e)
+    return worst
+
+
+# ------------------------------------------------------------------------------------------------------ passes
+
+
+def run_passes(model: onnx.ModelProto, passes: Sequence[str | tuple[str, Mapping[str, Any]]], *,
+               verify: bool = True) -> tuple[onnx.ModelProto, list[StepRecord]]:
+    """Run passes through the real pipeline (cleanup, toposort, onnx.checker after each); no validation."""
+    specs = [make_spec(p, {}) if isinstance(p, str) else make_spec(p[0], p[1]) for p in passes]
+    return run_pipeline(model, specs, PassContext(original=model), verify=verify)
+
+
+def declined(records: Sequence[StepRecord]) -> list[str]:
+    """All decline reasons of all steps, as ``site: reason`` strings."""
+    return [f"{d['site']}: {d['reason']}" for r in records for d in r.result.declined]
+
+
+def _canonical(model: onnx.ModelProto) -> tuple:
+    g = model.graph
+    ser = lambda items: sorted(x.SerializeToString(deterministic=True) for x in items)  # noqa: E731
+    return (ser(g.node), ser(g.initializer), [x.SerializeToString(deterministic=True) for x in g.input],
+            [x.SerializeToString(deterministic=True) for x in g.output])
+
+
+def same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    """Same nodes and initializers (in any order: passes toposort), same inputs and outputs."""
+    return _canonical(a) == _canonical(b)

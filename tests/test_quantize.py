@@ -1,0 +1,213 @@
+"""quantize: fires (QDQ op list and onnxruntime's integer kernels), error bound, declines, idempotent, fallback."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from graphopt.errors import UsageError
+
+
+def _model(nodes, inits, x_shape, y_shape, opset=17):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def conv_net(opset: int = 17) -> onnx.ModelProto:
+    """Conv+Relu, Conv+Clip(ReLU6), residual Add, MaxPool, GlobalAveragePool, Flatten, Gemm."""
+    rng = np.random.default_rng(0)
+    f = np.float32
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(f), "w1"),
+             numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(f), "b1"),
+             numpy_helper.from_array((rng.standard_normal((8, 8, 3, 3)) * 0.2).astype(f), "w2"),
+             numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(f), "b2"),
+             numpy_helper.from_array(rng.standard_normal((10, 8)).astype(f), "fc"),
+             numpy_helper.from_array(rng.standard_normal(10).astype(f), "fcb"),
+             numpy_helper.from_array(np.array(0, f), "zero"), numpy_helper.from_array(np.array(6, f), "six")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+             helper.make_node("Clip", ["c2", "zero", "six"], ["r2"], name="relu6"),
+             helper.make_node("Add", ["r1", "r2"], ["a"], name="add"),
+             helper.make_node("MaxPool", ["a"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+             helper.make_node("GlobalAveragePool", ["p"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "fc", "fcb"], ["y"], transB=1, name="fc")]
+    if opset < 11:
+        nodes[3] = helper.make_node("Clip", ["c2"], ["r2"], min=0.0, max=6.0, name="relu6")
+        inits = inits[:-2]
+    return _model(nodes, inits, ["N", 3, 16, 16], ["N", 10], opset)
+
+
+def calib(n: int = 64, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.random((8, 3, 16, 16)).astype(np.float32)} for _ in range(n // 8)]
+
+
+def ops(m: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in m.graph.node]
+
+
+def ort_kernels(m: onnx.ModelProto, tmp_path) -> list[str]:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ops(onnx.load(tmp_path / "optimized.onnx"))
+
+
+def test_fires_qdq_and_onnxruntime_fuses_integer_kernels(tmp_path):
+    out, rep = graphopt.optimize(conv_net(), ["quantize:method=minmax"], calib_data=calib(), latency_runs=0)
+    onnx.checker.check_model(out)
+    assert ops(out).count("QuantizeLinear") == 8
+    # weights per channel: Conv weights on axis 0, int8, Gemm (transB=1) on axis 0, biases int32
+    dq_axes = {n.input[0]: [a.i for a in n.attribute if a.name == "axis"] for n in out.graph.node
+               if n.op_type == "DequantizeLinear"}
+    inits = {t.name: t for t in out.graph.initializer}
+    assert dq_axes["w1_quantized"] == [0] and inits["w1_quantized"].data_type == TensorProto.INT8
+    assert dq_axes["fc_quantized"] == [0] and inits["fcb_quantized"].data_type == TensorProto.INT32
+    # no QDQ between a Conv and its Relu/Clip: the conv outputs feed the activation directly
+    producers = {o: n.op_type for n in out.graph.node for o in n.output}
+    relu = next(n for n in out.graph.node if n.op_type == "Relu")
+    assert producers[relu.input[0]] == "Conv"
+    kernels = ort_kernels(out, tmp_path)
+    for k in ("QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm"):
+        assert k in kernels, kernels
+    assert "Conv" not in kernels and "Relu" not in kernels and "Clip" not in kernels
+    assert rep.validation.passed
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "kl"])
+def test_error_bound(method):
+    """Stated bound: on this net int8 keeps output cosine >= 0.98 and top-1 agreement >= 0.9 for every method."""
+    val = calib(64, seed=7)
+    out, rep = graphopt.optimize(conv_net(), [f"quantize:method={method}"], calib_data=calib(), val_data=val,
+                                 latency_runs=0)
+    o = rep.validation.outputs[0]
+    assert o.cosine >= 0.98 and o.top1 >= 0.9, (o.cosine, o.top1)
+    assert rep.passes[0]["counts"]["units int8"] == 3
+
+
+def test_second_run_declines_already_quantized():
+    once, _ = graphopt.optimize(conv_net(), ["quantize"], calib_data=calib(), latency_runs=0)
+    twice, rep = graphopt.optimize(once, ["quantize"], calib_data=calib(), latency_runs=0)
+    assert ops(twice) == ops(once)
+    assert "already quantized" in rep.passes[0]["declined"][0]["reason"]
+    assert not rep.passes[0]["changed"]
+
+
+def test_exclude_and_non_float_inputs_decline():
+    out, rep = graphopt.optimize(conv_net(), ["quantize:exclude=Gemm,exclude=conv1"], calib_data=calib(),
+                                 latency_runs=0)
+    sites = {d["site"] for d in rep.passes[0]["declined"]}
+    assert {"Gemm 'fc'", "Conv 'conv1'"} <= sites
+    gemm = next(n for n in out.graph.node if n.op_type == "Gemm")
+    assert gemm.input[1] == "fc"  # float weight untouched
+    # integer-only model: nothing to quantize, graph unchanged
+    x = helper.make_tensor_value_info("x", TensorProto.INT64, [2, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.INT64, [2, 2])
+    m = helper.make_model(helper.make_graph([helper.make_node("MatMul", ["x", "x"], ["y"])], "g", [x], [y]),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    out, rep = graphopt.optimize(m, ["quantize"], calib_data=[{"x": np.ones((2, 2), np.int64)}], latency_runs=0)
+    assert ops(out) == ["MatMul"] and not rep.passes[0]["changed"]
+
+
+def test_needs_calibration_data():
+    with pytest.raises(UsageError, match="needs calibration data"):
+        graphopt.optimize(conv_net(), ["quantize"], latency_runs=0)
+
+
+def test_refuses_after_fuse_conv_relu_or_before_rewrites():
+    with pytest.raises(UsageError, match="cannot run after 'fuse-conv-relu'"):
+        graphopt.optimize(conv_net(), ["fuse-conv-relu", "quantize"], calib_data=calib(), latency_runs=0)
+
+
+def test_old_opset_is_upgraded_for_per_channel(tmp_path):
+    out, rep = graphopt.optimize(conv_net(opset=10), ["quantize"], calib_data=calib(), latency_runs=0)
+    assert any("upgraded 10 -> 13" in n for n in rep.passes[0]["notes"])
+    onnx.checker.check_model(out)
+    assert next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx")) == 13
+    assert "QLinearConv" in ort_kernels(out, tmp_path)
+
+
+def test_attention_matmuls_quantized(tmp_path):
+    """Constant-weight MatMul (per column) and activation x activation MatMul become integer kernels."""
+    rng = np.random.default_rng(0)
+    wq = numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32) * 0.3, "wq")
+    wk = numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32) * 0.3, "wk")
+    perm = numpy_helper.from_array(np.array([0, 2, 1]), "perm")
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+             helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
+             helper.make_node("Softmax", ["s"], ["y"], axis=-1)]
+    m = _model(nodes, [wq, wk, perm], ["N", 8, 16], ["N", 8, 8])
+    data = [{"x": rng.standard_normal((4, 8, 16)).astype(np.float32)} for _ in range(4)]
+    out, rep = graphopt.optimize(m, ["quantize:method=minmax"], calib_data=data, latency_runs=0)
+    assert rep.passes[0]["counts"]["units int8"] == 3
+    assert ops(out).count("Softmax") == 1  # Softmax stays float
+    kernels = ort_kernels(out, tmp_path)
+    assert kernels.count("QLinearMatMul") + kernels.count("MatMulIntegerToFloat") >= 3, kernels
+    assert rep.validation.outputs[0].cosine > 0.99
+
+
+def fragile_mlp() -> onnx.ModelProto:
+    """A hidden tensor with one huge channel: per-tensor uint8 over its range rounds every other channel to 0."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 32)).astype(np.float32) * 0.3
+    w1[:, 0] *= 2000.0
+    w2 = rng.standard_normal((32, 10)).astype(np.float32)
+    w2[0, :] *= 1e-4
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h0"], name="fc1"), helper.make_node("Relu", ["h0"], ["h"]),
+             helper.make_node("Gemm", ["h", "w2"], ["y"], name="fc2")]
+    return _model(nodes, [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")], ["N", 16],
+                  ["N", 10])
+
+
+def test_fallback_rescues_fragile_model():
+    rng = np.random.default_rng(3)
+    data = [{"x": np.abs(rng.standard_normal((16, 16))).astype(np.float32)} for _ in range(4)]
+    _, broken = graphopt.optimize(fragile_mlp(), ["quantize:method=minmax,min-cosine=0"], calib_data=data,
+                                  latency_runs=0)
+    assert broken.validation.outputs[0].cosine < 0.98
+    out, rep = graphopt.optimize(fragile_mlp(), ["quantize:method=minmax"], calib_data=data, latency_runs=0)
+    assert rep.validation.outputs[0].cosine >= 0.98
+    notes = " ".join(rep.passes[0]["notes"])
+    assert "left float: tensor 'h'" in notes and "fc2" in notes
+    assert rep.passes[0]["counts"]["units int8"] == 1   # fc1 still int8
+
+
+def test_save_and_load_calibration_roundtrip(cli, tmp_path):
+    m = tmp_path / "m.onnx"
+    onnx.save(conv_net(), m)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.concatenate([d["x"] for d in calib()]))
+    cal = tmp_path / "cal.json"
+    a = cli(m, tmp_path / "a.onnx", "--pass", "quantize", "--calib-data", data, "--save-calibration", cal,
+            "--latency-runs", "0")
+    assert a.code == 0, a.err
+    saved = json.loads(cal.read_text())
+    assert saved["graphopt_calibration"] == 1 and "r1" in saved["ranges"]
+    b = cli(m, tmp_path / "b.onnx", "--pass", "quantize", "--load-calibration", cal, "--latency-runs", "0")
+    assert b.code == 0, b.err
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    cal.write_text("{}")
+    res = cli(m, tmp_path / "c.onnx", "--pass", "quantize", "--load-calibration", cal)
+    assert res.code == 2 and "not a graphopt calibration file" in res.err
+
+
+def test_fuse_conv_relu_refused_after_quantize():
+    with pytest.raises(UsageError, match="'fuse-conv-relu' cannot run after 'quantize'"):
+        graphopt.optimize(conv_net(), ["quantize", "fuse-conv-relu"], calib_data=calib(), latency_runs=0)
