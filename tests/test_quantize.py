@@ -211,3 +211,39 @@ def test_save_and_load_calibration_roundtrip(cli, tmp_path):
 def test_fuse_conv_relu_refused_after_quantize():
     with pytest.raises(UsageError, match="'fuse-conv-relu' cannot run after 'quantize'"):
         graphopt.optimize(conv_net(), ["quantize", "fuse-conv-relu"], calib_data=calib(), latency_runs=0)
+
+
+MODELS = __import__("pathlib").Path(__file__).resolve().parent.parent / "models"
+
+
+@pytest.mark.parametrize("name, data", [("mnist_cnn", "mnist"), ("mnist_mlp", "mnist"), ("mnist_vit", "mnist"),
+                                        ("mnist_wide", "mnist64")])
+def test_trained_models_keep_accuracy_through_cli(cli, tmp_path, name, data):
+    """Default settings on every trained model: accuracy within 0.5 points of float, integer kernels in place."""
+    out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
+    res = cli(MODELS / f"{name}.onnx", out, "--pass", "quantize", "--calib-data", MODELS / f"{data}_calib.npz",
+              "--val-data", MODELS / f"{data}_eval.npz", "--report", rep, "--latency-runs", "0")
+    assert res.code == 0, res.err
+    v = json.loads(rep.read_text())["validation"]
+    assert v["accuracy_before"] - v["accuracy_after"] <= 0.005, v
+    assert v["outputs"][0]["top1"] >= 0.99
+    kernels = ort_kernels(onnx.load(out), tmp_path)
+    assert any(k in kernels for k in ("QLinearConv", "QLinearMatMul", "QGemm")), kernels
+
+
+def test_bias_of_a_near_zero_channel_fits_int32():
+    """Weights ~1e-10 with bias 3: at scale s_x*s_w the bias would overflow int32; the channel must keep its bias."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32)
+    w[2] = 1e-10
+    b = np.array([0.1, -0.2, 3.0, 0.3], np.float32)
+    m = _model([helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+                helper.make_node("Relu", ["c"], ["r"]),
+                helper.make_node("GlobalAveragePool", ["r"], ["y"])],
+               [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")], ["N", 3, 16, 16], ["N", 4, 1, 1])
+    with np.errstate(invalid="raise", over="raise"):
+        out, rep = graphopt.optimize(m, ["quantize:method=minmax"], calib_data=calib(), latency_runs=0)
+    x = calib(8, seed=5)[0]["x"]
+    y = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y[:, 2].ravel(), 3.0, atol=0.05)
+    assert rep.validation.outputs[0].cosine > 0.999
