@@ -1,7 +1,7 @@
 """Observers: collect a tensor's statistics as calibration batches stream; nothing else (torch.ao's split).
 
 ``MinMaxObserver`` keeps two numbers. ``HistogramObserver`` keeps a fixed-size histogram of the signed values over
-[-A, A] with ``2·bins`` equal bins, plus the exact min and max. A is a power of two, the smallest covering every
+[-A, A] with ``2·bins`` equal bins, plus the exact min and max. A is a power of two, the smallest strictly above every
 finite value seen so far; when a batch exceeds it, A doubles and each pair of neighbouring bins on either side of
 zero merges into one. Merging nests exactly (bin edges A·k/bins are shared by every power-of-two A), so updating in
 pieces gives the same histogram as one update with all the data — memory does not grow with the sample count.
@@ -60,7 +60,7 @@ class HistogramObserver(MinMaxObserver):
         super().update(x)
         self.exact_zeros += int(np.count_nonzero(x == 0))
         amax = float(np.abs(x).max())
-        if amax > self.extent:
+        if amax >= self.extent and amax > 0:
             self._grow(amax)
         if self.extent == 0.0:
             self.zeros_only += int(x.size)
@@ -71,9 +71,9 @@ class HistogramObserver(MinMaxObserver):
         self.hist += np.bincount(idx, minlength=2 * self.bins)
 
     def _grow(self, amax: float) -> None:
-        new = 2.0 ** math.ceil(math.log2(amax))
-        if new < amax:  # log2 rounding
-            new *= 2
+        # The smallest power of two strictly above amax (frexp is exact: amax = m·2^e with 0.5 <= m < 1), so no
+        # value sits on the top edge, where it would be clipped into the last bin and merge differently later.
+        new = math.ldexp(1.0, math.frexp(amax)[1])
         if self.extent == 0.0:
             self.extent = new
             if self.zeros_only:

@@ -67,7 +67,7 @@ def test_histogram_ignores_nonfinite_and_memory_is_fixed():
 
 def _smooth(p, eps=1e-4):
     zeros, nonzeros = p == 0, p != 0
-    return p + eps * zeros - eps * zeros.sum() / nonzeros.sum() * nonzeros
+    return p + eps * zeros - eps * zeros.sum() / max(nonzeros.sum(), 1) * nonzeros
 
 
 def reference_kl_bin(hist: np.ndarray, levels: int) -> int:
