@@ -274,9 +274,14 @@ class PassSpec:
 
     def __str__(self) -> str:
         defaults = registry()[self.name].Options()
-        changed = [f"{f.name.replace('_', '-')}={getattr(self.options, f.name)}"
-                   for f in dataclasses.fields(self.options)
-                   if getattr(self.options, f.name) != getattr(defaults, f.name)]
+        changed: list[str] = []
+        for f in dataclasses.fields(self.options):
+            value = getattr(self.options, f.name)
+            if value == getattr(defaults, f.name):
+                continue
+            key = f.name.replace("_", "-")
+            items = value if isinstance(value, tuple) else (value,)
+            changed += [f"{key}={str(v).lower() if isinstance(v, bool) else v}" for v in items]
         return self.name + (":" + ",".join(changed) if changed else "")
 
 

@@ -4,3 +4,4 @@ from . import fold_constants  # noqa: F401
 from . import fold_bn  # noqa: F401
 from . import fuse_conv_relu  # noqa: F401
 from . import quantize  # noqa: F401
+from . import svd  # noqa: F401

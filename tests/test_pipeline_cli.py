@@ -22,7 +22,8 @@ def test_parse_pass_arg_types_and_lists():
     assert spec.options.factor == 2.5 and spec.options.ratio == 0.25
     assert spec.options.mode == "outputs"
     assert spec.options.skip == ("a", "b")
-    assert str(spec) == "test-scale:factor=2.5,ratio=0.25,mode=outputs,skip=('a', 'b')"
+    assert str(spec) == "test-scale:factor=2.5,ratio=0.25,mode=outputs,skip=a,skip=b"
+    assert str(parse_pass_arg(str(spec))) == str(spec)  # the printed form parses back to the same pass
     with pytest.raises(UsageError, match="given twice"):
         parse_pass_arg("test-scale:ratio=0.1,ratio=0.2")
     with pytest.raises(UsageError, match="expected key=value"):
