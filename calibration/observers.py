@@ -53,22 +53,29 @@ class HistogramObserver(MinMaxObserver):
         self.exact_zeros = 0                    # values exactly 0 (ReLU's spike), also counted in the histogram
 
     def update(self, x: np.ndarray) -> None:
-        x = np.asarray(x, dtype=np.float64).ravel()
-        x = x[np.isfinite(x)]
-        if not x.size:
-            return
-        super().update(x)
+        x = np.asarray(x).ravel()
+        if x.dtype not in (np.float32, np.float64):
+            x = x.astype(np.float32)
+        lo, hi = float(x.min(initial=np.inf)), float(x.max(initial=-np.inf))
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN/Inf present (or empty): keep the finite values
+            x = x[np.isfinite(x)]
+            if not x.size:
+                return
+            lo, hi = float(x.min()), float(x.max())
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        self.count += int(x.size)
         self.exact_zeros += int(np.count_nonzero(x == 0))
-        amax = float(np.abs(x).max())
+        amax = max(-lo, hi)
         if amax >= self.extent and amax > 0:
             self._grow(amax)
         if self.extent == 0.0:
             self.zeros_only += int(x.size)
             return
-        width = self.extent / self.bins
-        idx = np.floor(x / width).astype(np.int64) + self.bins
+        # bins / extent is a power of two, so x * (bins / extent) is exact in float32 and floor() bins it exactly.
+        idx = np.floor(x * x.dtype.type(self.bins / self.extent))
+        idx += self.bins
         np.clip(idx, 0, 2 * self.bins - 1, out=idx)
-        self.hist += np.bincount(idx, minlength=2 * self.bins)
+        self.hist += np.bincount(idx.astype(np.intp), minlength=2 * self.bins)
 
     def _grow(self, amax: float) -> None:
         # The smallest power of two strictly above amax (frexp is exact: amax = m·2^e with 0.5 <= m < 1), so no
