@@ -201,24 +201,10 @@ def one_sample(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def cpu_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], runs: int, budget_s: float
                 ) -> list[float]:
-    """Median CPU time (ms) of the calling thread per run, interleaved like measure_latency: with one intra-op
-    thread onnxruntime runs every kernel on the calling thread, so time other processes take is left out."""
-    from graphopt.validate import make_session
+    """Median CPU time (ms) of the calling thread per run, interleaved like measure_latency."""
+    from graphopt.report import measure_latency
 
-    sessions = [make_session(m, "model (latency)", threads=1) for m in models]
-    for s in sessions:
-        for _ in range(3):
-            s.run(None, feed)
-    times: list[list[float]] = [[] for _ in sessions]
-    start = time.perf_counter()
-    for r in range(runs):
-        for i in (range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))):
-            t0 = time.thread_time()
-            sessions[i].run(None, feed)
-            times[i].append(time.thread_time() - t0)
-        if r >= 4 and time.perf_counter() - start > budget_s:
-            break
-    return [float(np.median(t)) * 1e3 for t in times]
+    return measure_latency(models, feed, runs=runs, budget_s=budget_s, clock=time.thread_time)
 
 
 def run_passes(case: Case, passes: list[str], calib: bool) -> tuple[onnx.ModelProto, dict[str, Any], float]:

@@ -76,23 +76,8 @@ def env_lines() -> list[str]:
 
 def cpu_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, runs: int, warmup: int = 5,
                 budget_s: float = 30.0) -> list[float]:
-    """measure_latency's protocol (same sessions, warm-up, interleaved, median) on the calling thread's CPU time:
-    with one intra-op thread onnxruntime runs every kernel on this thread, so time other processes take from the
-    machine is left out. Milliseconds."""
-    sessions = [make_session(m, "model (latency)", threads=1) for m in models]
-    for s in sessions:
-        for _ in range(warmup):
-            s.run(None, feed)
-    times: list[list[float]] = [[] for _ in sessions]
-    start = time.perf_counter()
-    for r in range(runs):
-        for i in (range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))):
-            t0 = time.thread_time()
-            sessions[i].run(None, feed)
-            times[i].append(time.thread_time() - t0)
-        if r >= 4 and time.perf_counter() - start > budget_s:
-            break
-    return [float(np.median(t)) * 1e3 for t in times]
+    """measure_latency's protocol on the calling thread's CPU time (see its docstring). Milliseconds."""
+    return measure_latency(models, feed, runs=runs, warmup=warmup, budget_s=budget_s, clock=time.thread_time)
 
 
 def both(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], runs: int, budget_s: float
