@@ -47,7 +47,6 @@ from graphopt import io as gio  # noqa: E402  (graphopt before calibration: cali
 from calibration.readers import open_source  # noqa: E402
 from graphopt.pipeline import PassContext, make_spec, run_pipeline  # noqa: E402
 from graphopt.report import count_macs, cpu_info, measure_latency  # noqa: E402
-from graphopt.validate import make_session  # noqa: E402
 
 MODELS = ROOT / "models"
 MINILM = Path.home() / ".cache" / "graphopt-bench" / "minilm"
