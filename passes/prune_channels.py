@@ -59,13 +59,12 @@ from graphopt.errors import InputError, one_line
 from graphopt.pipeline import Pass, PassContext, PassResult, export, import_graph, option, register, replace_graph
 
 from ._channel_graph import ChannelGraph, Group, Term, analyze, keep_masks
+from .quantize import quantized_ops
 
 log = logging.getLogger("graphopt")
 
 STANDARD = ("", "ai.onnx", None)
 MAX_REFIT_NOTES = 12
-QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
-                 "ConvInteger", "DynamicQuantizeLinear"}
 
 
 def parse_layer_ratio(text: str) -> tuple[str, float]:
@@ -119,7 +118,7 @@ class PruneChannels(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         res = PassResult()
         o = self.options
-        quantized = sorted({n.op for n in graph.nodes if n.op in QUANTIZED_OPS})
+        quantized = quantized_ops(graph)
         if quantized:
             res.decline("model", f"quantized ({', '.join(quantized)}); prune before quantizing")
             return res

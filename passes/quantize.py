@@ -54,6 +54,12 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMa
                  "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid",
                  "QLinearLeakyRelu", "QLinearSoftmax", "DynamicQuantizeMatMul", "QAttention"}
 WEIGHTED = {"Conv", "Gemm", "MatMul"}
+
+
+def quantized_ops(graph: gs.Graph) -> list[str]:
+    """The quantization op types a graph already holds (QDQ, QLinear*, *Integer): such a model is not rewritten."""
+    return sorted({n.op for n in graph.nodes if n.op in QUANTIZED_OPS})
+
 FUSABLE_ACTIVATIONS = {"Relu", "Clip"}
 SHARED_SCALE = {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize"}
 OWN_SCALE = {"AveragePool", "GlobalAveragePool"}
@@ -135,7 +141,7 @@ class Quantize(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         res = PassResult()
         o = self.options
-        already = sorted({n.op for n in graph.nodes if n.op in QUANTIZED_OPS})
+        already = quantized_ops(graph)
         if already:
             res.decline("model", f"already quantized ({', '.join(already)}); not quantizing twice")
             return res
