@@ -2,8 +2,8 @@
 
 ``MinMaxObserver`` keeps two numbers. ``HistogramObserver`` keeps a fixed-size histogram of the signed values over
 [-A, A] with ``2·bins`` equal bins, plus the exact min and max. A is a power of two, the smallest strictly above every
-finite value seen so far; when a batch exceeds it, A doubles and each pair of neighbouring bins on either side of
-zero merges into one. Merging nests exactly (bin edges A·k/bins are shared by every power-of-two A), so updating in
+finite value seen so far (and at least 2^-64, so that bins/A stays finite in float32 for subnormal data); when a
+batch exceeds it, A doubles and each pair of neighbouring bins on either side of zero merges into one. Merging nests exactly (bin edges A·k/bins are shared by every power-of-two A), so updating in
 pieces gives the same histogram as one update with all the data — memory does not grow with the sample count.
 Exact zeros are also counted on their own: zero is exactly representable after quantization, so the KL search
 leaves ReLU's spike at 0 out of the distributions it compares. Range methods (``calibration.ranges``) read the
@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+MIN_EXTENT = 2.0 ** -64   # the smallest A: bins / A must not overflow float32 (2^128) for any bin count in use
 
 
 class MinMaxObserver:
@@ -80,7 +82,7 @@ class HistogramObserver(MinMaxObserver):
     def _grow(self, amax: float) -> None:
         # The smallest power of two strictly above amax (frexp is exact: amax = m·2^e with 0.5 <= m < 1), so no
         # value sits on the top edge, where it would be clipped into the last bin and merge differently later.
-        new = math.ldexp(1.0, math.frexp(amax)[1])
+        new = max(math.ldexp(1.0, math.frexp(amax)[1]), MIN_EXTENT)
         if self.extent == 0.0:
             self.extent = new
             if self.zeros_only:
