@@ -3,7 +3,8 @@
 It adds the tensors to observe as extra outputs of an in-memory *copy* of the model (no files anywhere), runs the
 copy in onnxruntime (CPU) batch by batch, hands each batch's arrays to the tensors' observers and drops them, so
 memory holds one run's activations however many samples there are; a run is cut to as many rows as keep its
-observed tensors under a fixed budget (256 MB), measured on the first row. A tqdm progress bar counts samples when
+observed tensors under a fixed budget (256 MB, measured on the first row) and to at most 16 rows, so that the
+peak is the same for 16 calibration samples as for 16,000. A tqdm progress bar counts samples when
 stderr is a terminal.
 """
 
@@ -22,6 +23,7 @@ from .observers import MinMaxObserver
 from .readers import Batch, model_inputs
 
 BUDGET_BYTES = 256 << 20
+MAX_RUN_ROWS = 16   # rows per run at most: memory must not depend on how many samples there are
 
 
 def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[Batch],
@@ -29,8 +31,9 @@ def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[Ba
             threads: int | None = None, budget_bytes: int = BUDGET_BYTES) -> int:
     """Feed every batch through the model and update ``observers[name]`` with each tensor; return samples seen.
 
-    A batch is cut into runs of as many rows as keep one run's observed tensors within ``budget_bytes`` (measured
-    on its first row), where every input has a dynamic batch axis; otherwise it runs whole.
+    A batch is cut into runs of as many rows (at most ``MAX_RUN_ROWS``) as keep one run's observed tensors within
+    ``budget_bytes`` (measured on its first row), where every input has a dynamic batch axis; otherwise it runs
+    whole.
     """
     splittable = all(spec.shape is not None and len(spec.shape) > 0 and spec.shape[0] is None
                      for spec in model_inputs(model) if not spec.has_default)
@@ -55,7 +58,7 @@ def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[Ba
             if rows is None and n > 1:
                 probe_values = _run(sess, names, {k: v[:1] for k, v in batch.feed.items()})
                 per_row = sum(v.nbytes for v in probe_values if isinstance(v, np.ndarray))
-                rows = max(1, int(budget_bytes // max(per_row, 1)))
+                rows = max(1, min(MAX_RUN_ROWS, int(budget_bytes // max(per_row, 1))))
                 del probe_values
             step = n if (rows is None or n <= 1) else rows
             for start in range(0, max(n, 1), step):

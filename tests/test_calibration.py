@@ -126,3 +126,29 @@ def test_kl_uses_unsigned_levels_for_nonnegative():
     signed.update(np.random.default_rng(0).standard_normal(1000))
     assert quantized_levels(pos) == 256 and quantized_levels(signed) == 128
     assert compute_range(pos, "kl")[0] == pytest.approx(pos.range()[0])
+
+
+class _Recorder(MinMaxObserver):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[int] = []
+
+    def update(self, x: np.ndarray) -> None:
+        self.rows.append(x.shape[0])
+        super().update(x)
+
+
+@pytest.mark.parametrize("budget, expected", [(256 << 20, 16), (3 * 8 * 4, 3)])
+def test_collector_runs_are_bounded_whatever_the_batch(budget, expected):
+    """A 40-row batch runs in pieces of at most 16 rows (fewer when the byte budget says so), and the observed
+    range is the same as one pass over all rows."""
+    from calibration.collector import collect
+    from calibration.readers import Batch
+    from tests.graphs import make_model, node
+
+    model = make_model([node("Relu", ["x"], ["y"])], [("x", ["N", 8])], [("y", ["N", 8])])
+    x = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    rec = {"y": _Recorder()}
+    seen = collect(model, ["y"], [Batch({"x": x}, None)], rec, budget_bytes=budget)
+    assert seen == 40 and max(rec["y"].rows) == expected and sum(rec["y"].rows) == 40
+    assert (rec["y"].lo, rec["y"].hi) == (0.0, float(np.maximum(x, 0).max()))
