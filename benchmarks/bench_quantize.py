@@ -800,30 +800,33 @@ def all_float(row: dict[str, Any], key: str) -> bool:
     return row["runs"].get(key, {}).get("structure", {}).get("weighted_int8") == 0
 
 
-def metric(row: dict[str, Any], key: str) -> float | None:
-    """One number per model for ours-vs-theirs: accuracy when labelled, else top-1 agreement (per position for
-    sequences), else the worst output cosine."""
+def metric(row: dict[str, Any], key: str) -> list[tuple[str, float]] | None:
+    """What ours-vs-theirs compares, in this order: accuracy (when labelled), the worst top-1 agreement
+    (class-score and sequence outputs), the worst output cosine."""
     f = row["fidelity"].get(key)
     if f is None:
         return None
-    if f["accuracy"] is not None:
-        return f["accuracy"]
     t = [o["top1"] for o in f["outputs"] if o["top1"] is not None]
-    if t:
-        return min(t)
-    return min(o["cosine"] for o in f["outputs"])
+    out = [] if f["accuracy"] is None else [("acc", float(f["accuracy"]))]
+    out += [("top1", float(min(t)))] if t else []
+    return out + [("cos", float(min(o["cosine"] for o in f["outputs"])))]
 
 
 def compare(row: dict[str, Any], ours: list[str], theirs: list[str]) -> str:
-    a = [(m, k) for k in ours if (m := metric(row, k)) is not None and not all_float(row, k)]
-    b = [(m, k) for k in theirs if (m := metric(row, k)) is not None]
-    if not a or not b:
+    """Best of ours against best of theirs, compared lexicographically on metric(); a config that left every
+    layer float does not count as ours."""
+    def best(keys: list[str], skip_float: bool) -> tuple[list[tuple[str, float]], str] | None:
+        found = [(m, k) for k in keys if (m := metric(row, k)) is not None
+                 and not (skip_float and all_float(row, k))]
+        return max(found, key=lambda mk: [v for _, v in mk[0]]) if found else None
+    a, b = best(ours, True), best(theirs, False)
+    if a is None or b is None:
         return "–"
-    (ma, ka), (mb, kb) = max(a), max(b)
-    tag = "≥" if ma >= mb else "**<**"
-    if len(ours) == 1 and len(theirs) == 1:
-        return f"{ma:.4f} {tag} {mb:.4f}"
-    return f"{ka} {ma:.4f} {tag} {kb} {mb:.4f}"
+    (ma, ka), (mb, kb) = a, b
+    tag = "≥" if [v for _, v in ma] >= [v for _, v in mb] else "**<**"
+    nums = " · ".join(f"{n} {x:.4f}/{y:.4f}" for (n, x), (_, y) in zip(ma, mb))
+    who = "" if len(ours) == 1 and len(theirs) == 1 else f"{ka} vs {kb}: "
+    return f"{who}{nums} → {tag}"
 
 
 def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, field: str) -> float | None:
@@ -1043,8 +1046,8 @@ def render(env: dict[str, Any], rows: list[dict[str, Any]], notes: list[str], co
         w(f"| {row['name']} | {row['kind']} ({', '.join(fid['roles'])}) | {fid['samples']} | " +
           " | ".join(cells) + " |")
     w("")
-    w("Floors per config, and ours vs theirs on one number per model (accuracy when labelled, else top-1 "
-      "agreement, else worst-output cosine):")
+    w("Floors per config, and ours vs theirs (ours/theirs: accuracy when labelled, worst top-1 agreement, worst "
+      "output cosine, compared in that order; a config that left the whole model float is not counted as ours):")
     w("")
     w("| model | " + " | ".join(cols) + " | kl vs entropy2048 | minmax vs minmax | pct vs pct | "
       "best ours vs best ort |")
