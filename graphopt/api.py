@@ -127,6 +127,26 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
         report.latency_setup = {"threads": threads, "runs": latency_runs, "warmup": 3,
                                 "optimization": "onnxruntime default graph optimizations",
                                 "feed_shapes": {k: list(np.shape(v)) for k, v in feed.items()}}
+        slower = slowdown_warning(*report.latency_ms, [s.name for s in specs])
+        if slower:
+            report.warnings.append(slower)
     if report.validation is not None and not report.validation.passed and not force:
         raise ValidationFailed(f"validation failed: {report.validation.failures[0]}", model=out, report=report)
     return out, report
+
+
+SLOWER_MARGIN = 1.10   # a 20-run median moves by a few percent between runs: flag only a clear slowdown
+
+
+def slowdown_warning(before_ms: float, after_ms: float, passes: Sequence[str]) -> str | None:
+    """A warning when the rewritten model measured clearly slower than the original on this CPU, else None.
+
+    The int8 kernels are where this happens: on a small, elementwise-heavy model (PP-OCR's MobileNetV3 angle
+    classifier, 1 ms) the quantize/dequantize steps and onnxruntime's integer convolutions cost more than the
+    float convolutions they replace, though onnxruntime fuses every unit."""
+    if after_ms <= before_ms * SLOWER_MARGIN:
+        return None
+    why = (" (int8 kernels do not pay off on this model and CPU; the model is still smaller)"
+           if "quantize" in passes else "")
+    return (f"the rewritten model runs {after_ms / before_ms:.2f}x slower than the original here "
+            f"({after_ms:.3f} vs {before_ms:.3f} ms){why}")

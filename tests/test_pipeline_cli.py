@@ -198,3 +198,16 @@ def test_large_model_saved_with_external_data(tmp_path, monkeypatch):
     loaded = gio.load_model(tmp_path / "big.onnx")
     assert {t.name for t in loaded.graph.initializer} == {t.name for t in model.graph.initializer}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("after_ms, warned", [(1.5, True), (1.05, False), (0.5, False)])
+def test_slowdown_is_warned(monkeypatch, after_ms, warned):
+    """A rewritten model measured clearly (> 10 %) slower than the original gets a warning in the report."""
+    import graphopt.api as api
+    monkeypatch.setattr(api, "measure_latency", lambda models, feed, **kw: [1.0, after_ms])
+    _, report = api.optimize(conv_model(), ["fold-bn"], latency_runs=3)
+    hits = [w for w in report.warnings if "slower than the original" in w]
+    assert bool(hits) == warned
+    if warned:
+        assert "1.50x slower" in hits[0] and "int8" not in hits[0]
+        assert "int8 kernels" in (api.slowdown_warning(1.0, 2.0, ["fold-bn", "quantize"]) or "")
