@@ -71,6 +71,9 @@ class OptionSpec:
         base = _strip_optional(self.type)
         if self.choices is not None:
             name = "|".join(str(c) for c in self.choices)
+        elif _is_union(base):   # e.g. int | Literal["auto"]
+            name = "|".join("|".join(map(str, typing.get_args(a))) if typing.get_origin(a) is Literal
+                            else a.__name__ for a in typing.get_args(base))
         elif self.is_list:
             name = "list of " + typing.get_args(base)[0].__name__ + " (repeat the key)"
         else:
@@ -98,6 +101,15 @@ class OptionSpec:
             raise UsageError(f"{e}; expected {self.type_name()}") from None
 
     def _scalar(self, typ: Any, raw: Any, where: str) -> Any:
+        if _is_union(typ):      # the first member that takes the value
+            error: UsageError | None = None
+            for member in typing.get_args(typ):
+                try:
+                    return self._scalar(member, raw, where)
+                except UsageError as e:
+                    error = error or e
+            assert error is not None
+            raise error
         if typing.get_origin(typ) is Literal:
             choices = typing.get_args(typ)
             for c in choices:
@@ -149,8 +161,12 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
+def _is_union(typ: Any) -> bool:
+    return typing.get_origin(typ) in (typing.Union, types.UnionType)
+
+
 def _is_optional(typ: Any) -> bool:
-    return typing.get_origin(typ) in (typing.Union, types.UnionType) and type(None) in typing.get_args(typ)
+    return _is_union(typ) and type(None) in typing.get_args(typ)
 
 
 def _strip_optional(typ: Any) -> Any:

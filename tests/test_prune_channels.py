@@ -417,6 +417,30 @@ def test_round_to_min_channels_and_layer_ratios():
     onnx.checker.check_model(out, full_check=True)
 
 
+@pytest.mark.parametrize("isa, block", [(["AVX2", "AVX-512"], 16), (["AVX2"], 8), ([], 8)])
+def test_round_to_auto_is_this_cpus_convolution_block(monkeypatch, isa, block):
+    import passes.prune_channels as pc
+    monkeypatch.setattr(pc, "cpu_info", lambda: {"model": "test", "isa": isa, "cores": 2})
+    inits = {"w1": conv_w(32, 3, seed=1), "w2": conv_w(4, 32, seed=2)}
+    model = make_model([node("Conv", ["x", "w1"], ["c1"], name="a"), node("Relu", ["c1"], ["r1"]),
+                        node("Conv", ["r1", "w2"], ["y"], name="head")], [("x", [1, 3, 8, 8])], ["y"], inits)
+    spec = parse_pass_arg("prune-channels:ratio=0.3")          # the default: round-to=auto
+    assert spec.build().options.round_to == "auto"
+    out, _ = graphopt.optimize(model, [spec], latency_runs=0)
+    assert weight_of(out, "a").shape[0] == {16: 16, 8: 24}[block]   # 32 keeps 23 -> nearest multiple of the block
+
+
+@pytest.mark.parametrize("text, value", [("round-to=auto", "auto"), ("round-to=12", 12), ("round-to=AUTO", "auto")])
+def test_round_to_option_parses(text, value):
+    assert parse_pass_arg(f"prune-channels:{text}").build().options.round_to == value
+
+
+@pytest.mark.parametrize("text, message", [("round-to=0", "out of range"), ("round-to=x", "not an integer")])
+def test_round_to_option_rejects(text, message):
+    with pytest.raises(UsageError, match=message + r".*expected int\|auto"):
+        parse_pass_arg(f"prune-channels:{text}").build()
+
+
 def test_layers_option_syntax():
     spec = parse_pass_arg("prune-channels:ratio=0.3,layers=/stem/Conv:0.5,layers=a:b:0.1,scope=global")
     assert spec.options.layers == ("/stem/Conv:0.5", "a:b:0.1") and spec.options.scope == "global"
