@@ -14,11 +14,12 @@ What gets quantized (each choice is what onnxruntime's QDQ fusions need to produ
 Activations: per tensor, uint8 asymmetric by default; ranges from calibration (``calibration/``): minmax, kl
 (Migacz 2017) or percentile over one streamed histogram per tensor.
 
-Never ship a broken model: after quantizing, the output cosine against the float model is measured on calibration
-data; below ``min-cosine`` each quantized activation tensor's sensitivity (output cosine with only that tensor
-quantized, on 1 to 8 samples as a time budget allows) is measured and the most harmful tensors are left float, fewest first (binary search over the
-sensitivity order), until the target holds. A unit whose input stays float runs float (its weights too). The
-report lists the tensors with their sensitivity and the layers that run float.
+Never ship a broken model: after quantizing, the output cosine and, for class-score outputs ([N, C]), the top-1
+agreement against the float model are measured on calibration data; below ``min-cosine`` or ``min-top1`` each
+quantized activation tensor's sensitivity (outputs with only that tensor quantized, on 1 to 8 samples as a time
+budget allows) is measured and the most harmful tensors (top-1 flips first, then cosine lost) are left float,
+fewest first (binary search over the sensitivity order), until both targets hold. A unit whose input stays float
+runs float (its weights too). The report lists the tensors with their sensitivity and the layers that run float.
 Before planning, Constant-node weights become initializers and BatchNormalization / per-channel Mul/Add after a Conv
 are folded into it (both exact, as the fold-constants and fold-bn passes do).
 Declined: models already quantized (QDQ, QLinear*, *Integer ops); opset < 10 that cannot be converted.
@@ -44,7 +45,7 @@ from calibration.readers import Batch
 from graphopt.errors import UsageError
 from graphopt.pipeline import Pass, PassContext, PassResult, export, import_graph, option, register, replace_graph
 from graphopt.report import cpu_info
-from graphopt.validate import Thresholds, make_session, validate
+from graphopt.validate import Thresholds, looks_like_scores, make_session, validate
 from passes.fold_bn import FoldBatchNorm
 from passes.fold_constants import lower_constant_nodes
 
@@ -66,6 +67,8 @@ OWN_SCALE = {"AveragePool", "GlobalAveragePool"}
 FALLBACK_SAMPLES = 64
 SENSITIVITY_SAMPLES = 8
 SENSITIVITY_BUDGET_S = 30.0
+SEARCH_BUDGET_S = 15.0      # for the binary search over how many tensors stay float
+MAX_NOTES = 12              # "left float" lines in the printed report; --report has them all
 INT32_BIAS_LIMIT = 2.0**30  # headroom below 2**31 for the accumulator the bias is added to
 BOUNDED = {"Softmax", "Sigmoid", "HardSigmoid", "Tanh"}
 
@@ -128,6 +131,8 @@ class Quantize(Pass):
         samples: int | None = option(None, "use at most this many calibration samples", lo=1)
         min_cosine: float = option(0.98, "fallback target: output cosine vs float on calibration data (0: off)",
                                    lo=0, hi=1)
+        min_top1: float = option(0.95, "fallback target: top-1 agreement with float of class-score outputs "
+                                 "([N, C]) on calibration data (0: off)", lo=0, hi=1)
 
         def __post_init__(self) -> None:
             if self.bins & (self.bins - 1):
@@ -174,9 +179,9 @@ class Quantize(Pass):
                            activations=o.activations)
         floated: dict[str, str] = {}
         model = builder.build(set())
-        if o.min_cosine > 0 and ctx.calib is not None:
+        if (o.min_cosine > 0 or o.min_top1 > 0) and ctx.calib is not None:
             model, floated = self._fallback(builder, float_model, model, ctx, res)
-        elif o.min_cosine > 0:
+        elif o.min_cosine > 0 or o.min_top1 > 0:
             res.notes.append("sensitivity fallback skipped: no calibration data to measure it on")
         replace_graph(graph, import_graph(model))
         res.changed = True
@@ -194,11 +199,16 @@ class Quantize(Pass):
         res.counts["tensors quantized"] = len(builder.last_tensors)
         res.notes.append(f"method={o.method}, activations={o.activations}, reduce-range={'on' if reduce else 'off'}"
                          f", weights {'per-channel' if per_channel else 'per-tensor'}")
-        for name, why in floated.items():
+        for name, why in list(floated.items())[:MAX_NOTES]:
             res.notes.append(f"left float: tensor '{name}': {why}")
-        for row in res.layers:
-            if row["status"] != "int8":
-                res.notes.append(f"layer {row['layer']} ({row['op']}) runs float: {row['status'][7:]}")
+        if len(floated) > MAX_NOTES:
+            res.notes.append(f"left float: {len(floated) - MAX_NOTES} more tensors (--report lists them all)")
+            res.artifacts["tensors left float"] = floated
+        slow = [row for row in res.layers if row["status"] != "int8"]
+        for row in slow[:MAX_NOTES]:
+            res.notes.append(f"layer {row['layer']} ({row['op']}) runs float: {row['status'][7:]}")
+        if len(slow) > MAX_NOTES:
+            res.notes.append(f"{len(slow) - MAX_NOTES} more layers run float (--report lists every layer)")
         res.artifacts["calibration"] = {"method": o.method, "ranges": {k: list(v) for k, v in ranges.items()}}
         return res
 
@@ -315,22 +325,33 @@ class Quantize(Pass):
 
     def _fallback(self, builder: "_Builder", float_model: onnx.ModelProto, model: onnx.ModelProto,
                   ctx: PassContext, res: PassResult) -> tuple[onnx.ModelProto, dict[str, str]]:
-        """Leave the most harmful activation tensors float until the output cosine reaches the target.
+        """Leave the most harmful activation tensors float until the targets hold: the worst output cosine reaches
+        ``min-cosine`` and the worst top-1 agreement of class-score outputs ([N, C]) reaches ``min-top1``.
 
         The search runs on one switchable model (a boolean input per quantized tensor), so each candidate costs a
         run, not a model build and session; the sensitivity sweep uses as many samples (1 to 8) as fit a time
         budget. The chosen model is then built for real and checked on up to 64 samples.
         """
         batches = _take(ctx.calib, FALLBACK_SAMPLES)
-        target = self.options.min_cosine
+        o = self.options
 
-        def cosine(m: onnx.ModelProto) -> float:
+        def meets(q: tuple[float, float]) -> bool:
+            return q[0] >= o.min_cosine and q[1] >= o.min_top1
+
+        def quality(m: onnx.ModelProto) -> tuple[float, float]:
+            """(worst output cosine, worst top-1 agreement) against float on the fallback samples."""
             v = validate(float_model, m, batches, exact=False, thresholds=Thresholds())
-            return min((o.cosine for o in v.outputs if o.cosine is not None), default=1.0)
+            return (min((s.cosine for s in v.outputs if s.cosine is not None), default=1.0),
+                    min((s.top1 for s in v.outputs if s.top1 is not None), default=1.0))
 
-        full = cosine(model)
-        res.counts["output cosine (calibration)"] = round(full, 6)
-        if full >= target:
+        def said(q: tuple[float, float]) -> str:
+            return f"cosine {q[0]:.4f}" + (f", top-1 {q[1]:.3f}" if q[1] < 1.0 else "")
+
+        full = quality(model)
+        res.counts["output cosine (calibration)"] = round(full[0], 6)
+        if full[1] < 1.0:
+            res.counts["top-1 agreement (calibration)"] = round(full[1], 4)
+        if meets(full):
             return model, {}
         sites = list(builder.last_tensors)
         switched = builder.build(set(), switchable=True)
@@ -340,68 +361,82 @@ class Quantize(Pass):
 
         ref_cache: dict[int, list[Any]] = {}
 
-        def cos_switched(quantized: set[str], feeds: list[Batch]) -> float:
-            """Min output cosine over outputs, float model (outputs cached per feed) vs the switched model."""
+        def q_switched(quantized: set[str], feeds: list[Batch]) -> tuple[float, float]:
+            """(min output cosine, min top-1 agreement of score outputs), float model (outputs cached per feed) vs
+            the switched model."""
             flags = {name: np.array(t in quantized) for t, name in switches.items()}
             dots: dict[int, list[float]] = {}
+            agree: dict[int, list[int]] = {}
             for b in feeds:
                 if id(b) not in ref_cache:
                     ref_cache[id(b)] = ref.run(None, b.feed)
                 outs = sess.run(None, {**b.feed, **flags})
-                for i, (r, o) in enumerate(zip(ref_cache[id(b)], outs)):
+                for i, (r, out) in enumerate(zip(ref_cache[id(b)], outs)):
                     if isinstance(r, np.ndarray) and r.dtype.kind == "f":
-                        r64, o64 = r.astype(np.float64).ravel(), o.astype(np.float64).ravel()
+                        r64, o64 = r.astype(np.float64).ravel(), out.astype(np.float64).ravel()
                         acc = dots.setdefault(i, [0.0, 0.0, 0.0])
                         acc[0] += float(r64 @ o64)
                         acc[1] += float(r64 @ r64)
                         acc[2] += float(o64 @ o64)
+                        if looks_like_scores(r) and np.isfinite(r).all():
+                            a = agree.setdefault(i, [0, 0])
+                            a[0] += int(np.count_nonzero(r.argmax(1) == out.argmax(1)))
+                            a[1] += r.shape[0]
             cosines = [d / np.sqrt(a * b) if a > 0 and b > 0 else float(a == b) for d, a, b in dots.values()]
-            return float(min(cosines, default=1.0))
+            return (float(min(cosines, default=1.0)), min((a / n for a, n in agree.values() if n), default=1.0))
 
         one = _take(batches, 1)[:1]
         one = [Batch({k: v[:1] for k, v in one[0].feed.items()}, None)] if one else one
-        cos_switched(set(sites), one)  # fills the reference cache; the second run is the one timed
+        q_switched(set(sites), one)  # fills the reference cache; the second run is the one timed
         t0 = time.perf_counter()
-        cos_switched(set(sites), one)
+        q_switched(set(sites), one)
         per_sample = max(time.perf_counter() - t0, 1e-4)
         n = int(min(SENSITIVITY_SAMPLES, max(1, SENSITIVITY_BUDGET_S / (per_sample * len(sites)))))
         few = _rows(batches, n)
+        # The search itself takes few steps, so it can afford more samples than the per-tensor sweep: top-1 flips
+        # are rare events that 8 samples seldom show.
+        steps = math.ceil(math.log2(max(len(sites), 2))) + 1
+        search = _rows(batches, int(min(FALLBACK_SAMPLES, max(n, SEARCH_BUDGET_S / (per_sample * steps)))))
         # Measured from the output backwards until the time budget runs out; unmeasured tensors count as harmless.
-        sens: dict[str, float] = {}
+        sens: dict[str, tuple[float, float]] = {}
         deadline = time.perf_counter() + SENSITIVITY_BUDGET_S
         for t in reversed(sites):
             if time.perf_counter() > deadline:
                 break
-            sens[t] = cos_switched({t}, few)
+            sens[t] = q_switched({t}, few)
         if len(sens) < len(sites):
             res.notes.append(f"sensitivity measured for {len(sens)} of {len(sites)} tensors (time budget "
                              f"{SENSITIVITY_BUDGET_S:.0f} s), from the outputs backwards")
         for t in sites:
-            sens.setdefault(t, 1.0)
-        order = sorted(sites, key=lambda t: sens[t])
-        # Smallest k such that leaving the k most harmful tensors float reaches the target (binary search on the
+            sens.setdefault(t, (1.0, 1.0))
+        order = sorted(sites, key=lambda t: (sens[t][1], sens[t][0]))   # flips first, then the cosine lost
+        # Smallest k such that leaving the k most harmful tensors float meets the targets (binary search on the
         # switchable model), then confirmed on the real model; if the check disagrees, keep adding tensors.
         lo, hi = 1, len(order)
         while lo < hi:
             k = (lo + hi) // 2
-            if cos_switched(set(order[k:]), few) >= target:
+            if meets(q_switched(set(order[k:]), search)):
                 hi = k
             else:
                 lo = k + 1
         k = lo
         while True:
             model = builder.build(set(order[:k]))
-            c = cosine(model)
-            if c >= target or k >= len(order):
+            q = quality(model)
+            if meets(q) or k >= len(order):
                 break
             k = min(len(order), max(k + 1, int(k * 1.5)))
-        if c < target:
-            res.notes.append(f"fallback: no subset reached cosine {target}; model left float")
-        res.counts["output cosine (calibration)"] = round(c, 6)
+        if k >= len(order):
+            res.notes.append(f"fallback: min-cosine {o.min_cosine} and min-top1 {o.min_top1} hold only with every "
+                             f"tensor float, so nothing runs int8; lower them to accept int8 error")
+        res.counts["output cosine (calibration)"] = round(q[0], 6)
+        if q[1] < 1.0 or full[1] < 1.0:
+            res.counts["top-1 agreement (calibration)"] = round(q[1], 4)
         res.counts["tensors left float"] = k
-        res.notes.append(f"sensitivity measured on {sum(_batch_rows(b) for b in few)} sample(s) per tensor")
-        return model, {t: f"quantizing it alone gives output cosine {sens[t]:.4f} (all int8: {full:.4f} < "
-                          f"min-cosine {target})" for t in order[:k]}
+        res.notes.append(f"sensitivity measured on {sum(_batch_rows(b) for b in few)} sample(s) per tensor, "
+                         f"search on {sum(_batch_rows(b) for b in search)}")
+        return model, {t: f"quantizing it alone gives {said(sens[t])} (all int8: {said(full)}; targets "
+                          f"min-cosine {o.min_cosine}, min-top1 {o.min_top1})" for t in order[:k]}
 
 
 def _infer_types(graph: gs.Graph, ctx: PassContext) -> None:

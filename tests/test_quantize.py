@@ -176,11 +176,30 @@ def fragile_mlp() -> onnx.ModelProto:
                   ["N", 10])
 
 
+def test_fallback_restores_top1_that_cosine_does_not_see():
+    """Logits riding on a large common offset: quantization flips the class while the output cosine stays ~1, so
+    only the top-1 target (min-top1, default 0.95) makes the fallback act."""
+    m = fragile_mlp()
+    bias = numpy_helper.from_array(np.full(10, 300.0, np.float32), "b2")
+    m.graph.initializer.append(bias)
+    fc2 = next(n for n in m.graph.node if n.name == "fc2")
+    fc2.input.append("b2")
+    rng = np.random.default_rng(3)
+    data = [{"x": np.abs(rng.standard_normal((16, 16))).astype(np.float32)} for _ in range(4)]
+    _, broken = graphopt.optimize(m, ["quantize:method=minmax,min-cosine=0,min-top1=0"], calib_data=data,
+                                  latency_runs=0)
+    assert broken.validation.outputs[0].cosine > 0.99 and broken.validation.outputs[0].top1 < 0.9
+    _, rep = graphopt.optimize(m, ["quantize:method=minmax,min-cosine=0"], calib_data=data, latency_runs=0)
+    assert rep.validation.outputs[0].top1 >= 0.95
+    assert rep.passes[0]["counts"]["top-1 agreement (calibration)"] >= 0.95
+    assert "left float: tensor 'h'" in " ".join(rep.passes[0]["notes"])
+
+
 def test_fallback_rescues_fragile_model():
     rng = np.random.default_rng(3)
     data = [{"x": np.abs(rng.standard_normal((16, 16))).astype(np.float32)} for _ in range(4)]
-    _, broken = graphopt.optimize(fragile_mlp(), ["quantize:method=minmax,min-cosine=0"], calib_data=data,
-                                  latency_runs=0)
+    _, broken = graphopt.optimize(fragile_mlp(), ["quantize:method=minmax,min-cosine=0,min-top1=0"],
+                                  calib_data=data, latency_runs=0)
     assert broken.validation.outputs[0].cosine < 0.98
     out, rep = graphopt.optimize(fragile_mlp(), ["quantize:method=minmax"], calib_data=data, latency_runs=0)
     assert rep.validation.outputs[0].cosine >= 0.98
@@ -247,3 +266,11 @@ def test_bias_of_a_near_zero_channel_fits_int32():
     y = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(y[:, 2].ravel(), 3.0, atol=0.05)
     assert rep.validation.outputs[0].cosine > 0.999
+
+
+def test_fallback_that_needs_every_tensor_float_says_so():
+    rng = np.random.default_rng(3)
+    data = [{"x": np.abs(rng.standard_normal((16, 16))).astype(np.float32)} for _ in range(4)]
+    out, rep = graphopt.optimize(fragile_mlp(), ["quantize:min-cosine=1"], calib_data=data, latency_runs=0)
+    assert "QuantizeLinear" not in ops(out) and rep.passes[0]["counts"]["units int8"] == 0
+    assert any("nothing runs int8" in n for n in rep.passes[0]["notes"])
