@@ -65,6 +65,15 @@ def test_histogram_ignores_nonfinite_and_memory_is_fixed():
     assert obs.hist.nbytes == size
 
 
+def test_histogram_of_subnormal_values():
+    """Found by hypothesis: A = 2^-145 for x = 2.1e-44 made bins/A overflow float32 (inf * 0 = NaN bin index)."""
+    obs = HistogramObserver(128)
+    obs.update(np.array([2.1e-44, 0.0], np.float32))
+    obs.update(np.array([-1e-40, 3e-45], np.float32))
+    assert obs.hist.sum() == 4 and obs.extent == 2.0 ** -64 and obs.exact_zeros == 1
+    assert compute_range(obs, "percentile", 99.0)[1] > 0
+
+
 def _smooth(p, eps=1e-4):
     zeros, nonzeros = p == 0, p != 0
     return p + eps * zeros - eps * zeros.sum() / max(nonzeros.sum(), 1) * nonzeros
