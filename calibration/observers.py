@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+CHUNK = 1 << 20           # values binned at a time
 MIN_EXTENT = 2.0 ** -64   # the smallest A: bins / A must not overflow float32 (2^128) for any bin count in use
 
 
@@ -29,11 +30,16 @@ class MinMaxObserver:
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x)
-        finite = x[np.isfinite(x)] if x.dtype.kind == "f" else x
-        if finite.size:
-            self.lo = min(self.lo, float(finite.min()))
-            self.hi = max(self.hi, float(finite.max()))
-            self.count += int(finite.size)
+        if not x.size:
+            return
+        lo, hi = float(x.min()), float(x.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):   # NaN/Inf present: only then copy the finite values
+            x = x[np.isfinite(x)]
+            if not x.size:
+                return
+            lo, hi = float(x.min()), float(x.max())
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        self.count += int(x.size)
 
     def range(self) -> tuple[float, float]:
         if self.count == 0:
@@ -66,18 +72,29 @@ class HistogramObserver(MinMaxObserver):
             lo, hi = float(x.min()), float(x.max())
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         self.count += int(x.size)
-        self.exact_zeros += int(np.count_nonzero(x == 0))
         amax = max(-lo, hi)
         if amax >= self.extent and amax > 0:
             self._grow(amax)
-        if self.extent == 0.0:
-            self.zeros_only += int(x.size)
+        if amax == 0.0:                         # every value is exactly zero: the first bin above zero
+            self.exact_zeros += int(x.size)
+            if self.extent == 0.0:
+                self.zeros_only += int(x.size)
+            else:
+                self.hist[self.bins] += int(x.size)
             return
         # bins / extent is a power of two, so x * (bins / extent) is exact in float32 and floor() bins it exactly.
-        idx = np.floor(x * x.dtype.type(self.bins / self.extent))
-        idx += self.bins
-        np.clip(idx, 0, 2 * self.bins - 1, out=idx)
-        self.hist += np.bincount(idx.astype(np.intp), minlength=2 * self.bins)
+        # In chunks, so the temporaries (float and index copies) stay small however large the tensor is.
+        scale = x.dtype.type(self.bins / self.extent)
+        buf = np.empty(min(x.size, CHUNK), x.dtype)
+        for start in range(0, x.size, CHUNK):
+            part = x[start:start + CHUNK]
+            self.exact_zeros += int(part.size - np.count_nonzero(part))
+            idx = buf[:part.size]
+            np.multiply(part, scale, out=idx)
+            np.floor(idx, out=idx)
+            idx += self.bins
+            np.clip(idx, 0, 2 * self.bins - 1, out=idx)
+            self.hist += np.bincount(idx.astype(np.intp), minlength=2 * self.bins)
 
     def _grow(self, amax: float) -> None:
         # The smallest power of two strictly above amax (frexp is exact: amax = m·2^e with 0.5 <= m < 1), so no

@@ -44,6 +44,24 @@ def test_histogram_streamed_equals_one_shot(x, pieces, bins):
     np.testing.assert_array_equal(one.hist, streamed.hist)
     assert one.range() == streamed.range()
     assert one.hist.sum() + one.zeros_only == x.size
+    assert one.exact_zeros == streamed.exact_zeros == int(np.count_nonzero(x == 0))
+
+
+@given(arrays(np.float32, st.integers(1, 300), elements=st.floats(-50, 50, width=32)), st.integers(1, 40))
+@settings(max_examples=40, deadline=None)
+def test_histogram_in_chunks_equals_whole(x, chunk):
+    """Binning in chunks (bounded temporaries) gives the same histogram as binning everything at once."""
+    import calibration.observers as obs_mod
+    whole = HistogramObserver(256)
+    whole.update(x)
+    saved, obs_mod.CHUNK = obs_mod.CHUNK, chunk
+    try:
+        chunked = HistogramObserver(256)
+        chunked.update(x)
+    finally:
+        obs_mod.CHUNK = saved
+    np.testing.assert_array_equal(whole.hist, chunked.hist)
+    assert whole.exact_zeros == chunked.exact_zeros
 
 
 @given(arrays(np.float32, st.integers(1, 200), elements=finite), st.integers(1, 6))
