@@ -7,9 +7,10 @@
   candidate threshold bin i in [Q, B] (Q = quantized levels): P = h[:i] with the outliers sum(h[i:]) folded into
   P[i-1]; Q-distribution = h[:i] merged into Q equal groups of i // Q bins (the last takes the remainder), each
   group's mass spread evenly over its bins where P is non-zero; both smoothed on counts (zeros get eps, taken from the
-  non-zeros) and normalised; T = upper edge of the bin i minimising KL(P || Q). All candidates are evaluated at once with numpy
-  (cumulative sums give every group's mass and non-empty count; candidates are processed in blocks to bound
-  memory), instead of onnxruntime's Python loop over 2048 × 128.
+  non-zeros) and normalised; T = upper edge of the bin i minimising KL(P || Q). All candidates are evaluated at once
+  with numpy, in blocks of equal group width m = i // Q (cumulative sums give every group's mass and non-empty
+  count; smoothing keeps both sums, so P's zero bins add a closed-form term and only its non-zero bins are summed),
+  instead of onnxruntime's Python loop over 2048 × 128.
 For both histogram methods, the range is the observed [min, max] clipped to [-T, T]. Non-negative tensors
 (post-ReLU) have the whole unsigned level count over [0, T]: Q = 256 for 8 bits instead of 128.
 """
@@ -21,7 +22,6 @@ import numpy as np
 from .observers import HistogramObserver, MinMaxObserver
 
 EPS = 1e-4
-BLOCK = 128
 
 
 def minmax_range(obs: MinMaxObserver) -> tuple[float, float]:
@@ -68,69 +68,68 @@ def kl_range(obs: HistogramObserver, bits: int = 8) -> tuple[float, float]:
 
 
 def kl_threshold_bin(hist: np.ndarray, levels: int) -> int:
-    """The candidate i (threshold at the upper edge of bin i-1) minimising KL(P || Q); see the module docstring."""
+    """The candidate i (threshold at the upper edge of bin i-1) minimising KL(P || Q); see the module docstring.
+
+    Candidates are evaluated together, in blocks sharing m = i // levels: within a block every group but the last
+    has the same bins, so group masses and non-empty counts are computed once per block, not per bin."""
     h = np.asarray(hist, dtype=np.float64)
     nbins = len(h)
     if nbins <= levels:
         return nbins
     cs = np.concatenate([[0.0], np.cumsum(h)])
     nz = np.concatenate([[0], np.cumsum(h > 0)])
-    total = cs[-1]
     best_i, best_kl = levels, np.inf
-    candidates = np.arange(levels, nbins + 1)
-    for start in range(0, len(candidates), BLOCK):
-        cand = candidates[start:start + BLOCK]
-        kl = _kl_block(h, cs, nz, total, cand, levels, int(cand[-1]))
+    for m in range(1, nbins // levels + 1):
+        cand = np.arange(m * levels, min((m + 1) * levels, nbins + 1))
+        kl = _kl_block(h, cs, nz, cand, levels, m)
         j = int(np.argmin(kl))  # first minimum, as the reference's argmin over ascending candidates
         if kl[j] < best_kl:
             best_kl, best_i = float(kl[j]), int(cand[j])
     return best_i
 
 
-def _kl_block(h: np.ndarray, cs: np.ndarray, nz: np.ndarray, total: float, cand: np.ndarray, levels: int,
-              width: int) -> np.ndarray:
-    n = len(cand)
+def _kl_block(h: np.ndarray, cs: np.ndarray, nz: np.ndarray, cand: np.ndarray, levels: int, m: int) -> np.ndarray:
+    """KL(P || Q) of the candidates ``cand``, all with i // levels == m.
+
+    Smoothing moves EPS onto each zero bin and takes it evenly from the non-zero bins, so it keeps each sum (S_P =
+    the total, S_Q = the mass of h[:i]) unless everything is zero; then both have the same zero bins (Q is zero
+    where P is) except where a group has no mass under a non-zero P bin. The zero bins of P each add
+    (EPS/S_P)·log(S_Q/S_P), so only P's non-zero bins are summed bin by bin."""
+    total = cs[-1]
+    n, width = len(cand), int(cand[-1])
     rows = np.arange(n)
-    k = np.arange(width)[None, :]                       # bin index, (1, W)
-    i = cand[:, None]                                   # candidate, (n, 1)
-    inside = k < i                                      # bins kept by candidate i
-    hk = np.broadcast_to(h[:width][None, :], (n, width))
-    # P: kept bins, outliers folded into the last kept bin.
+    k = np.arange(width)
+    inside = k[None, :] < cand[:, None]
+    hk = h[:width]
     outliers = total - cs[cand]
-    p = np.where(inside, hk, 0.0)
+    p = np.where(inside, hk[None, :], 0.0)
     p[rows, cand - 1] += outliers
-    p_nonzero = inside & (p > 0)
-    # Q: group g of candidate i spans [g·m, (g+1)·m), m = i // levels; the last group ends at i. Each group's mass
-    # (of h, without outliers) is spread over the bins where P is non-zero.
-    m = (cand // levels)[:, None]
+    pnz = p > 0
+    # Q per group: groups 0..levels-2 span [g·m, (g+1)·m) for every candidate here; the last ends at i.
     g = np.minimum(k // m, levels - 1)
-    g_start = np.minimum(g * m, i)
-    g_end = np.minimum(np.where(g == levels - 1, i, g * m + m), i)
-    mass = cs[g_end] - cs[g_start]
-    count = (nz[g_end] - nz[g_start]).astype(np.float64)
-    # bin i-1 is non-zero in P when outliers landed in an empty bin: it belongs to the last group
-    extra = ((h[cand - 1] == 0) & (outliers > 0)).astype(np.float64)[:, None]
-    count = count + np.where(g == levels - 1, extra, 0.0)
-    q = np.where(p_nonzero, mass / np.maximum(count, 1.0), 0.0)
-    p = _smooth(p, inside)
-    q = _smooth(q, inside)
-    p = p / p.sum(1, keepdims=True)
-    q = q / q.sum(1, keepdims=True)
+    edges = np.arange(levels) * m
+    mass = np.broadcast_to(np.append(cs[edges[1:]] - cs[edges[:-1]], 0.0), (n, levels)).copy()
+    count = np.broadcast_to(np.append(nz[edges[1:]] - nz[edges[:-1]], 0), (n, levels)).astype(np.float64)
+    mass[:, -1] = cs[cand] - cs[edges[-1]]
+    # bin i-1 is non-zero in P when outliers landed in an empty bin: it counts in the last group
+    count[:, -1] = nz[cand] - nz[edges[-1]] + ((h[cand - 1] == 0) & (outliers > 0))
+    q = np.where(pnz, (mass / np.maximum(count, 1.0))[:, g], 0.0)
+    qnz = q > 0
+    n_in = cand.astype(np.float64)
+    n_p = pnz.sum(1).astype(np.float64)
+    n_q = qnz.sum(1).astype(np.float64)
+    e_p = EPS * (n_in - n_p) / np.maximum(n_p, 1.0)
+    e_q = EPS * (n_in - n_q) / np.maximum(n_q, 1.0)
+    s_p = np.where(n_p > 0, p.sum(1), n_in * EPS)
+    s_q = np.where(n_q > 0, q.sum(1), n_in * EPS)
+    a = np.where(pnz, (p - e_p[:, None]) / s_p[:, None], 0.0)
+    b = np.where(qnz, (q - e_q[:, None]) / s_q[:, None], (EPS / s_q)[:, None])
     with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(inside & (p > 0), p * np.log(p / q), 0.0)
-    kl = terms.sum(1)
+        terms = np.where(a > 0, a * np.log(a / b), 0.0)
+        zero_bins = (n_in - n_p) * (EPS / s_p) * np.log(s_q / s_p)
+    kl = terms.sum(1) + zero_bins
     kl[~np.isfinite(kl)] = np.inf
     return kl
-
-
-def _smooth(p: np.ndarray, inside: np.ndarray) -> np.ndarray:
-    """Give zero bins (within each candidate's length) eps, taken evenly from the non-zero bins (on counts)."""
-    zeros = inside & (p == 0)
-    nonzeros = inside & (p != 0)
-    n_zero = zeros.sum(1, keepdims=True)
-    n_nonzero = nonzeros.sum(1, keepdims=True)
-    eps1 = EPS * n_zero / np.maximum(n_nonzero, 1)
-    return p + EPS * zeros - eps1 * nonzeros
 
 
 def compute_range(obs: MinMaxObserver, method: str, percentile: float = 99.999, bits: int = 8

@@ -14,8 +14,8 @@ What gets quantized (each choice is what onnxruntime's QDQ fusions need to produ
 Activations: per tensor, uint8 asymmetric by default; ranges from calibration (``calibration/``): minmax, kl
 (Migacz 2017) or percentile over one streamed histogram per tensor.
 
-Never ship a broken model: after quantizing, the output cosine and, for class-score outputs ([N, C]), the top-1
-agreement against the float model are measured on calibration data; below ``min-cosine`` or ``min-top1`` each
+Never ship a broken model: after quantizing, the output cosine and, for class-score outputs ([N, C] made by
+Softmax or LogSoftmax), the top-1 agreement against the float model are measured on calibration data; below ``min-cosine`` or ``min-top1`` each
 quantized activation tensor's sensitivity (outputs with only that tensor quantized, on 1 to 8 samples as a time
 budget allows) is measured and the most harmful tensors (top-1 flips first, then cosine lost) are left float,
 fewest first (binary search over the sensitivity order), until both targets hold. A unit whose input stays float
@@ -71,6 +71,7 @@ SEARCH_BUDGET_S = 15.0      # for the binary search over how many tensors stay f
 MAX_NOTES = 12              # "left float" lines in the printed report; --report has them all
 INT32_BIAS_LIMIT = 2.0**30  # headroom below 2**31 for the accumulator the bias is added to
 BOUNDED = {"Softmax", "Sigmoid", "HardSigmoid", "Tanh"}
+RESHAPING = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 
 
 @dataclass
@@ -132,7 +133,7 @@ class Quantize(Pass):
         min_cosine: float = option(0.98, "fallback target: output cosine vs float on calibration data (0: off)",
                                    lo=0, hi=1)
         min_top1: float = option(0.95, "fallback target: top-1 agreement with float of class-score outputs "
-                                 "([N, C]) on calibration data (0: off)", lo=0, hi=1)
+                                 "([N, C] from Softmax/LogSoftmax) on calibration data (0: off)", lo=0, hi=1)
 
         def __post_init__(self) -> None:
             if self.bins & (self.bins - 1):
@@ -326,7 +327,8 @@ class Quantize(Pass):
     def _fallback(self, builder: "_Builder", float_model: onnx.ModelProto, model: onnx.ModelProto,
                   ctx: PassContext, res: PassResult) -> tuple[onnx.ModelProto, dict[str, str]]:
         """Leave the most harmful activation tensors float until the targets hold: the worst output cosine reaches
-        ``min-cosine`` and the worst top-1 agreement of class-score outputs ([N, C]) reaches ``min-top1``.
+        ``min-cosine`` and the worst top-1 agreement of class-score outputs (``class_score_outputs``) reaches
+        ``min-top1``.
 
         The search runs on one switchable model (a boolean input per quantized tensor), so each candidate costs a
         run, not a model build and session; the sensitivity sweep uses as many samples (1 to 8) as fit a time
@@ -334,15 +336,18 @@ class Quantize(Pass):
         """
         batches = _take(ctx.calib, FALLBACK_SAMPLES)
         o = self.options
+        scores = class_score_outputs(float_model)
 
         def meets(q: tuple[float, float]) -> bool:
             return q[0] >= o.min_cosine and q[1] >= o.min_top1
 
         def quality(m: onnx.ModelProto) -> tuple[float, float]:
-            """(worst output cosine, worst top-1 agreement) against float on the fallback samples."""
+            """(worst output cosine, worst top-1 agreement of class-score outputs) against float on the fallback
+            samples."""
             v = validate(float_model, m, batches, exact=False, thresholds=Thresholds())
             return (min((s.cosine for s in v.outputs if s.cosine is not None), default=1.0),
-                    min((s.top1 for s in v.outputs if s.top1 is not None), default=1.0))
+                    min((s.top1 for i, s in enumerate(v.outputs) if s.top1 is not None and i in scores),
+                        default=1.0))
 
         def said(q: tuple[float, float]) -> str:
             return f"cosine {q[0]:.4f}" + (f", top-1 {q[1]:.3f}" if q[1] < 1.0 else "")
@@ -378,7 +383,7 @@ class Quantize(Pass):
                         acc[0] += float(r64 @ o64)
                         acc[1] += float(r64 @ r64)
                         acc[2] += float(o64 @ o64)
-                        if looks_like_scores(r) and np.isfinite(r).all():
+                        if i in scores and looks_like_scores(r) and np.isfinite(r).all():
                             a = agree.setdefault(i, [0, 0])
                             a[0] += int(np.count_nonzero(r.argmax(1) == out.argmax(1)))
                             a[1] += r.shape[0]
@@ -437,6 +442,21 @@ class Quantize(Pass):
                          f"search on {sum(_batch_rows(b) for b in search)}")
         return model, {t: f"quantizing it alone gives {said(sens[t])} (all int8: {said(full)}; targets "
                           f"min-cosine {o.min_cosine}, min-top1 {o.min_top1})" for t in order[:k]}
+
+
+def class_score_outputs(model: onnx.ModelProto) -> set[int]:
+    """Indices of the graph outputs that are class scores: made by Softmax or LogSoftmax, possibly reshaped. Only
+    those get the top-1 target: an [N, C] output from a Gemm may as well be an embedding or box offsets, whose
+    argmax means nothing (MTCNN's boxes, a sentence encoder's vector)."""
+    producer = {out: n for n in model.graph.node for out in n.output}
+    found = set()
+    for i, out in enumerate(model.graph.output):
+        n = producer.get(out.name)
+        while n is not None and n.op_type in RESHAPING and n.input:
+            n = producer.get(n.input[0])
+        if n is not None and n.op_type in ("Softmax", "LogSoftmax"):
+            found.add(i)
+    return found
 
 
 def _infer_types(graph: gs.Graph, ctx: PassContext) -> None:

@@ -133,6 +133,19 @@ def test_kl_equals_reference(seed, sizes, sparse):
     assert kl_threshold_bin(hist, levels) == reference_kl_bin(hist, levels)
 
 
+@pytest.mark.parametrize("case", ["last-bin-only", "heavy-tail", "one-spike", "uneven-length"])
+def test_kl_equals_reference_on_edge_cases(case):
+    """Histograms where P has non-zero bins that Q's groups leave empty, or where nearly all mass is outliers."""
+    rng = np.random.default_rng(7)
+    hist = {"last-bin-only": np.eye(1, 128, 127, dtype=np.int64)[0] * 5,
+            "heavy-tail": np.concatenate([rng.integers(0, 9, 120), [0, 0, 0, 0, 0, 0, 0, 4000]]),
+            "one-spike": np.eye(1, 256, 40, dtype=np.int64)[0] * 300,
+            "uneven-length": rng.integers(0, 30, 77) * (rng.random(77) < 0.2)}[case]
+    hist[0] += 1
+    for levels in (8, 16, 32):
+        assert kl_threshold_bin(hist, levels) == reference_kl_bin(hist, levels), levels
+
+
 def test_kl_clips_outliers_of_a_bell_curve():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.standard_normal(200_000), [40.0, -35.0]]).astype(np.float32)

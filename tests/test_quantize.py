@@ -177,13 +177,14 @@ def fragile_mlp() -> onnx.ModelProto:
 
 
 def test_fallback_restores_top1_that_cosine_does_not_see():
-    """Logits riding on a large common offset: quantization flips the class while the output cosine stays ~1, so
-    only the top-1 target (min-top1, default 0.95) makes the fallback act."""
+    """Near-uniform softmax scores: quantization flips the class while the output cosine stays ~1, so only the
+    top-1 target (min-top1, default 0.95) makes the fallback act."""
     m = fragile_mlp()
-    bias = numpy_helper.from_array(np.full(10, 300.0, np.float32), "b2")
-    m.graph.initializer.append(bias)
-    fc2 = next(n for n in m.graph.node if n.name == "fc2")
-    fc2.input.append("b2")
+    w2 = next(t for t in m.graph.initializer if t.name == "w2")
+    w2.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w2) * 0.01, "w2"))
+    next(n for n in m.graph.node if n.name == "fc2").output[0] = "logits"
+    m.graph.node.append(helper.make_node("Softmax", ["logits"], ["y"], axis=-1))
+    onnx.checker.check_model(m)
     rng = np.random.default_rng(3)
     data = [{"x": np.abs(rng.standard_normal((16, 16))).astype(np.float32)} for _ in range(4)]
     _, broken = graphopt.optimize(m, ["quantize:method=minmax,min-cosine=0,min-top1=0"], calib_data=data,
@@ -193,6 +194,17 @@ def test_fallback_restores_top1_that_cosine_does_not_see():
     assert rep.validation.outputs[0].top1 >= 0.95
     assert rep.passes[0]["counts"]["top-1 agreement (calibration)"] >= 0.95
     assert "left float: tensor 'h'" in " ".join(rep.passes[0]["notes"])
+
+
+def test_top1_target_only_for_softmax_outputs():
+    """An [N, C] output that is not made by Softmax/LogSoftmax (box offsets, embeddings) gets no top-1 target."""
+    from passes.quantize import class_score_outputs
+    m = fragile_mlp()
+    assert class_score_outputs(m) == set()
+    next(n for n in m.graph.node if n.name == "fc2").output[0] = "logits"
+    m.graph.node.extend([helper.make_node("LogSoftmax", ["logits"], ["p"], axis=1),
+                         helper.make_node("Flatten", ["p"], ["y"])])
+    assert class_score_outputs(m) == {0}
 
 
 def test_fallback_rescues_fragile_model():
