@@ -6,7 +6,17 @@
 
 __version__ = "0.1.0"
 
-from .api import optimize  # noqa: E402
+from typing import Any  # noqa: E402
+
 from .errors import GraphoptError, ValidationFailed  # noqa: E402
 
 __all__ = ["optimize", "GraphoptError", "ValidationFailed", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # optimize is imported on first use: graphopt.api imports calibration, which imports graphopt.io, so an eager
+    # import here made `import calibration.readers` (before graphopt) fail on the circle.
+    if name == "optimize":
+        from .api import optimize
+        return optimize
+    raise AttributeError(f"module 'graphopt' has no attribute {name!r}")
