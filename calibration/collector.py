@@ -18,6 +18,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from graphopt.errors import InputError, one_line
+from graphopt.validate import session_options
 
 from .observers import MinMaxObserver
 from .readers import Batch, model_inputs
@@ -42,10 +43,7 @@ def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[Ba
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
+    so = session_options(threads)
     try:
         sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:

@@ -161,7 +161,7 @@ def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], 
     ``clock=time.thread_time`` measures the calling thread's CPU time instead of wall time: with one intra-op
     thread onnxruntime runs every kernel on that thread, so time other processes take from a shared machine is
     left out (benchmarks report both)."""
-    sessions = [make_session(m, "model (latency)", threads=threads) for m in models]
+    sessions = [make_session(m, "model (latency)", threads=threads, mem_pattern=True) for m in models]
     for s in sessions:
         for _ in range(warmup):
             s.run(None, feed)

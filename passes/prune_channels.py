@@ -61,6 +61,7 @@ import onnxruntime as ort
 from graphopt.errors import InputError, one_line
 from graphopt.pipeline import Pass, PassContext, PassResult, export, import_graph, option, register, replace_graph
 from graphopt.report import cpu_info
+from graphopt.validate import session_options
 
 from ._channel_graph import ChannelGraph, Group, Term, analyze, keep_masks
 from .quantize import quantized_ops
@@ -495,10 +496,8 @@ def _reinfer(graph: gs.Graph, ctx: PassContext) -> None:
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
     try:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
     except Exception as e:
         raise InputError(f"onnxruntime cannot run the model for reconstruction: {one_line(e)}") from e
 
