@@ -405,6 +405,17 @@ def _input_defaults(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in model.graph.initializer if t.name in inputs}
 
 
+def infer_shapes(graph: gs.Graph, ctx: "PassContext") -> bool:
+    """Give the graph's tensors the dtypes and shapes onnx shape inference finds; False (graph untouched) when
+    inference fails."""
+    try:
+        model = onnx.shape_inference.infer_shapes(export(graph, ctx.original))
+    except Exception:
+        return False
+    replace_graph(graph, import_graph(model))
+    return True
+
+
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
     """onnx-graphsurgeon graph of the model; inputs with default initializers stay inputs (gs would freeze them)."""
     try:

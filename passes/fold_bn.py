@@ -15,7 +15,9 @@ Cases:
   * MatMul with a constant ``[K, N]`` weight, when its output is rank 2 (then BN's axis 1 is N): becomes a Gemm
     with the folded weight and ``C = t``. Other ranks are declined: BN's axis 1 is then not the weight's axis.
   * Mul or Add with a constant that is a scalar or per-channel (``[C,1,1]``, ``[1,C,1,1]``, ...; never broadcasting
-    the output to a bigger shape) directly after a Conv or ConvTranspose (option ``mul-add``).
+    the output to a bigger shape) directly after a Conv or ConvTranspose, or after a Gemm or MatMul whose output is
+    rank 2 (``[N]``, ``[1,N]``: a bias, as Keras/TF exports write MatMul + Add) (option ``mul-add``). With the bias
+    inside a Gemm, quantize makes one QGemm of it instead of an integer MatMul and a float Add.
 Declined, with the reason, graph untouched: the producer's output has other consumers or is a graph output; the
 weight is not an initializer (e.g. a Constant node output: run fold-constants first) or is shared with another node
 (when it would change); a BN parameter, the bias or the Mul/Add operand is not a constant; a training-mode BN (more
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.pipeline import Pass, PassContext, PassResult, option, register
+from graphopt.pipeline import Pass, PassContext, PassResult, infer_shapes, option, register
 
 STANDARD = ("", "ai.onnx", None)
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -50,6 +52,12 @@ def _const(t: gs.Tensor) -> np.ndarray | None:
     return np.asarray(t.values) if isinstance(t, gs.Constant) else None
 
 
+def _unknown_rank2_site(n: gs.Node) -> bool:
+    """Does ``n`` read the output of a Gemm/MatMul whose shape is not known (so whether it is rank 2 is not)?"""
+    return any(isinstance(t, gs.Variable) and t.shape is None and len(t.inputs) == 1 and
+               _std(t.inputs[0], "Gemm", "MatMul") for t in n.inputs)
+
+
 def _desc(n: gs.Node) -> str:
     return f"{n.op} '{n.name or n.outputs[0].name}'" if n.outputs else f"{n.op} '{n.name}'"
 
@@ -62,10 +70,13 @@ class FoldBatchNorm(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        mul_add: bool = option(True, "also fold a scalar or per-channel constant Mul/Add that follows a Conv")
+        mul_add: bool = option(True, "also fold a scalar or per-channel constant Mul/Add that follows a Conv, or "
+                                     "a rank-2 Gemm/MatMul")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         res = PassResult()
+        if any(_std(n, "BatchNormalization", "Mul", "Add") and _unknown_rank2_site(n) for n in graph.nodes):
+            infer_shapes(graph, ctx)    # whether a Gemm/MatMul output is rank 2 decides if it can take the fold
         self._graph = graph
         self._names = set(graph.tensors())
         self._outputs = {t.name for t in graph.outputs}
@@ -138,14 +149,19 @@ class FoldBatchNorm(Pass):
         else:
             return None
         producer = y.inputs[0] if len(y.inputs) == 1 else None
-        if producer is None or not _std(producer, *CONV_LIKE):
+        if producer is None or not _std(producer, *PRODUCERS):
             return None                     # not a site: Mul/Add elsewhere in the graph
+        if producer.op in ("Gemm", "MatMul") and (y.shape is None or len(y.shape) != 2):
+            return None                     # a MatMul in a transformer ([B, S, N]): no Gemm can take the bias
         w_t = producer.inputs[1] if len(producer.inputs) > 1 else None
         if not isinstance(w_t, gs.Constant):
             raise _Decline(f"{_desc(producer)}: weight is not an initializer (run fold-constants first)")
-        if w_t.shape is None or len(w_t.shape) < 3:
+        if producer.op in CONV_LIKE and (w_t.shape is None or len(w_t.shape) < 3):
             raise _Decline(f"{_desc(producer)}: weight '{w_t.name}' is not a convolution weight")
-        channels, rank = self._channels(producer, tuple(w_t.shape)), len(w_t.shape)   # shape only: no load
+        if producer.op not in CONV_LIKE and (w_t.shape is None or len(w_t.shape) != 2):
+            raise _Decline(f"{_desc(producer)}: weight '{w_t.name}' is not a matrix")
+        # shape only: no load
+        channels, rank = self._channels(producer, tuple(w_t.shape)), max(len(w_t.shape), 2)
         kv = _const(k)
         assert kv is not None
         if kv.dtype.kind != "f":
@@ -167,10 +183,12 @@ class FoldBatchNorm(Pass):
 
     @staticmethod
     def _channels(producer: gs.Node, w_shape: tuple[int, ...]) -> int:
-        """Output channels of a Conv/ConvTranspose from its weight's shape."""
+        """Output channels (axis 1 of the output) of a Conv/ConvTranspose/Gemm/MatMul from its weight's shape."""
         if producer.op == "Conv":
             return int(w_shape[0])
-        return int(w_shape[1]) * int(producer.attrs.get("group", 1))
+        if producer.op == "ConvTranspose":
+            return int(w_shape[1]) * int(producer.attrs.get("group", 1))
+        return int(w_shape[0] if producer.op == "Gemm" and producer.attrs.get("transB", 0) else w_shape[1])
 
     def _fold_into(self, producer: gs.Node, y: gs.Tensor, consumer: gs.Node, scale: np.ndarray,
                    shift: np.ndarray) -> tuple[gs.Node, str]:

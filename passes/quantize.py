@@ -43,7 +43,8 @@ from calibration.qparams import qparams, quantize
 from calibration.ranges import compute_range
 from calibration.readers import Batch
 from graphopt.errors import UsageError
-from graphopt.pipeline import Pass, PassContext, PassResult, export, import_graph, option, register, replace_graph
+from graphopt.pipeline import (Pass, PassContext, PassResult, export, import_graph, infer_shapes, option, register,
+                               replace_graph)
 from graphopt.report import cpu_info
 from graphopt.validate import Thresholds, looks_like_scores, make_session, validate
 from passes.fold_bn import FoldBatchNorm
@@ -169,7 +170,7 @@ class Quantize(Pass):
         for key, n in folded.counts.items():
             res.count(key, n)
         graph.cleanup()
-        _infer_types(graph, ctx)
+        infer_shapes(graph, ctx)    # dtypes: only float32 tensors are quantized (unknown ones stay float)
         plan = self._plan(graph, res)
         if not plan.units:
             res.decline("model", "no Conv, Gemm or MatMul to quantize")
@@ -457,16 +458,6 @@ def class_score_outputs(model: onnx.ModelProto) -> set[int]:
         if n is not None and n.op_type in ("Softmax", "LogSoftmax"):
             found.add(i)
     return found
-
-
-def _infer_types(graph: gs.Graph, ctx: PassContext) -> None:
-    """Give intermediate tensors their dtypes (onnx shape inference); only float32 tensors are quantized."""
-    model = export(graph, ctx.original)
-    try:
-        model = onnx.shape_inference.infer_shapes(model)
-    except Exception:
-        return  # unknown dtypes stay unknown and those tensors are left float
-    replace_graph(graph, import_graph(model))
 
 
 def _with_inputs_observed(calib: Any, observers: dict[str, MinMaxObserver], feed_names: set[str]) -> Any:

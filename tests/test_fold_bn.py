@@ -155,6 +155,35 @@ def test_mul_add_after_conv():
     assert_same_outputs(model, out)
 
 
+@pytest.mark.parametrize("first", ["MatMul", "Gemm", "Gemm-transB"])
+def test_bias_add_and_mul_after_rank2_matmul_gemm(first):
+    """Keras/TF exports write a dense layer as MatMul + Add(bias): the Add (and a per-column Mul) fold into a Gemm."""
+    w = rand(5, 7, seed=9) if first == "Gemm-transB" else rand(7, 5, seed=9)
+    inits = {"fc.weight": w, "fc.c": rand(5, seed=3), "s": rand(1, 5, seed=4), "b": rand(5, seed=5)}
+    head = (node("MatMul", ["x", "fc.weight"], ["m"], name="fc") if first == "MatMul" else
+            node("Gemm", ["x", "fc.weight", "fc.c"], ["m"], name="fc", beta=0.5, transB=int(first != "Gemm")))
+    model = make_model([head, node("Mul", ["m", "s"], ["ms"]), node("Add", ["b", "ms"], ["a"]),
+                        node("Relu", ["a"], ["y"])], [("x", ["batch", 7])], ["y"], inits,
+                       value_infos=[("m", ["batch", 5]), ("ms", ["batch", 5]), ("a", ["batch", 5])])
+    out, reasons = fold(model)
+    assert ops(out) == ["Gemm", "Relu"] and reasons == []
+    assert_same_outputs(model, out)
+
+
+def test_rank3_matmul_add_is_not_a_site():
+    """A transformer's [B, S, K] @ [K, N] + bias: no Gemm takes it, and it is not reported as declined either."""
+    model = make_model([node("MatMul", ["x", "w"], ["m"]), node("Add", ["m", "b"], ["y"])], [("x", [2, 3, 7])],
+                       ["y"], {"w": rand(7, 5), "b": rand(5)}, value_infos=[("m", [2, 3, 5])])
+    out, reasons = fold(model)
+    assert ops(out) == ["MatMul", "Add"] and reasons == []
+
+
+def test_decline_add_per_row_after_matmul():
+    model = make_model([node("MatMul", ["x", "w"], ["m"]), node("Add", ["m", "b"], ["y"])], [("x", [4, 7])],
+                       ["y"], {"w": rand(7, 5), "b": rand(4, 1)}, value_infos=[("m", [4, 5])])
+    assert_declined(model, "is not a scalar or per-channel")
+
+
 def test_bn_after_mul_folds_on_second_sweep():
     """Conv -> Mul -> BN: BN's producer is a Mul until the Mul is folded; no decline is left over."""
     inits = {"w": rand(4, 3, 1, 1), "s": rand(1, 4, 1, 1, seed=2), **bn_params("bn", 4)}
