@@ -29,17 +29,21 @@ class MinMaxObserver:
         self.count = 0
 
     def update(self, x: np.ndarray) -> None:
-        x = np.asarray(x)
+        self._track(np.asarray(x))
+
+    def _track(self, x: np.ndarray) -> tuple[np.ndarray, float, float] | None:
+        """Fold x's finite values into min, max and count; return them with their min and max (None if none)."""
         if not x.size:
-            return
+            return None
         lo, hi = float(x.min()), float(x.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):   # NaN/Inf present: only then copy the finite values
             x = x[np.isfinite(x)]
             if not x.size:
-                return
+                return None
             lo, hi = float(x.min()), float(x.max())
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         self.count += int(x.size)
+        return x, lo, hi
 
     def range(self) -> tuple[float, float]:
         if self.count == 0:
@@ -64,14 +68,10 @@ class HistogramObserver(MinMaxObserver):
         x = np.asarray(x).ravel()
         if x.dtype not in (np.float32, np.float64):
             x = x.astype(np.float32)
-        lo, hi = float(x.min(initial=np.inf)), float(x.max(initial=-np.inf))
-        if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN/Inf present (or empty): keep the finite values
-            x = x[np.isfinite(x)]
-            if not x.size:
-                return
-            lo, hi = float(x.min()), float(x.max())
-        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
-        self.count += int(x.size)
+        tracked = self._track(x)
+        if tracked is None:
+            return
+        x, lo, hi = tracked
         amax = max(-lo, hi)
         if amax >= self.extent and amax > 0:
             self._grow(amax)
