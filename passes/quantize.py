@@ -31,7 +31,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import onnx
@@ -403,18 +403,11 @@ class Quantize(Pass):
         # are rare events that 8 samples seldom show.
         steps = math.ceil(math.log2(max(len(sites), 2))) + 1
         search = _rows(batches, int(min(FALLBACK_SAMPLES, max(n, SEARCH_BUDGET_S / (per_sample * steps)))))
-        # Measured from the output backwards until the time budget runs out; unmeasured tensors count as harmless.
-        sens: dict[str, tuple[float, float]] = {}
-        deadline = time.perf_counter() + SENSITIVITY_BUDGET_S
-        for t in reversed(sites):
-            if time.perf_counter() > deadline:
-                break
-            sens[t] = q_switched({t}, few)
-        if len(sens) < len(sites):
-            res.notes.append(f"sensitivity measured for {len(sens)} of {len(sites)} tensors (time budget "
-                             f"{SENSITIVITY_BUDGET_S:.0f} s), from the outputs backwards")
-        for t in sites:
-            sens.setdefault(t, (1.0, 1.0))
+        sens, late = sensitivity_sweep(sites, lambda t, quick: q_switched({t}, one if quick and n > 1 else few),
+                                       SENSITIVITY_BUDGET_S)
+        if late and n > 1:
+            res.notes.append(f"sensitivity of {late} of {len(sites)} tensors measured on 1 sample (time budget "
+                             f"{SENSITIVITY_BUDGET_S:.0f} s)")
         order = sorted(sites, key=lambda t: (sens[t][1], sens[t][0]))   # flips first, then the cosine lost
         # Smallest k such that leaving the k most harmful tensors float meets the targets (binary search on the
         # switchable model), then confirmed on the real model; if the check disagrees, keep adding tensors.
@@ -443,6 +436,21 @@ class Quantize(Pass):
                          f"search on {sum(_batch_rows(b) for b in search)}")
         return model, {t: f"quantizing it alone gives {said(sens[t])} (all int8: {said(full)}; targets "
                           f"min-cosine {o.min_cosine}, min-top1 {o.min_top1})" for t in order[:k]}
+
+
+def sensitivity_sweep(sites: list[str], measure: Callable[[str, bool], tuple[float, float]], budget_s: float,
+                      clock: Callable[[], float] = time.perf_counter) -> tuple[dict[str, tuple[float, float]], int]:
+    """Each site's sensitivity, from the outputs backwards: ``measure(site, quick)``, quick (one sample) once the
+    time budget is spent. Every site is measured: one left out would count as harmless and sort last, so the
+    search could only reach it by leaving everything float. Returns the sensitivities and how many were quick."""
+    sens: dict[str, tuple[float, float]] = {}
+    deadline = clock() + budget_s
+    quick = 0
+    for t in reversed(sites):
+        late = clock() > deadline
+        quick += late
+        sens[t] = measure(t, late)
+    return sens, quick
 
 
 def class_score_outputs(model: onnx.ModelProto) -> set[int]:

@@ -286,3 +286,21 @@ def test_fallback_that_needs_every_tensor_float_says_so():
     out, rep = graphopt.optimize(fragile_mlp(), ["quantize:min-cosine=1"], calib_data=data, latency_runs=0)
     assert "QuantizeLinear" not in ops(out) and rep.passes[0]["counts"]["units int8"] == 0
     assert any("nothing runs int8" in n for n in rep.passes[0]["notes"])
+
+
+def test_sensitivity_sweep_measures_every_tensor_past_the_budget():
+    """Past the time budget the sweep goes on with quick (one-sample) measurements instead of skipping tensors,
+    which would sort them as harmless and leave the search nothing to do but float everything."""
+    from passes.quantize import sensitivity_sweep
+    now = [0.0]
+
+    def clock() -> float:
+        return now[0]
+
+    def measure(t: str, quick: bool) -> tuple[float, float]:
+        now[0] += 10.0                      # each full measurement takes 10 s
+        return (0.5 if quick else 0.9, 1.0)
+
+    sens, quick = sensitivity_sweep(["a", "b", "c", "d", "e"], measure, budget_s=25.0, clock=clock)
+    assert set(sens) == {"a", "b", "c", "d", "e"} and quick == 2
+    assert sens["e"] == (0.9, 1.0) and sens["a"] == (0.5, 1.0)    # from the outputs backwards
