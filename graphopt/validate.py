@@ -164,6 +164,25 @@ class OutputStats:
         return d
 
 
+def class_score_outputs(model: onnx.ModelProto) -> set[int]:
+    """Indices of the graph outputs that are class scores for sure: made by Softmax or LogSoftmax, possibly
+    reshaped. An [N, C] output from a Gemm may as well be an embedding or box offsets, whose argmax means nothing
+    (MTCNN's boxes, a sentence encoder's vector): quantize's min-top1 target holds for these outputs only, and
+    validation reports top-1 for these when the model has any (else for every [N, C] output: logits)."""
+    producer = {out: n for n in model.graph.node for out in n.output}
+    found = set()
+    for i, out in enumerate(model.graph.output):
+        n = producer.get(out.name)
+        while n is not None and n.op_type in _RESHAPING and n.input:
+            n = producer.get(n.input[0])
+        if n is not None and n.op_type in ("Softmax", "LogSoftmax"):
+            found.add(i)
+    return found
+
+
+_RESHAPING = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
+
+
 def looks_like_scores(arr: np.ndarray) -> bool:
     return arr.dtype.kind == "f" and arr.ndim == 2 and arr.shape[1] >= 2
 
@@ -198,7 +217,7 @@ class ValidationResult:
                 "outputs": [o.to_dict() for o in self.outputs]}
 
 
-def _compare(stats: OutputStats, ref: Any, out: Any) -> None:
+def _compare(stats: OutputStats, ref: Any, out: Any, top1: bool = True) -> None:
     if not isinstance(ref, np.ndarray) or not isinstance(out, np.ndarray):
         stats.kind = "other"
         if not _equal_nested(ref, out):
@@ -236,7 +255,7 @@ def _compare(stats: OutputStats, ref: Any, out: Any) -> None:
         stats.sum_out2 += float(np.sum(np.abs(yb) ** 2))
         stats.sum_err2 += float(np.sum(err ** 2))
         stats.dot += float(np.real(np.sum(xb * np.conj(yb))))
-    if looks_like_scores(ref) and fin_x.all():
+    if top1 and looks_like_scores(ref) and fin_x.all():
         stats.top1_rows += ref.shape[0]
         stats.top1_agree += int(np.count_nonzero(ref.argmax(1) == out.argmax(1)))
 
@@ -265,6 +284,9 @@ def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Ite
         res.failures.append(f"outputs changed from {ref_names} to {new_names}")
         return res
     stats = [OutputStats(n) for n in ref_names]
+    # Top-1 agreement for the class scores: the Softmax/LogSoftmax outputs if the model has any (MTCNN's box
+    # offsets beside its face score have an argmax that means nothing), else every [N, C] output (logits).
+    scored = class_score_outputs(original) or set(range(len(stats)))
     score_index: int | None = None
     for batch in batches:
         try:
@@ -280,8 +302,8 @@ def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Ite
         res.feeds += 1
         first = next(iter(batch.feed.values()), None)
         res.samples += first.shape[0] if isinstance(first, np.ndarray) and first.ndim > 0 else 1
-        for s, r, o in zip(stats, ref, out):
-            _compare(s, r, o)
+        for i, (s, r, o) in enumerate(zip(stats, ref, out)):
+            _compare(s, r, o, top1=i in scored)
         if batch.labels is not None:
             if score_index is None:
                 score_index = label_output(ref, batch.labels)

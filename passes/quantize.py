@@ -46,7 +46,7 @@ from graphopt.errors import UsageError
 from graphopt.pipeline import (Pass, PassContext, PassResult, export, import_graph, infer_shapes, option, register,
                                replace_graph)
 from graphopt.report import cpu_info
-from graphopt.validate import Thresholds, looks_like_scores, make_session, validate
+from graphopt.validate import Thresholds, class_score_outputs, looks_like_scores, make_session, validate
 from passes.fold_bn import FoldBatchNorm
 from passes.fold_constants import lower_constant_nodes
 
@@ -72,7 +72,6 @@ SEARCH_BUDGET_S = 15.0      # for the binary search over how many tensors stay f
 MAX_NOTES = 12              # "left float" lines in the printed report; --report has them all
 INT32_BIAS_LIMIT = 2.0**30  # headroom below 2**31 for the accumulator the bias is added to
 BOUNDED = {"Softmax", "Sigmoid", "HardSigmoid", "Tanh"}
-RESHAPING = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 
 
 @dataclass
@@ -451,21 +450,6 @@ def sensitivity_sweep(sites: list[str], measure: Callable[[str, bool], tuple[flo
         quick += late
         sens[t] = measure(t, late)
     return sens, quick
-
-
-def class_score_outputs(model: onnx.ModelProto) -> set[int]:
-    """Indices of the graph outputs that are class scores: made by Softmax or LogSoftmax, possibly reshaped. Only
-    those get the top-1 target: an [N, C] output from a Gemm may as well be an embedding or box offsets, whose
-    argmax means nothing (MTCNN's boxes, a sentence encoder's vector)."""
-    producer = {out: n for n in model.graph.node for out in n.output}
-    found = set()
-    for i, out in enumerate(model.graph.output):
-        n = producer.get(out.name)
-        while n is not None and n.op_type in RESHAPING and n.input:
-            n = producer.get(n.input[0])
-        if n is not None and n.op_type in ("Softmax", "LogSoftmax"):
-            found.add(i)
-    return found
 
 
 def _with_inputs_observed(calib: Any, observers: dict[str, MinMaxObserver], feed_names: set[str]) -> Any:

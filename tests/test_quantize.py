@@ -198,7 +198,7 @@ def test_fallback_restores_top1_that_cosine_does_not_see():
 
 def test_top1_target_only_for_softmax_outputs():
     """An [N, C] output that is not made by Softmax/LogSoftmax (box offsets, embeddings) gets no top-1 target."""
-    from passes.quantize import class_score_outputs
+    from graphopt.validate import class_score_outputs
     m = fragile_mlp()
     assert class_score_outputs(m) == set()
     next(n for n in m.graph.node if n.name == "fc2").output[0] = "logits"

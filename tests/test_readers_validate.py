@@ -105,6 +105,27 @@ def test_validation_metrics_known_values():
     assert not gated.passed and "--max-rel-error" in gated.failures[0]
 
 
+def test_top1_only_for_softmax_outputs_when_the_model_has_them():
+    """An MTCNN-like head: box offsets [N, 4] from a Gemm beside a Softmax face score [N, 2]. Top-1 agreement (and
+    --min-top1) is about the Softmax only; the boxes' argmax would fail the gate for nothing."""
+    rng = np.random.default_rng(0)
+    w_box, w_cls = rng.standard_normal((8, 4)).astype(np.float32), rng.standard_normal((8, 2)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w_box"], ["box"]), helper.make_node("Gemm", ["x", "w_cls"], ["l"]),
+             helper.make_node("Softmax", ["l"], ["prob"], axis=1)]
+    vi = lambda n, c: helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", c])  # noqa: E731
+    graph = helper.make_graph(nodes, "head", [vi("x", 8)], [vi("box", 4), vi("prob", 2)],
+                              [numpy_helper.from_array(w_box, "w_box"), numpy_helper.from_array(w_cls, "w_cls")])
+    ref = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    noisy = onnx.ModelProto()
+    noisy.CopyFrom(ref)
+    noisy.graph.initializer[0].CopyFrom(numpy_helper.from_array(w_box + rng.standard_normal((8, 4)).astype(
+        np.float32), "w_box"))                      # the boxes change a lot, the face score not at all
+    from calibration.readers import IterableSource, model_inputs
+    src = IterableSource([{"x": rng.standard_normal((64, 8)).astype(np.float32)}], model_inputs(ref))
+    res = validate(ref, noisy, src, exact=False, thresholds=Thresholds(min_top1=0.95))
+    assert res.outputs[0].top1 is None and res.outputs[1].top1 == 1.0 and res.passed
+
+
 def test_validation_catches_nan_and_shape_change():
     ref = _model([2, 2])
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])
