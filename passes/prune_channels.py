@@ -139,6 +139,8 @@ class PruneChannels(Pass):
         shapes = _infer_shapes(before)
         _observe_missing(before, shapes, ctx, res)
         cg = analyze(graph, shapes)
+        if o.round_to == "auto":
+            res.notes.append(f"round-to=auto: {conv_block()} (onnxruntime's convolution block on this CPU)")
         plan = self._select(cg, res)
         masks = keep_masks(cg, plan)
         if not masks:

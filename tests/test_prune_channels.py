@@ -426,8 +426,9 @@ def test_round_to_auto_is_this_cpus_convolution_block(monkeypatch, isa, block):
                         node("Conv", ["r1", "w2"], ["y"], name="head")], [("x", [1, 3, 8, 8])], ["y"], inits)
     spec = parse_pass_arg("prune-channels:ratio=0.3")          # the default: round-to=auto
     assert spec.build().options.round_to == "auto"
-    out, _ = graphopt.optimize(model, [spec], latency_runs=0)
+    out, rep = graphopt.optimize(model, [spec], latency_runs=0)
     assert weight_of(out, "a").shape[0] == {16: 16, 8: 24}[block]   # 32 keeps 23 -> nearest multiple of the block
+    assert f"round-to=auto: {block} " in " ".join(rep.passes[0]["notes"])
 
 
 @pytest.mark.parametrize("text, value", [("round-to=auto", "auto"), ("round-to=12", 12), ("round-to=AUTO", "auto")])
