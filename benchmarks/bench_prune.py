@@ -12,7 +12,8 @@ inputs of their declared shape (dynamic image dims: 640x640 for the detector) --
 output fidelity of the pruned graph, not accuracy, and no reconstruction runs on them.
 
 Per model, ratio (``--ratios``, default 0.25 and 0.5) and round-to (``--round-to``, default 8 -- the value the
-issue states the target for -- and 16, which the pass's default ``round-to=auto`` picks on AVX-512 CPUs) (``prune-channels:ratio=R,round-to=N``, criterion l1, scope layer, BN kept):
+issue states the target for -- and 16, which the pass's default ``round-to=auto`` picks on AVX-512 CPUs)
+(``prune-channels:ratio=R,round-to=N``, criterion l1, scope layer, BN kept):
   * MACs from graphopt.report.count_macs on one sample; latency from graphopt.report.measure_latency: original and
     pruned model in one process, onnxruntime CPU, 1 intra-op thread, default graph optimizations, batch 1, runs
     interleaved, median; the target is ``latency reduction >= 0.7 x MAC reduction`` (both as fractions of the
@@ -311,7 +312,8 @@ def environment() -> dict[str, Any]:
         pass
     info = cpu_info()
     return {"cpu": model, "isa": info["isa"], "cores": info["cores"], "round_to_auto": conv_block(),
-            "onnxruntime": ort.__version__, "onnx": onnx.__version__, "numpy": np.__version__, "date": datetime.date.today().isoformat()}
+            "onnxruntime": ort.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
+            "date": datetime.date.today().isoformat()}
 
 
 def _pct(a: float, b: float) -> str:
@@ -345,8 +347,8 @@ def targets(rows: list[dict[str, Any]], recovery: list[dict[str, Any]], quant: l
         missed = [f"{m} {r} ({lat / mac:.3f})" for m, r, mac, lat, _ in cells if not (mac > 0 and lat / mac >= 0.7)]
         label = " (the default round-to=auto on this CPU)" if rt == block else " (as the issue states it)" \
             if rt == 8 else ""
-        out.append(f"* latency reduction >= 0.7 x MAC reduction, round-to={rt}{label}: met in {len(met)} of {len(cells)} "
-                   f"model/ratio pairs" + (f"; missed: {', '.join(missed)}" if missed else ""))
+        out.append(f"* latency reduction >= 0.7 x MAC reduction, round-to={rt}{label}: met in {len(met)} of "
+                   f"{len(cells)} model/ratio pairs" + (f"; missed: {', '.join(missed)}" if missed else ""))
     for rec in recovery:
         a0, a1 = rec["original"].get("accuracy"), rec["pruned"]["quality"].get("accuracy")
         a2 = rec["reconstructed"]["quality"].get("accuracy")

@@ -853,8 +853,8 @@ def render(env: dict[str, Any], rows: list[dict[str, Any]], notes: list[str], co
     w(f"- calibration: both tools get the same samples (`N` column: {MAIN_N}, fewer only where onnxruntime would "
       f"need more than {ORT_MEM_FRACTION:.0%} of the free memory), the model's calib set tiled when it has fewer; "
       "onnxruntime's reader gives batch-1 feeds, graphopt reads the .npz in 16-row batches (and runs the model on "
-      "at most 16 rows at a time whatever the source); both QDQ, uint8 asymmetric activations, int8 symmetric per-channel weights "
-      "(except `ort:default`); each quantization runs in a fresh process")
+      "at most 16 rows at a time whatever the source); both QDQ, uint8 asymmetric activations, int8 symmetric "
+      "per-channel weights (except `ort:default`); each quantization runs in a fresh process")
     w(f"- wall time: median of up to {args.repeats} fresh-process runs (1 when a run takes > 30 s; `runs`)")
     w("")
     w("Configs: `ours:minmax|kl|percentile` = `quantize:method=...` (percentile is graphopt's default); "

@@ -3,8 +3,10 @@
 ``MinMaxObserver`` keeps two numbers. ``HistogramObserver`` keeps a fixed-size histogram of the signed values over
 [-A, A] with ``2·bins`` equal bins, plus the exact min and max. A is a power of two, the smallest strictly above every
 finite value seen so far (and at least 2^-64, so that bins/A stays finite in float32 for subnormal data); when a
-batch exceeds it, A doubles and each pair of neighbouring bins on either side of zero merges into one. Merging nests exactly (bin edges A·k/bins are shared by every power-of-two A), so updating in
-pieces gives the same histogram as one update with all the data — memory does not grow with the sample count.
+batch exceeds it, A doubles and each pair of neighbouring bins on either side of zero merges into one. Merging nests
+exactly (bin edges A·k/bins are shared by every power-of-two A), so updating in pieces gives the same histogram as
+one update with all the data — memory does not grow with the sample count. Values are binned in chunks of 2^20, so
+the temporaries stay small however large a tensor is.
 Exact zeros are also counted on their own: zero is exactly representable after quantization, so the KL search
 leaves ReLU's spike at 0 out of the distributions it compares. Range methods (``calibration.ranges``) read the
 histogram; they never see the raw data.

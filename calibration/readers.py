@@ -26,7 +26,7 @@ from graphopt import io
 from graphopt.errors import InputError, UsageError
 
 LABELS_KEY = "__labels__"
-DEFAULT_BATCH = 16   # rows per batch read from .npz files: calibration, fallback and validation runs hold at most this many
+DEFAULT_BATCH = 16   # rows per .npz batch: calibration, fallback and validation runs hold at most this many
 
 Dim = int | None  # None: dynamic (symbolic or unknown)
 

@@ -15,11 +15,12 @@ Activations: per tensor, uint8 asymmetric by default; ranges from calibration (`
 (Migacz 2017) or percentile over one streamed histogram per tensor.
 
 Never ship a broken model: after quantizing, the output cosine and, for class-score outputs ([N, C] made by
-Softmax or LogSoftmax), the top-1 agreement against the float model are measured on calibration data; below ``min-cosine`` or ``min-top1`` each
-quantized activation tensor's sensitivity (outputs with only that tensor quantized, on 1 to 8 samples as a time
-budget allows) is measured and the most harmful tensors (top-1 flips first, then cosine lost) are left float,
-fewest first (binary search over the sensitivity order), until both targets hold. A unit whose input stays float
-runs float (its weights too). The report lists the tensors with their sensitivity and the layers that run float.
+Softmax or LogSoftmax), the top-1 agreement against the float model are measured on calibration data; below
+``min-cosine`` or ``min-top1`` each quantized activation tensor's sensitivity (outputs with only that tensor
+quantized, on 1 to 8 samples as a time budget allows, on one past it) is measured and the most harmful tensors
+(top-1 flips first, then cosine lost) are left float, fewest first (binary search over the sensitivity order),
+until both targets hold. A unit whose input stays float runs float (its weights too). The report lists the tensors
+with their sensitivity and the layers that run float.
 Before planning, Constant-node weights become initializers and BatchNormalization / per-channel Mul/Add after a Conv
 are folded into it (both exact, as the fold-constants and fold-bn passes do).
 Declined: models already quantized (QDQ, QLinear*, *Integer ops); opset < 10 that cannot be converted.
