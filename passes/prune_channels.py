@@ -21,10 +21,10 @@ group (importance normalised to mean 1 per group) and removes the lowest ``ratio
 of ``round-to`` (or all channels when that is nearer): onnxruntime's fast CPU convolutions (MLAS NCHWc) work on
 blocks of 16 channels with AVX-512 and 8 with AVX2, and a layer cut to a count off that block runs about as long as
 before (32 -> 24 channels on AVX-512 runs as 32), so ``round-to=auto`` (the default) is this CPU's block: measured
-on AVX-512, 16 meets "latency reduction >= 0.7 x MAC reduction" in 10 of 11 model/ratio pairs and 8 in 4
+on AVX-512, 16 meets "latency reduction >= 0.7 x MAC reduction" in 15 of 15 model/ratio pairs and 8 in 6
 (benchmarks/results/prune.md). A group of exactly ``round-to`` channels is not pruned; smaller groups are pruned
-without rounding. ``layers=NAME:RATIO`` (repeat the key; NAME may be a
-glob pattern over node names) sets a group's ratio; ``exclude=NAME`` keeps the channels a layer produces.
+without rounding. ``layers=NAME:RATIO`` (repeat the key; NAME may be a glob pattern over node names) sets a group's
+ratio; ``exclude=NAME`` keeps the channels a layer produces.
 
 Then every affected tensor shrinks: weights (out- and in-channel axes), biases, BN parameters, per-channel constants,
 depthwise ``group``, Split sizes, Slice bounds, constant Reshape shapes and Resize sizes; shapes are re-inferred.
