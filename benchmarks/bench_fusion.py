@@ -255,19 +255,12 @@ def synthetic_convnet(path: Path) -> Path:
 def fetch_ppocr(no_fetch: bool) -> tuple[list[tuple[Path, Path | None]], str]:
     """The models of benchmarks/fetch_models.py (PP-OCR det/rec/cls, MTCNN) with their eval .npz, via its
     ``fetch_all()`` (which downloads only what its cache lacks)."""
-    script = ROOT / "benchmarks" / "fetch_models.py"
-    if not script.exists():
-        return [], "benchmarks/fetch_models.py does not exist (yet): PP-OCR models not measured"
     if no_fetch:
         return [], "--no-fetch: PP-OCR models not measured"
-    sys.path.insert(0, str(script.parent))
-    try:
-        import fetch_models  # type: ignore[import-not-found]
+    import fetch_models  # benchmarks/, first on sys.path when this script runs
 
-        models = fetch_models.fetch_all()
-    except Exception as e:  # a failed download must not stop the local measurements
-        return [], f"fetch_models.fetch_all() failed: {type(e).__name__}: {e}"
-    return [(Path(m["onnx"]), Path(m["eval"])) for m in models.values()], ""
+    models, failed = fetch_models.for_benchmark(False)
+    return [(Path(m["onnx"]), Path(m["eval"])) for m in models.values()], failed
 
 
 def environment() -> str:

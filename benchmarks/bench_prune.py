@@ -79,46 +79,13 @@ def local_cases(notes: list[str]) -> list[Case]:
     return out
 
 
-def _get(item: Any, *keys: str) -> Any:
-    for k in keys:
-        if isinstance(item, dict) and item.get(k) is not None:
-            return item[k]
-        if hasattr(item, k) and getattr(item, k) is not None:
-            return getattr(item, k)
-    return None
-
-
 def fetched_cases(notes: list[str], no_fetch: bool) -> list[Case]:
-    script = ROOT / "benchmarks" / "fetch_models.py"
-    if not script.exists():
-        notes.append("benchmarks/fetch_models.py does not exist: PP-OCR / MTCNN not measured")
-        return []
-    import importlib.util
+    import fetch_models  # benchmarks/, first on sys.path when this script runs
 
-    try:
-        spec = importlib.util.spec_from_file_location("fetch_models", script)
-        mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules["fetch_models"] = mod
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-        found = mod.cached(CACHE) if no_fetch and hasattr(mod, "cached") else mod.fetch_all(CACHE)
-    except Exception as e:  # a broken fetch must not stop the local models
-        notes.append(f"fetch_models failed: {type(e).__name__}: {str(e)[:200]}")
-        return []
-    items = list(found.items()) if isinstance(found, dict) else [
-        (str(_get(i, "name") or i), i) for i in found]
-    cases = []
-    for name, item in items:
-        path = item if isinstance(item, (str, Path)) else _get(item, "onnx", "model", "path")
-        if path is None or not Path(path).exists():
-            why = path if isinstance(item, (str, Path)) else _get(item, "error", "note")
-            notes.append(f"{name}: not available ({why})")
-            continue
-        calib = None if isinstance(item, (str, Path)) else _get(item, "calib", "calib_data", "calib_npz")
-        ev = None if isinstance(item, (str, Path)) else _get(item, "eval", "val", "eval_data", "eval_npz")
-        cases.append(Case(name, Path(path), Path(calib) if calib and Path(calib).exists() else None,
-                          Path(ev) if ev and Path(ev).exists() else None,
-                          str(_get(item, "note", "source") or "") if not isinstance(item, (str, Path)) else ""))
-    return cases
+    found, failed = fetch_models.for_benchmark(no_fetch, CACHE)
+    if failed:
+        notes.append(failed)
+    return [Case(name, Path(m["onnx"]), Path(m["calib"]), Path(m["eval"]), m["source"]) for name, m in found.items()]
 
 
 # --------------------------------------------------------------------------------------------------- data

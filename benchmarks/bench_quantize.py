@@ -170,58 +170,13 @@ def local_models(notes: list[str]) -> list[ModelCase]:
 
 
 def fetched_models(notes: list[str], no_fetch: bool) -> list[ModelCase]:
-    script = ROOT / "benchmarks" / "fetch_models.py"
-    if not script.exists():
-        notes.append("benchmarks/fetch_models.py does not exist (yet): PP-OCR / MTCNN not measured")
-        return []
-    try:
-        import importlib.util
+    import fetch_models  # benchmarks/, first on sys.path when this script runs
 
-        spec = importlib.util.spec_from_file_location("fetch_models", script)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["fetch_models"] = mod
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-        if no_fetch and hasattr(mod, "cached"):
-            found = mod.cached(CACHE)
-        else:
-            found = mod.fetch_all(CACHE)
-    except Exception as e:  # a broken fetch must not stop the other models
-        notes.append(f"fetch_models.fetch_all failed: {type(e).__name__}: {str(e)[:200]}")
-        return []
-    return [c for c in (_case_from_fetch(k, v, notes) for k, v in _iter_fetch(found)) if c is not None]
-
-
-def _iter_fetch(found: Any) -> list[tuple[str, Any]]:
-    if isinstance(found, dict):
-        return list(found.items())
-    out = []
-    for item in found:
-        name = getattr(item, "name", None) or (item.get("name") if isinstance(item, dict) else None)
-        out.append((str(name), item))
-    return out
-
-
-def _get(item: Any, *keys: str) -> Any:
-    for k in keys:
-        if isinstance(item, dict) and item.get(k) is not None:
-            return item[k]
-        if hasattr(item, k) and getattr(item, k) is not None:
-            return getattr(item, k)
-    return None
-
-
-def _case_from_fetch(name: str, item: Any, notes: list[str]) -> ModelCase | None:
-    path = _get(item, "onnx", "model", "path")
-    calib = _get(item, "calib", "calib_data", "calib_npz")
-    ev = _get(item, "eval", "val", "eval_data", "eval_npz")
-    if path is None or not Path(path).exists():
-        notes.append(f"{name}: fetched model missing ({_get(item, 'error', 'note') or path}); skipped")
-        return None
-    if calib is None or ev is None or not Path(calib).exists() or not Path(ev).exists():
-        notes.append(f"{name}: no calib/eval data from fetch_models; skipped")
-        return None
-    kind = _get(item, "kind", "task") or "auto"
-    return ModelCase(name, Path(path), Path(calib), Path(ev), str(kind), str(_get(item, "note", "source") or ""))
+    found, failed = fetch_models.for_benchmark(no_fetch, CACHE)
+    if failed:
+        notes.append(failed)
+    return [ModelCase(name, Path(m["onnx"]), Path(m["calib"]), Path(m["eval"]), m["kind"], m["source"])
+            for name, m in found.items()]
 
 
 def minilm_models(notes: list[str]) -> list[ModelCase]:

@@ -727,6 +727,15 @@ def cached(cache: Path | None = None) -> dict[str, dict[str, Any]]:
     return out
 
 
+def for_benchmark(no_fetch: bool, cache: Path | None = None) -> tuple[dict[str, dict[str, Any]], str]:
+    """What a benchmark measures: :func:`cached` with ``no_fetch``, else :func:`fetch_all`; and a one-line note when
+    that failed (then no models), so a failed download does not stop the benchmark's other models."""
+    try:
+        return (cached(cache) if no_fetch else fetch_all(cache)), ""
+    except Exception as e:
+        return {}, f"fetch_models failed: {type(e).__name__}: {str(e)[:200]}"
+
+
 def _read_manifest(cache: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((cache / MANIFEST_NAME).read_text())
