@@ -33,7 +33,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -162,22 +161,10 @@ def latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], level: o
     """Per clock (``wall``: perf_counter; ``cpu``: this thread's CPU time, which with one intra-op thread is where
     onnxruntime runs every kernel, so time lost to other processes on a shared machine is not counted): median ms
     per model and, for models[1:], (median, p10, p90) of the paired per-round ratio t0 / ti."""
-    sessions = [session(m, level) for m in models]
-    for s in sessions:                          # warm-up, and a first estimate of one round's time
-        for _ in range(3):
-            s.run(None, feed)
-    t0 = time.perf_counter()
-    for s in sessions:
-        s.run(None, feed)
-    one_round = max(time.perf_counter() - t0, 1e-6)
-    rounds = int(min(3000, max(40, budget_s / one_round)))
-    k = len(sessions)
-    wall, cpu = np.zeros((rounds, k)), np.zeros((rounds, k))
-    for r in range(rounds):
-        for i in [(r + j) % k for j in range(k)]:
-            c, t = time.thread_time(), time.perf_counter()
-            sessions[i].run(None, feed)
-            wall[r, i], cpu[r, i] = time.perf_counter() - t, time.thread_time() - c
+    import _timing  # benchmarks/, first on sys.path when this script runs
+
+    wall, cpu = _timing.paired_rounds([session(m, level) for m in models], feed, budget_s, 40, 3000)
+    rounds, k = wall.shape
     out: dict[str, Any] = {"rounds": rounds}
     for clock, times in (("wall", wall), ("cpu", cpu)):
         ratios = []

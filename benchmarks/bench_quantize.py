@@ -433,23 +433,11 @@ def fidelity(case: ModelCase, models: dict[str, Path], limit: int) -> dict[str, 
 def latency(models: dict[str, Path], feed: dict[str, np.ndarray], budget_s: float) -> dict[str, Any]:
     """1 intra-op thread, default graph optimizations; rotating rounds; medians and paired ratios (cpu and wall)."""
     keys = list(models)
-    sessions = [_session(models[k], threads=1) for k in keys]
-    for s in sessions:
-        for _ in range(3):
-            s.run(None, feed)
-    t0 = time.perf_counter()
-    for s in sessions:
-        s.run(None, feed)
-    one = max(time.perf_counter() - t0, 1e-6)
-    rounds = int(min(2000, max(MIN_ROUNDS, budget_s / one)))
-    k = len(sessions)
-    wall, cpu = np.zeros((rounds, k)), np.zeros((rounds, k))
-    for r in range(rounds):
-        for i in [(r + j) % k for j in range(k)]:
-            c, t = time.thread_time(), time.perf_counter()
-            sessions[i].run(None, feed)
-            wall[r, i], cpu[r, i] = time.perf_counter() - t, time.thread_time() - c
-    return {"rounds": rounds, "keys": keys, "feed": {n: list(np.shape(v)) for n, v in feed.items()},
+    import _timing  # benchmarks/, first on sys.path when this script runs
+
+    wall, cpu = _timing.paired_rounds([_session(models[k], threads=1) for k in keys], feed, budget_s, MIN_ROUNDS,
+                                      2000)
+    return {"rounds": wall.shape[0], "keys": keys, "feed": {n: list(np.shape(v)) for n, v in feed.items()},
             "cpu_ms": (cpu * 1e3).round(5).tolist(), "wall_ms": (wall * 1e3).round(5).tolist()}
 
 
