@@ -225,6 +225,14 @@ class ChannelGraph:
 
         self.edits.append(edit)
 
+    def add_reader(self, node: gs.Node, x: gs.Tensor, ids: np.ndarray, weight: np.ndarray, axis: int) -> None:
+        """Record: ``node`` reads the channels ``ids`` of ``x`` through its constant weight (input 1) on ``axis``:
+        it is a consumer to reconstruct, the weight's slices count in the channels' importance, and they go with
+        the channels."""
+        self.consumers.append(Consumer(node, x.name))
+        self.terms.append(Term("in", ids, weight, axis))
+        self.slice_const(node, 1, axis, x.name)
+
     def set_const(self, node: gs.Node, index: int, make: Callable[[Keep], np.ndarray | None]) -> None:
         def edit(keep: Keep) -> None:
             v = make(keep)
@@ -393,9 +401,7 @@ def _layer(cg: ChannelGraph, node: gs.Node) -> set[int]:
             if xid is not None:
                 if len(xid) != c_in:
                     return refuse(f"input has {len(xid)} channels, weight expects {c_in}")
-                cg.consumers.append(Consumer(node, x.name))
-                cg.terms.append(Term("in", xid, wv, in_axis))
-                cg.slice_const(node, 1, in_axis, x.name)
+                cg.add_reader(node, x, xid, wv, in_axis)
             ids = cg.new_source(node, out.name, c_out)
             cg.ids[out.name] = ids
             cg.producer_of[out.name] = node
@@ -448,9 +454,7 @@ def _layer(cg: ChannelGraph, node: gs.Node) -> set[int]:
     if xid is not None:
         if len(xid) != k:
             return refuse(f"input has {len(xid)} features, weight expects {k}")
-        cg.consumers.append(Consumer(node, x.name))
-        cg.terms.append(Term("in", xid, wv, in_axis))
-        cg.slice_const(node, 1, in_axis, x.name)
+        cg.add_reader(node, x, xid, wv, in_axis)
     if cg.rank(out) not in (2, None):
         return {0}
     ids = cg.new_source(node, out.name, n)
