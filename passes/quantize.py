@@ -164,13 +164,16 @@ class Quantize(Pass):
         reduce = reduce_range_auto() if o.reduce_range == "auto" else o.reduce_range == "true"
         # Exporters such as Paddle keep weights in Constant nodes; as initializers they can be quantized.
         lower_constant_nodes(graph, res)
+        graph.cleanup()             # shape inference fails on the lowered Constant nodes' leftovers
+        # dtypes (only float32 tensors are quantized; unknown ones stay float) and shapes (fold-bn needs them for
+        # a MatMul's bias). Folding keeps every surviving tensor's dtype and shape, so once is enough.
+        infer_shapes(graph, ctx)
         # A BatchNormalization (or per-channel Mul/Add) after a Conv would sit between the integer Conv and its
         # requantization, forcing a dequantize and float work per layer: fold it first (exact).
         folded = FoldBatchNorm(FoldBatchNorm.Options()).run(graph, ctx)
         for key, n in folded.counts.items():
             res.count(key, n)
         graph.cleanup()
-        infer_shapes(graph, ctx)    # dtypes: only float32 tensors are quantized (unknown ones stay float)
         plan = self._plan(graph, res)
         if not plan.units:
             res.decline("model", "no Conv, Gemm or MatMul to quantize")
@@ -338,6 +341,7 @@ class Quantize(Pass):
         batches = _take(ctx.calib, FALLBACK_SAMPLES)
         o = self.options
         scores = class_score_outputs(float_model)
+        ref = make_session(float_model, "float model")   # one float session for every check below
 
         def meets(q: tuple[float, float]) -> bool:
             return q[0] >= o.min_cosine and q[1] >= o.min_top1
@@ -345,7 +349,8 @@ class Quantize(Pass):
         def quality(m: onnx.ModelProto) -> tuple[float, float]:
             """(worst output cosine, worst top-1 agreement of class-score outputs) against float on the fallback
             samples."""
-            v = validate(float_model, m, batches, exact=False, thresholds=Thresholds())
+            v = validate(float_model, m, batches, exact=False, thresholds=Thresholds(),
+                         sessions=(ref, make_session(m, "quantized model")))
             return (min((s.cosine for s in v.outputs if s.cosine is not None), default=1.0),
                     min((s.top1 for i, s in enumerate(v.outputs) if s.top1 is not None and i in scores),
                         default=1.0))
@@ -362,7 +367,6 @@ class Quantize(Pass):
         sites = list(builder.last_tensors)
         switched = builder.build(set(), switchable=True)
         switches = dict(builder.switches)
-        ref = make_session(float_model, "float model")
         sess = make_session(switched, "switchable quantized model")
 
         ref_cache: dict[int, list[Any]] = {}
