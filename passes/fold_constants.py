@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from graphopt.pipeline import Pass, PassContext, PassResult, register
+from graphopt.validate import session_options
 
 STANDARD = ("", "ai.onnx", None)
 NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
@@ -167,12 +168,11 @@ class FoldConstants(Pass):
         clone.inputs = []
         clone.outputs = [tensors[n] for n in names]
         clone.cleanup(remove_unused_graph_inputs=True, recurse_functions=False)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             model = gs.export_onnx(clone, do_type_check=False)
-            sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(model.SerializeToString(),
+                                        session_options(level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+                                        providers=["CPUExecutionProvider"])
             out_names = [o.name for o in sess.get_outputs()]
             return dict(zip(out_names, sess.run(out_names, {})))
         except Exception as e:

@@ -58,10 +58,10 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from graphopt.errors import InputError, one_line
+from graphopt.errors import one_line
 from graphopt.pipeline import Pass, PassContext, PassResult, export, import_graph, option, register, replace_graph
 from graphopt.report import cpu_info
-from graphopt.validate import session_options
+from graphopt.validate import make_session
 
 from ._channel_graph import ChannelGraph, Group, Term, analyze, keep_masks
 from .quantize import quantized_ops
@@ -497,13 +497,6 @@ def _reinfer(graph: gs.Graph, ctx: PassContext) -> None:
 # ------------------------------------------------------------------------------------------ reconstruction
 
 
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise InputError(f"onnxruntime cannot run the model for reconstruction: {one_line(e)}") from e
-
-
 def _prefix_session(graph: gs.Graph, name: str) -> ort.InferenceSession:
     """A session computing only tensor ``name`` (the part of the graph it depends on)."""
     g = graph.copy()
@@ -511,7 +504,7 @@ def _prefix_session(graph: gs.Graph, name: str) -> ort.InferenceSession:
     g.outputs = [t]
     g.cleanup(remove_unused_graph_inputs=False)
     model = gs.export_onnx(g, do_type_check=False)
-    return _session(model)
+    return make_session(model, "model for reconstruction")
 
 
 def _run_outputs(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -519,7 +512,7 @@ def _run_outputs(model: onnx.ModelProto, names: list[str], feed: dict[str, np.nd
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
-    sess = _session(probe)
+    sess = make_session(probe, "model for reconstruction")
     return dict(zip(names, sess.run(names, feed)))
 
 
