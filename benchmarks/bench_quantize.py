@@ -855,7 +855,7 @@ def render(env: dict[str, Any], rows: list[dict[str, Any]], notes: list[str], co
       "shown instead (`est`).")
     w("")
     mcols = [c for c in cols if not c.endswith("@prefold")]
-    w(f"| model | act/sample | base | " + " | ".join(mcols) + " | kl / entropy2048 (¹) | same, above base | "
+    w("| model | act/sample | base | " + " | ".join(mcols) + " | kl / entropy2048 (¹) | same, above base | "
       "minmax / minmax | target ≤ 0.5 |")
     w("|---|---:|---|" + "---:|" * len(mcols) + "---:|---:|---:|---|")
     for row in rows:

@@ -535,7 +535,7 @@ def markdown(s: dict[str, Any], seconds: float, workers: int) -> str:
               f"{sum(api.values())} cases have inputs .npz cannot hold (sequences, optionals, bfloat16, float8, "
               f"int4...) and ran through the Python API with the test's inputs "
               f"({', '.join(f'{k}: {v}' for k, v in sorted(api.items()))}).", "",
-              f"Most common exit-2 messages (paths, quoted names and numbers blanked):", "",
+              "Most common exit-2 messages (paths, quoted names and numbers blanked):", "",
               "| models | message |", "|---:|---|"]
     lines += [f"| {n} | {m.replace('|', '∣')} |" for m, n in s["top_exit2"]]
     if s["bugs"]:

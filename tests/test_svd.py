@@ -180,6 +180,7 @@ def test_reported_output_error_is_measured_on_the_calibration_data(case):
         shape = (1, K, 3, 4)
     scale = rng.uniform(0.05, 2, K).reshape([-1 if d == K else 1 for d in shape])  # anisotropic features
     data = [{"x": (rng.standard_normal(shape) * scale + 0.3).astype(np.float32)} for _ in range(12)]
+    errors = []
     for aware in (False, True):
         ctx = PassContext(original=model, calib=open_source(data, model))
         out, records = run_pipeline(model, [make_spec("svd", {"rank": 6, "min-size": 0, "data-aware": aware})], ctx)
@@ -187,7 +188,7 @@ def test_reported_output_error_is_measured_on_the_calibration_data(case):
         ref = np.concatenate([run(model, d)[0] for d in data]).astype(np.float64)
         got = np.concatenate([run(out, d)[0] for d in data]).astype(np.float64)
         assert row["output_error"] == pytest.approx(np.linalg.norm(ref - got) / np.linalg.norm(ref), rel=1e-3)
-        errors = errors + [row["output_error"]] if aware else [row["output_error"]]
+        errors.append(row["output_error"])
     assert errors[1] < errors[0]
 
 
