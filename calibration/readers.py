@@ -45,6 +45,12 @@ class Batch:
     feed: dict[str, np.ndarray]
     labels: np.ndarray | None
 
+    @property
+    def rows(self) -> int:
+        """Samples in this feed: axis 0 of its first array (1 for a feed without a batch axis)."""
+        first = next(iter(self.feed.values()), None)
+        return first.shape[0] if isinstance(first, np.ndarray) and first.ndim else 1
+
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     """The model's graph inputs with declared shapes and numpy dtypes."""

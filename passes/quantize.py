@@ -436,8 +436,8 @@ class Quantize(Pass):
         if q[1] < 1.0 or full[1] < 1.0:
             res.counts["top-1 agreement (calibration)"] = round(q[1], 4)
         res.counts["tensors left float"] = k
-        res.notes.append(f"sensitivity measured on {sum(_batch_rows(b) for b in few)} sample(s) per tensor, "
-                         f"search on {sum(_batch_rows(b) for b in search)}")
+        res.notes.append(f"sensitivity measured on {sum(b.rows for b in few)} sample(s) per tensor, "
+                         f"search on {sum(b.rows for b in search)}")
         return model, {t: f"quantizing it alone gives {said(sens[t])} (all int8: {said(full)}; targets "
                           f"min-cosine {o.min_cosine}, min-top1 {o.min_top1})" for t in order[:k]}
 
@@ -466,11 +466,6 @@ def _with_inputs_observed(calib: Any, observers: dict[str, MinMaxObserver], feed
         yield batch
 
 
-def _batch_rows(b: Batch) -> int:
-    first = next(iter(b.feed.values()), None)
-    return first.shape[0] if isinstance(first, np.ndarray) and first.ndim else 1
-
-
 def _rows(batches: list[Batch], n: int) -> list[Batch]:
     """The first ``n`` samples of ``batches``, cutting the last batch where every input has rows to cut."""
     out: list[Batch] = []
@@ -478,7 +473,7 @@ def _rows(batches: list[Batch], n: int) -> list[Batch]:
     for b in batches:
         if left <= 0:
             break
-        rows = _batch_rows(b)
+        rows = b.rows
         if rows > left and all(isinstance(v, np.ndarray) and v.ndim and v.shape[0] == rows for v in b.feed.values()):
             b = Batch({k: v[:left] for k, v in b.feed.items()}, None if b.labels is None else b.labels[:left])
             rows = left
@@ -492,8 +487,7 @@ def _take(source: Any, n: int) -> list[Batch]:
     seen = 0
     for b in source:
         out.append(b)
-        first = next(iter(b.feed.values()), None)
-        seen += first.shape[0] if isinstance(first, np.ndarray) and first.ndim else 1
+        seen += b.rows
         if seen >= n:
             break
     return out
