@@ -132,9 +132,9 @@ def _kl_block(h: np.ndarray, cs: np.ndarray, nz: np.ndarray, cand: np.ndarray, l
     return kl
 
 
-def compute_range(obs: MinMaxObserver, method: str, percentile: float = 99.999, bits: int = 8
+def compute_range(obs: MinMaxObserver, method: str, percentile: float = 99.99, bits: int = 8
                   ) -> tuple[float, float]:
-    """The one entry point: ``method`` is minmax, percentile or kl."""
+    """The one entry point: ``method`` is minmax, percentile or kl (``percentile`` is read by percentile only)."""
     if method == "minmax" or not isinstance(obs, HistogramObserver):
         return minmax_range(obs)
     if method == "percentile":

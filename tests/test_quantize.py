@@ -304,3 +304,38 @@ def test_sensitivity_sweep_measures_every_tensor_past_the_budget():
     sens, quick = sensitivity_sweep(["a", "b", "c", "d", "e"], measure, budget_s=25.0, clock=clock)
     assert set(sens) == {"a", "b", "c", "d", "e"} and quick == 2
     assert sens["e"] == (0.9, 1.0) and sens["a"] == (0.5, 1.0)    # from the outputs backwards
+
+
+def outlier_mlp() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+    """Identity-like MatMuls over 256 features where 3 of 65,536 calibration values are 1000 and carry most of the
+    output: the 99.99th percentile of |x| clips them (the output breaks), the 99.999th keeps them."""
+    rng = np.random.default_rng(0)
+    w1 = np.eye(256, dtype=np.float32) + rng.standard_normal((256, 256)).astype(np.float32) * 0.01
+    w2 = np.eye(256, dtype=np.float32) + rng.standard_normal((256, 256)).astype(np.float32) * 0.01
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2")]
+    m = _model(nodes, [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")], ["N", 256],
+               ["N", 256])
+    data = [{"x": rng.standard_normal((16, 256)).astype(np.float32)} for _ in range(16)]
+    for i, (row, col) in enumerate([(3, 7), (9, 100), (12, 200)]):
+        data[4 * i]["x"][row, col] = 1000.0
+    return m, data
+
+
+def test_percentile_auto_keeps_the_choice_that_leaves_more_int8():
+    m, data = outlier_mlp()
+    _, clipped = graphopt.optimize(m, ["quantize:percentile=99.99"], calib_data=data, latency_runs=0)
+    assert clipped.passes[0]["counts"]["units int8"] < 2      # the fallback had to leave the outliers float
+    assert not any("percentile=auto" in n for n in clipped.passes[0]["notes"])
+    out, rep = graphopt.optimize(m, ["quantize"], calib_data=data, latency_runs=0)
+    notes = rep.passes[0]["notes"]
+    assert any(n.startswith("percentile=auto: 99.999 kept the most int8 (99.99: ") for n in notes), notes
+    assert rep.passes[0]["counts"]["units int8"] == 2 and rep.validation.outputs[0].cosine >= 0.98
+    assert "method=percentile 99.999" in " ".join(notes)
+
+
+def test_percentile_auto_stops_at_the_first_choice_that_is_all_int8():
+    _, rep = graphopt.optimize(conv_net(), ["quantize"], calib_data=calib(), latency_runs=0)
+    notes = " ".join(rep.passes[0]["notes"])
+    assert "method=percentile 99.99," in notes and "percentile=auto" not in notes
+    assert "tensors left float" not in rep.passes[0]["counts"]
