@@ -35,7 +35,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import numpy as np
 import onnx
@@ -97,6 +97,22 @@ class Unit:
     @property
     def output(self) -> gs.Tensor:
         return (self.act or self.node).outputs[0]
+
+
+class _Trial(NamedTuple):
+    """One candidate set of ranges, built and (if the fallback ran) brought to the targets."""
+
+    label: str
+    ranges: dict[str, tuple[float, float]]
+    builder: "_Builder"
+    model: onnx.ModelProto
+    floated: dict[str, str]      # tensors the fallback left float, with the reason
+    result: PassResult           # the fallback's counts and notes
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """Most units int8 first, then fewest tensors float."""
+        return len(self.builder.int8_units), -len(self.floated)
 
 
 @dataclass
@@ -195,29 +211,28 @@ class Quantize(Pass):
         # Each candidate set of ranges (in order of preference) is built and, if the fallback runs, brought to the
         # targets; the one that keeps the most units int8 (then the fewest tensors float) wins. A candidate that
         # meets the targets with every tensor int8 cannot be beaten, so the search stops there.
-        best: tuple[tuple[int, int], str, dict[str, tuple[float, float]], _Builder, onnx.ModelProto,
-                    dict[str, str], PassResult] | None = None
+        best: _Trial | None = None
         tried: list[str] = []
         for label, ranges in candidates:
-            trial = PassResult()
             builder = _Builder(graph, plan, ranges, ctx.original, per_channel=per_channel, reduce_range=reduce,
                                activations=o.activations)
-            model = builder.build(set())
-            floated: dict[str, str] = {}
+            trial = _Trial(label, ranges, builder, builder.build(set()), {}, PassResult())
             if fallback:
-                model, floated = self._fallback(builder, float_model, model, ctx, trial)
-            rank = (len(builder.int8_units), -len(floated))
-            tried.append(f"{label}: {rank[0]} of {len(plan.units)} units int8, {len(floated)} tensors float")
-            if best is None or rank > best[0]:
-                best = (rank, label, ranges, builder, model, floated, trial)
-            if not floated:
+                model, floated = self._fallback(builder, float_model, trial.model, ctx, trial.result)
+                trial = trial._replace(model=model, floated=floated)
+            tried.append(f"{label}: {len(builder.int8_units)} of {len(plan.units)} units int8, "
+                         f"{len(trial.floated)} tensors float")
+            if best is None or trial.rank > best.rank:
+                best = trial
+            if not trial.floated:
                 break
         assert best is not None
-        _, label, ranges, builder, model, floated, trial = best
-        res.counts.update(trial.counts)
-        res.notes += trial.notes
+        label, ranges, builder, model, floated = best.label, best.ranges, best.builder, best.model, best.floated
+        res.counts.update(best.result.counts)
+        res.notes += best.result.notes
         if len(tried) > 1:
             res.notes.append(f"percentile=auto: {label} kept the most int8 ({'; '.join(tried)})")
+        method = f"percentile {label}" if o.method == "percentile" and label != "loaded" else o.method
         replace_graph(graph, import_graph(model))
         res.changed = True
         for u in plan.units:
@@ -232,7 +247,7 @@ class Quantize(Pass):
         if len(builder.int8_units) < len(plan.units):
             res.counts["units float"] = len(plan.units) - len(builder.int8_units)
         res.counts["tensors quantized"] = len(builder.last_tensors)
-        res.notes.append(f"method={o.method}{' ' + label if o.method == 'percentile' else ''}, activations={o.activations}, reduce-range={'on' if reduce else 'off'}"
+        res.notes.append(f"method={method}, activations={o.activations}, reduce-range={'on' if reduce else 'off'}"
                          f", weights {'per-channel' if per_channel else 'per-tensor'}")
         for name, why in list(floated.items())[:MAX_NOTES]:
             res.notes.append(f"left float: tensor '{name}': {why}")
@@ -244,8 +259,7 @@ class Quantize(Pass):
             res.notes.append(f"layer {row['layer']} ({row['op']}) runs float: {row['status'][7:]}")
         if len(slow) > MAX_NOTES:
             res.notes.append(f"{len(slow) - MAX_NOTES} more layers run float (--report lists every layer)")
-        res.artifacts["calibration"] = {"method": o.method if o.method != "percentile" else f"percentile {label}",
-                                        "ranges": {k: list(v) for k, v in ranges.items()}}
+        res.artifacts["calibration"] = {"method": method, "ranges": {k: list(v) for k, v in ranges.items()}}
         return res
 
     def _upgrade(self, graph: gs.Graph, ctx: PassContext, res: PassResult, target: int) -> bool:
