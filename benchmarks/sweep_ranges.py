@@ -9,7 +9,7 @@ config — ``percentile=P`` or ``method=minmax|kl`` — graphopt's ``quantize`` 
 calibration set, fidelity against float on the evaluation set (``--swap``: the other way round too, a second draw of
 the same small sets). The last row per model is the default ``quantize`` (fallback on), with the units left int8.
 Figures: the worst output cosine (pooled over all elements), the worst top-1 agreement of class-score outputs
-(Softmax outputs, or [N, C] outputs of a labelled classifier), and task accuracy where there are labels. Fidelity does
+(Softmax outputs, else every [N, C] output; none for the MiniLM embedding), and task accuracy where there are labels. Fidelity does
 not depend on machine load, so this runs beside other work.
 """
 
@@ -35,7 +35,8 @@ def run(case: bq.ModelCase, spec: str, calib: Path, ev: Path) -> dict[str, Any]:
                                force=True)
     v = rep.validation
     counts = rep.passes[-1]["counts"]
-    top1 = [o.top1 for o in v.outputs if o.top1 is not None]
+    # top-1 agreement means something for class scores only: not for an embedding's argmax (MiniLM)
+    top1 = [o.top1 for o in v.outputs if o.top1 is not None] if case.kind != "embedding" else []
     return {"cosine": min(o.cosine for o in v.outputs if o.cosine is not None),
             "top1": min(top1) if top1 else None,
             "accuracy": v.accuracy[1] if v.accuracy else None,
