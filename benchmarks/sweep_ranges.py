@@ -9,8 +9,8 @@ config — ``percentile=P`` or ``method=minmax|kl`` — graphopt's ``quantize`` 
 calibration set, fidelity against float on the evaluation set (``--swap``: the other way round too, a second draw of
 the same small sets). The last row per model is the default ``quantize`` (fallback on), with the units left int8.
 Figures: the worst output cosine (pooled over all elements), the worst top-1 agreement of class-score outputs
-(Softmax outputs, else every [N, C] output; none for the MiniLM embedding), and task accuracy where there are labels. Fidelity does
-not depend on machine load, so this runs beside other work.
+(Softmax outputs, else every [N, C] output; none for the MiniLM embedding), and task accuracy where there are
+labels. Fidelity does not depend on machine load, so this runs beside other work.
 """
 
 from __future__ import annotations
@@ -78,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
              "on the evaluation set, ranges from the calibration set (`swapped`: the other way round); fallback off "
              "(`min-cosine=0,min-top1=0`), so every unit is int8. `default`: `--pass quantize` as shipped "
              "(fallback on), with the units it keeps int8 and the percentile `auto` chose.", ""]
-    splits = [("", "calib", "eval")] + ([(" swapped", "eval", "calib")] if args.swap else [])
+    splits = [("", False)] + ([(" swapped", True)] if args.swap else [])
     header = ["model", *configs] + ([] if args.no_default else ["default", "units int8", "chosen"])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for case in cases:
-        for label, c_split, e_split in splits:
-            calib, ev = (case.calib, case.eval) if c_split == "calib" else (case.eval, case.calib)
+        for label, swapped in splits:
+            calib, ev = (case.eval, case.calib) if swapped else (case.calib, case.eval)
             row = [case.name + label]
             for spec in configs:
                 row.append(cell(run(case, f"quantize:min-cosine=0,min-top1=0,{spec}", calib, ev)))
