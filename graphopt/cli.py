@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for random inputs and sampling (default 0)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency (default 1)")
     p.add_argument("--latency-runs", type=int, default=20, metavar="N",
-                   help="timed runs per model for latency, 0 to skip (default 20)")
+                   help="timed runs per model for latency (more for a model that runs them in under 0.2 s), "
+                        "0 to skip (default 20)")
     p.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples/feeds")
     p.add_argument("--save-calibration", metavar="FILE.json", help="write quantize's calibration ranges as JSON")
     p.add_argument("--load-calibration", metavar="FILE.json",
