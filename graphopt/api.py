@@ -23,7 +23,7 @@ from .errors import UsageError, ValidationFailed
 from .pipeline import (PassContext, PassSpec, check_calibration, check_order, default_pipeline, make_spec,
                        parse_pass_arg, run_pipeline)
 from .report import Report, measure_latency, model_stats
-from .validate import Thresholds, make_session, validate
+from .validate import Thresholds, class_score_outputs, make_session, validate
 
 log = logging.getLogger("graphopt")
 
@@ -118,9 +118,11 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
     feed = _one_row(first, model) if first is not None else None
     if validate_output:
         new_session = make_session(out, "rewritten model")
+        thresholds = Thresholds(min_cosine, min_top1, max_rel_error)
+        if min_cosine is None and min_top1 is None and not isinstance(val, RandomSource):
+            thresholds = pass_targets(specs, model, max_rel_error)
         report.validation = validate(model, out, val, exact=exact, description=val.description,
-                                     thresholds=Thresholds(min_cosine, min_top1, max_rel_error),
-                                     sessions=(ref_session, new_session))
+                                     thresholds=thresholds, sessions=(ref_session, new_session))
     report.before = model_stats(model, feed)
     report.after = model_stats(out, feed)
     if latency_runs > 0 and feed is not None:
@@ -139,6 +141,20 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
     if report.validation is not None and not report.validation.passed and not force:
         raise ValidationFailed(f"validation failed: {report.validation.failures[0]}", model=out, report=report)
     return out, report
+
+
+def pass_targets(specs: Sequence[PassSpec], model: onnx.ModelProto, max_rel_error: float | None) -> Thresholds:
+    """Validation thresholds when the user set neither --min-cosine nor --min-top1: the strictest ``min_cosine`` /
+    ``min_top1`` targets of the pipeline's passes (quantize's fallback reaches them on calibration data; 0 = off),
+    checked again on the validation data, so that a model which meets them only on its calibration samples is not
+    written. A pass's min-top1 covers class-score outputs only, as in the pass."""
+    cos = [float(s.options.min_cosine) for s in specs if getattr(s.options, "min_cosine", 0) > 0]
+    top = [float(s.options.min_top1) for s in specs if getattr(s.options, "min_top1", 0) > 0]
+    names = [s.name for s in specs if getattr(s.options, "min_cosine", 0) > 0 or getattr(s.options, "min_top1", 0) > 0]
+    if not names:
+        return Thresholds(max_rel_error=max_rel_error)
+    return Thresholds(max(cos) if cos else None, max(top) if top else None, max_rel_error,
+                      origin=f"{names[-1]}'s ", top1_outputs=frozenset(class_score_outputs(model)))
 
 
 SLOWER_MARGIN = 1.10   # a 20-run median moves by a few percent between runs: flag only a clear slowdown

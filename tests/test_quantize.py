@@ -239,6 +239,30 @@ def test_save_and_load_calibration_roundtrip(cli, tmp_path):
     assert res.code == 2 and "not a graphopt calibration file" in res.err
 
 
+def test_quantize_targets_are_checked_again_on_the_validation_data(cli, tmp_path):
+    """Ranges from [0, 1) inputs clip inputs 8x larger: quantize met min-cosine on its calibration data, the
+    validation data misses it, so nothing is written; the user's own --min-cosine decides instead."""
+    m, data, val = tmp_path / "m.onnx", tmp_path / "calib.npz", tmp_path / "val.npz"
+    onnx.save(conv_net(), m)
+    x = np.concatenate([d["x"] for d in calib()])
+    np.savez(data, x=x)
+    np.savez(val, x=8 * x)
+    out = tmp_path / "q.onnx"
+    res = cli(m, out, "--pass", "quantize", "--calib-data", data, "--val-data", val, "--latency-runs", "0")
+    assert res.code == 1 and not out.exists(), res.err
+    assert "below quantize's min-cosine 0.98 on the validation data" in res.err and "Traceback" not in res.err
+    ok = cli(m, out, "--pass", "quantize", "--calib-data", data, "--latency-runs", "0")
+    assert ok.code == 0 and out.exists(), ok.err      # validated on the calibration data: the target holds there
+    out.unlink()
+    accepted = cli(m, out, "--pass", "quantize", "--calib-data", data, "--val-data", val, "--min-cosine", "0.5",
+                   "--latency-runs", "0")
+    assert accepted.code == 0 and out.exists(), accepted.err
+    off = tmp_path / "off.onnx"
+    res = cli(m, off, "--pass", "quantize:min-cosine=0,min-top1=0", "--calib-data", data, "--val-data", val,
+              "--latency-runs", "0")
+    assert res.code == 0 and off.exists(), res.err    # fallback off: no target to check
+
+
 def test_fuse_conv_relu_refused_after_quantize():
     with pytest.raises(UsageError, match="'fuse-conv-relu' cannot run after 'quantize'"):
         graphopt.optimize(conv_net(), ["quantize", "fuse-conv-relu"], calib_data=calib(), latency_runs=0)
