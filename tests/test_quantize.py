@@ -220,6 +220,28 @@ def test_fallback_rescues_fragile_model():
     assert rep.passes[0]["counts"]["units int8"] == 1   # fc1 still int8
 
 
+def test_fallback_leaves_no_quantize_pair_that_no_int8_op_uses():
+    """With 'h' left float, fc2 runs float, so a Q/DQ pair on its output 'y' would only add error: there is none,
+    and the report says why 'y' is float."""
+    rng = np.random.default_rng(3)
+    data = [{"x": np.abs(rng.standard_normal((16, 16))).astype(np.float32)} for _ in range(4)]
+    out, rep = graphopt.optimize(fragile_mlp(), ["quantize:method=minmax"], calib_data=data, latency_runs=0)
+    assert [n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"] == ["x"]
+    assert ops(out) == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "Gemm", "Relu", "Gemm"]
+    assert rep.passes[0]["counts"]["tensors left float"] == 2
+    assert "tensor 'y': no op next to it runs int8" in " ".join(rep.passes[0]["notes"])
+
+
+def test_idle_tensors_are_the_ones_outside_every_int8_op():
+    from passes.quantize import _Builder
+    # conv (unit): x -> c; add (other): c + f -> a, f float; pool (other): a -> p; gemm (unit): p -> y
+    ops_io = [(["x"], "c", False), (["c", "f"], "a", True), (["a"], "p", True), (["p"], "y", False)]
+    qdq = dict.fromkeys(["x", "c", "a", "p", "y"])
+    assert _Builder._drop_idle(qdq, ops_io) == []          # add is float, but a and p run the int8 pool
+    qdq = dict.fromkeys(["x", "c", "a", "y"])               # p float: the pool runs float, gemm too
+    assert _Builder._drop_idle(qdq, ops_io) == ["a", "y"] and list(qdq) == ["x", "c"]
+
+
 def test_save_and_load_calibration_roundtrip(cli, tmp_path):
     m = tmp_path / "m.onnx"
     onnx.save(conv_net(), m)
