@@ -1089,8 +1089,10 @@ def render(env: dict[str, Any], rows: list[dict[str, Any]], notes: list[str], co
                          "(onnxruntime's quantizer leaves those layers float; `@prefold` shows it on folded weights)")
         if row.get("ort_input"):
             extra.append("onnxruntime input: " + row["ort_input"])
-        if row["calib_available"] < MAIN_N:
+        if row["calib_available"] < row["n_main"]:
             extra.append(f"calib set has {row['calib_available']} distinct samples, tiled")
+        elif row["calib_available"] > row["n_main"]:
+            extra.append(f"{row['n_main']} evenly spaced of the calib set's {row['calib_available']} samples")
         if row["note"]:
             extra.append(row["note"])
         for k, v in row["skipped"].items():
