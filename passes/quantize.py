@@ -490,7 +490,6 @@ class Quantize(Pass):
         res.counts["output cosine (calibration)"] = round(q[0], 6)
         if q[1] < 1.0 or full[1] < 1.0:
             res.counts["top-1 agreement (calibration)"] = round(q[1], 4)
-        res.counts["tensors left float"] = k
         res.notes.append(f"sensitivity measured on {sum(b.rows for b in few)} sample(s) per tensor, "
                          f"search on {sum(b.rows for b in search)}")
         reasons = {t: f"quantizing it alone gives {said(sens[t])} (all int8: {said(full)}; targets "
