@@ -395,10 +395,11 @@ def _box_masks(prob: np.ndarray) -> list[np.ndarray]:
     return masks
 
 
-def box_f1(ref: np.ndarray, out: np.ndarray, iou: float = 0.5) -> tuple[int, int, int]:
-    """Text boxes of the int8 map against float's on one [H, W] map, matched one-to-one (greedy, best IoU first)
-    at IoU ≥ 0.5: (matched, float boxes, int8 boxes). F1 = 2·matched / (float + int8)."""
-    a, b = _box_masks(ref), _box_masks(out)
+def box_f1(a: list[np.ndarray], out: np.ndarray, iou: float = 0.5) -> tuple[int, int, int]:
+    """Text boxes of the int8 map ``out`` against float's box masks ``a`` (``_box_masks`` of float's map), matched
+    one-to-one (greedy, best IoU first) at IoU ≥ 0.5: (matched, float boxes, int8 boxes). F1 = 2·matched / (float +
+    int8)."""
+    b = _box_masks(out)
     pairs = []
     for i, ma in enumerate(a):
         for j, mb in enumerate(b):
@@ -433,6 +434,7 @@ def fidelity(case: ModelCase, models: dict[str, Path], limit: int) -> dict[str, 
     res: dict[str, Any] = {"roles": roles, "names": names,
                            "samples": sum(_rows(r[0]).shape[0] for r in ref), "labelled": labels is not None,
                            "errors": errors}
+    ref_boxes: dict[int, list[list[np.ndarray]]] = {}   # detector: float's text boxes per output, per sample
     for key, sess in sessions.items():
         outs = ref if key == "float" else [sess.run(None, f) for f in feeds]
         per_out = []
@@ -460,8 +462,10 @@ def fidelity(case: ModelCase, models: dict[str, Path], limit: int) -> dict[str, 
                     n = min(len(b), len(labels))
                     acc = float(np.mean(b[:n] == labels[:n]))
             if case.kind == "ocr_det" and key != "float":   # the task: the text boxes rapidocr would find
-                counts = np.array([box_f1(np.asarray(r[j])[i, 0], np.asarray(o[j])[i, 0]) for r, o in zip(ref, outs)
-                                   for i in range(np.shape(r[j])[0])])
+                if j not in ref_boxes:
+                    ref_boxes[j] = [_box_masks(np.asarray(r[j])[i, 0]) for r in ref for i in range(np.shape(r[j])[0])]
+                maps = [np.asarray(o[j])[i, 0] for o in outs for i in range(np.shape(o[j])[0])]
+                counts = np.array([box_f1(a, m) for a, m in zip(ref_boxes[j], maps)])
                 m, na, nb = counts.sum(0)
                 d["box_f1"] = float(2 * m / (na + nb)) if na + nb else 1.0
             per_out.append(d)
