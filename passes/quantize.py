@@ -31,6 +31,7 @@ Declined: models already quantized (QDQ, QLinear*, *Integer ops); opset < 10 tha
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -49,7 +50,6 @@ from calibration.readers import Batch
 from graphopt.errors import UsageError
 from graphopt.pipeline import (Pass, PassContext, PassResult, export, import_graph, infer_shapes, option, register,
                                replace_graph)
-from graphopt.report import cpu_info
 from graphopt.validate import Thresholds, class_score_outputs, looks_like_scores, make_session, validate
 from passes.fold_bn import FoldBatchNorm
 from passes.fold_constants import lower_constant_nodes
@@ -131,10 +131,39 @@ def _float(t: gs.Tensor) -> bool:
     return t.dtype is not None and np.dtype(t.dtype) in (np.dtype(np.float32),)
 
 
+@functools.lru_cache(maxsize=1)
+def int8_kernel_saturates() -> bool:
+    """Whether this CPU's onnxruntime u8·s8 integer kernel saturates, measured on a 1x64 by 64x1 QDQ MatMul.
+
+    x86 without VNNI multiplies with vpmaddubsw, which sums each adjacent pair of u8·s8 products in int16:
+    255·127·2 = 64770 clamps to 32767, so the kernel is not the integer product the QDQ graph describes. With 7-bit
+    weights (|w| <= 63) a pair is at most 255·63·2 = 32130 and always exact. VNNI (vpdpbusd) and other CPUs add in
+    int32. The probe runs the kernel itself, so it holds whatever the CPU flags or the onnxruntime build.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = 64
+    inits = [numpy_helper.from_array(np.full((k, 1), 127, np.int8), "w"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.uint8), "zx"), numpy_helper.from_array(np.array(0, np.int8), "zw")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "s", "zw"], ["wd"]),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"])]
+    graph = helper.make_graph(nodes, "saturation_probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    y = make_session(model, "saturation probe").run(None, {"x": np.full((1, k), 255, np.float32)})[0]
+    return float(y.ravel()[0]) != 255.0 * 127 * k
+
+
+_AUTO_WHY = {True: " (auto: this CPU's u8·s8 kernel saturates in int16)",
+             False: " (auto: this CPU's u8·s8 kernel adds in int32)"}
+
+
 def reduce_range_auto() -> bool:
-    """7-bit weights where the CPU's u8·s8 kernels can saturate: x86 without VNNI (vpmaddubsw sums in int16)."""
-    isa = set(cpu_info()["isa"])
-    return "AVX2" in isa and not ({"AVX512-VNNI", "AVX-VNNI"} & isa)
+    """7-bit weights exactly where the CPU's u8·s8 kernel saturates (``int8_kernel_saturates``)."""
+    return int8_kernel_saturates()
 
 
 @register
@@ -155,7 +184,7 @@ class Quantize(Pass):
         per_channel: bool = option(True, "per-output-channel weight scales (needs opset 13; upgraded if possible)")
         activations: Literal["uint8", "int8"] = option("uint8", "activation integer type")
         reduce_range: Literal["auto", "true", "false"] = option(
-            "auto", "7-bit weights; auto: on x86 CPUs without VNNI, where u8s8 kernels can saturate")
+            "auto", "7-bit weights; auto: where this CPU's u8s8 kernel saturates (x86 without VNNI; probed)")
         exclude: tuple[str, ...] = option((), "node names or op types to keep float (repeat the key)")
         samples: int | None = option(None, "use at most this many calibration samples", lo=1)
         min_cosine: float = option(0.98, "fallback target: output cosine vs float on calibration data (0: off)",
@@ -250,6 +279,7 @@ class Quantize(Pass):
             res.counts["units float"] = len(plan.units) - len(builder.int8_units)
         res.counts["tensors quantized"] = len(builder.last_tensors)
         res.notes.append(f"method={method}, activations={o.activations}, reduce-range={'on' if reduce else 'off'}"
+                         f"{_AUTO_WHY[reduce] if o.reduce_range == 'auto' else ''}"
                          f", weights {'per-channel' if per_channel else 'per-tensor'}")
         for name, why in list(floated.items())[:MAX_NOTES]:
             res.notes.append(f"left float: tensor '{name}': {why}")

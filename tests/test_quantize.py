@@ -385,3 +385,30 @@ def test_percentile_auto_stops_at_the_first_choice_that_is_all_int8():
     notes = " ".join(rep.passes[0]["notes"])
     assert "method=percentile 99.99," in notes and "percentile=auto" not in notes
     assert "tensors left float" not in rep.passes[0]["counts"]
+
+
+@pytest.mark.parametrize("reduce_range", ["auto", "false"])
+def test_reduce_range_auto_keeps_the_integer_kernel_exact(reduce_range):
+    """Inputs at 255 and weights at 127: each pair of u8·s8 products is 64770, past int16. Where the CPU's kernel
+    sums pairs in int16 (x86 without VNNI), only 7-bit weights give what the QDQ graph says; auto must pick them
+    there and may keep 8 bits elsewhere. Fails if the saturation probe is wrong either way."""
+    from passes.quantize import int8_kernel_saturates
+
+    f = np.float32
+    inits = [numpy_helper.from_array(np.ones((2, 32, 1, 1), f), "w"), numpy_helper.from_array(np.zeros(2, f), "b")]
+    model = _model([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")], inits, ["N", 32, 4, 4],
+                   ["N", 2, 4, 4])
+    ones = [{"x": np.ones((1, 32, 4, 4), f)}]
+    out, _ = graphopt.optimize(model, [f"quantize:method=minmax,reduce-range={reduce_range},min-cosine=0"],
+                               calib_data=ones, latency_runs=0)
+
+    def run(level: ort.GraphOptimizationLevel) -> np.ndarray:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        sess = ort.InferenceSession(out.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return sess.run(None, ones[0])[0]
+
+    reference, kernel = run(ort.GraphOptimizationLevel.ORT_DISABLE_ALL), run(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    assert np.allclose(reference, 32, rtol=0.02)
+    exact = bool(np.allclose(kernel, reference, atol=32 / 255 + 1e-6))
+    assert exact == (reduce_range == "auto" or not int8_kernel_saturates()), (kernel.ravel()[:2], reference.ravel()[:2])
