@@ -9,7 +9,11 @@ Per output, accumulated over all feeds (memory holds one feed's outputs at a tim
   * accuracy       = argmax vs labels when the data carries ``__labels__``, graded on a probability output (rows
                      summing to 1) if there is one, else the first class-score output with a column per label.
 A rewritten output that is NaN/Inf where the original is finite, or a changed shape or dtype, always fails.
-An exact pipeline must match within EXACT_REL_TOL (float) or exactly (integers, bools, strings). Lossy pipelines are
+An exact pipeline must match within EXACT_REL_TOL (float) or exactly (integers, bools, strings). Float rounding
+of a deep model can exceed that without any rewrite: the input model run with onnxruntime's optimizations off
+differs from it run with them on (PP-OCRv4 rec: 2.8e-4 of the output's range; PP-OCRv4 det on random inputs, whose
+Sigmoid outputs are ~1e-7: all of it). Validation of an exact pipeline measures that spread on the same feeds and
+accepts a float rel error up to twice it: a rewrite is as exact as onnxruntime's own graph rewrites. Lossy pipelines are
 gated by the user's thresholds (min cosine, min top-1, max rel error), else by the targets of the lossy pass
 (quantize's min-cosine / min-top1, which it reached on calibration data) checked again on the validation data.
 """
@@ -131,6 +135,7 @@ class OutputStats:
     top1_rows: int = 0
     mismatches: int = 0              # exact kinds: differing elements
     new_nonfinite: int = 0
+    noise_abs: float = 0.0           # exact pipelines: max |x - x'|, x' the input model with optimizations off
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -138,6 +143,13 @@ class OutputStats:
         if self.max_abs_error == 0:
             return 0.0
         return self.max_abs_error / self.ref_max_abs if self.ref_max_abs > 0 else math.inf
+
+    @property
+    def noise_rel(self) -> float:
+        """onnxruntime's own rounding spread on this output, relative to its range (as ``rel_error``)."""
+        if self.noise_abs == 0:
+            return 0.0
+        return self.noise_abs / self.ref_max_abs if self.ref_max_abs > 0 else math.inf
 
     @property
     def cosine(self) -> float | None:
@@ -290,6 +302,12 @@ def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Ite
         res.failures.append(f"outputs changed from {ref_names} to {new_names}")
         return res
     stats = [OutputStats(n) for n in ref_names]
+    floor_sess = None
+    if exact:
+        try:
+            floor_sess = make_session(original, "input model", level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        except InputError:
+            floor_sess = None   # the floor stays 0: only EXACT_REL_TOL applies
     # Top-1 agreement for the class scores: the Softmax/LogSoftmax outputs if the model has any (MTCNN's box
     # offsets beside its face score have an argmax that means nothing), else every [N, C] output (logits).
     scored = class_score_outputs(original) or set(range(len(stats)))
@@ -310,6 +328,12 @@ def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Ite
         res.samples += first.shape[0] if isinstance(first, np.ndarray) and first.ndim > 0 else 1
         for i, (s, r, o) in enumerate(zip(stats, ref, out)):
             _compare(s, r, o, top1=i in scored)
+        if floor_sess is not None:
+            for s, r, o in zip(stats, ref, floor_sess.run(None, batch.feed)):
+                if isinstance(r, np.ndarray) and r.dtype.kind == "f" and r.shape == o.shape:
+                    both = np.isfinite(r) & np.isfinite(o)
+                    if both.any():
+                        s.noise_abs = max(s.noise_abs, float(np.abs(r[both].astype(np.float64) - o[both]).max()))
         if batch.labels is not None:
             if score_index is None:
                 score_index = label_output(ref, batch.labels)
@@ -345,10 +369,12 @@ def _judge(res: ValidationResult, t: Thresholds) -> None:
         if s.kind != "float" or s.problems:
             continue
         if res.exact:
-            tol = _exact_tol(s)
+            tol = max(_exact_tol(s), 2 * s.noise_rel)
             if s.rel_error > tol:
-                res.failures.append(f"output '{s.name}': rel error {s.rel_error:.3g} exceeds {tol:g} for an exact "
-                                    "pipeline")
+                floor = (f" (twice onnxruntime's own rounding spread on this model, {s.noise_rel:.3g})"
+                         if tol > _exact_tol(s) else "")
+                res.failures.append(f"output '{s.name}': rel error {s.rel_error:.3g} exceeds {tol:.3g}{floor} for an "
+                                    "exact pipeline")
             continue
         cos = s.cosine
         if t.min_cosine is not None and cos is not None and cos < t.min_cosine:
