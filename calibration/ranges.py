@@ -11,7 +11,12 @@
   with numpy, in blocks of equal group width m = i // Q (cumulative sums give every group's mass and non-empty
   count; smoothing keeps both sums, so P's zero bins add a closed-form term and only its non-zero bins are summed),
   instead of onnxruntime's Python loop over 2048 × 128.
-For both histogram methods, the range is the observed [min, max] clipped to [-T, T]. Non-negative tensors
+* ``mse``: T minimising the expected squared quantization error of the tensor's values under the affine 8-bit
+  quantizer of the range it gives (255 steps of s = (hi - lo) / 255 over [lo, hi] = [min, max] clipped to [-T, T],
+  widened to hold 0): values inside round with error s²/12 each (exact zeros: none), values past an end are clipped
+  to it, (x - end)², each histogram bin's values taken at the bin's centre. Every bin edge is a candidate; suffix
+  sums of h, h·c and h·c² give each candidate's clipping error in O(1), so the search is O(bins).
+For the histogram methods, the range is the observed [min, max] clipped to [-T, T]. Non-negative tensors
 (post-ReLU) have the whole unsigned level count over [0, T]: Q = 256 for 8 bits instead of 128.
 """
 
@@ -132,13 +137,39 @@ def _kl_block(h: np.ndarray, cs: np.ndarray, nz: np.ndarray, cand: np.ndarray, l
     return kl
 
 
+def mse_range(obs: HistogramObserver, steps: int = 255) -> tuple[float, float]:
+    lo, hi = obs.range()
+    extent, n = obs.extent, obs.bins
+    if obs.count == 0 or extent == 0 or lo == hi:
+        return lo, hi
+    h = obs.hist.astype(np.float64)
+    centers = (np.arange(2 * n) - n + 0.5) * (extent / n)
+    t = np.arange(1, n + 1) * (extent / n)
+    top = np.maximum(np.minimum(hi, t), 0.0)
+    bottom = np.minimum(np.maximum(lo, -t), 0.0)
+    # suffix sums (bins at and above k) and prefix sums (bins below k) of h, h·c, h·c²
+    moments = np.stack([h, h * centers, h * centers**2])
+    suffix = np.concatenate([np.cumsum(moments[:, ::-1], axis=1)[:, ::-1], np.zeros((3, 1))], axis=1)
+    prefix = np.concatenate([np.zeros((3, 1)), np.cumsum(moments, axis=1)], axis=1)
+    up = np.searchsorted(centers, top, side="right")       # first bin clipped down to ``top``
+    down = np.searchsorted(centers, bottom, side="left")   # bins below it are clipped up to ``bottom``
+    s0, s1, s2 = suffix[:, up]
+    p0, p1, p2 = prefix[:, down]
+    clipped = (s2 - 2 * top * s1 + top**2 * s0) + (p2 - 2 * bottom * p1 + bottom**2 * p0)
+    inside = np.maximum(h.sum() - s0 - p0 - obs.exact_zeros, 0.0)
+    err = np.maximum(clipped, 0.0) + inside * ((top - bottom) / steps) ** 2 / 12.0
+    return _clip(obs, float(t[int(np.argmin(err))]))
+
+
 def compute_range(obs: MinMaxObserver, method: str, percentile: float = 99.99, bits: int = 8
                   ) -> tuple[float, float]:
-    """The one entry point: ``method`` is minmax, percentile or kl (``percentile`` is read by percentile only)."""
+    """The one entry point: ``method`` is minmax, percentile, kl or mse (``percentile`` is read by percentile only)."""
     if method == "minmax" or not isinstance(obs, HistogramObserver):
         return minmax_range(obs)
     if method == "percentile":
         return percentile_range(obs, percentile)
     if method == "kl":
         return kl_range(obs, bits)
+    if method == "mse":
+        return mse_range(obs, 2**bits - 1)
     raise ValueError(f"unknown range method {method}")

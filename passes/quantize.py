@@ -176,7 +176,7 @@ class Quantize(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        method: Literal["minmax", "kl", "percentile"] = option("percentile", "activation range method")
+        method: Literal["minmax", "kl", "percentile", "mse"] = option("percentile", "activation range method")
         percentile: float | Literal["auto"] = option(
             "auto", "percentile of |x| for method=percentile; auto: 99.99, or 99.999 where that keeps more layers int8 "
             "after the fallback", lo=50, hi=100, lo_open=True)

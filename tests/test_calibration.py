@@ -192,3 +192,57 @@ def test_collector_runs_are_bounded_whatever_the_batch(budget, expected):
     seen = collect(model, ["y"], [Batch({"x": x}, None)], rec, budget_bytes=budget)
     assert seen == 40 and max(rec["y"].rows) == expected and sum(rec["y"].rows) == 40
     assert (rec["y"].lo, rec["y"].hi) == (0.0, float(np.maximum(x, 0).max()))
+
+
+def reference_mse_threshold(obs: HistogramObserver, steps: int = 255) -> float:
+    """The mse method's objective, one candidate and one bin at a time."""
+    lo, hi = obs.range()
+    width = obs.extent / obs.bins
+    best, best_t = np.inf, 0.0
+    for j in range(1, obs.bins + 1):
+        t = j * width
+        top, bottom = max(min(hi, t), 0.0), min(max(lo, -t), 0.0)
+        err = 0.0
+        for k, count in enumerate(obs.hist):
+            c = (k - obs.bins + 0.5) * width
+            if c > top:
+                err += count * (c - top) ** 2
+            elif c < bottom:
+                err += count * (c - bottom) ** 2
+            else:
+                err += count * ((top - bottom) / steps) ** 2 / 12
+        err -= obs.exact_zeros * ((top - bottom) / steps) ** 2 / 12    # zeros round exactly
+        if best == np.inf or err < best - 1e-9 * abs(best):
+            best, best_t = err, t
+    return best_t
+
+
+@given(st.integers(0, 10_000), st.sampled_from(["normal", "laplace", "relu", "skewed"]))
+@settings(max_examples=30, deadline=None)
+def test_mse_equals_reference(seed, kind):
+    rng = np.random.default_rng(seed)
+    x = {"normal": rng.standard_normal(3000), "laplace": rng.laplace(size=3000) ** 3,
+         "relu": np.maximum(rng.standard_normal(3000), 0), "skewed": rng.exponential(size=3000) - 0.3}[kind]
+    obs = HistogramObserver(64)
+    obs.update(x.astype(np.float32))
+    t = reference_mse_threshold(obs)
+    lo, hi = obs.range()
+    assert compute_range(obs, "mse") == pytest.approx((max(lo, -t), min(hi, t)))
+
+
+@pytest.mark.parametrize("kind", ["normal", "laplace", "heavy"])
+def test_mse_range_is_near_the_best_clip_on_the_raw_values(kind):
+    """The histogram's error model picks a clip whose real 8-bit error is within 5% of the best of 400 tried."""
+    rng = np.random.default_rng(3)
+    x = {"normal": rng.standard_normal(200_000), "laplace": rng.laplace(size=200_000),
+         "heavy": rng.standard_t(2, 200_000)}[kind].astype(np.float32)
+    obs = HistogramObserver(2048)
+    obs.update(x)
+
+    def error(lo: float, hi: float) -> float:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        s = (hi - lo) / 255
+        return float(np.mean((np.clip(np.round((x - lo) / s), 0, 255) * s + lo - x) ** 2))
+
+    best = min(error(max(x.min(), -t), min(x.max(), t)) for t in np.linspace(0.05, np.abs(x).max(), 400))
+    assert error(*compute_range(obs, "mse")) <= 1.05 * best
