@@ -5,7 +5,9 @@ Per output, accumulated over all feeds (memory holds one feed's outputs at a tim
   * rel error      = max |y - x| / max |x|            (error relative to the output's range; robust near zero)
   * cosine         = <x, y> / (|x| |y|)               over all elements of all feeds
   * SQNR (dB)      = 10 log10(sum x^2 / sum (y - x)^2)
-  * top-1          = fraction of rows whose argmax agrees, for class-score-shaped outputs ([N, C], C >= 2, float)
+  * top-1          = fraction of rows whose argmax agrees, for class-score-shaped outputs ([N, C], C >= 2, float);
+                     for a Softmax/LogSoftmax output of rank >= 3 over its last axis ([N, T, C]: a CTC recogniser's
+                     classes per step), the fraction of positions whose argmax agrees
   * accuracy       = argmax vs labels when the data carries ``__labels__``, graded on a probability output (rows
                      summing to 1) if there is one, else the first class-score output with a column per label.
 A rewritten output that is NaN/Inf where the original is finite, or a changed shape or dtype, always fails.
@@ -201,8 +203,35 @@ def class_score_outputs(model: onnx.ModelProto) -> set[int]:
 _RESHAPING = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 
 
-def looks_like_scores(arr: np.ndarray) -> bool:
-    return arr.dtype.kind == "f" and arr.ndim == 2 and arr.shape[1] >= 2
+def sequence_score_outputs(model: onnx.ModelProto) -> set[int]:
+    """Indices of the graph outputs of rank >= 3 made directly by Softmax or LogSoftmax over their last axis: class
+    scores per position (a recogniser's [N, T, C]). Their top-1 agreement is taken per position."""
+    producer = {out: n for n in model.graph.node for out in n.output}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    found = set()
+    for i, out in enumerate(model.graph.output):
+        n = producer.get(out.name)
+        rank = len(out.type.tensor_type.shape.dim) if out.type.tensor_type.HasField("shape") else 0
+        if n is None or n.op_type not in ("Softmax", "LogSoftmax") or rank < 3:
+            continue
+        axis = next((a.i for a in n.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
+        if axis % rank == rank - 1:
+            found.add(i)
+    return found
+
+
+def looks_like_scores(arr: np.ndarray, sequence: bool = False) -> bool:
+    """[N, C] float scores (C >= 2); with ``sequence``, also [N, ..., C]."""
+    return arr.dtype.kind == "f" and (arr.ndim == 2 or (sequence and arr.ndim > 2)) and arr.shape[-1] >= 2
+
+
+def top1_counts(ref: np.ndarray, out: np.ndarray, sequence: bool = False) -> tuple[int, int] | None:
+    """(positions whose argmax over the last axis agrees, positions) for scores (``looks_like_scores``) with finite
+    values; None for anything else."""
+    if not looks_like_scores(ref, sequence) or ref.shape != out.shape or not np.isfinite(ref).all():
+        return None
+    a, b = ref.argmax(-1), out.argmax(-1)
+    return int(np.count_nonzero(a == b)), int(a.size)
 
 
 @dataclass
@@ -235,7 +264,7 @@ class ValidationResult:
                 "outputs": [o.to_dict() for o in self.outputs]}
 
 
-def _compare(stats: OutputStats, ref: Any, out: Any, top1: bool = True) -> None:
+def _compare(stats: OutputStats, ref: Any, out: Any, top1: bool = True, sequence: bool = False) -> None:
     if not isinstance(ref, np.ndarray) or not isinstance(out, np.ndarray):
         stats.kind = "other"
         if not _equal_nested(ref, out):
@@ -273,9 +302,10 @@ def _compare(stats: OutputStats, ref: Any, out: Any, top1: bool = True) -> None:
         stats.sum_out2 += float(np.sum(np.abs(yb) ** 2))
         stats.sum_err2 += float(np.sum(err ** 2))
         stats.dot += float(np.real(np.sum(xb * np.conj(yb))))
-    if top1 and looks_like_scores(ref) and fin_x.all():
-        stats.top1_rows += ref.shape[0]
-        stats.top1_agree += int(np.count_nonzero(ref.argmax(1) == out.argmax(1)))
+    counts = top1_counts(ref, out, sequence) if top1 else None
+    if counts is not None:
+        stats.top1_agree += counts[0]
+        stats.top1_rows += counts[1]
 
 
 def _equal_nested(a: Any, b: Any) -> bool:
@@ -311,6 +341,7 @@ def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Ite
     # Top-1 agreement for the class scores: the Softmax/LogSoftmax outputs if the model has any (MTCNN's box
     # offsets beside its face score have an argmax that means nothing), else every [N, C] output (logits).
     scored = class_score_outputs(original) or set(range(len(stats)))
+    sequences = sequence_score_outputs(original)
     score_index: int | None = None
     for batch in batches:
         try:
@@ -327,7 +358,7 @@ def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Ite
         first = next(iter(batch.feed.values()), None)
         res.samples += first.shape[0] if isinstance(first, np.ndarray) and first.ndim > 0 else 1
         for i, (s, r, o) in enumerate(zip(stats, ref, out)):
-            _compare(s, r, o, top1=i in scored)
+            _compare(s, r, o, top1=i in scored, sequence=i in sequences)
         if floor_sess is not None:
             for s, r, o in zip(stats, ref, floor_sess.run(None, batch.feed)):
                 if isinstance(r, np.ndarray) and r.dtype.kind == "f" and r.shape == o.shape:

@@ -18,7 +18,7 @@ int8, also of the 99.999th, and keeps whichever leaves the most units int8: 99.9
 networks, while a transformer's outlier features are signal that 99.99 clips.
 
 Never ship a broken model: after quantizing, the output cosine and, for class-score outputs ([N, C] made by
-Softmax or LogSoftmax), the top-1 agreement against the float model are measured on calibration data; below
+Softmax or LogSoftmax; per position for [N, T, C] over the last axis), the top-1 agreement against the float model are measured on calibration data; below
 ``min-cosine`` or ``min-top1`` each quantized activation tensor's sensitivity (outputs with only that tensor
 quantized, on 1 to 8 samples as a time budget allows, on one past it) is measured and the most harmful tensors
 (top-1 flips first, then cosine lost) are left float, fewest first (binary search over the sensitivity order),
@@ -50,7 +50,8 @@ from calibration.readers import Batch
 from graphopt.errors import UsageError
 from graphopt.pipeline import (Pass, PassContext, PassResult, export, import_graph, infer_shapes, option, register,
                                replace_graph)
-from graphopt.validate import Thresholds, class_score_outputs, looks_like_scores, make_session, validate
+from graphopt.validate import (Thresholds, class_score_outputs, make_session, sequence_score_outputs,
+                               top1_counts, validate)
 from passes.fold_bn import FoldBatchNorm
 from passes.fold_constants import lower_constant_nodes
 
@@ -190,7 +191,7 @@ class Quantize(Pass):
         min_cosine: float = option(0.98, "fallback target: output cosine vs float on calibration data (0: off)",
                                    lo=0, hi=1)
         min_top1: float = option(0.95, "fallback target: top-1 agreement with float of class-score outputs "
-                                 "([N, C] from Softmax/LogSoftmax) on calibration data (0: off)", lo=0, hi=1)
+                                 "([N, C] from Softmax/LogSoftmax; [N, T, C]: per position) on calibration data (0: off)", lo=0, hi=1)
 
         def __post_init__(self) -> None:
             if self.bins & (self.bins - 1):
@@ -425,6 +426,7 @@ class Quantize(Pass):
         batches = _take(ctx.calib, FALLBACK_SAMPLES)
         o = self.options
         scores = class_score_outputs(float_model)
+        sequences = sequence_score_outputs(float_model)
         ref = make_session(float_model, "float model")   # one float session for every check below
 
         def meets(q: tuple[float, float]) -> bool:
@@ -472,10 +474,11 @@ class Quantize(Pass):
                         acc[0] += float(r64 @ o64)
                         acc[1] += float(r64 @ r64)
                         acc[2] += float(o64 @ o64)
-                        if i in scores and looks_like_scores(r) and np.isfinite(r).all():
+                        counts = top1_counts(r, out, i in sequences) if i in scores else None
+                        if counts is not None:
                             a = agree.setdefault(i, [0, 0])
-                            a[0] += int(np.count_nonzero(r.argmax(1) == out.argmax(1)))
-                            a[1] += r.shape[0]
+                            a[0] += counts[0]
+                            a[1] += counts[1]
             cosines = [d / np.sqrt(a * b) if a > 0 and b > 0 else float(a == b) for d, a, b in dots.values()]
             return (float(min(cosines, default=1.0)), min((a / n for a, n in agree.values() if n), default=1.0))
 

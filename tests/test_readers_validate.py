@@ -206,3 +206,36 @@ def test_exact_validation_allows_onnxruntimes_own_rounding_spread_and_nothing_mo
     assert out.rel_error > 1e-3 and out.noise_rel >= out.rel_error / 2 and same.passed, (out.rel_error, out.noise_rel)
     changed = validate(ref, _cancelling_bn_net(beta=-20.5, explicit=True), src, exact=True, thresholds=Thresholds())
     assert not changed.passed and "rounding spread" in changed.failures[0]
+
+
+def test_top1_per_position_for_a_sequence_softmax():
+    """[N, T, C] Softmax over the last axis (a CTC recogniser): top-1 agreement counts positions. The same-shaped
+    output of a MatMul is no class score and gets none."""
+    from calibration.readers import IterableSource, model_inputs
+
+    f = np.float32
+    w = np.random.default_rng(0).standard_normal((6, 5)).astype(f)
+
+    def net(weight: np.ndarray, softmax: bool = True) -> onnx.ModelProto:
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["l" if softmax else "y"])]
+        if softmax:
+            nodes.append(helper.make_node("Softmax", ["l"], ["y"], axis=-1))
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 7, 6])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 7, 5])],
+                                  [numpy_helper.from_array(weight, "w")])
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return m
+
+    feeds = [{"x": np.random.default_rng(i).standard_normal((4, 7, 6)).astype(f)} for i in range(3)]
+    src = IterableSource(feeds, model_inputs(net(w)))
+    swapped = w.copy()
+    swapped[:, [0, 1]] = swapped[:, [1, 0]]          # classes 0 and 1 exchanged
+    res = validate(net(w), net(swapped), src, exact=False, thresholds=Thresholds(min_top1=0.99))
+    logits = np.concatenate([b["x"] for b in feeds]) @ w
+    best = logits.argmax(-1)
+    expected = np.mean((best != 0) & (best != 1))    # positions whose winner is neither of the two
+    assert res.outputs[0].top1 == pytest.approx(expected) and 0 < expected < 1
+    assert not res.passed and "top-1" in res.failures[0]
+    plain = validate(net(w, False), net(swapped, False), src, exact=False, thresholds=Thresholds())
+    assert plain.outputs[0].top1 is None
