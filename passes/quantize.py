@@ -20,7 +20,8 @@ networks, while a transformer's outlier features are signal that 99.99 clips.
 Never ship a broken model: after quantizing, the output cosine and, for class-score outputs ([N, C] made by
 Softmax or LogSoftmax; per position for [N, T, C] over the last axis), the top-1 agreement against the float model are measured on calibration data; below
 ``min-cosine`` or ``min-top1`` each quantized activation tensor's sensitivity (outputs with only that tensor
-quantized, on 1 to 8 samples as a time budget allows, on one past it) is measured and the most harmful tensors
+quantized, on 1 to 8 samples as a time budget allows, on one past it; the budget is spent in modelled seconds, a
+fixed cost per MAC, so the result does not depend on the machine or its load) is measured and the most harmful tensors
 (top-1 flips first, then cosine lost) are left float, fewest first (binary search over the sensitivity order),
 until both targets hold. A unit whose input stays float runs float (its weights too). The report lists the tensors
 with their sensitivity and the layers that run float.
@@ -50,6 +51,7 @@ from calibration.readers import Batch
 from graphopt.errors import UsageError
 from graphopt.pipeline import (Pass, PassContext, PassResult, export, import_graph, infer_shapes, option, register,
                                replace_graph)
+from graphopt.report import count_macs
 from graphopt.validate import (Thresholds, class_score_outputs, make_session, sequence_score_outputs,
                                top1_counts, validate)
 from passes.fold_bn import FoldBatchNorm
@@ -73,6 +75,10 @@ OWN_SCALE = {"AveragePool", "GlobalAveragePool"}
 FALLBACK_SAMPLES = 64
 SENSITIVITY_SAMPLES = 8
 SENSITIVITY_BUDGET_S = 30.0
+# The cost model the budgets are spent in (modelled_run_time): the switchable model measured 6-10 GMAC/s on an AMD
+# EPYC Zen 2 core pair (PP-OCRv4 det 8.3, rec 9.3, MiniLM 10.5; MNIST 6, where the ~0.5 ms per run dominates).
+RUN_MACS_PER_S = 8e9
+RUN_OVERHEAD_S = 5e-4
 SEARCH_BUDGET_S = 15.0      # for the binary search over how many tensors stay float
 MAX_NOTES = 12              # "left float" lines in the printed report; --report has them all
 INT32_BIAS_LIMIT = 2.0**30  # headroom below 2**31 for the accumulator the bias is added to
@@ -413,6 +419,17 @@ class Quantize(Pass):
 
     # ------------------------------------------------------------------------------------------- fallback
 
+    @staticmethod
+    def _modelled_run_time(float_model: onnx.ModelProto, one: list[Batch], run: Callable[[], Any]) -> float:
+        """``modelled_run_time`` of the model's MACs on one sample; timed (second run) if they cannot be counted."""
+        macs = count_macs(float_model, one[0].feed) if one else None
+        if macs:
+            return modelled_run_time(macs)
+        run()   # fills the reference cache; the second run is the one timed
+        t0 = time.perf_counter()
+        run()
+        return max(time.perf_counter() - t0, 1e-4)
+
     def _fallback(self, builder: "_Builder", float_model: onnx.ModelProto, model: onnx.ModelProto,
                   ctx: PassContext, res: PassResult) -> tuple[onnx.ModelProto, dict[str, str]]:
         """Leave the most harmful activation tensors float until the targets hold: the worst output cosine reaches
@@ -421,7 +438,8 @@ class Quantize(Pass):
 
         The search runs on one switchable model (a boolean input per quantized tensor), so each candidate costs a
         run, not a model build and session; the sensitivity sweep uses as many samples (1 to 8) as fit a time
-        budget. The chosen model is then built for real and checked on up to 64 samples.
+        budget, spent in modelled seconds (``modelled_run_time``) so that the same model and data give the same
+        choice on any machine and load. The chosen model is then built for real and checked on up to 64 samples.
         """
         batches = _take(ctx.calib, FALLBACK_SAMPLES)
         o = self.options
@@ -484,18 +502,21 @@ class Quantize(Pass):
 
         one = _take(batches, 1)[:1]
         one = [Batch({k: v[:1] for k, v in one[0].feed.items()}, None)] if one else one
-        q_switched(set(sites), one)  # fills the reference cache; the second run is the one timed
-        t0 = time.perf_counter()
-        q_switched(set(sites), one)
-        per_sample = max(time.perf_counter() - t0, 1e-4)
+        per_sample = self._modelled_run_time(float_model, one, lambda: q_switched(set(sites), one))
         n = int(min(SENSITIVITY_SAMPLES, max(1, SENSITIVITY_BUDGET_S / (per_sample * len(sites)))))
         few = _rows(batches, n)
         # The search itself takes few steps, so it can afford more samples than the per-tensor sweep: top-1 flips
         # are rare events that 8 samples seldom show.
         steps = math.ceil(math.log2(max(len(sites), 2))) + 1
         search = _rows(batches, int(min(FALLBACK_SAMPLES, max(n, SEARCH_BUDGET_S / (per_sample * steps)))))
-        sens, late = sensitivity_sweep(sites, lambda t, quick: q_switched({t}, one if quick and n > 1 else few),
-                                       SENSITIVITY_BUDGET_S)
+        spent = [0.0]      # the budget is spent in modelled seconds, so the sweep does not depend on machine load
+
+        def measure(t: str, quick: bool) -> tuple[float, float]:
+            feeds = one if quick and n > 1 else few
+            spent[0] += per_sample * sum(b.rows for b in feeds)
+            return q_switched({t}, feeds)
+
+        sens, late = sensitivity_sweep(sites, measure, SENSITIVITY_BUDGET_S, clock=lambda: spent[0])
         if late and n > 1:
             res.notes.append(f"sensitivity of {late} of {len(sites)} tensors measured on 1 sample (time budget "
                              f"{SENSITIVITY_BUDGET_S:.0f} s)")
@@ -531,6 +552,13 @@ class Quantize(Pass):
                            "pair there would only add error)" for t in builder.idle_dropped if t not in reasons})
         res.counts["tensors left float"] = len(reasons)
         return model, reasons
+
+
+def modelled_run_time(macs: int) -> float:
+    """Seconds one sample of the switchable model is taken to cost: a fixed cost model (RUN_OVERHEAD_S +
+    macs / RUN_MACS_PER_S), so the fallback's sample counts, and hence its result, depend on the model and the data
+    only, not on the machine or its load."""
+    return RUN_OVERHEAD_S + macs / RUN_MACS_PER_S
 
 
 def sensitivity_sweep(sites: list[str], measure: Callable[[str, bool], tuple[float, float]], budget_s: float,

@@ -412,3 +412,22 @@ def test_reduce_range_auto_keeps_the_integer_kernel_exact(reduce_range):
     assert np.allclose(reference, 32, rtol=0.02)
     exact = bool(np.allclose(kernel, reference, atol=32 / 255 + 1e-6))
     assert exact == (reduce_range == "auto" or not int8_kernel_saturates()), (kernel.ravel()[:2], reference.ravel()[:2])
+
+
+def test_fallback_result_does_not_depend_on_machine_speed(monkeypatch):
+    """The fallback's sample counts come from a cost model of the MACs, not a clock: a machine 10^4 times slower
+    (a clock that races) makes the same choice, measured on the same samples."""
+    import passes.quantize as pq
+
+    rng = np.random.default_rng(3)
+    data = [{"x": np.abs(rng.standard_normal((16, 16))).astype(np.float32)} for _ in range(4)]
+
+    def run() -> tuple[list[str], dict]:
+        _, rep = graphopt.optimize(fragile_mlp(), ["quantize:method=minmax"], calib_data=data, latency_runs=0)
+        return [n for n in rep.passes[0]["notes"] if "sensitivity" in n or "left float" in n], rep.passes[0]["counts"]
+
+    normal = run()
+    real = pq.time.perf_counter
+    monkeypatch.setattr(pq.time, "perf_counter", lambda: real() * 1e4)
+    assert run() == normal
+    assert "sensitivity measured on 8 sample(s) per tensor" in " ".join(normal[0])
