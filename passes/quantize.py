@@ -12,7 +12,7 @@ What gets quantized (each choice is what onnxruntime's QDQ fusions need to produ
     onnxruntime can drop the Q/DQ pair and move int8 data;
   * every other op (LayerNormalization, Softmax, Sigmoid, ...) stays float: it reads the DequantizeLinear output.
 Activations: per tensor, uint8 asymmetric by default; ranges from calibration (``calibration/``): minmax, kl
-(Migacz 2017) or percentile over one streamed histogram per tensor. ``percentile=auto`` (the default) builds and
+(Migacz 2017), mse (least expected squared error) or percentile over one streamed histogram per tensor. ``percentile=auto`` (the default) builds and
 brings to the targets (below) the ranges of the 99.99th percentile of |x| first and, unless that keeps every tensor
 int8, also of the 99.999th, and keeps whichever leaves the most units int8: 99.99 measured best on convolutional
 networks, while a transformer's outlier features are signal that 99.99 clips.

@@ -88,7 +88,7 @@ def test_fires_qdq_and_onnxruntime_fuses_integer_kernels(tmp_path):
     assert rep.validation.passed
 
 
-@pytest.mark.parametrize("method", ["minmax", "percentile", "kl"])
+@pytest.mark.parametrize("method", ["minmax", "percentile", "kl", "mse"])
 def test_error_bound(method):
     """Stated bound: on this net int8 keeps output cosine >= 0.98 and top-1 agreement >= 0.9 for every method."""
     val = calib(64, seed=7)
