@@ -140,18 +140,19 @@ class OutputStats:
     noise_abs: float = 0.0           # exact pipelines: max |x - x'|, x' the input model with optimizations off
     problems: list[str] = field(default_factory=list)
 
+    def _relative(self, abs_error: float) -> float:
+        if abs_error == 0:
+            return 0.0
+        return abs_error / self.ref_max_abs if self.ref_max_abs > 0 else math.inf
+
     @property
     def rel_error(self) -> float:
-        if self.max_abs_error == 0:
-            return 0.0
-        return self.max_abs_error / self.ref_max_abs if self.ref_max_abs > 0 else math.inf
+        return self._relative(self.max_abs_error)
 
     @property
     def noise_rel(self) -> float:
         """onnxruntime's own rounding spread on this output, relative to its range (as ``rel_error``)."""
-        if self.noise_abs == 0:
-            return 0.0
-        return self.noise_abs / self.ref_max_abs if self.ref_max_abs > 0 else math.inf
+        return self._relative(self.noise_abs)
 
     @property
     def cosine(self) -> float | None:
@@ -337,7 +338,7 @@ def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Ite
         try:
             floor_sess = make_session(original, "input model", level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         except InputError:
-            floor_sess = None   # the floor stays 0: only EXACT_REL_TOL applies
+            pass   # no floor: only EXACT_REL_TOL applies
     # Top-1 agreement for the class scores: the Softmax/LogSoftmax outputs if the model has any (MTCNN's box
     # offsets beside its face score have an argmax that means nothing), else every [N, C] output (logits).
     scored = class_score_outputs(original) or set(range(len(stats)))

@@ -75,7 +75,7 @@ OWN_SCALE = {"AveragePool", "GlobalAveragePool"}
 FALLBACK_SAMPLES = 64
 SENSITIVITY_SAMPLES = 8
 SENSITIVITY_BUDGET_S = 30.0
-# The cost model the budgets are spent in (modelled_run_time): the switchable model measured 6-10 GMAC/s on an AMD
+# The cost model the budgets are spent in (sample_cost): the switchable model measured 6-10 GMAC/s on an AMD
 # EPYC Zen 2 core pair (PP-OCRv4 det 8.3, rec 9.3, MiniLM 10.5; MNIST 6, where the ~0.5 ms per run dominates).
 RUN_MACS_PER_S = 8e9
 RUN_OVERHEAD_S = 5e-4
@@ -419,17 +419,6 @@ class Quantize(Pass):
 
     # ------------------------------------------------------------------------------------------- fallback
 
-    @staticmethod
-    def _modelled_run_time(float_model: onnx.ModelProto, one: list[Batch], run: Callable[[], Any]) -> float:
-        """``modelled_run_time`` of the model's MACs on one sample; timed (second run) if they cannot be counted."""
-        macs = count_macs(float_model, one[0].feed) if one else None
-        if macs:
-            return modelled_run_time(macs)
-        run()   # fills the reference cache; the second run is the one timed
-        t0 = time.perf_counter()
-        run()
-        return max(time.perf_counter() - t0, 1e-4)
-
     def _fallback(self, builder: "_Builder", float_model: onnx.ModelProto, model: onnx.ModelProto,
                   ctx: PassContext, res: PassResult) -> tuple[onnx.ModelProto, dict[str, str]]:
         """Leave the most harmful activation tensors float until the targets hold: the worst output cosine reaches
@@ -438,7 +427,7 @@ class Quantize(Pass):
 
         The search runs on one switchable model (a boolean input per quantized tensor), so each candidate costs a
         run, not a model build and session; the sensitivity sweep uses as many samples (1 to 8) as fit a time
-        budget, spent in modelled seconds (``modelled_run_time``) so that the same model and data give the same
+        budget, spent in modelled seconds (``sample_cost``) so that the same model and data give the same
         choice on any machine and load. The chosen model is then built for real and checked on up to 64 samples.
         """
         batches = _take(ctx.calib, FALLBACK_SAMPLES)
@@ -502,7 +491,7 @@ class Quantize(Pass):
 
         one = _take(batches, 1)[:1]
         one = [Batch({k: v[:1] for k, v in one[0].feed.items()}, None)] if one else one
-        per_sample = self._modelled_run_time(float_model, one, lambda: q_switched(set(sites), one))
+        per_sample = sample_cost(float_model, one, lambda: q_switched(set(sites), one))
         n = int(min(SENSITIVITY_SAMPLES, max(1, SENSITIVITY_BUDGET_S / (per_sample * len(sites)))))
         few = _rows(batches, n)
         # The search itself takes few steps, so it can afford more samples than the per-tensor sweep: top-1 flips
@@ -554,11 +543,18 @@ class Quantize(Pass):
         return model, reasons
 
 
-def modelled_run_time(macs: int) -> float:
-    """Seconds one sample of the switchable model is taken to cost: a fixed cost model (RUN_OVERHEAD_S +
-    macs / RUN_MACS_PER_S), so the fallback's sample counts, and hence its result, depend on the model and the data
-    only, not on the machine or its load."""
-    return RUN_OVERHEAD_S + macs / RUN_MACS_PER_S
+def sample_cost(float_model: onnx.ModelProto, one: list[Batch], run: Callable[[], Any]) -> float:
+    """Seconds one sample of the switchable model is taken to cost, from a fixed cost model of the float model's
+    MACs on ``one`` (RUN_OVERHEAD_S + MACs / RUN_MACS_PER_S), so the fallback's sample counts, and hence its result,
+    depend on the model and the data only, not on the machine or its load. Timed (second ``run``) only where the
+    MACs cannot be counted."""
+    macs = count_macs(float_model, one[0].feed) if one else None
+    if macs:
+        return RUN_OVERHEAD_S + macs / RUN_MACS_PER_S
+    run()   # fills the reference cache; the second run is the one timed
+    t0 = time.perf_counter()
+    run()
+    return max(time.perf_counter() - t0, 1e-4)
 
 
 def sensitivity_sweep(sites: list[str], measure: Callable[[str, bool], tuple[float, float]], budget_s: float,
