@@ -13,8 +13,8 @@ with ``--synthetic`` a seeded random-weight ConvNet (harness check only). ``--mo
 
 Configurations (``CONFIGS``), all QDQ with uint8 asymmetric activations and int8 symmetric per-channel weights unless
 said otherwise, on the same calibration samples:
-  * ``ours:kl|minmax|percentile`` — graphopt ``quantize:method=...`` (percentile is graphopt's default), run through
-    the pipeline the CLI uses (load, pass + checker, save), without the final validation;
+  * ``ours:kl|minmax|percentile|mse`` — graphopt ``quantize:method=...`` (percentile is graphopt's default), run
+    through the pipeline the CLI uses (load, pass + checker, save), without the final validation;
   * ``ort:minmax|percentile`` — ``quantize_static(per_channel=True, activation_type=QUInt8, weight_type=QInt8,
     calibrate_method=...)``; ``ort:entropy`` — Entropy as quantize_static configures it (128 bins: its
     extra_options cannot reach num_bins / num_quantized_bins in 1.32);
@@ -85,6 +85,7 @@ CONFIGS: dict[str, dict[str, Any]] = {     # in run order
                         "calibrator": {"num_bins": 2048, "num_quantized_bins": 128}},
     "ours:minmax": {"tool": "graphopt", "options": {"method": "minmax"}},
     "ours:percentile": {"tool": "graphopt", "options": {"method": "percentile"}},
+    "ours:mse": {"tool": "graphopt", "options": {"method": "mse"}},
     "ort:entropy": {"tool": "ort", "method": "Entropy", **ORT_Q},
     "ort:minmax": {"tool": "ort", "method": "MinMax", **ORT_Q},
     "ort:percentile": {"tool": "ort", "method": "Percentile", **ORT_Q},
@@ -97,12 +98,13 @@ PREFOLD = ("ort:minmax",)          # also run on graphopt's fold-constants outpu
 QUICK = ["ours:kl", "ort:entropy2048", "ours:minmax", "ours:percentile", "ort:minmax", "ort:default"]
 TIME_PAIRS = [("ours:kl", "ort:entropy2048"), ("ours:kl", "ort:entropy"), ("ours:minmax", "ort:minmax"),
               ("ours:percentile", "ort:percentile")]
-LATENCY = ["float", "ours:kl", "ours:percentile", "ort:entropy2048", "ort:entropy", "ort:minmax", "ort:minmax@prefold",
-           "ort:default"]
+LATENCY = ["float", "ours:kl", "ours:percentile", "ours:mse", "ort:entropy2048", "ort:entropy", "ort:minmax",
+           "ort:minmax@prefold", "ort:default"]
 # ours/theirs latency pairs shown; the target uses the first onnxruntime config of THEIRS_SAME_FILE that exists
-LATENCY_PAIRS = [("ours:kl", "theirs"), ("ours:percentile", "theirs"), ("ours:kl", "ort:minmax@prefold"),
-                 ("ours:percentile", "ort:minmax@prefold"), ("ours:percentile", "ort:default"), ("ours:kl", "float"),
-                 ("ours:percentile", "float"), ("theirs", "float"), ("float-A/A", "float")]
+LATENCY_PAIRS = [("ours:kl", "theirs"), ("ours:percentile", "theirs"), ("ours:mse", "theirs"),
+                 ("ours:kl", "ort:minmax@prefold"), ("ours:percentile", "ort:minmax@prefold"),
+                 ("ours:percentile", "ort:default"), ("ours:kl", "float"),
+                 ("ours:percentile", "float"), ("ours:mse", "float"), ("theirs", "float"), ("float-A/A", "float")]
 THEIRS_SAME_FILE = ("ort:entropy2048", "ort:entropy", "ort:minmax")
 GROWTH_ORT = "ort:percentile"    # onnxruntime's growth series: a histogram calibrator, which (like Entropy) keeps
                                  # every activation of every sample (its MinMax reduces in-graph to two scalars)
@@ -843,7 +845,7 @@ def render(env: dict[str, Any], rows: list[dict[str, Any]], notes: list[str], co
       "per-channel weights (except `ort:default`); each quantization runs in a fresh process")
     w(f"- wall time: median of up to {args.repeats} fresh-process runs (1 when a run takes > 30 s; `runs`)")
     w("")
-    w("Configs: `ours:minmax|kl|percentile` = `quantize:method=...` (percentile is graphopt's default); "
+    w("Configs: `ours:minmax|kl|percentile|mse` = `quantize:method=...` (percentile is graphopt's default); "
       "`ort:minmax|percentile` = quantize_static(QDQ, per_channel=True, QUInt8 activations, QInt8 weights, "
       "MinMax|Percentile); `ort:entropy` = the same with Entropy as quantize_static sets it up (128 histogram bins "
       "— its extra_options cannot reach num_bins/num_quantized_bins in 1.32); `ort:entropy2048` = Entropy "
