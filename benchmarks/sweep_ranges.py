@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             calib, ev = (case.eval, case.calib) if swapped else (case.calib, case.eval)
             row = [case.name + label]
             for spec in configs:
-                row.append(cell(run(case, f"quantize:min-cosine=0,min-top1=0,{spec}", calib, ev)))
+                method = "method=percentile," if spec.startswith("percentile=") else ""
+                row.append(cell(run(case, f"quantize:min-cosine=0,min-top1=0,{method}{spec}", calib, ev)))
                 print(case.name + label, spec, row[-1], flush=True)
             if not args.no_default:
                 d = run(case, "quantize", calib, ev)

@@ -129,6 +129,12 @@ def test_needs_calibration_data():
         graphopt.optimize(conv_net(), ["quantize"], latency_runs=0)
 
 
+def test_percentile_without_method_percentile_is_refused():
+    """mse is the default method; a percentile it would silently ignore is a usage error."""
+    with pytest.raises(UsageError, match="'percentile' is read by method=percentile only"):
+        graphopt.optimize(conv_net(), ["quantize:percentile=99.9"], calib_data=calib(), latency_runs=0)
+
+
 def test_refuses_after_fuse_conv_relu_or_before_rewrites():
     with pytest.raises(UsageError, match="cannot run after 'fuse-conv-relu'"):
         graphopt.optimize(conv_net(), ["fuse-conv-relu", "quantize"], calib_data=calib(), latency_runs=0)
@@ -370,10 +376,10 @@ def outlier_mlp() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
 
 def test_percentile_auto_keeps_the_choice_that_leaves_more_int8():
     m, data = outlier_mlp()
-    _, clipped = graphopt.optimize(m, ["quantize:percentile=99.99"], calib_data=data, latency_runs=0)
+    _, clipped = graphopt.optimize(m, ["quantize:method=percentile,percentile=99.99"], calib_data=data, latency_runs=0)
     assert clipped.passes[0]["counts"]["units int8"] < 2      # the fallback had to leave the outliers float
     assert not any("percentile=auto" in n for n in clipped.passes[0]["notes"])
-    out, rep = graphopt.optimize(m, ["quantize"], calib_data=data, latency_runs=0)
+    out, rep = graphopt.optimize(m, ["quantize:method=percentile"], calib_data=data, latency_runs=0)
     notes = rep.passes[0]["notes"]
     assert any(n.startswith("percentile=auto: 99.999 kept the most int8 (99.99: ") for n in notes), notes
     assert rep.passes[0]["counts"]["units int8"] == 2 and rep.validation.outputs[0].cosine >= 0.98
@@ -381,7 +387,7 @@ def test_percentile_auto_keeps_the_choice_that_leaves_more_int8():
 
 
 def test_percentile_auto_stops_at_the_first_choice_that_is_all_int8():
-    _, rep = graphopt.optimize(conv_net(), ["quantize"], calib_data=calib(), latency_runs=0)
+    _, rep = graphopt.optimize(conv_net(), ["quantize:method=percentile"], calib_data=calib(), latency_runs=0)
     notes = " ".join(rep.passes[0]["notes"])
     assert "method=percentile 99.99," in notes and "percentile=auto" not in notes
     assert "tensors left float" not in rep.passes[0]["counts"]
