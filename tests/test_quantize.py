@@ -307,7 +307,9 @@ def test_trained_models_keep_accuracy_through_cli(cli, tmp_path, name, data):
     res = cli(MODELS / f"{name}.onnx", out, "--pass", "quantize", "--calib-data", MODELS / f"{data}_calib.npz",
               "--val-data", MODELS / f"{data}_eval.npz", "--report", rep, "--latency-runs", "0")
     assert res.code == 0, res.err
-    v = json.loads(rep.read_text())["validation"]
+    report = json.loads(rep.read_text())
+    assert any(n.startswith("method=mse,") for n in report["passes"][0]["notes"])     # the default range method
+    v = report["validation"]
     assert v["accuracy_before"] - v["accuracy_after"] <= 0.005, v
     assert v["outputs"][0]["top1"] >= 0.99
     kernels = ort_kernels(onnx.load(out), tmp_path)
