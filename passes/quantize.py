@@ -16,8 +16,9 @@ histogram per tensor: mse (the default: the clip c minimising the expected squar
 sum over clipped bins of (x - c)² + (in-range count) · step² / 12), minmax, kl (Migacz 2017) or percentile.
 With ``method=percentile``, ``percentile=auto`` builds and brings to the targets (below) the ranges of the 99.99th
 percentile of |x| first and, unless that keeps every tensor int8, also of the 99.999th, and keeps whichever leaves
-the most units int8. mse measured at least as good as either on every model we have (README), because it weighs
-what clipping an outlier costs against what the wider step costs everyone else, tensor by tensor.
+the most units int8. Through the fallback mse and percentile=auto measured a draw at the fidelity floors (README);
+mse is the default as one candidate (faster where the fallback runs) that weighs, tensor by tensor, what clipping
+an outlier costs against what the wider step costs every other value, with no tuned constant.
 
 Never ship a broken model: after quantizing, the output cosine and, for class-score outputs ([N, C] made by
 Softmax or LogSoftmax; per position for [N, T, C] over the last axis), the top-1 agreement against the float model are measured on calibration data; below
