@@ -845,7 +845,8 @@ def render(env: dict[str, Any], rows: list[dict[str, Any]], notes: list[str], co
       "per-channel weights (except `ort:default`); each quantization runs in a fresh process")
     w(f"- wall time: median of up to {args.repeats} fresh-process runs (1 when a run takes > 30 s; `runs`)")
     w("")
-    w("Configs: `ours:minmax|kl|percentile|mse` = `quantize:method=...` (mse is graphopt's default; percentile with percentile=auto); "
+    w("Configs: `ours:minmax|kl|percentile|mse` = `quantize:method=...` (mse is graphopt's default; percentile "
+      "with percentile=auto); "
       "`ort:minmax|percentile` = quantize_static(QDQ, per_channel=True, QUInt8 activations, QInt8 weights, "
       "MinMax|Percentile); `ort:entropy` = the same with Entropy as quantize_static sets it up (128 histogram bins "
       "— its extra_options cannot reach num_bins/num_quantized_bins in 1.32); `ort:entropy2048` = Entropy "

@@ -21,13 +21,13 @@ mse is the default as one candidate (faster where the fallback runs) that weighs
 an outlier costs against what the wider step costs every other value, with no tuned constant.
 
 Never ship a broken model: after quantizing, the output cosine and, for class-score outputs ([N, C] made by
-Softmax or LogSoftmax; per position for [N, T, C] over the last axis), the top-1 agreement against the float model are measured on calibration data; below
-``min-cosine`` or ``min-top1`` each quantized activation tensor's sensitivity (outputs with only that tensor
-quantized, on 1 to 8 samples as a time budget allows, on one past it; the budget is spent in modelled seconds, a
-fixed cost per MAC, so the result does not depend on the machine or its load) is measured and the most harmful tensors
-(top-1 flips first, then cosine lost) are left float, fewest first (binary search over the sensitivity order),
-until both targets hold. A unit whose input stays float runs float (its weights too). The report lists the tensors
-with their sensitivity and the layers that run float.
+Softmax or LogSoftmax; per position for [N, T, C] over the last axis), the top-1 agreement against the float model
+are measured on calibration data; below ``min-cosine`` or ``min-top1`` each quantized activation tensor's
+sensitivity (outputs with only that tensor quantized, on 1 to 8 samples as a time budget allows, on one past it;
+the budget is spent in modelled seconds, a fixed cost per MAC, so the result does not depend on the machine or its
+load) is measured and the most harmful tensors (top-1 flips first, then cosine lost) are left float, fewest first
+(binary search over the sensitivity order), until both targets hold. A unit whose input stays float runs float
+(its weights too). The report lists the tensors with their sensitivity and the layers that run float.
 Before planning, Constant-node weights become initializers and BatchNormalization / per-channel Mul/Add after a Conv
 are folded into it (both exact, as the fold-constants and fold-bn passes do).
 Declined: models already quantized (QDQ, QLinear*, *Integer ops); opset < 10 that cannot be converted.
@@ -160,7 +160,8 @@ def int8_kernel_saturates() -> bool:
              helper.make_node("DequantizeLinear", ["xq", "s", "zx"], ["xd"]),
              helper.make_node("DequantizeLinear", ["w", "s", "zw"], ["wd"]),
              helper.make_node("MatMul", ["xd", "wd"], ["y"])]
-    graph = helper.make_graph(nodes, "saturation_probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+    graph = helper.make_graph(nodes, "saturation_probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     y = make_session(model, "saturation probe").run(None, {"x": np.full((1, k), 255, np.float32)})[0]
@@ -201,7 +202,8 @@ class Quantize(Pass):
         min_cosine: float = option(0.98, "fallback target: output cosine vs float on calibration data (0: off)",
                                    lo=0, hi=1)
         min_top1: float = option(0.95, "fallback target: top-1 agreement with float of class-score outputs "
-                                 "([N, C] from Softmax/LogSoftmax; [N, T, C]: per position) on calibration data (0: off)", lo=0, hi=1)
+                                 "([N, C] from Softmax/LogSoftmax; [N, T, C]: per position) on calibration data "
+                                 "(0: off)", lo=0, hi=1)
 
         def __post_init__(self) -> None:
             if self.bins & (self.bins - 1):
