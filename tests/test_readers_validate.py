@@ -208,6 +208,22 @@ def test_exact_validation_allows_onnxruntimes_own_rounding_spread_and_nothing_mo
     assert not changed.passed and "rounding spread" in changed.failures[0]
 
 
+def test_exact_validation_counts_the_rewritten_models_own_rounding_spread():
+    """The other way round: the input spells the BatchNormalization out (onnxruntime leaves it as it is, so the
+    input model has no spread), the rewrite is the BatchNormalization onnxruntime folds into the Conv. The rewritten
+    model's own spread is what the difference is made of, so it passes; a real change still fails."""
+    from calibration.readers import IterableSource, model_inputs
+
+    ref = _cancelling_bn_net(explicit=True)
+    feeds = [{"x": np.random.default_rng(i).standard_normal((2, 3, 8, 8)).astype(np.float32)} for i in range(3)]
+    src = IterableSource(feeds, model_inputs(ref))
+    same = validate(ref, _cancelling_bn_net(), src, exact=True, thresholds=Thresholds())
+    out = same.outputs[0]
+    assert out.rel_error > 1e-3 and out.noise_rel >= out.rel_error / 2 and same.passed, (out.rel_error, out.noise_rel)
+    changed = validate(ref, _cancelling_bn_net(beta=-20.5), src, exact=True, thresholds=Thresholds())
+    assert not changed.passed and "rounding spread" in changed.failures[0]
+
+
 def test_top1_per_position_for_a_sequence_softmax():
     """[N, T, C] Softmax over the last axis (a CTC recogniser): top-1 agreement counts positions. The same-shaped
     output of a MatMul is no class score and gets none."""
