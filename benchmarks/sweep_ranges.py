@@ -3,7 +3,7 @@
     python benchmarks/sweep_ranges.py [--models NAME ...] [--configs C,C,...] [--swap] [--no-default]
                                       [--write benchmarks/results/ranges.md]
 
-For each model of ``bench_quantize`` (models/, the fetched PP-OCR and MTCNN models, MiniLM when built) and each
+For each model of ``bench_quantize`` (models/, the fetched PP-OCR, MTCNN and Magika models, MiniLM when built) and each
 config — ``percentile=P`` or ``method=minmax|kl`` — graphopt's ``quantize`` runs with the fallback off
 (``min-cosine=0,min-top1=0``), so the figure is the range method's own effect with every unit int8: ranges from the
 calibration set, fidelity against float on the evaluation set (``--swap``: the other way round too, a second draw of
