@@ -188,19 +188,37 @@ class OutputStats:
 
 
 def class_score_outputs(model: onnx.ModelProto) -> set[int]:
-    """Indices of the graph outputs that are class scores for sure: made by Softmax or LogSoftmax, possibly
-    reshaped. An [N, C] output from a Gemm may as well be an embedding or box offsets, whose argmax means nothing
-    (MTCNN's boxes, a sentence encoder's vector): quantize's min-top1 target holds for these outputs only, and
-    validation reports top-1 for these when the model has any (else for every [N, C] output: logits)."""
+    """Indices of the graph outputs that are class scores: made by Softmax or LogSoftmax, possibly reshaped; in a
+    model with no such output, the [N, C] outputs (C >= 2) of a final Gemm or MatMul (+ bias Add): a classifier's
+    logits (EfficientNet-Lite0's ImageNet head). Beside a Softmax output, an [N, C] from a Gemm is something else
+    (MTCNN's box offsets and landmarks), and an output made by anything else (a sentence encoder's mean-pooled
+    vector) has an argmax that means nothing. quantize's min-top1 target holds for these outputs only; validation
+    reports top-1 for these when the model has any (else for every [N, C] output)."""
     producer = {out: n for n in model.graph.node for out in n.output}
-    found = set()
-    for i, out in enumerate(model.graph.output):
-        n = producer.get(out.name)
+    consts = {t.name for t in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant"
+                                                         for o in n.output}
+
+    def source(name: str) -> onnx.NodeProto | None:
+        n = producer.get(name)
         while n is not None and n.op_type in _RESHAPING and n.input:
             n = producer.get(n.input[0])
+        return n
+
+    found = set()
+    logits = set()
+    for i, out in enumerate(model.graph.output):
+        n = source(out.name)
         if n is not None and n.op_type in ("Softmax", "LogSoftmax"):
             found.add(i)
-    return found
+            continue
+        dims = out.type.tensor_type.shape.dim if out.type.tensor_type.HasField("shape") else []
+        if n is not None and n.op_type == "Add" and len(n.input) == 2:
+            biased = [producer.get(t) for t in n.input if t not in consts]
+            n = biased[0] if len(biased) == 1 else None
+        if (n is not None and n.op_type in ("Gemm", "MatMul") and len(dims) == 2
+                and (not dims[1].HasField("dim_value") or dims[1].dim_value >= 2)):
+            logits.add(i)
+    return found or logits
 
 
 _RESHAPING = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}

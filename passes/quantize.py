@@ -21,11 +21,13 @@ mse is the default as one candidate (faster where the fallback runs) that weighs
 an outlier costs against what the wider step costs every other value, with no tuned constant.
 
 Never ship a broken model: after quantizing, the output cosine and, for class-score outputs ([N, C] made by
-Softmax or LogSoftmax; per position for [N, T, C] over the last axis), the top-1 agreement against the float model
-are measured on calibration data; below ``min-cosine`` or ``min-top1`` each quantized activation tensor's
-sensitivity (outputs with only that tensor quantized, on 1 to 8 samples as a time budget allows, on one past it;
-the budget is spent in modelled seconds, a fixed cost per MAC, so the result does not depend on the machine or its
-load) is measured and the most harmful tensors (top-1 flips first, then cosine lost) are left float, fewest first
+Softmax or LogSoftmax, per position for [N, T, C] over the last axis; in a model without those, the [N, C] logits
+of a final Gemm/MatMul), the top-1 agreement against the float model are measured on calibration data; below
+``min-cosine`` or ``min-top1`` each quantized activation tensor's sensitivity (outputs with only that tensor
+quantized, with the int8 weights of the layers that read it, as a real build runs a layer with float weights when
+its input stays float; on 1 to 8 samples as a time budget allows, on one past it; the budget is spent in modelled
+seconds, a fixed cost per MAC, so the result does not depend on the machine or its load) is measured and the most
+harmful tensors (top-1 flips first, then cosine lost) are left float, fewest first
 (binary search over the sensitivity order), until both targets hold. A unit whose input stays float runs float
 (its weights too). The report lists the tensors with their sensitivity and the layers that run float.
 Before planning, Constant-node weights become initializers and BatchNormalization / per-channel Mul/Add after a Conv
@@ -202,8 +204,9 @@ class Quantize(Pass):
         min_cosine: float = option(0.98, "fallback target: output cosine vs float on calibration data (0: off)",
                                    lo=0, hi=1)
         min_top1: float = option(0.95, "fallback target: top-1 agreement with float of class-score outputs "
-                                 "([N, C] from Softmax/LogSoftmax; [N, T, C]: per position) on calibration data "
-                                 "(0: off)", lo=0, hi=1)
+                                 "([N, C] from Softmax/LogSoftmax, [N, T, C]: per position; without those, a final "
+                                 "Gemm/MatMul's [N, C] logits) on calibration data (0: off, e.g. for a regression "
+                                 "or embedding head)", lo=0, hi=1)
 
         def __post_init__(self) -> None:
             if self.bins & (self.bins - 1):
@@ -714,7 +717,8 @@ class _Builder:
             if not all(t in qdq for t in x_names):
                 continue  # an input stays float: the unit cannot run integer, so its weights stay float too
             if u.weight_axis is not None:
-                self._quantize_weights(g, node, u.weight_axis, params[x_names[0]][0])
+                self._quantize_weights(g, node, u.weight_axis, params[x_names[0]][0],
+                                       switch=self.switches.get(x_names[0]))
             self.int8_units.append(u.name)
         self.last_tensors = list(qdq)
         g.cleanup().toposort()
@@ -801,11 +805,15 @@ class _Builder:
             out.name = name
             g.outputs = [out if o is t else o for o in g.outputs]
 
-    def _quantize_weights(self, g: gs.Graph, node: gs.Node, axis: int, x_scale: np.ndarray) -> None:
+    def _quantize_weights(self, g: gs.Graph, node: gs.Node, axis: int, x_scale: np.ndarray,
+                          switch: str | None = None) -> None:
         """int8 symmetric weights (per output channel on ``axis`` or per tensor) and int32 bias, scale s_x·s_w.
 
         A channel whose weights are near zero but whose bias is not would need a bias beyond int32 at scale
-        s_x·s_w; its weight scale is raised until the bias fits (its weights, ~0, stay ~0)."""
+        s_x·s_w; its weight scale is raised until the bias fits (its weights, ~0, stay ~0).
+        ``switch`` (switchable builds): the boolean input of the unit's input tensor; the weights and bias pass
+        through ``Where(switch, dequantized, float)``, so that, as in a real build, a unit whose input is left float
+        runs with float weights."""
         w = node.inputs[1]
         if not isinstance(w, gs.Constant):
             return
@@ -835,7 +843,7 @@ class _Builder:
         wdq = gs.Variable(self._name(f"{w.name}_dequantized"), dtype=np.float32, shape=list(values.shape))
         g.nodes.append(gs.Node("DequantizeLinear", name=self._name(f"{w.name}_DequantizeLinear"),
                                inputs=[wq, s, z], outputs=[wdq], attrs=attrs))
-        node.inputs[1] = wdq
+        node.inputs[1] = self._switched(g, switch, wdq, w)
         if b is None or bias is None:
             return
         # Bias: int32, scale s_x * s_w, zero point 0 (Conv input 2; Gemm C when it is a vector over outputs).
@@ -849,4 +857,14 @@ class _Builder:
         bdq = gs.Variable(self._name(f"{bias.name}_dequantized"), dtype=np.float32, shape=[n_out])
         g.nodes.append(gs.Node("DequantizeLinear", name=self._name(f"{bias.name}_DequantizeLinear"),
                                inputs=[bq, bs, bz], outputs=[bdq], attrs={"axis": 0} if dq_axis is not None else {}))
-        node.inputs[2] = bdq
+        node.inputs[2] = self._switched(g, switch, bdq, bias)
+
+    def _switched(self, g: gs.Graph, switch: str | None, quantized: gs.Variable, original: gs.Tensor) -> gs.Tensor:
+        """``quantized``, or in a switchable build ``Where(switch, quantized, original)``."""
+        if switch is None:
+            return quantized
+        sw = next(t for t in g.inputs if t.name == switch)
+        out = gs.Variable(self._name(f"{original.name}_switched"), dtype=np.float32, shape=quantized.shape)
+        g.nodes.append(gs.Node("Where", name=self._name(f"{original.name}_Where"), inputs=[sw, quantized, original],
+                               outputs=[out]))
+        return out

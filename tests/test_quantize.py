@@ -202,15 +202,23 @@ def test_fallback_restores_top1_that_cosine_does_not_see():
     assert "left float: tensor 'h'" in " ".join(rep.passes[0]["notes"])
 
 
-def test_top1_target_only_for_softmax_outputs():
-    """An [N, C] output that is not made by Softmax/LogSoftmax (box offsets, embeddings) gets no top-1 target."""
+def test_top1_target_for_softmax_outputs_else_for_logits():
+    """Class scores: Softmax/LogSoftmax outputs where the model has any (an [N, C] Gemm output beside one is box
+    offsets, as in MTCNN); else the [N, C] outputs of a final Gemm/MatMul (+ bias): logits. An output made by
+    anything else (a mean-pooled embedding) gets no top-1 target."""
     from graphopt.validate import class_score_outputs
     m = fragile_mlp()
-    assert class_score_outputs(m) == set()
+    assert class_score_outputs(m) == {0}                     # logits of a Gemm head
+    pooled = fragile_mlp()
+    next(n for n in pooled.graph.node if n.name == "fc2").output[0] = "h2"
+    pooled.graph.node.append(helper.make_node("Relu", ["h2"], ["y"]))
+    assert class_score_outputs(pooled) == set()
     next(n for n in m.graph.node if n.name == "fc2").output[0] = "logits"
     m.graph.node.extend([helper.make_node("LogSoftmax", ["logits"], ["p"], axis=1),
-                         helper.make_node("Flatten", ["p"], ["y"])])
-    assert class_score_outputs(m) == {0}
+                         helper.make_node("Flatten", ["p"], ["y"]),
+                         helper.make_node("Gemm", ["h", "w2"], ["box"], name="box_head")])
+    m.graph.output.append(helper.make_tensor_value_info("box", TensorProto.FLOAT, ["N", 10]))
+    assert class_score_outputs(m) == {0}                     # the Softmax output only, not the box head
 
 
 def test_fallback_rescues_fragile_model():
@@ -224,6 +232,41 @@ def test_fallback_rescues_fragile_model():
     notes = " ".join(rep.passes[0]["notes"])
     assert "left float: tensor 'h'" in notes and "fc2" in notes
     assert rep.passes[0]["counts"]["units int8"] == 1   # fc1 still int8
+
+
+def weight_fragile_mlp() -> onnx.ModelProto:
+    """fc1's weights are what int8 breaks: each output column holds one weight of 1000 (on an input feature that is
+    always 0, so it adds nothing), and per-channel int8 rounds every other weight of the column to 0."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 32)).astype(np.float32) * 0.3
+    w1[0, :] = 1000.0
+    w2 = rng.standard_normal((32, 10)).astype(np.float32) * 0.3
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h0"], name="fc1"), helper.make_node("Relu", ["h0"], ["h"]),
+             helper.make_node("Gemm", ["h", "w2"], ["y"], name="fc2")]
+    return _model(nodes, [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")], ["N", 16],
+                  ["N", 10])
+
+
+def test_fallback_leaves_float_the_layer_whose_weights_int8_breaks():
+    """The search models what a real build does: a unit whose input stays float runs with float weights. With
+    every activation float but fc1's int8 weights the output is still broken, so a search that kept the weights
+    int8 found no subset and left the whole model float; fc1 float and fc2 int8 meets the target."""
+    rng = np.random.default_rng(3)
+    data = []
+    for _ in range(4):
+        x = np.abs(rng.standard_normal((16, 16))).astype(np.float32)
+        x[:, 0] = 0.0
+        data.append({"x": x})
+    _, broken = graphopt.optimize(weight_fragile_mlp(), ["quantize:min-cosine=0,min-top1=0"], calib_data=data,
+                                  latency_runs=0)
+    assert broken.validation.outputs[0].cosine < 0.9
+    out, rep = graphopt.optimize(weight_fragile_mlp(), ["quantize"], calib_data=data, latency_runs=0)
+    assert rep.validation.outputs[0].cosine >= 0.98
+    assert rep.passes[0]["counts"]["units int8"] == 1
+    layers = {row["layer"]: row["status"] for row in rep.passes[0]["layers"]}
+    assert layers["fc2"] == "int8" and layers["fc1"].startswith("float")
+    w1 = next(t for t in out.graph.initializer if t.name == "w1")
+    assert numpy_helper.to_array(w1).dtype == np.float32     # fc1 keeps its float weights
 
 
 def test_fallback_leaves_no_quantize_pair_that_no_int8_op_uses():
@@ -377,11 +420,13 @@ def outlier_mlp() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
 
 
 def test_percentile_auto_keeps_the_choice_that_leaves_more_int8():
+    """(The output is a regression, not logits: min-top1=0 says so.)"""
     m, data = outlier_mlp()
-    _, clipped = graphopt.optimize(m, ["quantize:method=percentile,percentile=99.99"], calib_data=data, latency_runs=0)
+    _, clipped = graphopt.optimize(m, ["quantize:method=percentile,percentile=99.99,min-top1=0"], calib_data=data,
+                                   latency_runs=0)
     assert clipped.passes[0]["counts"]["units int8"] < 2      # the fallback had to leave the outliers float
     assert not any("percentile=auto" in n for n in clipped.passes[0]["notes"])
-    out, rep = graphopt.optimize(m, ["quantize:method=percentile"], calib_data=data, latency_runs=0)
+    out, rep = graphopt.optimize(m, ["quantize:method=percentile,min-top1=0"], calib_data=data, latency_runs=0)
     notes = rep.passes[0]["notes"]
     assert any(n.startswith("percentile=auto: 99.999 kept the most int8 (99.99: ") for n in notes), notes
     assert rep.passes[0]["counts"]["units int8"] == 2 and rep.validation.outputs[0].cosine >= 0.98
