@@ -8,7 +8,9 @@ Models (each skipped with a note when missing): ``models/*.onnx`` with ``models/
 or ``models/mnist64_{calib,eval}.npz`` (64x64), chosen by input shape; the third-party models of
 ``benchmarks/fetch_models.py`` (``fetch_all(cache)``, or ``cached`` with ``--no-fetch``: PP-OCR det/rec/cls, MTCNN
 R-Net/O-Net, Magika); the MiniLM sentence encoder ``benchmarks/build_minilm.py`` writes to
-``~/.cache/graphopt-bench/minilm``; with ``--synthetic`` a seeded random-weight ConvNet (harness check only).
+``~/.cache/graphopt-bench/minilm`` and the EfficientNet-Lite0 ImageNet classifier (output role ``scores``: top-1
+agreement) ``benchmarks/build_efficientnet_lite.py`` writes to ``~/.cache/graphopt-bench/efficientnet_lite0``;
+with ``--synthetic`` a seeded random-weight ConvNet (harness check only).
 ``--models`` selects by substring or adds .onnx paths (with ``<stem>_calib.npz`` / ``<stem>_eval.npz`` beside them).
 
 Configurations (``CONFIGS``), all QDQ with uint8 asymmetric activations and int8 symmetric per-channel weights unless
@@ -182,12 +184,27 @@ def fetched_models(notes: list[str], no_fetch: bool) -> list[ModelCase]:
             for name, m in found.items()]
 
 
-def minilm_models(notes: list[str]) -> list[ModelCase]:
-    d = CACHE / "minilm"
+# Models a benchmarks/build_*.py script writes into CACHE / folder: (folder, kind, script, file, what it is)
+BUILT = [("minilm", "embedding", "build_minilm.py", "MiniLM .onnx", "transformer"),
+         ("efficientnet_lite0", "classifier", "build_efficientnet_lite.py", "EfficientNet-Lite0 .onnx",
+          "depthwise/ReLU6 ImageNet classifier")]
+
+
+def built_models(notes: list[str]) -> list[ModelCase]:
+    """The models of BUILT (MiniLM, EfficientNet-Lite0) whose build script has been run."""
+    return [c for b in BUILT for c in _built_models(notes, *b)]
+
+
+minilm_models = built_models  # the old name, which benchmarks/sweep_ranges.py calls
+
+
+def _built_models(notes: list[str], folder: str, kind: str, script: str, what: str,
+                  stands_for: str) -> list[ModelCase]:
+    d = CACHE / folder
     onnx_files = sorted(d.glob("*.onnx")) if d.exists() else []
     onnx_files = [p for p in onnx_files if "quant" not in p.name and "int8" not in p.name]
     if not onnx_files:
-        notes.append(f"{d}: no MiniLM .onnx (benchmarks/build_minilm.py not run yet): transformer not measured")
+        notes.append(f"{d}: no {what} (benchmarks/{script} not run yet): {stands_for} not measured")
         return []
     cases = []
     for p in onnx_files:
@@ -198,7 +215,7 @@ def minilm_models(notes: list[str]) -> list[ModelCase]:
         if calib is None or ev is None:
             notes.append(f"{p}: no calib/eval .npz beside it; skipped")
             continue
-        cases.append(ModelCase(p.stem if p.stem != "model" else "minilm", p, calib, ev, "embedding"))
+        cases.append(ModelCase(p.stem if p.stem != "model" else folder, p, calib, ev, kind))
     return cases
 
 
@@ -1148,7 +1165,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = [c for c in CONFIGS if c in configs]      # canonical order: ours:kl and ort:entropy2048 first
     notes: list[str] = []
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_quantize_"))
-    cases = local_models(notes) + fetched_models(notes, args.no_fetch) + minilm_models(notes)
+    cases = local_models(notes) + fetched_models(notes, args.no_fetch) + built_models(notes)
     if args.synthetic:
         cases.append(synthetic_case(work / "_synthetic"))
     selectors = [m for m in args.models if not m.endswith(".onnx")]
