@@ -77,7 +77,11 @@ def quantized_ops(graph: gs.Graph) -> list[str]:
 FUSABLE_ACTIVATIONS = {"Relu", "Clip"}
 SHARED_SCALE = {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize"}
 OWN_SCALE = {"AveragePool", "GlobalAveragePool"}
-FALLBACK_SAMPLES = 64
+# The fallback checks its targets on up to 256 calibration samples (at most 256 MB of inputs held): with 64, the
+# top-1 agreement of a 1000-class head that the search stopped at (EfficientNet-Lite0: 0.953) was 0.938 on all 256.
+FALLBACK_SAMPLES = 256
+FALLBACK_INPUT_BYTES = 256 << 20
+SEARCH_SAMPLES = 64         # the binary search itself, on at most this many (as its time budget allows)
 SENSITIVITY_SAMPLES = 8
 SENSITIVITY_BUDGET_S = 30.0
 # The cost model the budgets are spent in (sample_cost): the switchable model measured 6-10 GMAC/s on an AMD
@@ -440,9 +444,9 @@ class Quantize(Pass):
         The search runs on one switchable model (a boolean input per quantized tensor), so each candidate costs a
         run, not a model build and session; the sensitivity sweep uses as many samples (1 to 8) as fit a time
         budget, spent in modelled seconds (``sample_cost``) so that the same model and data give the same
-        choice on any machine and load. The chosen model is then built for real and checked on up to 64 samples.
+        choice on any machine and load. The chosen model is then built for real and checked on up to 256 samples.
         """
-        batches = _take(ctx.calib, FALLBACK_SAMPLES)
+        batches = _take(ctx.calib, FALLBACK_SAMPLES, FALLBACK_INPUT_BYTES)
         o = self.options
         scores = class_score_outputs(float_model)
         sequences = sequence_score_outputs(float_model)
@@ -509,7 +513,7 @@ class Quantize(Pass):
         # The search itself takes few steps, so it can afford more samples than the per-tensor sweep: top-1 flips
         # are rare events that 8 samples seldom show.
         steps = math.ceil(math.log2(max(len(sites), 2))) + 1
-        search = _rows(batches, int(min(FALLBACK_SAMPLES, max(n, SEARCH_BUDGET_S / (per_sample * steps)))))
+        search = _rows(batches, int(min(SEARCH_SAMPLES, max(n, SEARCH_BUDGET_S / (per_sample * steps)))))
         spent = [0.0]      # the budget is spent in modelled seconds, so the sweep does not depend on machine load
 
         def measure(t: str, quick: bool) -> tuple[float, float]:
@@ -609,12 +613,18 @@ def _rows(batches: list[Batch], n: int) -> list[Batch]:
     return out
 
 
-def _take(source: Any, n: int) -> list[Batch]:
+def _take(source: Any, n: int, max_bytes: int | None = None) -> list[Batch]:
+    """The first batches of ``source`` up to ``n`` samples (and, given ``max_bytes``, up to that many bytes of
+    inputs; always at least one batch)."""
     out: list[Batch] = []
-    seen = 0
+    seen = held = 0
     for b in source:
+        size = sum(v.nbytes for v in b.feed.values() if isinstance(v, np.ndarray))
+        if out and max_bytes is not None and held + size > max_bytes:
+            break
         out.append(b)
         seen += b.rows
+        held += size
         if seen >= n:
             break
     return out

@@ -484,3 +484,17 @@ def test_fallback_result_does_not_depend_on_machine_speed(monkeypatch):
     monkeypatch.setattr(pq.time, "perf_counter", lambda: real() * 1e4)
     assert run() == normal
     assert "sensitivity measured on 8 sample(s) per tensor" in " ".join(normal[0])
+
+
+def test_fallback_check_samples_are_capped_by_count_and_by_input_bytes():
+    """The fallback checks its targets on up to FALLBACK_SAMPLES calibration samples, holding at most
+    FALLBACK_INPUT_BYTES of their inputs (at least one batch, however large)."""
+    from calibration.readers import Batch
+    from passes.quantize import FALLBACK_INPUT_BYTES, FALLBACK_SAMPLES, _take
+    small = [Batch({"x": np.zeros((16, 8), np.float32)}, None) for _ in range(40)]
+    assert sum(b.rows for b in _take(small, FALLBACK_SAMPLES, FALLBACK_INPUT_BYTES)) == FALLBACK_SAMPLES == 256
+    big = [Batch({"x": np.zeros((16, 3, 224, 224), np.float32)}, None) for _ in range(40)]   # 9.6 MB a batch
+    taken = _take(big, FALLBACK_SAMPLES, FALLBACK_INPUT_BYTES)
+    assert sum(b.feed["x"].nbytes for b in taken) <= FALLBACK_INPUT_BYTES and len(taken) == 16
+    huge = [Batch({"x": np.zeros((1, 300 << 20), np.uint8)}, None) for _ in range(2)]
+    assert len(_take(huge, FALLBACK_SAMPLES, FALLBACK_INPUT_BYTES)) == 1
