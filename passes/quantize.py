@@ -527,21 +527,32 @@ class Quantize(Pass):
                              f"{SENSITIVITY_BUDGET_S:.0f} s)")
         order = sorted(sites, key=lambda t: (sens[t][1], sens[t][0]))   # flips first, then the cosine lost
         # Smallest k such that leaving the k most harmful tensors float meets the targets (binary search on the
-        # switchable model), then confirmed on the real model; if the check disagrees, keep adding tensors.
-        lo, hi = 1, len(order)
-        while lo < hi:
-            k = (lo + hi) // 2
-            if meets(q_switched(set(order[k:]), search)):
-                hi = k
-            else:
-                lo = k + 1
-        k = lo
+        # switchable model), then confirmed on the real model. If the check (on more samples than the search)
+        # disagrees, the search runs once more above k on the check's samples; if the check still disagrees (the
+        # integer kernels round differently from the switchable model's fake quantization), tensors are added.
+
+        def smallest_k(lo: int, feeds: list[Batch]) -> int:
+            hi = len(order)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if meets(q_switched(set(order[mid:]), feeds)):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            return lo
+
+        k = smallest_k(1, search)
+        research = sum(b.rows for b in batches) > sum(b.rows for b in search)
         while True:
             model = builder.build(set(order[:k]))
             q = quality(model)
             if meets(q) or k >= len(order):
                 break
-            k = min(len(order), max(k + 1, int(k * 1.5)))
+            if research:
+                research = False
+                k = smallest_k(k + 1, batches)
+            else:
+                k = min(len(order), max(k + 1, int(k * 1.5)))
         if k >= len(order) or not builder.int8_units:
             res.notes.append(f"fallback: min-cosine {o.min_cosine} and min-top1 {o.min_top1} hold only with "
                              f"{'every tensor' if k >= len(order) else 'every layer'} float, so nothing runs int8; "
