@@ -89,6 +89,7 @@ SENSITIVITY_BUDGET_S = 30.0
 RUN_MACS_PER_S = 8e9
 RUN_OVERHEAD_S = 5e-4
 SEARCH_BUDGET_S = 15.0      # for the binary search over how many tensors stay float
+RESEARCH_BUDGET_S = 120.0   # for searching again on the check's samples when the check disagrees with the search
 MAX_NOTES = 12              # "left float" lines in the printed report; --report has them all
 INT32_BIAS_LIMIT = 2.0**30  # headroom below 2**31 for the accumulator the bias is added to
 BOUNDED = {"Softmax", "Sigmoid", "HardSigmoid", "Tanh"}
@@ -528,8 +529,9 @@ class Quantize(Pass):
         order = sorted(sites, key=lambda t: (sens[t][1], sens[t][0]))   # flips first, then the cosine lost
         # Smallest k such that leaving the k most harmful tensors float meets the targets (binary search on the
         # switchable model), then confirmed on the real model. If the check (on more samples than the search)
-        # disagrees, the search runs once more above k on the check's samples; if the check still disagrees (the
-        # integer kernels round differently from the switchable model's fake quantization), tensors are added.
+        # disagrees, the search runs once more above k on the check's samples (where that fits RESEARCH_BUDGET_S
+        # modelled seconds); if the check still disagrees (the integer kernels round differently from the
+        # switchable model's fake quantization), tensors are added.
 
         def smallest_k(lo: int, feeds: list[Batch]) -> int:
             hi = len(order)
@@ -542,7 +544,9 @@ class Quantize(Pass):
             return lo
 
         k = smallest_k(1, search)
-        research = sum(b.rows for b in batches) > sum(b.rows for b in search)
+        check_rows = sum(b.rows for b in batches)
+        research = (check_rows > sum(b.rows for b in search)
+                    and per_sample * check_rows * steps <= RESEARCH_BUDGET_S)
         while True:
             model = builder.build(set(order[:k]))
             q = quality(model)
