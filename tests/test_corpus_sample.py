@@ -11,13 +11,9 @@ that onnxruntime's Python API cannot exchange, which gave an unreadable message)
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from bench_support import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # Must end written + validated (exit 0) with outputs equal to the original's.
 OK = [
@@ -48,12 +44,7 @@ SAMPLE = OK + OK_OR_REFUSED
 
 
 def _load_corpus_module():
-    spec = importlib.util.spec_from_file_location("onnx_corpus", ROOT / "benchmarks" / "onnx_corpus.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("onnx_corpus", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("onnx_corpus")
 
 
 @pytest.fixture(scope="module")

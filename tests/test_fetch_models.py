@@ -3,24 +3,15 @@ the calib/eval split by groups of possibly near-duplicate files."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_support import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def fm() -> Any:
-    spec = importlib.util.spec_from_file_location("fetch_models", ROOT / "benchmarks" / "fetch_models.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("fetch_models", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("fetch_models")
 
 
 # magika's config.min.json shrunk: 4 bytes from each end, out of at most 8 read, 3 needed
