@@ -27,9 +27,9 @@ of a final Gemm/MatMul), the top-1 agreement against the float model are measure
 quantized, with the int8 weights of the layers that read it, as a real build runs a layer with float weights when
 its input stays float; on 1 to 8 samples as a time budget allows, on one past it; the budget is spent in modelled
 seconds, a fixed cost per MAC, so the result does not depend on the machine or its load) is measured and the most
-harmful tensors (top-1 flips first, then cosine lost) are left float, fewest first
-(binary search over the sensitivity order), until both targets hold. A unit whose input stays float runs float
-(its weights too). The report lists the tensors with their sensitivity and the layers that run float.
+harmful tensors (top-1 flips first, then cosine lost) are left float, fewest first (binary search over the
+sensitivity order), until both targets hold. The report lists the tensors with their sensitivity and the layers
+that run float.
 Before planning, Constant-node weights become initializers and BatchNormalization / per-channel Mul/Add after a Conv
 are folded into it (both exact, as the fold-constants and fold-bn passes do).
 Declined: models already quantized (QDQ, QLinear*, *Integer ops); opset < 10 that cannot be converted.
