@@ -3,7 +3,10 @@
 What gets quantized (each choice is what onnxruntime's QDQ fusions need to produce QLinear*/MatMulInteger kernels):
   * weighted units: Conv, Gemm (alpha = beta = 1) and MatMul with a constant 2-D weight — weights int8 symmetric
     [-127, 127], per output channel (axis 0 for Conv and Gemm transB=1, axis 1 for Gemm transB=0 and MatMul) from
-    opset 13; bias int32 with scale s_x·s_w and zero point 0; MatMul of two activations (attention). A Conv/Gemm whose
+    opset 13, scale absmax/127, rounded by GPTQ (``calibration/gptq.py``: each weight's rounding error moved onto
+    the weights not yet rounded, given the second moments H = Σ x xᵀ of the layer's inputs, streamed in the same
+    calibration run; to nearest where the data has fewer than 8 input vectors per input dimension, or with
+    ``rounding=nearest``); bias int32 with scale s_x·s_w and zero point 0; MatMul of two activations (attention). A Conv/Gemm whose
     only consumer is Relu or Clip (constant bounds) forms one unit with it: no QDQ between them, the output range is
     observed after the activation, so it starts at 0 and onnxruntime folds the activation into the requantization;
   * residual Add of two activations and Concat (inputs and output share one scale, so Concat needs no rescale);
@@ -49,8 +52,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from calibration.collector import collect
+from calibration.gptq import MIN_ROWS_PER_DIM, ConvGeometry, Fanout, HessianObserver, gptq_round
 from calibration.observers import HistogramObserver, MinMaxObserver
-from calibration.qparams import qparams, quantize
+from calibration.qparams import qparams, qrange, quantize
 from calibration.ranges import compute_range
 from calibration.readers import Batch
 from graphopt.errors import UsageError
@@ -206,6 +210,9 @@ class Quantize(Pass):
             "auto", "7-bit weights; auto: where this CPU's u8s8 kernel saturates (x86 without VNNI; probed)")
         exclude: tuple[str, ...] = option((), "node names or op types to keep float (repeat the key)")
         samples: int | None = option(None, "use at most this many calibration samples", lo=1)
+        rounding: Literal["gptq", "nearest"] = option(
+            "gptq", "weight rounding: gptq (each weight's rounding error compensated by the weights not yet rounded, "
+            "from the calibration inputs' second moments) or nearest")
         min_cosine: float = option(0.98, "fallback target: output cosine vs float on calibration data (0: off)",
                                    lo=0, hi=1)
         min_top1: float = option(0.95, "fallback target: top-1 agreement with float of class-score outputs "
@@ -259,7 +266,7 @@ class Quantize(Pass):
             res.decline("model", "no Conv, Gemm or MatMul to quantize")
             return res
         float_model = export(graph, ctx.original)
-        candidates = self._calibrate(graph, float_model, plan, ctx, res)
+        candidates, hessians = self._calibrate(graph, float_model, plan, ctx, res)
         fallback = (o.min_cosine > 0 or o.min_top1 > 0) and ctx.calib is not None
         if not fallback and (o.min_cosine > 0 or o.min_top1 > 0):
             res.notes.append("sensitivity fallback skipped: no calibration data to measure it on")
@@ -270,7 +277,7 @@ class Quantize(Pass):
         tried: list[str] = []
         for label, ranges in candidates:
             builder = _Builder(graph, plan, ranges, ctx.original, per_channel=per_channel, reduce_range=reduce,
-                               activations=o.activations)
+                               activations=o.activations, hessians=hessians)
             trial = _Trial(label, ranges, builder, builder.build(set()), {}, PassResult())
             if fallback:
                 model, floated = self._fallback(builder, float_model, trial.model, ctx, trial.result)
@@ -302,6 +309,16 @@ class Quantize(Pass):
         if len(builder.int8_units) < len(plan.units):
             res.counts["units float"] = len(plan.units) - len(builder.int8_units)
         res.counts["tensors quantized"] = len(builder.last_tensors)
+        gptq = [u for u in builder.int8_units if u in builder.gptq_units]
+        if gptq:
+            res.counts["weights gptq-rounded"] = len(gptq)
+        if o.rounding == "gptq":
+            few = [u.name for u in plan.units if u.name in builder.int8_units and u.weight_axis is not None
+                   and u.name not in builder.gptq_units]
+            if few:
+                res.notes.append(f"weights rounded to nearest in {len(few)} layer(s) ({', '.join(few[:3])}"
+                                 f"{', ...' if len(few) > 3 else ''}): fewer than {MIN_ROWS_PER_DIM} calibration "
+                                 "input vectors per input dimension, or no calibration run")
         res.notes.append(f"method={method}, activations={o.activations}, reduce-range={'on' if reduce else 'off'}"
                          f"{_AUTO_WHY[reduce] if o.reduce_range == 'auto' else ''}"
                          f", weights {'per-channel' if per_channel else 'per-tensor'}")
@@ -401,26 +418,39 @@ class Quantize(Pass):
     # ------------------------------------------------------------------------------------------ calibrate
 
     def _calibrate(self, graph: gs.Graph, float_model: onnx.ModelProto, plan: Plan, ctx: PassContext,
-                   res: PassResult) -> list[tuple[str, dict[str, tuple[float, float]]]]:
+                   res: PassResult) -> tuple[list[tuple[str, dict[str, tuple[float, float]]]],
+                                             dict[str, HessianObserver]]:
         """(lo, hi) of every tensor any build may quantize, as candidate sets ``[(label, ranges)]`` in order of
-        preference: one, except for ``percentile=auto`` (``AUTO_PERCENTILES``, all from the same histograms)."""
+        preference: one, except for ``percentile=auto`` (``AUTO_PERCENTILES``, all from the same histograms); and,
+        for ``rounding=gptq``, each weighted unit's input second moments (by unit name), streamed in the same run.
+        With ``--load-calibration`` the data runs only for the second moments (when there is data)."""
+        o = self.options
         wanted = _Builder.candidate_tensors(graph, plan)
-        if ctx.calibration_ranges is not None:
-            missing = [t for t in wanted if t not in ctx.calibration_ranges]
+        loaded = ctx.calibration_ranges
+        if loaded is not None:
+            missing = [t for t in wanted if t not in loaded]
             if missing:
                 raise UsageError(f"--load-calibration has no range for {len(missing)} tensor(s) this model needs, "
                                  f"e.g. '{missing[0]}'; calibrate again")
             res.notes.append(f"ranges loaded for {len(wanted)} tensors")
-            return [("loaded", {t: tuple(ctx.calibration_ranges[t]) for t in wanted})]  # type: ignore[misc]
-        o = self.options
-        calib = ctx.require_calib(self.name)
-        observers: dict[str, MinMaxObserver] = {
+        hessians = ({u.name: HessianObserver(_conv_geometry(u.node)) for u in plan.units
+                     if u.weight_axis is not None and (u.node.op != "Conv" or _conv_geometry(u.node) is not None)}
+                    if o.rounding == "gptq" and ctx.calib is not None else {})
+        observers: dict[str, MinMaxObserver] = {} if loaded is not None else {
             t: (MinMaxObserver() if o.method == "minmax" else HistogramObserver(o.bins)) for t in wanted}
-        feed_names = {i.name for i in graph.inputs}
-        fetch = [t for t in wanted if t not in feed_names]
-        batches = _with_inputs_observed(calib, observers, feed_names)
-        seen = collect(float_model, fetch, batches, observers, max_samples=o.samples)
-        res.counts["calibration samples"] = seen
+        readers: dict[str, list[Any]] = {t: [obs] for t, obs in observers.items()}
+        for u in plan.units:
+            if u.name in hessians:
+                readers.setdefault(u.node.inputs[0].name, []).append(hessians[u.name])
+        if readers:
+            fanned: dict[str, Any] = {t: obs[0] if len(obs) == 1 else Fanout(obs) for t, obs in readers.items()}
+            feed_names = {i.name for i in graph.inputs}
+            fetch = [t for t in fanned if t not in feed_names]
+            batches = _with_inputs_observed(ctx.require_calib(self.name), fanned, feed_names)
+            seen = collect(float_model, fetch, batches, fanned, max_samples=o.samples)
+            res.counts["calibration samples"] = seen
+        if loaded is not None:
+            return [("loaded", {t: tuple(loaded[t]) for t in wanted})], hessians  # type: ignore[misc]
         # Never clip a graph output (what the user reads) or a bounded activation's output (Softmax/Sigmoid: their
         # large values are the signal): those use their observed min and max, whatever the method for the rest.
         keep = {t.name for t in graph.outputs} | {n.outputs[0].name for n in graph.nodes
@@ -430,9 +460,9 @@ class Quantize(Pass):
             return {t: compute_range(obs, "minmax" if t in keep else o.method, p) for t, obs in observers.items()}
 
         if o.method != "percentile":
-            return [(o.method, ranges_at(AUTO_PERCENTILES[0]))]     # the percentile is not read by other methods
+            return [(o.method, ranges_at(AUTO_PERCENTILES[0]))], hessians  # percentile: read by percentile only
         percentiles = AUTO_PERCENTILES if o.percentile == "auto" else (o.percentile,)
-        return [(str(p), ranges_at(p)) for p in percentiles]
+        return [(str(p), ranges_at(p)) for p in percentiles], hessians
 
     # ------------------------------------------------------------------------------------------- fallback
 
@@ -603,6 +633,20 @@ def sensitivity_sweep(sites: list[str], measure: Callable[[str, bool], tuple[flo
     return sens, quick
 
 
+def _conv_geometry(node: gs.Node) -> ConvGeometry | None:
+    """A 1-D or 2-D Conv's (group, kernel, strides, pads, dilations) as its input patches need them; None for other
+    ranks and for auto_pad (whose pads depend on the input size): those round to nearest."""
+    w = node.inputs[1]
+    rank = w.values.ndim - 2 if isinstance(w, gs.Constant) else 0
+    if rank not in (1, 2) or node.attrs.get("auto_pad", "NOTSET") != "NOTSET":
+        return None
+    a = node.attrs
+    pads = tuple(int(p) for p in a.get("pads", [0] * 2 * rank))
+    return (int(a.get("group", 1)), tuple(int(k) for k in w.values.shape[2:]),
+            tuple(int(v) for v in a.get("strides", [1] * rank)), pads[:rank], pads[rank:],
+            tuple(int(v) for v in a.get("dilations", [1] * rank)))
+
+
 def _with_inputs_observed(calib: Any, observers: dict[str, MinMaxObserver], feed_names: set[str]) -> Any:
     """Batches of ``calib`` with the graph inputs that are observed fed to their observers on the way through."""
     for batch in calib:
@@ -652,8 +696,13 @@ class _Builder:
     """Builds the QDQ model for a given set of units kept float, from the float graph and fixed ranges."""
 
     def __init__(self, graph: gs.Graph, plan: Plan, ranges: dict[str, tuple[float, float]],
-                 template: onnx.ModelProto, *, per_channel: bool, reduce_range: bool, activations: str) -> None:
+                 template: onnx.ModelProto, *, per_channel: bool, reduce_range: bool, activations: str,
+                 hessians: dict[str, HessianObserver] | None = None) -> None:
         self.graph = graph.copy()
+        # unit name -> its input's second moments (rounding=gptq); the GPTQ-rounded weights by (unit, scales)
+        self.hessians = {k: h for k, h in (hessians or {}).items() if h.enough_rows()}
+        self.gptq_units: set[str] = set()
+        self._rounded: dict[tuple[str, bytes], np.ndarray] = {}
         self.plan = plan
         self.ranges = ranges
         self.template = template
@@ -743,7 +792,8 @@ class _Builder:
                 continue  # an input stays float: the unit cannot run integer, so its weights stay float too
             if u.weight_axis is not None:
                 self._quantize_weights(g, node, u.weight_axis, params[x_names[0]][0],
-                                       switch=self.switches.get(x_names[0]))
+                                       switch=self.switches.get(x_names[0]), hessian=self.hessians.get(u.name),
+                                       unit=u.name)
             self.int8_units.append(u.name)
         self.last_tensors = list(qdq)
         g.cleanup().toposort()
@@ -831,8 +881,11 @@ class _Builder:
             g.outputs = [out if o is t else o for o in g.outputs]
 
     def _quantize_weights(self, g: gs.Graph, node: gs.Node, axis: int, x_scale: np.ndarray,
-                          switch: str | None = None) -> None:
+                          switch: str | None = None, hessian: HessianObserver | None = None, unit: str = "") -> None:
         """int8 symmetric weights (per output channel on ``axis`` or per tensor) and int32 bias, scale s_x·s_w.
+
+        The weights are rounded to nearest, or given the unit's input second moments ``hessian`` by GPTQ
+        (``calibration.gptq``; the scales are the same either way).
 
         A channel whose weights are near zero but whose bias is not would need a bias beyond int32 at scale
         s_x·s_w; its weight scale is raised until the bias fits (its weights, ~0, stay ~0).
@@ -860,7 +913,14 @@ class _Builder:
             w_scale = np.maximum(w_scale, need).astype(np.float32)
         else:
             b = None
-        qw = quantize(values, w_scale, w_zp, "int8", axis=dq_axis)
+        if hessian is not None and hessian.h is not None:
+            key = (unit, np.broadcast_to(w_scale, (n_out,)).tobytes())
+            if key not in self._rounded:
+                self._rounded[key] = self._gptq(values, axis, np.broadcast_to(w_scale, (n_out,)), hessian)
+            qw = self._rounded[key]
+            self.gptq_units.add(unit)
+        else:
+            qw = quantize(values, w_scale, w_zp, "int8", axis=dq_axis)
         wq = gs.Constant(self._name(f"{w.name}_quantized"), qw)
         attrs = {"axis": dq_axis} if dq_axis is not None else {}
         s = gs.Constant(self._name(f"{w.name}_scale"), w_scale if dq_axis is not None else w_scale.reshape(()))
@@ -883,6 +943,17 @@ class _Builder:
         g.nodes.append(gs.Node("DequantizeLinear", name=self._name(f"{bias.name}_DequantizeLinear"),
                                inputs=[bq, bs, bz], outputs=[bdq], attrs={"axis": 0} if dq_axis is not None else {}))
         node.inputs[2] = self._switched(g, switch, bdq, bias)
+
+    def _gptq(self, values: np.ndarray, axis: int, scale: np.ndarray, hessian: HessianObserver) -> np.ndarray:
+        """int8 weights of ``values`` (Conv [O, C/g, *k] with axis 0; Gemm/MatMul [K, O] with axis 1 or [O, K] with
+        axis 0) rounded by GPTQ, in the weight's own layout."""
+        assert hessian.h is not None
+        groups = hessian.h.shape[0]
+        rows = values if axis == 0 else values.T                         # [O, D·groups]
+        w = rows.reshape(groups, rows.shape[0] // groups, -1)
+        qmin, qmax = qrange("int8", symmetric=True, reduce_range=self.reduce_range)
+        q = gptq_round(w, scale.reshape(groups, -1), hessian.h, qmin, qmax).reshape(rows.shape)
+        return (q if axis == 0 else q.T).astype(np.int8)
 
     def _switched(self, g: gs.Graph, switch: str | None, quantized: gs.Variable, original: gs.Tensor) -> gs.Tensor:
         """``quantized``, or in a switchable build ``Where(switch, quantized, original)``."""

@@ -1,0 +1,150 @@
+"""GPTQ weight rounding: the streamed input second moments against onnxruntime's own Conv, the rounding's
+properties, and the quantize pass using it."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import calibration.gptq as gptq_mod
+import graphopt
+from calibration.gptq import HessianObserver, gptq_round
+from calibration.qparams import qrange
+from tests.graphs import session
+from tests.test_quantize import calib, conv_net, ort_kernels
+
+
+def _conv_sq_norm(x: np.ndarray, w: np.ndarray, **attrs) -> float:
+    """Σ y² of onnxruntime's Conv(x, w) (no bias)."""
+    xi = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))
+    yi = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], **attrs)], "g", [xi], [yi],
+                          [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    y = session(m).run(None, {"x": x})[0].astype(np.float64)
+    return float((y ** 2).sum())
+
+
+GEOMETRIES = [  # (input shape, weight shape, group, strides, pads, dilations)
+    ((2, 3, 9, 8), (4, 3, 3, 3), 1, [1, 1], [1, 1, 1, 1], [1, 1]),
+    ((2, 4, 11, 10), (6, 4, 3, 2), 1, [2, 2], [0, 1, 2, 0], [1, 1]),      # stride 2, asymmetric pads
+    ((1, 6, 10, 10), (6, 1, 5, 5), 6, [1, 2], [2, 2, 2, 2], [1, 1]),      # depthwise
+    ((2, 4, 12, 12), (6, 2, 3, 3), 2, [1, 1], [0, 0, 0, 0], [2, 2]),      # grouped, dilated
+    ((3, 5, 17), (4, 5, 3), 1, [2], [1, 0], [1]),                         # 1-D
+]
+
+
+@pytest.mark.parametrize("xs, ws, group, strides, pads, dil", GEOMETRIES)
+def test_conv_input_second_moments_give_onnxruntimes_output_energy(xs, ws, group, strides, pads, dil, monkeypatch):
+    """For any weights w, Σ_g Σ_o w_go H_g w_goᵀ equals Σ y² of the Conv that onnxruntime runs: the patches are the
+    ones the Conv reads, in the weights' (channel, row, column) order. Fed in two pieces and in small chunks."""
+    monkeypatch.setattr(gptq_mod, "CHUNK_BYTES", 512)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(xs).astype(np.float32)
+    rank = len(xs) - 2
+    obs = HessianObserver((group, tuple(ws[2:]), tuple(strides), tuple(pads[:rank]), tuple(pads[rank:]), tuple(dil)))
+    obs.update(x[:1])
+    obs.update(x[1:])
+    assert obs.h is not None and obs.h.shape[0] == group
+    for seed in range(3):
+        w = np.random.default_rng(seed).standard_normal(ws).astype(np.float32)
+        wg = w.reshape(group, ws[0] // group, -1).astype(np.float64)
+        energy = float(np.einsum("god,gde,goe->", wg, obs.h, wg))
+        ref = _conv_sq_norm(x, w, group=group, strides=strides, pads=pads, dilations=dil)
+        assert energy == pytest.approx(ref, rel=1e-5)
+    y_positions = np.prod([(n + pads[i] + pads[i + rank] - (k - 1) * d - 1) // s + 1
+                           for i, (n, k, s, d) in enumerate(zip(xs[2:], ws[2:], strides, dil))])
+    assert obs.rows == xs[0] * y_positions
+
+
+def test_matmul_input_second_moments_are_sum_of_row_outer_products():
+    x = np.random.default_rng(1).standard_normal((3, 7, 5)).astype(np.float32)
+    obs = HessianObserver()
+    obs.update(x)
+    flat = x.reshape(-1, 5).astype(np.float64)
+    assert np.allclose(obs.h[0], flat.T @ flat, rtol=1e-5) and obs.rows == 21
+
+
+def _nearest(w: np.ndarray, s: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    return np.clip(np.rint(w / s[..., None]), qmin, qmax)
+
+
+def _layer_error(w, q, s, h):
+    d = w - q * s[..., None]
+    return float(np.einsum("god,gde,goe->", d, h, d))
+
+
+def test_uncorrelated_inputs_give_round_to_nearest():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((3, 4, 10))
+    s = np.abs(w).max(axis=2) / 127
+    h = np.stack([np.diag(rng.random(10) + 0.5) for _ in range(3)])
+    assert np.array_equal(gptq_round(w, s, h, -127, 127), _nearest(w, s, -127, 127))
+
+
+@pytest.mark.parametrize("reduce", [False, True])
+def test_gptq_lowers_the_layer_error_on_correlated_inputs(reduce):
+    """Inputs with correlated features (as a layer's inputs are): the error E‖ΔW x‖² is well below rounding to
+    nearest's, the scales are the same and every integer is in range."""
+    rng = np.random.default_rng(3)
+    mix = rng.standard_normal((32, 32))
+    x = rng.standard_normal((4000, 32)) @ mix
+    h = (x.T @ x)[None]
+    w = rng.standard_normal((1, 16, 32))
+    qmin, qmax = qrange("int8", symmetric=True, reduce_range=reduce)
+    s = np.abs(w).max(axis=2) / qmax
+    q = gptq_round(w, s, h, qmin, qmax)
+    assert q.min() >= qmin and q.max() <= qmax
+    assert _layer_error(w, q, s, h) < 0.6 * _layer_error(w, _nearest(w, s, qmin, qmax), s, h)
+
+
+def test_inputs_that_were_always_zero_keep_nearest_rounding():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((500, 6)) @ rng.standard_normal((6, 6))
+    x[:, 2] = 0.0
+    h = (x.T @ x)[None]
+    w = rng.standard_normal((1, 5, 6))
+    s = np.abs(w).max(axis=2) / 127
+    q = gptq_round(w, s, h, -127, 127)
+    assert np.isfinite(q).all()
+    assert np.array_equal(q[..., 2], _nearest(w, s, -127, 127)[..., 2])
+
+
+def _weights(m: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer if t.name.endswith("_quantized")}
+
+
+def test_pass_rounds_by_gptq_where_the_data_determines_it(tmp_path):
+    """Default: every layer with at least 8 input vectors per dimension is GPTQ-rounded (the Gemm's 8 inputs seen
+    on 32 samples are not: it is rounded to nearest and the report says so); rounding=nearest changes only the
+    weights; both models are valid and onnxruntime fuses the same integer kernels."""
+    data = calib(32)
+    out, rep = graphopt.optimize(conv_net(), ["quantize"], calib_data=data, latency_runs=0)
+    near, rep_n = graphopt.optimize(conv_net(), ["quantize:rounding=nearest"], calib_data=data, latency_runs=0)
+    onnx.checker.check_model(out)
+    counts = rep.passes[0]["counts"]
+    assert counts["weights gptq-rounded"] == 2 and "weights gptq-rounded" not in rep_n.passes[0]["counts"]
+    assert any("rounded to nearest in 1 layer(s) (fc)" in n for n in rep.passes[0]["notes"])
+    a, b = _weights(out), _weights(near)
+    assert a.keys() == b.keys()
+    assert not np.array_equal(a["w1_quantized"], b["w1_quantized"])
+    assert np.array_equal(a["fc_quantized"], b["fc_quantized"])
+    assert [n.op_type for n in out.graph.node] == [n.op_type for n in near.graph.node]
+    assert sorted(ort_kernels(out, tmp_path)) == sorted(ort_kernels(near, tmp_path))
+    # the rounding changes the integers by at most a few steps: the scales stay those of the weights' range
+    assert np.abs(a["w2_quantized"].astype(int) - b["w2_quantized"].astype(int)).max() <= 8
+
+
+def test_loaded_calibration_still_rounds_by_gptq_given_data(tmp_path):
+    data = calib(64)
+    out, rep = graphopt.optimize(conv_net(), ["quantize"], calib_data=data, latency_runs=0)
+    ranges = rep.passes[0]["artifacts"]["calibration"]["ranges"]
+    again, rep2 = graphopt.optimize(conv_net(), ["quantize"], calib_data=data, latency_runs=0,
+                                    calibration_ranges=ranges)
+    assert rep2.passes[0]["counts"]["weights gptq-rounded"] == rep.passes[0]["counts"]["weights gptq-rounded"]
+    assert _weights(again).keys() == _weights(out).keys()
+    for k, v in _weights(out).items():
+        assert np.array_equal(v, _weights(again)[k]), k
