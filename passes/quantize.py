@@ -3,10 +3,10 @@
 What gets quantized (each choice is what onnxruntime's QDQ fusions need to produce QLinear*/MatMulInteger kernels):
   * weighted units: Conv, Gemm (alpha = beta = 1) and MatMul with a constant 2-D weight — weights int8 symmetric
     [-127, 127], per output channel (axis 0 for Conv and Gemm transB=1, axis 1 for Gemm transB=0 and MatMul) from
-    opset 13, scale absmax/127, rounded by GPTQ (``calibration/gptq.py``: each weight's rounding error moved onto
-    the weights not yet rounded, given the second moments H = Σ x xᵀ of the layer's inputs, streamed in the same
-    calibration run; to nearest where the data has fewer than 8 input vectors per input dimension, or with
-    ``rounding=nearest``); bias int32 with scale s_x·s_w and zero point 0; MatMul of two activations (attention). A Conv/Gemm whose
+    opset 13, scale absmax/127, rounded to nearest or, with ``rounding=gptq``, by GPTQ (``calibration/gptq.py``:
+    each weight's rounding error moved onto the weights not yet rounded, given the second moments H = Σ x xᵀ of the
+    layer's inputs, streamed in the same calibration run; to nearest where the data has fewer than 8 input vectors
+    per input dimension); bias int32 with scale s_x·s_w and zero point 0; MatMul of two activations (attention). A Conv/Gemm whose
     only consumer is Relu or Clip (constant bounds) forms one unit with it: no QDQ between them, the output range is
     observed after the activation, so it starts at 0 and onnxruntime folds the activation into the requantization;
   * residual Add of two activations and Concat (inputs and output share one scale, so Concat needs no rescale);
@@ -210,9 +210,10 @@ class Quantize(Pass):
             "auto", "7-bit weights; auto: where this CPU's u8s8 kernel saturates (x86 without VNNI; probed)")
         exclude: tuple[str, ...] = option((), "node names or op types to keep float (repeat the key)")
         samples: int | None = option(None, "use at most this many calibration samples", lo=1)
-        rounding: Literal["gptq", "nearest"] = option(
-            "gptq", "weight rounding: gptq (each weight's rounding error compensated by the weights not yet rounded, "
-            "from the calibration inputs' second moments) or nearest")
+        rounding: Literal["nearest", "gptq"] = option(
+            "nearest", "weight rounding: nearest, or gptq (each weight's rounding error compensated by the weights not "
+            "yet rounded, from the calibration inputs' second moments; better int8 CNN classifiers, but fitted to the "
+            "calibration data: see the README)")
         min_cosine: float = option(0.98, "fallback target: output cosine vs float on calibration data (0: off)",
                                    lo=0, hi=1)
         min_top1: float = option(0.95, "fallback target: top-1 agreement with float of class-score outputs "
@@ -318,7 +319,7 @@ class Quantize(Pass):
             if few:
                 res.notes.append(f"weights rounded to nearest in {len(few)} layer(s) ({', '.join(few[:3])}"
                                  f"{', ...' if len(few) > 3 else ''}): fewer than {MIN_ROWS_PER_DIM} calibration "
-                                 "input vectors per input dimension, or no calibration run")
+                                 "input vectors per input dimension, no calibration data, or a Conv with auto_pad SAME")
         res.notes.append(f"method={method}, activations={o.activations}, reduce-range={'on' if reduce else 'off'}"
                          f"{_AUTO_WHY[reduce] if o.reduce_range == 'auto' else ''}"
                          f", weights {'per-channel' if per_channel else 'per-tensor'}")
@@ -635,13 +636,15 @@ def sensitivity_sweep(sites: list[str], measure: Callable[[str, bool], tuple[flo
 
 def _conv_geometry(node: gs.Node) -> ConvGeometry | None:
     """A 1-D or 2-D Conv's (group, kernel, strides, pads, dilations) as its input patches need them; None for other
-    ranks and for auto_pad (whose pads depend on the input size): those round to nearest."""
+    ranks and for auto_pad SAME_* (whose pads depend on the input size): those round to nearest."""
     w = node.inputs[1]
     rank = w.values.ndim - 2 if isinstance(w, gs.Constant) else 0
-    if rank not in (1, 2) or node.attrs.get("auto_pad", "NOTSET") != "NOTSET":
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if rank not in (1, 2) or auto_pad not in ("NOTSET", "VALID"):
         return None
     a = node.attrs
-    pads = tuple(int(p) for p in a.get("pads", [0] * 2 * rank))
+    pads = tuple(int(p) for p in a.get("pads", [0] * 2 * rank)) if auto_pad == "NOTSET" else (0,) * (2 * rank)
     return (int(a.get("group", 1)), tuple(int(k) for k in w.values.shape[2:]),
             tuple(int(v) for v in a.get("strides", [1] * rank)), pads[:rank], pads[rank:],
             tuple(int(v) for v in a.get("dilations", [1] * rank)))

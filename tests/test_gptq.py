@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -12,20 +13,19 @@ import calibration.gptq as gptq_mod
 import graphopt
 from calibration.gptq import HessianObserver, gptq_round
 from calibration.qparams import qrange
+from passes.quantize import _conv_geometry
 from tests.graphs import session
 from tests.test_quantize import calib, conv_net, ort_kernels
 
 
-def _conv_sq_norm(x: np.ndarray, w: np.ndarray, **attrs) -> float:
-    """Σ y² of onnxruntime's Conv(x, w) (no bias)."""
-    xi = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))
+def _conv_model(xs: tuple[int, ...], w: np.ndarray, **attrs) -> onnx.ModelProto:
+    xi = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(xs))
     yi = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], **attrs)], "g", [xi], [yi],
                           [numpy_helper.from_array(w, "w")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
-    y = session(m).run(None, {"x": x})[0].astype(np.float64)
-    return float((y ** 2).sum())
+    return m
 
 
 GEOMETRIES = [  # (input shape, weight shape, group, strides, pads, dilations)
@@ -34,18 +34,24 @@ GEOMETRIES = [  # (input shape, weight shape, group, strides, pads, dilations)
     ((1, 6, 10, 10), (6, 1, 5, 5), 6, [1, 2], [2, 2, 2, 2], [1, 1]),      # depthwise
     ((2, 4, 12, 12), (6, 2, 3, 3), 2, [1, 1], [0, 0, 0, 0], [2, 2]),      # grouped, dilated
     ((3, 5, 17), (4, 5, 3), 1, [2], [1, 0], [1]),                         # 1-D
+    ((2, 3, 8, 9), (4, 3, 2, 3), 1, [1, 1], "VALID", [1, 1]),            # auto_pad VALID
 ]
 
 
 @pytest.mark.parametrize("xs, ws, group, strides, pads, dil", GEOMETRIES)
 def test_conv_input_second_moments_give_onnxruntimes_output_energy(xs, ws, group, strides, pads, dil, monkeypatch):
-    """For any weights w, Σ_g Σ_o w_go H_g w_goᵀ equals Σ y² of the Conv that onnxruntime runs: the patches are the
-    ones the Conv reads, in the weights' (channel, row, column) order. Fed in two pieces and in small chunks."""
+    """For any weights w, Σ_g Σ_o w_go H_g w_goᵀ equals Σ y² of the Conv that onnxruntime runs: the patches (from
+    the pass's reading of the Conv's attributes) are the ones the Conv reads, in the weights' (channel, row,
+    column) order. Fed in two pieces and in small chunks."""
     monkeypatch.setattr(gptq_mod, "CHUNK_BYTES", 512)
     rng = np.random.default_rng(0)
     x = rng.standard_normal(xs).astype(np.float32)
-    rank = len(xs) - 2
-    obs = HessianObserver((group, tuple(ws[2:]), tuple(strides), tuple(pads[:rank]), tuple(pads[rank:]), tuple(dil)))
+    attrs = dict(group=group, strides=strides, dilations=dil)
+    attrs.update(auto_pad=pads) if isinstance(pads, str) else attrs.update(pads=pads)
+    w0 = np.zeros(ws, np.float32)
+    geometry = _conv_geometry(gs.import_onnx(_conv_model(xs, w0, **attrs)).nodes[0])
+    assert geometry is not None
+    obs = HessianObserver(geometry)
     obs.update(x[:1])
     obs.update(x[1:])
     assert obs.h is not None and obs.h.shape[0] == group
@@ -53,11 +59,14 @@ def test_conv_input_second_moments_give_onnxruntimes_output_energy(xs, ws, group
         w = np.random.default_rng(seed).standard_normal(ws).astype(np.float32)
         wg = w.reshape(group, ws[0] // group, -1).astype(np.float64)
         energy = float(np.einsum("god,gde,goe->", wg, obs.h, wg))
-        ref = _conv_sq_norm(x, w, group=group, strides=strides, pads=pads, dilations=dil)
-        assert energy == pytest.approx(ref, rel=1e-5)
-    y_positions = np.prod([(n + pads[i] + pads[i + rank] - (k - 1) * d - 1) // s + 1
-                           for i, (n, k, s, d) in enumerate(zip(xs[2:], ws[2:], strides, dil))])
-    assert obs.rows == xs[0] * y_positions
+        y = session(_conv_model(xs, w, **attrs)).run(None, {"x": x})[0].astype(np.float64)
+        assert energy == pytest.approx(float((y ** 2).sum()), rel=1e-5)
+        assert obs.rows == y.shape[0] * int(np.prod(y.shape[2:]))
+
+
+def test_conv_with_auto_pad_same_has_no_geometry():
+    m = _conv_model((1, 2, 5, 5), np.zeros((3, 2, 3, 3), np.float32), auto_pad="SAME_UPPER")
+    assert _conv_geometry(gs.import_onnx(m).nodes[0]) is None
 
 
 def test_matmul_input_second_moments_are_sum_of_row_outer_products():
@@ -118,12 +127,12 @@ def _weights(m: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def test_pass_rounds_by_gptq_where_the_data_determines_it(tmp_path):
-    """Default: every layer with at least 8 input vectors per dimension is GPTQ-rounded (the Gemm's 8 inputs seen
-    on 32 samples are not: it is rounded to nearest and the report says so); rounding=nearest changes only the
-    weights; both models are valid and onnxruntime fuses the same integer kernels."""
+    """rounding=gptq: every layer with at least 8 input vectors per dimension is GPTQ-rounded (the Gemm's 8 inputs
+    seen on 32 samples are not: it is rounded to nearest and the report says so); against the default (nearest) only
+    the weights change; both models are valid and onnxruntime fuses the same integer kernels."""
     data = calib(32)
-    out, rep = graphopt.optimize(conv_net(), ["quantize"], calib_data=data, latency_runs=0)
-    near, rep_n = graphopt.optimize(conv_net(), ["quantize:rounding=nearest"], calib_data=data, latency_runs=0)
+    out, rep = graphopt.optimize(conv_net(), ["quantize:rounding=gptq"], calib_data=data, latency_runs=0)
+    near, rep_n = graphopt.optimize(conv_net(), ["quantize"], calib_data=data, latency_runs=0)
     onnx.checker.check_model(out)
     counts = rep.passes[0]["counts"]
     assert counts["weights gptq-rounded"] == 2 and "weights gptq-rounded" not in rep_n.passes[0]["counts"]
@@ -140,11 +149,20 @@ def test_pass_rounds_by_gptq_where_the_data_determines_it(tmp_path):
 
 def test_loaded_calibration_still_rounds_by_gptq_given_data(tmp_path):
     data = calib(64)
-    out, rep = graphopt.optimize(conv_net(), ["quantize"], calib_data=data, latency_runs=0)
+    out, rep = graphopt.optimize(conv_net(), ["quantize:rounding=gptq"], calib_data=data, latency_runs=0)
     ranges = rep.passes[0]["artifacts"]["calibration"]["ranges"]
-    again, rep2 = graphopt.optimize(conv_net(), ["quantize"], calib_data=data, latency_runs=0,
+    again, rep2 = graphopt.optimize(conv_net(), ["quantize:rounding=gptq"], calib_data=data, latency_runs=0,
                                     calibration_ranges=ranges)
     assert rep2.passes[0]["counts"]["weights gptq-rounded"] == rep.passes[0]["counts"]["weights gptq-rounded"]
     assert _weights(again).keys() == _weights(out).keys()
     for k, v in _weights(out).items():
         assert np.array_equal(v, _weights(again)[k]), k
+
+
+def test_second_moments_stop_after_max_samples():
+    x = np.random.default_rng(5).standard_normal((10, 4)).astype(np.float32)
+    obs = HessianObserver(max_samples=6)
+    obs.update(x[:4])
+    obs.update(x[4:])
+    first = x[:6].astype(np.float64)
+    assert obs.samples == 6 and obs.rows == 6 and np.allclose(obs.h[0], first.T @ first, rtol=1e-5)

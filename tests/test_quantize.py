@@ -302,12 +302,12 @@ def test_save_and_load_calibration_roundtrip(cli, tmp_path):
     assert a.code == 0, a.err
     saved = json.loads(cal.read_text())
     assert saved["graphopt_calibration"] == 1 and "r1" in saved["ranges"]
-    b = cli(m, tmp_path / "b.onnx", "--pass", "quantize", "--load-calibration", cal, "--calib-data", data,
-            "--latency-runs", "0")
+    b = cli(m, tmp_path / "b.onnx", "--pass", "quantize", "--load-calibration", cal, "--latency-runs", "0")
     assert b.code == 0, b.err
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
-    # without data, nothing to round weights by GPTQ with: the same ranges, nearest rounding, and it says so
-    n = cli(m, tmp_path / "n.onnx", "--pass", "quantize", "--load-calibration", cal, "--latency-runs", "0")
+    # rounding=gptq needs the data as well: without it, the same ranges, nearest rounding, and it says so
+    n = cli(m, tmp_path / "n.onnx", "--pass", "quantize:rounding=gptq", "--load-calibration", cal, "--latency-runs",
+            "0")
     assert n.code == 0 and "rounded to nearest in 3 layer(s)" in n.out + n.err, n.out
     cal.write_text("{}")
     res = cli(m, tmp_path / "c.onnx", "--pass", "quantize", "--load-calibration", cal)
