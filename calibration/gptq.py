@@ -4,17 +4,20 @@
 A layer computes y = W x per output channel (x: a Conv's input patch, c·kh·kw values in (channel, row, column) order,
 per group; a Gemm/MatMul's input row). Quantizing W to Ŵ = s·q costs E‖(W − Ŵ) x‖² = Σ_o Δ_o H Δ_oᵀ with
 H = Σ x xᵀ over every input the calibration data gives (``HessianObserver``: summed in float64 as batches stream,
-so memory is D² per layer, whatever the sample count). Rounding each weight to nearest ignores H. GPTQ rounds the
-columns one at a time (largest H_jj first, GPTQ's "act order": the inputs with the most energy are rounded while
-the most columns are left to absorb their error) and moves each column's rounding error onto the columns not yet rounded, in the proportions
-that minimise the error given H: with U the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU),
+so memory is D² per layer, whatever the sample count; from the first ``MAX_SAMPLES``). Rounding each weight to
+nearest ignores H. GPTQ rounds the columns one at a time (largest H_jj first, GPTQ's "act order": the inputs with
+the most energy are rounded while the most columns are left to absorb their error) and moves each column's rounding
+error onto the columns not yet rounded, in the proportions that minimise the error given H: with U the upper
+Cholesky factor of H⁻¹ (H⁻¹ = UᵀU),
     q_j = clip(round(w_j / s), qmin, qmax),   e_j = (w_j − s·q_j) / U_jj,   w_k −= e_j · U_jk   for k > j,
 all output channels at once (each row has its own scale s; the scales are not changed). H gets λ = 1% of its mean
-diagonal added (GPTQ's damping) and inputs that were always zero keep their nearest rounding. When H = c·I the
-updates vanish and GPTQ is round-to-nearest.
+diagonal added (GPTQ's damping) and inputs that were always zero keep their nearest rounding. When H is diagonal
+the updates vanish and GPTQ is round-to-nearest.
 H describes the calibration inputs only: with fewer input vectors than ~8 per dimension (a classifier's last Gemm
 seen on 64 images: 64 rows for 1280 inputs) the compensation fits those inputs and hurts others, so the pass
-(``passes/quantize.py``) rounds such layers to nearest (``enough_rows``).
+(``passes/quantize.py``) rounds such layers to nearest (``enough_rows``). Even with enough rows the gain can stay
+on the calibration data (PP-OCRv4 rec: cosine 0.989 there, 0.978 on other documents), which is why the pass rounds
+to nearest unless asked (``rounding=gptq``).
 """
 
 from __future__ import annotations

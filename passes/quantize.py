@@ -6,9 +6,10 @@ What gets quantized (each choice is what onnxruntime's QDQ fusions need to produ
     opset 13, scale absmax/127, rounded to nearest or, with ``rounding=gptq``, by GPTQ (``calibration/gptq.py``:
     each weight's rounding error moved onto the weights not yet rounded, given the second moments H = Σ x xᵀ of the
     layer's inputs, streamed in the same calibration run; to nearest where the data has fewer than 8 input vectors
-    per input dimension); bias int32 with scale s_x·s_w and zero point 0; MatMul of two activations (attention). A Conv/Gemm whose
-    only consumer is Relu or Clip (constant bounds) forms one unit with it: no QDQ between them, the output range is
-    observed after the activation, so it starts at 0 and onnxruntime folds the activation into the requantization;
+    per input dimension); bias int32 with scale s_x·s_w and zero point 0; MatMul of two activations (attention).
+    A Conv/Gemm whose only consumer is Relu or Clip (constant bounds) forms one unit with it: no QDQ between them,
+    the output range is observed after the activation, so it starts at 0 and onnxruntime folds the activation into
+    the requantization;
   * residual Add of two activations and Concat (inputs and output share one scale, so Concat needs no rescale);
   * pooling and pass-through ops (MaxPool, AveragePool, GlobalAveragePool, Reshape, Transpose, Flatten, Squeeze,
     Unsqueeze, Resize) when their input is already quantized; pass-through outputs share their input's scale so
