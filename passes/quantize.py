@@ -311,12 +311,12 @@ class Quantize(Pass):
         if len(builder.int8_units) < len(plan.units):
             res.counts["units float"] = len(plan.units) - len(builder.int8_units)
         res.counts["tensors quantized"] = len(builder.last_tensors)
-        gptq = [u for u in builder.int8_units if u in builder.gptq_units]
+        gptq = [u for u in builder.int8_units if u in builder.hessians]
         if gptq:
             res.counts["weights gptq-rounded"] = len(gptq)
         if o.rounding == "gptq":
             few = [u.name for u in plan.units if u.name in builder.int8_units and u.weight_axis is not None
-                   and u.name not in builder.gptq_units]
+                   and u.name not in builder.hessians]
             if few:
                 res.notes.append(f"weights rounded to nearest in {len(few)} layer(s) ({', '.join(few[:3])}"
                                  f"{', ...' if len(few) > 3 else ''}): fewer than {MIN_ROWS_PER_DIM} calibration "
@@ -435,15 +435,21 @@ class Quantize(Pass):
                 raise UsageError(f"--load-calibration has no range for {len(missing)} tensor(s) this model needs, "
                                  f"e.g. '{missing[0]}'; calibrate again")
             res.notes.append(f"ranges loaded for {len(wanted)} tensors")
-        hessians = ({u.name: HessianObserver(_conv_geometry(u.node)) for u in plan.units
-                     if u.weight_axis is not None and (u.node.op != "Conv" or _conv_geometry(u.node) is not None)}
-                    if o.rounding == "gptq" and ctx.calib is not None else {})
         observers: dict[str, MinMaxObserver] = {} if loaded is not None else {
             t: (MinMaxObserver() if o.method == "minmax" else HistogramObserver(o.bins)) for t in wanted}
         readers: dict[str, list[Any]] = {t: [obs] for t, obs in observers.items()}
-        for u in plan.units:
-            if u.name in hessians:
-                readers.setdefault(u.node.inputs[0].name, []).append(hessians[u.name])
+        # One H per (input, geometry): layers reading the same tensor the same way (attention's Q/K/V) share it.
+        hessians: dict[str, HessianObserver] = {}
+        shared: dict[tuple[str, ConvGeometry | None], HessianObserver] = {}
+        for u in plan.units if o.rounding == "gptq" and ctx.calib is not None else []:
+            geometry = _conv_geometry(u.node) if u.node.op == "Conv" else None
+            if u.weight_axis is None or (u.node.op == "Conv" and geometry is None):
+                continue
+            x = u.node.inputs[0].name
+            if (x, geometry) not in shared:
+                shared[x, geometry] = HessianObserver(geometry)
+                readers.setdefault(x, []).append(shared[x, geometry])
+            hessians[u.name] = shared[x, geometry]
         if readers:
             fanned: dict[str, Any] = {t: obs[0] if len(obs) == 1 else Fanout(obs) for t, obs in readers.items()}
             feed_names = {i.name for i in graph.inputs}
@@ -703,9 +709,9 @@ class _Builder:
                  template: onnx.ModelProto, *, per_channel: bool, reduce_range: bool, activations: str,
                  hessians: dict[str, HessianObserver] | None = None) -> None:
         self.graph = graph.copy()
-        # unit name -> its input's second moments (rounding=gptq); the GPTQ-rounded weights by (unit, scales)
+        # unit name -> its input's second moments where they determine GPTQ (rounding=gptq): those units' weights
+        # are GPTQ-rounded; the rounded weights are kept by (unit, scales) across builds
         self.hessians = {k: h for k, h in (hessians or {}).items() if h.enough_rows()}
-        self.gptq_units: set[str] = set()
         self._rounded: dict[tuple[str, bytes], np.ndarray] = {}
         self.plan = plan
         self.ranges = ranges
@@ -917,12 +923,12 @@ class _Builder:
             w_scale = np.maximum(w_scale, need).astype(np.float32)
         else:
             b = None
-        if hessian is not None and hessian.h is not None:
-            key = (unit, np.broadcast_to(w_scale, (n_out,)).tobytes())
+        if hessian is not None:
+            row_scale = np.broadcast_to(w_scale, (n_out,))
+            key = (unit, row_scale.tobytes())
             if key not in self._rounded:
-                self._rounded[key] = self._gptq(values, axis, np.broadcast_to(w_scale, (n_out,)), hessian)
+                self._rounded[key] = self._gptq(values, axis, row_scale, hessian)
             qw = self._rounded[key]
-            self.gptq_units.add(unit)
         else:
             qw = quantize(values, w_scale, w_zp, "int8", axis=dq_axis)
         wq = gs.Constant(self._name(f"{w.name}_quantized"), qw)
