@@ -53,6 +53,8 @@ def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[Ba
     with tqdm(total=max_samples, unit="sample", desc="calibrating", leave=False, disable=None) as bar:
         for batch in batches:
             n = _rows(batch.feed, splittable)
+            if n == 0:          # an empty batch (zero rows) has nothing to observe
+                continue
             if rows is None and n > 1:
                 probe_values = _run(sess, names, {k: v[:1] for k, v in batch.feed.items()})
                 per_row = sum(v.nbytes for v in probe_values if isinstance(v, np.ndarray))

@@ -194,6 +194,21 @@ def test_collector_runs_are_bounded_whatever_the_batch(budget, expected):
     assert (rec["y"].lo, rec["y"].hi) == (0.0, float(np.maximum(x, 0).max()))
 
 
+def test_collector_skips_an_empty_batch():
+    """A batch with zero rows (an iterable's last, empty slice) has nothing to observe and is skipped; it once made
+    the run-size arithmetic divide by zero and crash the quantize pass."""
+    from calibration.collector import collect
+    from calibration.readers import Batch
+    from tests.graphs import make_model, node
+
+    model = make_model([node("Relu", ["x"], ["y"])], [("x", ["N", 8])], [("y", ["N", 8])])
+    x = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    rec = {"y": _Recorder()}
+    seen = collect(model, ["y"], [Batch({"x": x[:3]}, None), Batch({"x": x[:0]}, None), Batch({"x": x[3:]}, None)],
+                   rec)
+    assert seen == 5 and rec["y"].rows == [3, 2]
+
+
 def reference_mse_threshold(obs: HistogramObserver, steps: int = 255) -> float:
     """The mse method's objective, one candidate and one bin at a time."""
     lo, hi = obs.range()
