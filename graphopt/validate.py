@@ -341,9 +341,13 @@ def _equal_nested(a: Any, b: Any) -> bool:
 
 
 def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Iterable[Any], *, exact: bool,
-             thresholds: Thresholds, description: str = "", sessions: tuple[Any, Any] | None = None
-             ) -> ValidationResult:
-    """Compare the two models on every batch; the result lists failures (empty when validation passed)."""
+             thresholds: Thresholds, description: str = "", sessions: tuple[Any, Any] | None = None,
+             roles: onnx.ModelProto | None = None) -> ValidationResult:
+    """Compare the two models on every batch; the result lists failures (empty when validation passed).
+
+    ``roles``: the model whose graph says which outputs are class scores (``class_score_outputs``,
+    ``sequence_score_outputs``), when ``original`` is a rewrite of it (a pass's own float model, whose opset upgrade
+    may have wrapped a Softmax in Flatten/Reshape); by default ``original``."""
     ref_sess, new_sess = sessions or (make_session(original, "input model"),
                                       make_session(rewritten, "rewritten model"))
     ref_names = [o.name for o in ref_sess.get_outputs()]
@@ -365,8 +369,8 @@ def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Ite
                 pass   # no spread from this model: the other's, or only EXACT_REL_TOL, applies
     # Top-1 agreement for the class scores: the Softmax/LogSoftmax outputs if the model has any (MTCNN's box
     # offsets beside its face score have an argmax that means nothing), else every [N, C] output (logits).
-    scored = class_score_outputs(original) or set(range(len(stats)))
-    sequences = sequence_score_outputs(original)
+    scored = class_score_outputs(roles or original) or set(range(len(stats)))
+    sequences = sequence_score_outputs(roles or original)
     score_index: int | None = None
     for batch in batches:
         try:

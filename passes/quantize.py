@@ -493,8 +493,10 @@ class Quantize(Pass):
         """
         batches = _take(ctx.calib, FALLBACK_SAMPLES, FALLBACK_INPUT_BYTES)
         o = self.options
-        scores = class_score_outputs(float_model)
-        sequences = sequence_score_outputs(float_model)
+        # Output roles from the user's model: an opset upgrade before planning may have turned a [N, T, C] Softmax
+        # into Flatten -> Softmax -> Reshape, which no longer reads as scores per position.
+        scores = class_score_outputs(ctx.original)
+        sequences = sequence_score_outputs(ctx.original)
         ref = make_session(float_model, "float model")   # one float session for every check below
 
         checked: dict[str, int] = {}     # class-score output -> rows its top-1 agreement is checked on
@@ -513,7 +515,7 @@ class Quantize(Pass):
         def quality(m: onnx.ModelProto) -> tuple[float, float, float]:
             """``judged`` for the model against float on the fallback samples."""
             v = validate(float_model, m, batches, exact=False, thresholds=Thresholds(),
-                         sessions=(ref, make_session(m, "quantized model")))
+                         sessions=(ref, make_session(m, "quantized model")), roles=ctx.original)
             checked.update({s.name: s.top1_rows for i, s in enumerate(v.outputs) if s.top1 is not None and i in scores})
             return judged([s.cosine for s in v.outputs if s.cosine is not None],
                           [(s.top1_agree, s.top1_rows) for i, s in enumerate(v.outputs)

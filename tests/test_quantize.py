@@ -242,6 +242,27 @@ def test_top1_target_is_checked_with_a_margin_for_other_data():
     assert lower.passes[0]["counts"]["units int8"] == 1 and "tensors left float" not in lower.passes[0]["counts"]
 
 
+def test_per_position_top1_target_survives_the_opset_upgrade():
+    """An opset-12 recogniser-style head, Softmax over the last axis of [N, T, C] whose input rank shape inference
+    cannot tell (a Reshape to a computed shape, as in PP-OCRv4 rec): quantize upgrades it to opset 13, where the
+    converter writes Flatten -> Softmax -> Reshape. The fallback still takes the output's role from the user's
+    model, so it measures top-1 per position (here 64 samples x 4 positions) and acts on it."""
+    from passes.quantize import top1_required
+    m2, data2 = near_tie_classifier(20)
+    w = next(t for t in m2.graph.initializer if t.name == "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["l0"], name="fc"), helper.make_node("Shape", ["l0"], ["s"]),
+             helper.make_node("Reshape", ["l0", "s"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["y"], axis=2)]
+    m = _model(nodes, [w], ["N", 4, 16], ["N", 4, 10], opset=12)
+    x = np.concatenate([d["x"] for d in data2]).reshape(64, 4, 16)
+    data = [{"x": x[i:i + 16]} for i in range(0, 64, 16)]
+    _, rep = graphopt.optimize(m, ["quantize:method=minmax,min-cosine=0"], calib_data=data, latency_runs=0)
+    notes = " ".join(rep.passes[0]["notes"])
+    assert f"checked on 256 calibration rows: at least {top1_required(0.95, 256):.4f}" in notes, notes
+    assert "left float: tensor 'x'" in notes
+    assert rep.validation.outputs[0].top1 == 1.0
+
+
 @given(st.floats(0.5, 0.999), st.integers(1, 100_000))
 @settings(max_examples=200, deadline=None)
 def test_top1_required_between_target_and_one_disagreement(target, rows):
