@@ -577,3 +577,14 @@ def test_fallback_check_samples_are_capped_by_count_and_by_input_bytes():
     assert sum(b.feed["x"].nbytes for b in taken) <= FALLBACK_INPUT_BYTES and len(taken) == 16
     huge = [Batch({"x": np.zeros((1, 300 << 20), np.uint8)}, None) for _ in range(2)]
     assert len(_take(huge, FALLBACK_SAMPLES, FALLBACK_INPUT_BYTES)) == 1
+
+
+def test_harm_order_follows_the_target_that_fails():
+    """Sensitivities are (cosine, top-1) with only that tensor int8. Where top-1 fails, the tensor that flips the
+    most classes goes first even if it costs little cosine; where only cosine fails, the cosine lost decides and a
+    tensor that flips one class on one line does not jump the queue."""
+    from passes.quantize import harm_order
+    sens = {"flips": (0.999, 0.96), "noisy": (0.95, 1.0), "mild": (0.99, 1.0), "both": (0.97, 0.99)}
+    sites = list(sens)
+    assert harm_order(sites, sens, top1_misses=True) == ["flips", "both", "noisy", "mild"]
+    assert harm_order(sites, sens, top1_misses=False) == ["noisy", "both", "mild", "flips"]
