@@ -6,7 +6,10 @@ What gets quantized (each choice is what onnxruntime's QDQ fusions need to produ
     opset 13, scale absmax/127, rounded to nearest or, with ``rounding=gptq``, by GPTQ (``calibration/gptq.py``:
     each weight's rounding error moved onto the weights not yet rounded, given the second moments H = Σ x xᵀ of the
     layer's inputs, streamed in the same calibration run; to nearest where the data has fewer than 8 input vectors
-    per input dimension); bias int32 with scale s_x·s_w and zero point 0; MatMul of two activations (attention).
+    per input dimension); bias int32 with scale s_x·s_w and zero point 0, less the rounding's mean output error
+    ΔW·E[x] over the calibration inputs' mean patch (``bias-correction``, ``calibration/bias_correction.py``; Conv
+    and Gemm, which get a bias where they had none and the correction needs one; a MatMul has no bias to take it);
+    MatMul of two activations (attention).
     A Conv/Gemm whose only consumer is Relu or Clip (constant bounds) forms one unit with it: no QDQ between them,
     the output range is observed after the activation, so it starts at 0 and onnxruntime folds the activation into
     the requantization;
@@ -55,6 +58,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from calibration.bias_correction import PatchMeanObserver, rounding_offset
 from calibration.collector import collect
 from calibration.gptq import MIN_ROWS_PER_DIM, ConvGeometry, Fanout, HessianObserver, gptq_round
 from calibration.observers import HistogramObserver, MinMaxObserver
@@ -222,6 +226,9 @@ class Quantize(Pass):
             "nearest", "weight rounding: nearest, or gptq (each weight's rounding error compensated by the weights not "
             "yet rounded, from the calibration inputs' second moments; better int8 CNN classifiers, but fitted to the "
             "calibration data: see the README)")
+        bias_correction: bool = option(
+            True, "subtract each layer's mean output error from its weights' rounding, ΔW·E[x] over the calibration "
+            "inputs, from its bias")
         min_cosine: float = option(0.98, "fallback target: output cosine vs float on calibration data (0: off)",
                                    lo=0, hi=1)
         min_top1: float = option(0.95, "fallback target: top-1 agreement with float of class-score outputs "
@@ -275,7 +282,7 @@ class Quantize(Pass):
             res.decline("model", "no Conv, Gemm or MatMul to quantize")
             return res
         float_model = export(graph, ctx.original)
-        candidates, hessians = self._calibrate(graph, float_model, plan, ctx, res)
+        candidates, hessians, means = self._calibrate(graph, float_model, plan, ctx, res)
         fallback = (o.min_cosine > 0 or o.min_top1 > 0) and ctx.calib is not None
         if not fallback and (o.min_cosine > 0 or o.min_top1 > 0):
             res.notes.append("sensitivity fallback skipped: no calibration data to measure it on")
@@ -286,7 +293,7 @@ class Quantize(Pass):
         tried: list[str] = []
         for label, ranges in candidates:
             builder = _Builder(graph, plan, ranges, ctx.original, per_channel=per_channel, reduce_range=reduce,
-                               activations=o.activations, hessians=hessians)
+                               activations=o.activations, hessians=hessians, means=means)
             trial = _Trial(label, ranges, builder, builder.build(set()), {}, PassResult())
             if fallback:
                 model, floated = self._fallback(builder, float_model, trial.model, ctx, trial.result)
@@ -318,6 +325,12 @@ class Quantize(Pass):
         if len(builder.int8_units) < len(plan.units):
             res.counts["units float"] = len(plan.units) - len(builder.int8_units)
         res.counts["tensors quantized"] = len(builder.last_tensors)
+        corrected = [u for u in builder.int8_units if u in builder.means]
+        if corrected:
+            res.counts["biases corrected"] = len(corrected)
+        elif o.bias_correction and ctx.calib is None and builder.int8_units:
+            res.notes.append("bias correction skipped: no calibration data to take the layers' mean inputs from "
+                             "(give --calib-data with --load-calibration)")
         gptq = [u for u in builder.int8_units if u in builder.hessians]
         if gptq:
             res.counts["weights gptq-rounded"] = len(gptq)
@@ -327,7 +340,8 @@ class Quantize(Pass):
             if few:
                 res.notes.append(f"weights rounded to nearest in {len(few)} layer(s) ({', '.join(few[:3])}"
                                  f"{', ...' if len(few) > 3 else ''}): fewer than {MIN_ROWS_PER_DIM} calibration "
-                                 "input vectors per input dimension, no calibration data, or a Conv with auto_pad SAME")
+                                 "input vectors per input dimension, no calibration data, or a Conv with auto_pad "
+                                 "SAME on an input of unknown size")
         res.notes.append(f"method={method}, activations={o.activations}, reduce-range={'on' if reduce else 'off'}"
                          f"{_AUTO_WHY[reduce] if o.reduce_range == 'auto' else ''}"
                          f", weights {'per-channel' if per_channel else 'per-tensor'}")
@@ -428,11 +442,12 @@ class Quantize(Pass):
 
     def _calibrate(self, graph: gs.Graph, float_model: onnx.ModelProto, plan: Plan, ctx: PassContext,
                    res: PassResult) -> tuple[list[tuple[str, dict[str, tuple[float, float]]]],
-                                             dict[str, HessianObserver]]:
+                                             dict[str, HessianObserver], dict[str, PatchMeanObserver]]:
         """(lo, hi) of every tensor any build may quantize, as candidate sets ``[(label, ranges)]`` in order of
         preference: one, except for ``percentile=auto`` (``AUTO_PERCENTILES``, all from the same histograms); and,
-        for ``rounding=gptq``, each weighted unit's input second moments (by unit name), streamed in the same run.
-        With ``--load-calibration`` the data runs only for the second moments (when there is data)."""
+        streamed in the same run, by unit name: for ``rounding=gptq`` each weighted unit's input second moments,
+        for ``bias-correction`` each Conv's and Gemm's mean input patch. With ``--load-calibration`` the data runs
+        only for those (when there is data)."""
         o = self.options
         wanted = _Builder.candidate_tensors(graph, plan)
         loaded = ctx.calibration_ranges
@@ -445,18 +460,25 @@ class Quantize(Pass):
         observers: dict[str, MinMaxObserver] = {} if loaded is not None else {
             t: (MinMaxObserver() if o.method == "minmax" else HistogramObserver(o.bins)) for t in wanted}
         readers: dict[str, list[Any]] = {t: [obs] for t, obs in observers.items()}
-        # One H per (input, geometry): layers reading the same tensor the same way (attention's Q/K/V) share it.
+        # One observer per (input, geometry): layers reading the same tensor the same way (attention's Q/K/V)
+        # share it.
         hessians: dict[str, HessianObserver] = {}
-        shared: dict[tuple[str, ConvGeometry | None], HessianObserver] = {}
-        for u in plan.units if o.rounding == "gptq" and ctx.calib is not None else []:
+        means: dict[str, PatchMeanObserver] = {}
+        shared: dict[tuple[str, ConvGeometry | None, type], Any] = {}
+        for u in plan.units if ctx.calib is not None else []:
             geometry = _conv_geometry(u.node) if u.node.op == "Conv" else None
             if u.weight_axis is None or (u.node.op == "Conv" and geometry is None):
                 continue
             x = u.node.inputs[0].name
-            if (x, geometry) not in shared:
-                shared[x, geometry] = HessianObserver(geometry)
-                readers.setdefault(x, []).append(shared[x, geometry])
-            hessians[u.name] = shared[x, geometry]
+            for kind, wanted_here, by_unit in ((HessianObserver, o.rounding == "gptq", hessians),
+                                               (PatchMeanObserver, o.bias_correction and u.node.op != "MatMul",
+                                                means)):
+                if not wanted_here:
+                    continue
+                if (x, geometry, kind) not in shared:
+                    shared[x, geometry, kind] = kind(geometry)
+                    readers.setdefault(x, []).append(shared[x, geometry, kind])
+                by_unit[u.name] = shared[x, geometry, kind]
         if readers:
             fanned: dict[str, Any] = {t: obs[0] if len(obs) == 1 else Fanout(obs) for t, obs in readers.items()}
             feed_names = {i.name for i in graph.inputs}
@@ -465,7 +487,7 @@ class Quantize(Pass):
             seen = collect(float_model, fetch, batches, fanned, max_samples=o.samples)
             res.counts["calibration samples"] = seen
         if loaded is not None:
-            return [("loaded", {t: tuple(loaded[t]) for t in wanted})], hessians  # type: ignore[misc]
+            return [("loaded", {t: tuple(loaded[t]) for t in wanted})], hessians, means  # type: ignore[misc]
         # Never clip a graph output (what the user reads) or a bounded activation's output (Softmax/Sigmoid: their
         # large values are the signal): those use their observed min and max, whatever the method for the rest.
         keep = {t.name for t in graph.outputs} | {n.outputs[0].name for n in graph.nodes
@@ -475,9 +497,9 @@ class Quantize(Pass):
             return {t: compute_range(obs, "minmax" if t in keep else o.method, p) for t, obs in observers.items()}
 
         if o.method != "percentile":
-            return [(o.method, ranges_at(AUTO_PERCENTILES[0]))], hessians  # percentile: read by percentile only
+            return [(o.method, ranges_at(AUTO_PERCENTILES[0]))], hessians, means  # percentile reads percentile
         percentiles = AUTO_PERCENTILES if o.percentile == "auto" else (o.percentile,)
-        return [(str(p), ranges_at(p)) for p in percentiles], hessians
+        return [(str(p), ranges_at(p)) for p in percentiles], hessians, means
 
     # ------------------------------------------------------------------------------------------- fallback
 
@@ -685,19 +707,33 @@ def sensitivity_sweep(sites: list[str], measure: Callable[[str, bool], tuple[flo
 
 
 def _conv_geometry(node: gs.Node) -> ConvGeometry | None:
-    """A 1-D or 2-D Conv's (group, kernel, strides, pads, dilations) as its input patches need them; None for other
-    ranks and for auto_pad SAME_* (whose pads depend on the input size): those round to nearest."""
+    """A 1-D or 2-D Conv's (group, kernel, strides, pads, dilations) as its input patches need them; for auto_pad
+    SAME_* the pads onnx's formula gives for the input's static size. None for other ranks and for SAME_* on an
+    input of unknown size: such layers round to nearest and keep their bias as it is."""
     w = node.inputs[1]
     rank = w.values.ndim - 2 if isinstance(w, gs.Constant) else 0
     auto_pad = node.attrs.get("auto_pad", "NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if rank not in (1, 2) or auto_pad not in ("NOTSET", "VALID"):
+    if rank not in (1, 2) or auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
         return None
     a = node.attrs
-    pads = tuple(int(p) for p in a.get("pads", [0] * 2 * rank)) if auto_pad == "NOTSET" else (0,) * (2 * rank)
-    return (int(a.get("group", 1)), tuple(int(k) for k in w.values.shape[2:]),
-            tuple(int(v) for v in a.get("strides", [1] * rank)), pads[:rank], pads[rank:],
-            tuple(int(v) for v in a.get("dilations", [1] * rank)))
+    kernel = tuple(int(k) for k in w.values.shape[2:])
+    strides = tuple(int(v) for v in a.get("strides", [1] * rank))
+    dilations = tuple(int(v) for v in a.get("dilations", [1] * rank))
+    if auto_pad.startswith("SAME"):
+        shape = node.inputs[0].shape
+        spatial = list(shape[2:]) if shape is not None and len(shape) == rank + 2 else []
+        if len(spatial) != rank or not all(isinstance(d, int) and d > 0 for d in spatial):
+            return None
+        # total = max((ceil(in / s) - 1) * s + (k - 1) * d + 1 - in, 0); SAME_UPPER puts the odd one at the end
+        total = [max((-(-n // st) - 1) * st + (k - 1) * d + 1 - n, 0)
+                 for n, k, st, d in zip(spatial, kernel, strides, dilations)]
+        small = [t // 2 for t in total]
+        begin = small if auto_pad == "SAME_UPPER" else [t - h for t, h in zip(total, small)]
+        pads = tuple(begin) + tuple(t - b for t, b in zip(total, begin))
+    else:
+        pads = tuple(int(p) for p in a.get("pads", [0] * 2 * rank)) if auto_pad == "NOTSET" else (0,) * (2 * rank)
+    return (int(a.get("group", 1)), kernel, strides, pads[:rank], pads[rank:], dilations)
 
 
 def _with_inputs_observed(calib: Any, observers: dict[str, MinMaxObserver], feed_names: set[str]) -> Any:
@@ -750,12 +786,15 @@ class _Builder:
 
     def __init__(self, graph: gs.Graph, plan: Plan, ranges: dict[str, tuple[float, float]],
                  template: onnx.ModelProto, *, per_channel: bool, reduce_range: bool, activations: str,
-                 hessians: dict[str, HessianObserver] | None = None) -> None:
+                 hessians: dict[str, HessianObserver] | None = None,
+                 means: dict[str, PatchMeanObserver] | None = None) -> None:
         self.graph = graph.copy()
         # unit name -> its input's second moments where they determine GPTQ (rounding=gptq): those units' weights
         # are GPTQ-rounded; the rounded weights are kept by (unit, scales) across builds
         self.hessians = {k: h for k, h in (hessians or {}).items() if h.enough_rows()}
         self._rounded: dict[tuple[str, bytes], np.ndarray] = {}
+        # unit name -> its mean input patch (bias-correction): those units' biases absorb ΔW·E[x]
+        self.means = {k: m for k, m in (means or {}).items() if m.mean() is not None}
         self.plan = plan
         self.ranges = ranges
         self.template = template
@@ -846,7 +885,7 @@ class _Builder:
             if u.weight_axis is not None:
                 self._quantize_weights(g, node, u.weight_axis, params[x_names[0]][0],
                                        switch=self.switches.get(x_names[0]), hessian=self.hessians.get(u.name),
-                                       unit=u.name)
+                                       mean=self.means.get(u.name), unit=u.name)
             self.int8_units.append(u.name)
         self.last_tensors = list(qdq)
         g.cleanup().toposort()
@@ -934,11 +973,14 @@ class _Builder:
             g.outputs = [out if o is t else o for o in g.outputs]
 
     def _quantize_weights(self, g: gs.Graph, node: gs.Node, axis: int, x_scale: np.ndarray,
-                          switch: str | None = None, hessian: HessianObserver | None = None, unit: str = "") -> None:
+                          switch: str | None = None, hessian: HessianObserver | None = None,
+                          mean: PatchMeanObserver | None = None, unit: str = "") -> None:
         """int8 symmetric weights (per output channel on ``axis`` or per tensor) and int32 bias, scale s_x·s_w.
 
         The weights are rounded to nearest, or given the unit's input second moments ``hessian`` by GPTQ
-        (``calibration.gptq``; the scales are the same either way).
+        (``calibration.gptq``; the scales are the same either way). Given the unit's mean input patch ``mean``, the
+        bias absorbs the rounding's mean output error: b − ΔW·E[x] (``calibration.bias_correction``; a Conv or
+        Gemm without a bias gets one where the correction is not zero at the bias's scale).
 
         A channel whose weights are near zero but whose bias is not would need a bias beyond int32 at scale
         s_x·s_w; its weight scale is raised until the bias fits (its weights, ~0, stay ~0).
@@ -974,6 +1016,25 @@ class _Builder:
             qw = self._rounded[key]
         else:
             qw = quantize(values, w_scale, w_zp, "int8", axis=dq_axis)
+        # Bias: int32, scale s_x * s_w, zero point 0 (Conv input 2; Gemm C when it is a vector over outputs).
+        b_scale = (np.float32(x_scale) * np.broadcast_to(w_scale, (n_out,))).astype(np.float32)
+        b_scale = np.where(b_scale > 0, b_scale, np.float32(1.0)).astype(np.float32)
+        if mean is not None and (b is not None or len(node.inputs) < 3 or node.inputs[2].is_empty()):
+            shape = [1] * values.ndim
+            if dq_axis is not None:
+                shape[dq_axis] = -1
+            delta = qw.astype(np.float64) * np.asarray(w_scale, np.float64).reshape(shape) - values
+            rows = delta if axis == 0 else delta.T                         # [O, C/g · taps] or [O, K]
+            offset = rounding_offset(rows, mean.mean(), int(node.attrs.get("group", 1)))
+            if b is not None:
+                b = b - offset
+            elif np.any(np.rint(offset / b_scale)):
+                bias = gs.Constant(self._name(f"{node.name or w.name}_bias"), np.zeros(n_out, np.float32))
+                b = -offset
+                if len(node.inputs) < 3:
+                    node.inputs.append(bias)
+                else:
+                    node.inputs[2] = bias
         wq = gs.Constant(self._name(f"{w.name}_quantized"), qw)
         attrs = {"axis": dq_axis} if dq_axis is not None else {}
         s = gs.Constant(self._name(f"{w.name}_scale"), w_scale if dq_axis is not None else w_scale.reshape(()))
@@ -984,9 +1045,6 @@ class _Builder:
         node.inputs[1] = self._switched(g, switch, wdq, w)
         if b is None or bias is None:
             return
-        # Bias: int32, scale s_x * s_w, zero point 0 (Conv input 2; Gemm C when it is a vector over outputs).
-        b_scale = (np.float32(x_scale) * np.broadcast_to(w_scale, (n_out,))).astype(np.float32)
-        b_scale = np.where(b_scale > 0, b_scale, np.float32(1.0)).astype(np.float32)
         qb = np.clip(np.rint(b / b_scale.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
         bq = gs.Constant(self._name(f"{bias.name}_quantized"), qb)
         bs = gs.Constant(self._name(f"{bias.name}_scale"), b_scale if dq_axis is not None else b_scale[:1].reshape(()))

@@ -35,6 +35,8 @@ GEOMETRIES = [  # (input shape, weight shape, group, strides, pads, dilations)
     ((2, 4, 12, 12), (6, 2, 3, 3), 2, [1, 1], [0, 0, 0, 0], [2, 2]),      # grouped, dilated
     ((3, 5, 17), (4, 5, 3), 1, [2], [1, 0], [1]),                         # 1-D
     ((2, 3, 8, 9), (4, 3, 2, 3), 1, [1, 1], "VALID", [1, 1]),            # auto_pad VALID
+    ((2, 3, 9, 8), (4, 3, 3, 2), 1, [2, 3], "SAME_UPPER", [1, 1]),       # SAME: odd padding at the end
+    ((2, 4, 10, 7), (4, 1, 4, 3), 4, [3, 2], "SAME_LOWER", [1, 1]),      # ... at the start; depthwise
 ]
 
 
@@ -64,8 +66,8 @@ def test_conv_input_second_moments_give_onnxruntimes_output_energy(xs, ws, group
         assert obs.rows == y.shape[0] * int(np.prod(y.shape[2:]))
 
 
-def test_conv_with_auto_pad_same_has_no_geometry():
-    m = _conv_model((1, 2, 5, 5), np.zeros((3, 2, 3, 3), np.float32), auto_pad="SAME_UPPER")
+def test_conv_with_auto_pad_same_on_an_input_of_unknown_size_has_no_geometry():
+    m = _conv_model((1, 2, "H", 5), np.zeros((3, 2, 3, 3), np.float32), auto_pad="SAME_UPPER")
     assert _conv_geometry(gs.import_onnx(m).nodes[0]) is None
 
 

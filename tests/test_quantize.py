@@ -351,7 +351,9 @@ def test_fallback_leaves_no_quantize_pair_that_no_int8_op_uses():
     data = [{"x": np.abs(rng.standard_normal((16, 16))).astype(np.float32)} for _ in range(4)]
     out, rep = graphopt.optimize(fragile_mlp(), ["quantize:method=minmax"], calib_data=data, latency_runs=0)
     assert [n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"] == ["x"]
-    assert ops(out) == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "Gemm", "Relu", "Gemm"]
+    # x's pair, then fc1's weights and the bias that bias correction gives it
+    assert ops(out) == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "Gemm", "Relu",
+                        "Gemm"]
     assert rep.passes[0]["counts"]["tensors left float"] == 2
     assert "tensor 'y': no op next to it runs int8" in " ".join(rep.passes[0]["notes"])
 
@@ -377,8 +379,12 @@ def test_save_and_load_calibration_roundtrip(cli, tmp_path):
     assert a.code == 0, a.err
     saved = json.loads(cal.read_text())
     assert saved["graphopt_calibration"] == 1 and "r1" in saved["ranges"]
-    b = cli(m, tmp_path / "b.onnx", "--pass", "quantize", "--load-calibration", cal, "--latency-runs", "0")
+    # the ranges come from the file; the data gives bias correction its mean inputs (without it: skipped, and said,
+    # test_bias_correction.py)
+    b = cli(m, tmp_path / "b.onnx", "--pass", "quantize", "--load-calibration", cal, "--calib-data", data,
+            "--latency-runs", "0")
     assert b.code == 0, b.err
+    assert "ranges loaded for" in b.out and "biases corrected" in b.out
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     # rounding=gptq needs the data as well: without it, the same ranges, nearest rounding, and it says so
     n = cli(m, tmp_path / "n.onnx", "--pass", "quantize:rounding=gptq", "--load-calibration", cal, "--latency-runs",
