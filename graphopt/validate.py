@@ -5,6 +5,7 @@ Per output, accumulated over all feeds (memory holds one feed's outputs at a tim
   * rel error      = max |y - x| / max |x|            (error relative to the output's range; robust near zero)
   * cosine         = <x, y> / (|x| |y|)               over all elements of all feeds
   * SQNR (dB)      = 10 log10(sum x^2 / sum (y - x)^2)
+  * cosine's standard error over the samples (rows of axis 0; jackknife), for a pass that needs a lower bound
   * top-1          = fraction of rows whose argmax agrees, for class-score-shaped outputs ([N, C], C >= 2, float);
                      for a Softmax/LogSoftmax output of rank >= 3 over its last axis ([N, T, C]: a CTC recogniser's
                      classes per step), the fraction of positions whose argmax agrees
@@ -141,6 +142,8 @@ class OutputStats:
     new_nonfinite: int = 0
     noise_abs: float = 0.0           # exact pipelines: max |x - x'| over both models, x' one with optimizations off
     problems: list[str] = field(default_factory=list)
+    # per sample (row of axis 0): <x, y>, |x|², |y|², for the cosine's standard error (``cosine_se``)
+    row_terms: list[tuple[float, float, float]] = field(default_factory=list)
 
     def _relative(self, abs_error: float) -> float:
         if abs_error == 0:
@@ -167,6 +170,18 @@ class OutputStats:
         return self.dot / math.sqrt(self.sum_ref2 * self.sum_out2)
 
     @property
+    def cosine_se(self) -> float:
+        """Standard error of ``cosine`` over the samples it was measured on (jackknife: the spread of the cosine
+        with one sample left out, sqrt((n-1)/n · Σ (c₋ᵢ - c̄)²)); 0 with fewer than two samples."""
+        t = np.array(self.row_terms, dtype=np.float64).reshape(-1, 3)
+        if len(t) < 2:
+            return 0.0
+        rest = t.sum(axis=0) - t                                        # totals without sample i
+        norms = np.sqrt(rest[:, 1] * rest[:, 2])
+        loo = np.where(norms > 0, rest[:, 0] / np.where(norms > 0, norms, 1.0), 1.0)
+        return float(np.sqrt((len(t) - 1) / len(t) * np.sum((loo - loo.mean()) ** 2)))
+
+    @property
     def sqnr_db(self) -> float | None:
         if self.kind != "float":
             return None
@@ -182,7 +197,7 @@ class OutputStats:
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k not in ("sum_ref2", "sum_out2", "sum_err2", "dot",
-                                                                 "top1_agree")}
+                                                                 "top1_agree", "row_terms")}
         d.update(rel_error=self.rel_error, cosine=self.cosine, sqnr_db=self.sqnr_db, top1=self.top1)
         return d
 
@@ -323,6 +338,10 @@ def _compare(stats: OutputStats, ref: Any, out: Any, top1: bool = True, sequence
         stats.sum_out2 += float(np.sum(np.abs(yb) ** 2))
         stats.sum_err2 += float(np.sum(err ** 2))
         stats.dot += float(np.real(np.sum(xb * np.conj(yb))))
+        if x.ndim and x.dtype.kind == "f":
+            xr, yr = np.where(both, x, 0.0).reshape(x.shape[0], -1), np.where(both, y, 0.0).reshape(x.shape[0], -1)
+            stats.row_terms += zip(np.einsum("ij,ij->i", xr, yr).tolist(), np.einsum("ij,ij->i", xr, xr).tolist(),
+                                   np.einsum("ij,ij->i", yr, yr).tolist())
     counts = top1_counts(ref, out, sequence) if top1 else None
     if counts is not None:
         stats.top1_agree += counts[0]

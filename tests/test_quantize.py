@@ -489,8 +489,9 @@ def test_sensitivity_sweep_measures_every_tensor_past_the_budget():
 
 
 def outlier_mlp() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
-    """Identity-like MatMuls over 256 features where 3 of 65,536 calibration values are 1000 and carry most of the
-    output: the 99.99th percentile of |x| clips them (the output breaks), the 99.999th keeps them."""
+    """Identity-like MatMuls over 256 features where 3 of 65,536 calibration values are 75 (75 standard deviations)
+    and carry a fifth of the output's energy: the 99.99th percentile of |x| clips them (the output breaks), the
+    99.999th keeps them, with a step (0.6 standard deviations) that still serves every other row."""
     rng = np.random.default_rng(0)
     w1 = np.eye(256, dtype=np.float32) + rng.standard_normal((256, 256)).astype(np.float32) * 0.01
     w2 = np.eye(256, dtype=np.float32) + rng.standard_normal((256, 256)).astype(np.float32) * 0.01
@@ -500,8 +501,43 @@ def outlier_mlp() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
                ["N", 256])
     data = [{"x": rng.standard_normal((16, 256)).astype(np.float32)} for _ in range(16)]
     for i, (row, col) in enumerate([(3, 7), (9, 100), (12, 200)]):
-        data[4 * i]["x"][row, col] = 1000.0
+        data[4 * i]["x"][row, col] = 75.0
     return m, data
+
+
+def test_cosine_target_is_checked_with_a_margin_for_other_data():
+    """With the outliers at 1000 (not 75), minmax ranges give a step of 8 standard deviations: the three outlier
+    rows carry the calibration cosine (0.989, above min-cosine 0.98) while every other row is noise, as on any
+    data without those outliers. The jackknife over the 256 samples sees it (its 95% lower bound, 0.976, misses
+    0.98), so the fallback leaves the tensors float; asked only 0.9, it keeps them int8."""
+    m, data = outlier_mlp()
+    for i, (row, col) in enumerate([(3, 7), (9, 100), (12, 200)]):
+        data[4 * i]["x"][row, col] = 1000.0
+    plain = [{"x": np.random.default_rng(9).standard_normal((16, 256)).astype(np.float32)} for _ in range(4)]
+    _, all_int8 = graphopt.optimize(m, ["quantize:method=minmax,min-top1=0,min-cosine=0"], calib_data=data,
+                                    val_data=plain, latency_runs=0, validate_output=True)
+    assert all_int8.validation.outputs[0].cosine < 0.5           # the rows without outliers are lost
+    _, rep = graphopt.optimize(m, ["quantize:method=minmax,min-top1=0"], calib_data=data, latency_runs=0)
+    counts = rep.passes[0]["counts"]
+    assert counts["units int8"] == 0 and counts["output cosine, 95% lower bound (calibration)"] >= 0.98
+    _, lower = graphopt.optimize(m, ["quantize:method=minmax,min-top1=0,min-cosine=0.9"], calib_data=data,
+                                 latency_runs=0)
+    counts = lower.passes[0]["counts"]
+    assert counts["units int8"] == 2 and counts["output cosine (calibration)"] >= 0.98
+    assert 0.9 <= counts["output cosine, 95% lower bound (calibration)"] < 0.98
+
+
+def test_cosine_standard_error_is_the_jackknife_over_samples():
+    from graphopt.validate import OutputStats
+    rng = np.random.default_rng(4)
+    ref = rng.standard_normal((12, 5))
+    out = ref + rng.standard_normal((12, 5)) * rng.uniform(0, 1, (12, 1))
+    s = OutputStats("y")
+    s.row_terms = [(float(r @ o), float(r @ r), float(o @ o)) for r, o in zip(ref, out)]
+    loo = [float(np.delete(ref, i, 0).ravel() @ np.delete(out, i, 0).ravel()
+                 / np.sqrt((np.delete(ref, i, 0) ** 2).sum() * (np.delete(out, i, 0) ** 2).sum())) for i in range(12)]
+    assert s.cosine_se == pytest.approx(np.sqrt(11 / 12 * np.sum((np.array(loo) - np.mean(loo)) ** 2)), rel=1e-9)
+    assert OutputStats("y", row_terms=[(1.0, 1.0, 1.0)]).cosine_se == 0.0
 
 
 def test_percentile_auto_keeps_the_choice_that_leaves_more_int8():
@@ -589,8 +625,9 @@ def test_harm_order_follows_the_target_that_fails():
     """Sensitivities are (cosine, top-1) with only that tensor int8. Where top-1 fails, the tensor that flips the
     most classes goes first even if it costs little cosine; where only cosine fails, the cosine lost decides and a
     tensor that flips one class on one line does not jump the queue."""
-    from passes.quantize import harm_order
-    sens = {"flips": (0.999, 0.96), "noisy": (0.95, 1.0), "mild": (0.99, 1.0), "both": (0.97, 0.99)}
+    from passes.quantize import Quality, harm_order
+    sens = {t: Quality(cos, top1, 0.0, cos) for t, (cos, top1) in
+            {"flips": (0.999, 0.96), "noisy": (0.95, 1.0), "mild": (0.99, 1.0), "both": (0.97, 0.99)}.items()}
     sites = list(sens)
     assert harm_order(sites, sens, top1_misses=True) == ["flips", "both", "noisy", "mild"]
     assert harm_order(sites, sens, top1_misses=False) == ["noisy", "both", "mild", "flips"]
