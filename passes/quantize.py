@@ -340,9 +340,8 @@ class Quantize(Pass):
         if len(builder.int8_units) < len(plan.units):
             res.counts["units float"] = len(plan.units) - len(builder.int8_units)
         res.counts["tensors quantized"] = len(builder.last_tensors)
-        corrected = [u for u in builder.int8_units if u in builder.means]
-        if corrected:
-            res.counts["biases corrected"] = len(corrected)
+        if builder.corrected:
+            res.counts["biases corrected"] = len(builder.corrected)
         elif o.bias_correction and ctx.calib is None and builder.int8_units:
             res.notes.append("bias correction skipped: no calibration data to take the layers' mean inputs from "
                              "(give --calib-data with --load-calibration)")
@@ -826,6 +825,7 @@ class _Builder:
         self.activations = activations
         self.last_tensors: list[str] = []
         self.int8_units: list[str] = []
+        self.corrected: list[str] = []       # units whose bias absorbed their weights' rounding offset
         self.idle_dropped: list[str] = []
         self._taken: set[str] = set()
         self.switches: dict[str, str] = {}
@@ -901,6 +901,7 @@ class _Builder:
         for name in qdq:
             self._insert_qdq(g, tensors[name], *params[name])
         self.int8_units = []
+        self.corrected = []
         for u, node, act in units:
             x_names = unit_inputs[u.name]
             if not all(t in qdq for t in x_names):
@@ -1049,15 +1050,16 @@ class _Builder:
             delta = qw.astype(np.float64) * np.asarray(w_scale, np.float64).reshape(shape) - values
             rows = delta if axis == 0 else delta.T                         # [O, C/g · taps] or [O, K]
             offset = rounding_offset(rows, mean.mean(), int(node.attrs.get("group", 1)))
-            if b is not None:
+            if np.any(np.rint(offset / b_scale)):           # else the int32 bias would not change
+                self.corrected.append(unit)
+                if b is None:
+                    bias = gs.Constant(self._name(f"{node.name or w.name}_bias"), np.zeros(n_out, np.float32))
+                    b = np.zeros(n_out)
+                    if len(node.inputs) < 3:
+                        node.inputs.append(bias)
+                    else:
+                        node.inputs[2] = bias
                 b = b - offset
-            elif np.any(np.rint(offset / b_scale)):
-                bias = gs.Constant(self._name(f"{node.name or w.name}_bias"), np.zeros(n_out, np.float32))
-                b = -offset
-                if len(node.inputs) < 3:
-                    node.inputs.append(bias)
-                else:
-                    node.inputs[2] = bias
         wq = gs.Constant(self._name(f"{w.name}_quantized"), qw)
         attrs = {"axis": dq_axis} if dq_axis is not None else {}
         s = gs.Constant(self._name(f"{w.name}_scale"), w_scale if dq_axis is not None else w_scale.reshape(()))

@@ -109,7 +109,7 @@ def test_quantize_removes_the_rounding_mean_error(op, tmp_path):
 
 def test_no_bias_is_added_where_the_correction_rounds_to_zero():
     """Weights on the int8 grid (multiples of their scale) round without error: a bias-free layer stays bias-free,
-    and one with a bias keeps its values."""
+    one with a bias keeps its values, and neither counts as corrected."""
     w = (np.arange(-4, 4, dtype=np.float32).reshape(4, 2) / 4 * 127).round() / 127
     nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], name="fc1"),
              helper.make_node("Gemm", ["h", "w2", "b2"], ["y"], name="fc2")]
@@ -122,7 +122,10 @@ def test_no_bias_is_added_where_the_correction_rounds_to_zero():
     data = [{"x": np.random.default_rng(0).random((16, 4)).astype(np.float32) + 1}]
     out, rep = graphopt.optimize(m, ["quantize:min-cosine=0,min-top1=0"], calib_data=data, latency_runs=0)
     fc1 = next(n for n in out.graph.node if n.name == "fc1")
-    assert len(fc1.input) == 2 and "biases corrected" in rep.passes[0]["counts"]
+    assert len(fc1.input) == 2 and "biases corrected" not in rep.passes[0]["counts"]
+    plain, _ = graphopt.optimize(m, ["quantize:min-cosine=0,min-top1=0,bias-correction=false"], calib_data=data,
+                                 latency_runs=0)
+    assert out.SerializeToString() == plain.SerializeToString()
 
 
 def test_loaded_ranges_without_data_skip_the_correction_and_say_so(tmp_path):
