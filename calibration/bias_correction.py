@@ -1,6 +1,7 @@
-"""Bias correction of the weights' rounding (Nagel et al. 2019, "Data-Free Quantization Through Weight Equalization
-and Bias Correction", §4.2, in its empirical form): the mean input patch of a layer, streamed, and the bias shift it
-gives.
+"""Bias correction (Nagel et al. 2019, "Data-Free Quantization Through Weight Equalization and Bias Correction",
+§4.2, in its empirical form), in two parts: the weights' rounding offset from a layer's mean input patch, streamed
+(``PatchMeanObserver``, ``rounding_offset``), and the full mean correction of a built int8 model, layer by layer
+(``refit_biases``).
 
 A layer computes y_o = W_o · x + b_o per output channel o (x: a Conv's input patch, c·k₁·k₂ values in (channel, row,
 column) order per group, zero where the patch reads padding; a Gemm/MatMul's input row). Rounding W to Ŵ (nearest or
@@ -19,16 +20,33 @@ PP-OCRv4 rec's maps, 1–3 rows high after its downsampling, that is a third of 
 per layer input whatever the sample count; the sum over output positions of a tap is a product with two 0/1
 selection matrices (two matrix products per batch), so no patch is ever built.
 
-It removes one error of several, not all: the activations' rounding and clipping shift the means too, and what the
-weights' shift had partly offset shows. With every layer int8, on the evaluation data (AMD EPYC Zen 4; 7-bit weights
-as ``reduce-range`` gives on x86 without VNNI): EfficientNet-Lite0 top-1 agreement 0.836 → 0.895 (7-bit: 0.688 →
-0.820), PP-OCRv4 rec cosine 0.965 → 0.981 (7-bit: 0.979 → 0.977, the one loss measured); det, PP-OCR cls, MTCNN and
-Magika move by at most 0.0011 either way (``benchmarks/RESULTS.md``).
+The weights' offset is one error of several: the activations' rounding and clipping shift the means too (a clipped
+tail pulls a mean in), and what the weights' shift had partly offset then shows. With every layer int8, on the
+evaluation data (AMD EPYC Zen 4; 7-bit weights as ``reduce-range`` gives on x86 without VNNI): EfficientNet-Lite0
+top-1 agreement 0.836 → 0.895 (7-bit: 0.688 → 0.820), PP-OCRv4 rec cosine 0.965 → 0.981 (7-bit: 0.979 → 0.977, the
+one loss), det, PP-OCR cls, MTCNN and Magika within 0.0011 either way. Being the layer's own, it holds whichever
+layers around it run int8, so the quantize pass's fallback, which switches layers between float and int8 in one
+model, searches with it.
+
+The full mean correction takes every shift into account on a model as built: in topological order, each int8
+layer's int32 bias moves by the steps that make its output's mean per channel, computed from the int8 input the
+corrections above it give, equal float's on the calibration feeds. Both models run cut after each such layer
+(``_Segments``: one onnxruntime session per segment, optimizations on, no memory arena; memory holds one feed's
+live tensors), the quantized one with each correction applied to what later segments read; over several feeds the
+correction is a running mean of each feed's residual, measured under the corrections upstream as they stand (exact
+sequential matching for one feed). Every layer int8, eval data: rec 0.981 → 0.991 (7-bit: 0.977 → 0.983),
+EfficientNet-Lite0 top-1 0.895 → 0.91, MTCNN onet 0.993 → 0.995 (``benchmarks/RESULTS.md``). The pass applies it to
+every model it builds to check or to write.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable, Iterable, NamedTuple
+
 import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
 
 from .gptq import ConvGeometry
 
@@ -104,3 +122,146 @@ def rounding_offset(delta: np.ndarray, mean: np.ndarray, group: int = 1) -> np.n
     per_group = m.reshape(group, -1)                                   # [G, C/G · taps]
     rows = d.reshape(group, out_per_group, -1)                         # [G, O/G, C/G · taps]
     return np.einsum("god,gd->go", rows, per_group).reshape(-1)
+
+
+# ----------------------------------------------------------------------------------------- the full mean correction
+
+
+class BiasSite(NamedTuple):
+    """An int8 layer whose int32 bias ``refit_biases`` adjusts: its output in the quantized model (channels on axis
+    1), the same tensor in the float model, its int32 bias initializer and that bias's per-channel scale."""
+
+    output: str
+    reference: str
+    bias: str
+    scale: np.ndarray
+
+
+class _Segments:
+    """A model cut after each of ``cuts`` (in the order of their producers): segment k runs, with onnxruntime's
+    optimizations off, the nodes after cut k-1 up to cut k's producer, from the tensors the feed and the earlier
+    segments made; a tensor is dropped once no later node reads it, so memory holds one cut's live tensors (of the
+    rows fed at once)."""
+
+    def __init__(self, model: onnx.ModelProto, cuts: list[str]) -> None:
+        from graphopt.validate import session_options
+
+        # no memory arena: a session per segment would each keep its largest tensors' worth of memory
+        options = session_options()
+        options.enable_cpu_mem_arena = False
+
+        inits = {t.name: t for t in model.graph.initializer}
+        nodes = _toposorted(list(model.graph.node), {i.name for i in model.graph.input} | set(inits))
+        where = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+        self.cuts = sorted(cuts, key=lambda c: where[c])
+        cuts = self.cuts
+        self.last_use: dict[str, int] = {}
+        for i, n in enumerate(nodes):
+            for t in n.input:
+                if t:
+                    self.last_use[t] = i
+        inferred = onnx.shape_inference.infer_shapes(model)
+        types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) +
+                 list(inferred.graph.input) + list(inferred.graph.output) if v.type.HasField("tensor_type")}
+
+        def info(t: str) -> onnx.ValueInfoProto:
+            return helper.make_tensor_value_info(t, types.get(t) or onnx.TensorProto.FLOAT, None)
+
+        self.parts: list[tuple[Any, list[str], list[str], int]] = []   # session, inputs, outputs, last node index
+        start = 0
+        for k, cut in enumerate(cuts):
+            end = where[cut] + 1
+            seg = nodes[start:end]
+            made = {o for n in seg for o in n.output if o}
+            reads = list(dict.fromkeys(t for n in seg for t in n.input if t))
+            ins = [t for t in reads if t not in made and t not in inits]
+            outs = [t for t in dict.fromkeys(o for n in seg for o in n.output if o)
+                    if t == cut or self.last_use.get(t, -1) >= end]
+            graph = helper.make_graph(seg, f"segment_{k}", [info(t) for t in ins], [info(t) for t in outs],
+                                      [inits[t] for t in reads if t in inits])
+            part = helper.make_model(graph, opset_imports=model.opset_import)
+            part.ir_version = model.ir_version
+            sess = ort.InferenceSession(part.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            self.parts.append((sess, ins, outs, end - 1))
+            start = end
+
+    def run(self, feed: dict[str, np.ndarray], at_cut: Callable[[int, np.ndarray], np.ndarray]) -> None:
+        """Run the segments on ``feed``; after segment k, ``at_cut(k, value)`` gives what later segments read for
+        cut k (the value itself, or a corrected one)."""
+        live: dict[str, np.ndarray] = dict(feed)
+        for k, (sess, ins, outs, last) in enumerate(self.parts):
+            live.update(zip(outs, sess.run(outs, {t: live[t] for t in ins})))
+            live[self.cuts[k]] = at_cut(k, live[self.cuts[k]])
+            for t in [t for t in live if self.last_use.get(t, -1) <= last]:
+                del live[t]
+
+
+def _toposorted(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` in an order where each runs after the producers of its inputs (a valid model's order already is;
+    a rewrite's export need not be), stable otherwise."""
+    made = set(available) | {""}
+    out: list[onnx.NodeProto] = []
+    waiting = list(nodes)
+    while waiting:
+        ready = [n for n in waiting if all(t in made for t in n.input)]
+        if not ready:                        # inputs from nowhere (outer scope): keep the remaining order
+            return out + waiting
+        for n in ready:
+            made.update(n.output)
+        out += ready
+        ids = {id(n) for n in ready}
+        waiting = [n for n in waiting if id(n) not in ids]
+    return out
+
+
+def _channel_means(y: np.ndarray) -> tuple[np.ndarray, int]:
+    """The mean over every axis but 1 (channels), and how many values each holds (the positions summed in y's own
+    precision, pairwise, then the samples in float64)."""
+    per_sample = y.reshape(y.shape[0], y.shape[1], -1).sum(axis=2)
+    n = int(y.size // y.shape[1])
+    return per_sample.sum(axis=0, dtype=np.float64) / n, n
+
+
+def refit_biases(quantized: onnx.ModelProto, reference: onnx.ModelProto, sites: list[BiasSite],
+                 feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The full mean correction: for each site, in topological order, the int32 bias steps to subtract so that its
+    output's mean per channel over ``feeds``, computed from the int8 input the corrections upstream give it, equals
+    the float model's. Returns {bias initializer: steps (int64, per channel)}.
+
+    Both models run cut at the sites (``_Segments``); the quantized one with each site's correction applied to what
+    later segments read, so a site's correction is measured downstream of the ones above it. The correction is a
+    running mean over the batches (each batch's residual folded in by its share of the samples), so memory holds
+    one batch's live tensors however many batches there are."""
+    made = {o for n in quantized.graph.node for o in n.output}
+    ref_made = {o for n in reference.graph.node for o in n.output}
+    sites = [s for s in sites if s.output in made and s.reference in ref_made]
+    if not sites:
+        return {}
+    q = _Segments(quantized, [s.output for s in sites])
+    f = _Segments(reference, [s.reference for s in sites])
+    q_site = [next(i for i, s in enumerate(sites) if s.output == c) for c in q.cuts]
+    f_site = [next(i for i, s in enumerate(sites) if s.reference == c) for c in f.cuts]
+    offset = [np.zeros(len(s.scale)) for s in sites]       # running mean of (int8 mean - float mean), per channel
+    steps = [np.zeros(len(s.scale), np.int64) for s in sites]
+    seen = [0] * len(sites)
+    for feed in feeds:
+        ref_means: dict[int, np.ndarray] = {}
+
+        def keep(k: int, y: np.ndarray) -> np.ndarray:
+            ref_means[f_site[k]] = _channel_means(y)[0]
+            return y
+
+        f.run(feed, keep)
+
+        def correct(k: int, y: np.ndarray) -> np.ndarray:
+            i = q_site[k]
+            mean, n = _channel_means(y)
+            offset[i] += (mean - ref_means[i] - offset[i]) * n / (seen[i] + n)
+            seen[i] += n
+            scale = np.asarray(sites[i].scale, np.float64)
+            steps[i] = np.rint(offset[i] / scale).astype(np.int64)
+            y -= (steps[i] * scale).astype(y.dtype).reshape((1, -1) + (1,) * (y.ndim - 2))
+            return y
+
+        q.run(feed, correct)
+    return {s.bias: st for s, st in zip(sites, steps)}

@@ -6,10 +6,12 @@ What gets quantized (each choice is what onnxruntime's QDQ fusions need to produ
     opset 13, scale absmax/127, rounded to nearest or, with ``rounding=gptq``, by GPTQ (``calibration/gptq.py``:
     each weight's rounding error moved onto the weights not yet rounded, given the second moments H = Σ x xᵀ of the
     layer's inputs, streamed in the same calibration run; to nearest where the data has fewer than 8 input vectors
-    per input dimension); bias int32 with scale s_x·s_w and zero point 0, less the rounding's mean output error
-    ΔW·E[x] over the calibration inputs' mean patch (``bias-correction``, ``calibration/bias_correction.py``; Conv
-    and Gemm, which get a bias where they had none and the correction needs one; a MatMul has no bias to take it);
-    MatMul of two activations (attention).
+    per input dimension); bias int32 with scale s_x·s_w and zero point 0, corrected (``bias-correction``,
+    ``calibration/bias_correction.py``): less the rounding's mean output error ΔW·E[x] over the calibration
+    inputs' mean patch (Conv and Gemm, which get a bias where they had none and the correction needs one; a MatMul
+    has no bias to take it), then, on every model built, by the steps that match each int8 layer's output mean
+    to float's, layer by layer from the inputs on (the activations' shifts included; on the first calibration
+    samples, as many as REFIT_BUDGET_S modelled seconds allow); MatMul of two activations (attention).
     A Conv/Gemm whose only consumer is Relu or Clip (constant bounds) forms one unit with it: no QDQ between them,
     the output range is observed after the activation, so it starts at 0 and onnxruntime folds the activation into
     the requantization;
@@ -60,7 +62,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from calibration.bias_correction import PatchMeanObserver, rounding_offset
+from calibration.bias_correction import BiasSite, PatchMeanObserver, refit_biases, rounding_offset
 from calibration.collector import collect
 from calibration.gptq import MIN_ROWS_PER_DIM, ConvGeometry, Fanout, HessianObserver, gptq_round
 from calibration.observers import HistogramObserver, MinMaxObserver
@@ -104,6 +106,9 @@ RUN_MACS_PER_S = 8e9
 RUN_OVERHEAD_S = 5e-4
 SEARCH_BUDGET_S = 15.0      # for the binary search over how many tensors stay float
 RESEARCH_BUDGET_S = 120.0   # for searching again on the check's samples when the check disagrees with the search
+REFIT_BUDGET_S = 4.0        # for the full mean correction of each real build (bias-correction)
+REFIT_RUNS = 2.5            # ... which runs the float model and the quantized one (fake quantization, ~1.5x)
+REFIT_FEED_BYTES = 16 << 20  # ... on feeds of at most this many input bytes (one row at least)
 MAX_NOTES = 12              # "left float" lines in the printed report; --report has them all
 INT32_BIAS_LIMIT = 2.0**30  # headroom below 2**31 for the accumulator the bias is added to
 BOUNDED = {"Softmax", "Sigmoid", "HardSigmoid", "Tanh"}
@@ -242,8 +247,8 @@ class Quantize(Pass):
             "yet rounded, from the calibration inputs' second moments; better int8 CNN classifiers, but fitted to the "
             "calibration data: see the README)")
         bias_correction: bool = option(
-            True, "subtract each layer's mean output error from its weights' rounding, ΔW·E[x] over the calibration "
-            "inputs, from its bias")
+            True, "correct the int8 layers' biases for their mean output error on calibration data: the weights' "
+            "rounding ΔW·E[x], then each layer's output mean matched to float's, layer by layer")
         min_cosine: float = option(0.98, "fallback target: output cosine vs float on calibration data (0: off)",
                                    lo=0, hi=1)
         min_top1: float = option(0.95, "fallback target: top-1 agreement with float of class-score outputs "
@@ -306,9 +311,13 @@ class Quantize(Pass):
         # meets the targets with every tensor int8 cannot be beaten, so the search stops there.
         best: _Trial | None = None
         tried: list[str] = []
+        # The full mean correction of every real build runs on the first calibration samples, as many as fit
+        # REFIT_BUDGET_S modelled seconds.
+        refit = (float_model, _refit_feeds(float_model, ctx.calib)) if o.bias_correction and ctx.calib is not None \
+            else None
         for label, ranges in candidates:
             builder = _Builder(graph, plan, ranges, ctx.original, per_channel=per_channel, reduce_range=reduce,
-                               activations=o.activations, hessians=hessians, means=means)
+                               activations=o.activations, hessians=hessians, means=means, refit=refit)
             trial = _Trial(label, ranges, builder, builder.build(set()), {}, PassResult())
             if fallback:
                 model, floated = self._fallback(builder, float_model, trial.model, ctx, trial.result)
@@ -767,6 +776,36 @@ def _with_inputs_observed(calib: Any, observers: dict[str, MinMaxObserver], feed
         yield batch
 
 
+def _refit_feeds(float_model: onnx.ModelProto, calib: Any) -> list[dict[str, np.ndarray]]:
+    """The first calibration samples, as many as the full mean correction can run in REFIT_BUDGET_S modelled
+    seconds (``sample_cost``'s model; it runs the float and the quantized model), in feeds of at most
+    REFIT_FEED_BYTES of inputs (at least one row), since it holds a feed's live tensors at every cut."""
+    batches = _take(calib, FALLBACK_SAMPLES, FALLBACK_INPUT_BYTES)
+    one = _rows(batches, 1)
+    one = [Batch({k: v[:1] for k, v in one[0].feed.items()}, None)] if one else one
+    macs = count_macs(float_model, one[0].feed) if one else None
+    per_sample = RUN_OVERHEAD_S + macs / RUN_MACS_PER_S if macs else 1.0
+    feeds = []
+    for b in _rows(batches, int(min(FALLBACK_SAMPLES, max(1, REFIT_BUDGET_S / (REFIT_RUNS * per_sample))))):
+        arrays = [v for v in b.feed.values() if isinstance(v, np.ndarray)]
+        cuttable = b.rows > 1 and all(v.ndim and v.shape[0] == b.rows for v in arrays)
+        step = max(1, REFIT_FEED_BYTES * b.rows // max(sum(v.nbytes for v in arrays), 1)) if cuttable else b.rows
+        feeds += [{k: v[i:i + step] for k, v in b.feed.items()} if cuttable else b.feed
+                  for i in range(0, b.rows, step)]
+    return feeds
+
+
+def _with_bias_steps(model: onnx.ModelProto, steps: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """``model`` with ``steps`` (int, per channel) subtracted from the int32 bias initializers they name."""
+    from onnx import numpy_helper
+
+    for t in model.graph.initializer:
+        if t.name in steps and steps[t.name].any():
+            b = numpy_helper.to_array(t).astype(np.int64) - steps[t.name]
+            t.CopyFrom(numpy_helper.from_array(np.clip(b, -(2**31), 2**31 - 1).astype(np.int32), t.name))
+    return model
+
+
 def _rows(batches: list[Batch], n: int) -> list[Batch]:
     """The first ``n`` samples of ``batches``, cutting the last batch where every input has rows to cut."""
     out: list[Batch] = []
@@ -809,8 +848,12 @@ class _Builder:
     def __init__(self, graph: gs.Graph, plan: Plan, ranges: dict[str, tuple[float, float]],
                  template: onnx.ModelProto, *, per_channel: bool, reduce_range: bool, activations: str,
                  hessians: dict[str, HessianObserver] | None = None,
-                 means: dict[str, PatchMeanObserver] | None = None) -> None:
+                 means: dict[str, PatchMeanObserver] | None = None,
+                 refit: tuple[onnx.ModelProto, list[dict[str, np.ndarray]]] | None = None) -> None:
         self.graph = graph.copy()
+        # (float model, feeds): every build that is not switchable gets the full mean correction on these feeds
+        self.refit = refit
+        self.bias_sites: dict[str, BiasSite] = {}   # unit -> its int32 bias, for the full mean correction
         # unit name -> its input's second moments where they determine GPTQ (rounding=gptq): those units' weights
         # are GPTQ-rounded; the rounded weights are kept by (unit, scales) across builds
         self.hessians = {k: h for k, h in (hessians or {}).items() if h.enough_rows()}
@@ -825,7 +868,7 @@ class _Builder:
         self.activations = activations
         self.last_tensors: list[str] = []
         self.int8_units: list[str] = []
-        self.corrected: list[str] = []       # units whose bias absorbed their weights' rounding offset
+        self.corrected: list[str] = []       # units whose int32 bias the corrections changed
         self.idle_dropped: list[str] = []
         self._taken: set[str] = set()
         self.switches: dict[str, str] = {}
@@ -902,6 +945,7 @@ class _Builder:
             self._insert_qdq(g, tensors[name], *params[name])
         self.int8_units = []
         self.corrected = []
+        self.bias_sites = {}
         for u, node, act in units:
             x_names = unit_inputs[u.name]
             if not all(t in qdq for t in x_names):
@@ -909,11 +953,17 @@ class _Builder:
             if u.weight_axis is not None:
                 self._quantize_weights(g, node, u.weight_axis, params[x_names[0]][0],
                                        switch=self.switches.get(x_names[0]), hessian=self.hessians.get(u.name),
-                                       mean=self.means.get(u.name), unit=u.name)
+                                       mean=self.means.get(u.name), unit=u.name, reference=u.node.outputs[0].name)
             self.int8_units.append(u.name)
         self.last_tensors = list(qdq)
         g.cleanup().toposort()
-        return export(g, self.template)
+        model = export(g, self.template)
+        if self.refit is not None and not switchable and self.bias_sites:
+            steps = refit_biases(model, self.refit[0], list(self.bias_sites.values()), self.refit[1])
+            model = _with_bias_steps(model, steps)
+            self.corrected += [u for u, site in self.bias_sites.items()
+                               if steps.get(site.bias, np.zeros(1)).any() and u not in self.corrected]
+        return model
 
     @staticmethod
     def _drop_idle(qdq: dict[str, None], ops_io: list[tuple[list[str], str, bool]]) -> list[str]:
@@ -998,7 +1048,7 @@ class _Builder:
 
     def _quantize_weights(self, g: gs.Graph, node: gs.Node, axis: int, x_scale: np.ndarray,
                           switch: str | None = None, hessian: HessianObserver | None = None,
-                          mean: PatchMeanObserver | None = None, unit: str = "") -> None:
+                          mean: PatchMeanObserver | None = None, unit: str = "", reference: str = "") -> None:
         """int8 symmetric weights (per output channel on ``axis`` or per tensor) and int32 bias, scale s_x·s_w.
 
         The weights are rounded to nearest, or given the unit's input second moments ``hessian`` by GPTQ
@@ -1079,6 +1129,8 @@ class _Builder:
         g.nodes.append(gs.Node("DequantizeLinear", name=self._name(f"{bias.name}_DequantizeLinear"),
                                inputs=[bq, bs, bz], outputs=[bdq], attrs={"axis": 0} if dq_axis is not None else {}))
         node.inputs[2] = self._switched(g, switch, bdq, bias)
+        if switch is None and reference:
+            self.bias_sites[unit] = BiasSite(node.outputs[0].name, reference, bq.name, b_scale)
 
     def _gptq(self, values: np.ndarray, axis: int, scale: np.ndarray, hessian: HessianObserver) -> np.ndarray:
         """int8 weights of ``values`` (Conv [O, C/g, *k] with axis 0; Gemm/MatMul [K, O] with axis 1 or [O, K] with
