@@ -351,6 +351,9 @@ class Quantize(Pass):
         res.counts["tensors quantized"] = len(builder.last_tensors)
         if builder.corrected:
             res.counts["biases corrected"] = len(builder.corrected)
+        if builder.refit_skipped:
+            res.notes.append(f"bias correction: layer-by-layer mean matching skipped ({builder.refit_skipped}); the "
+                             "weights' rounding offsets stay corrected")
         elif o.bias_correction and ctx.calib is None and builder.int8_units:
             res.notes.append("bias correction skipped: no calibration data to take the layers' mean inputs from "
                              "(give --calib-data with --load-calibration)")
@@ -854,6 +857,7 @@ class _Builder:
         # (float model, feeds): every build that is not switchable gets the full mean correction on these feeds
         self.refit = refit
         self.bias_sites: dict[str, BiasSite] = {}   # unit -> its int32 bias, for the full mean correction
+        self.refit_skipped: str | None = None           # why the full mean correction could not run
         # unit name -> its input's second moments where they determine GPTQ (rounding=gptq): those units' weights
         # are GPTQ-rounded; the rounded weights are kept by (unit, scales) across builds
         self.hessians = {k: h for k, h in (hessians or {}).items() if h.enough_rows()}
@@ -959,7 +963,11 @@ class _Builder:
         g.cleanup().toposort()
         model = export(g, self.template)
         if self.refit is not None and not switchable and self.bias_sites:
-            steps = refit_biases(model, self.refit[0], list(self.bias_sites.values()), self.refit[1])
+            try:
+                steps = refit_biases(model, self.refit[0], list(self.bias_sites.values()), self.refit[1])
+            except Exception as e:      # a model onnxruntime cannot run cut in pieces keeps the weights' offsets
+                self.refit_skipped = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                steps = {}
             model = _with_bias_steps(model, steps)
             self.corrected += [u for u, site in self.bias_sites.items()
                                if steps.get(site.bias, np.zeros(1)).any() and u not in self.corrected]

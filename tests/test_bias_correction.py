@@ -231,3 +231,20 @@ def test_segments_run_an_unsorted_model_as_the_whole_model_does():
 
     seg.run(data[0], at_cut)
     assert np.allclose(got["c1"], whole[1], atol=1e-5) and np.allclose(got["y"], whole[0], atol=1e-5)
+
+
+def test_a_model_the_mean_matching_cannot_run_keeps_the_weights_offsets(monkeypatch):
+    """Where the layer-by-layer matching fails (a model onnxruntime cannot run cut in pieces), the pass still
+    quantizes, with the weights' rounding offsets corrected, and says why."""
+    import passes.quantize as q
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot cut this model")
+
+    monkeypatch.setattr(q, "refit_biases", broken)
+    m, data = _highpass_model("Conv")
+    out, rep = graphopt.optimize(m, ["quantize:method=minmax,min-cosine=0,min-top1=0"], calib_data=data,
+                                 latency_runs=0)
+    onnx.checker.check_model(out)
+    assert rep.passes[0]["counts"]["biases corrected"] == 1
+    assert any("mean matching skipped (RuntimeError: cannot cut this model)" in n for n in rep.passes[0]["notes"])
