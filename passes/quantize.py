@@ -312,9 +312,9 @@ class Quantize(Pass):
         best: _Trial | None = None
         tried: list[str] = []
         # The full mean correction of every real build runs on the first calibration samples, as many as fit
-        # REFIT_BUDGET_S modelled seconds.
-        refit = (float_model, _refit_feeds(float_model, ctx.calib)) if o.bias_correction and ctx.calib is not None \
-            else None
+        # REFIT_BUDGET_S modelled seconds (taken once, when a build first has a bias to correct).
+        refit = (float_model, functools.cache(lambda: _refit_feeds(float_model, ctx.calib))) \
+            if o.bias_correction and ctx.calib is not None else None
         for label, ranges in candidates:
             builder = _Builder(graph, plan, ranges, ctx.original, per_channel=per_channel, reduce_range=reduce,
                                activations=o.activations, hessians=hessians, means=means, refit=refit)
@@ -852,9 +852,9 @@ class _Builder:
                  template: onnx.ModelProto, *, per_channel: bool, reduce_range: bool, activations: str,
                  hessians: dict[str, HessianObserver] | None = None,
                  means: dict[str, PatchMeanObserver] | None = None,
-                 refit: tuple[onnx.ModelProto, list[dict[str, np.ndarray]]] | None = None) -> None:
+                 refit: tuple[onnx.ModelProto, Callable[[], list[dict[str, np.ndarray]]]] | None = None) -> None:
         self.graph = graph.copy()
-        # (float model, feeds): every build that is not switchable gets the full mean correction on these feeds
+        # (float model, its feeds): every build that is not switchable gets the full mean correction on them
         self.refit = refit
         self.bias_sites: dict[str, BiasSite] = {}   # unit -> its int32 bias, for the full mean correction
         self.refit_skipped: str | None = None           # why the full mean correction could not run
@@ -964,7 +964,7 @@ class _Builder:
         model = export(g, self.template)
         if self.refit is not None and not switchable and self.bias_sites:
             try:
-                steps = refit_biases(model, self.refit[0], list(self.bias_sites.values()), self.refit[1])
+                steps = refit_biases(model, self.refit[0], list(self.bias_sites.values()), self.refit[1]())
             except Exception as e:      # a model onnxruntime cannot run cut in pieces keeps the weights' offsets
                 self.refit_skipped = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 steps = {}
