@@ -41,6 +41,7 @@ every model it builds to check or to write.
 
 from __future__ import annotations
 
+import heapq
 from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
@@ -138,10 +139,10 @@ class BiasSite(NamedTuple):
 
 
 class _Segments:
-    """A model cut after each of ``cuts`` (in the order of their producers): segment k runs, with onnxruntime's
-    optimizations off, the nodes after cut k-1 up to cut k's producer, from the tensors the feed and the earlier
-    segments made; a tensor is dropped once no later node reads it, so memory holds one cut's live tensors (of the
-    rows fed at once)."""
+    """A model cut after each of ``cuts`` (in the order of their producers): segment k runs, in its own onnxruntime
+    session (default optimizations, so a segment's complete QDQ patterns run the integer kernels), the nodes after
+    cut k-1 up to cut k's producer, from the tensors the feed and the earlier segments made; a tensor is dropped
+    once no later node reads it, so memory holds one cut's live tensors (of the rows fed at once)."""
 
     def __init__(self, model: onnx.ModelProto, cuts: list[str]) -> None:
         from graphopt.validate import session_options
@@ -197,21 +198,29 @@ class _Segments:
 
 
 def _toposorted(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
-    """``nodes`` in an order where each runs after the producers of its inputs (a valid model's order already is;
-    a rewrite's export need not be), stable otherwise."""
+    """``nodes`` in an order where each runs after the producers of its inputs (a valid model's order already is; a
+    rewrite's export need not be), the original order among the nodes that are ready (Kahn's algorithm on a heap of
+    indices). Nodes whose inputs nothing makes (outer scope) keep their place at the end."""
     made = set(available) | {""}
-    out: list[onnx.NodeProto] = []
-    waiting = list(nodes)
-    while waiting:
-        ready = [n for n in waiting if all(t in made for t in n.input)]
-        if not ready:                        # inputs from nowhere (outer scope): keep the remaining order
-            return out + waiting
-        for n in ready:
-            made.update(n.output)
-        out += ready
-        ids = {id(n) for n in ready}
-        waiting = [n for n in waiting if id(n) not in ids]
-    return out
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    waiting = [sum(1 for t in set(n.input) if t not in made and t in producer) for n in nodes]
+    readers: dict[int, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for t in set(n.input):
+            if t not in made and t in producer:
+                readers.setdefault(producer[t], []).append(i)
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for j in readers.get(i, []):
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                heapq.heappush(ready, j)
+    placed = set(order)
+    return [nodes[i] for i in order] + [n for i, n in enumerate(nodes) if i not in placed]
 
 
 def _channel_means(y: np.ndarray) -> tuple[np.ndarray, int]:
