@@ -232,40 +232,46 @@ def _channel_means(y: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def refit_biases(quantized: onnx.ModelProto, reference: onnx.ModelProto, sites: list[BiasSite],
-                 feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+                 feeds: list[dict[str, np.ndarray]], reference_means: dict[str, list[np.ndarray]] | None = None
+                 ) -> dict[str, np.ndarray]:
     """The full mean correction: for each site, in topological order, the int32 bias steps to subtract so that its
     output's mean per channel over ``feeds``, computed from the int8 input the corrections upstream give it, equals
     the float model's. Returns {bias initializer: steps (int64, per channel)}.
 
     Both models run cut at the sites (``_Segments``); the quantized one with each site's correction applied to what
     later segments read, so a site's correction is measured downstream of the ones above it. The correction is a
-    running mean over the batches (each batch's residual folded in by its share of the samples), so memory holds
-    one batch's live tensors however many batches there are."""
+    running mean over the feeds (each feed's residual folded in by its share of the samples), so memory holds one
+    feed's live tensors however many feeds there are. ``reference_means`` ({float tensor: its channel means, one
+    array per feed}) keeps the float model's side between calls on the same feeds: only what it lacks is run."""
     made = {o for n in quantized.graph.node for o in n.output}
     ref_made = {o for n in reference.graph.node for o in n.output}
     sites = [s for s in sites if s.output in made and s.reference in ref_made]
     if not sites:
         return {}
+    cache = {} if reference_means is None else reference_means
+    missing = list(dict.fromkeys(s.reference for s in sites if s.reference not in cache))
+    if missing:
+        f = _Segments(reference, missing)
+        got: dict[str, list[np.ndarray]] = {r: [] for r in missing}
+
+        def keep(k: int, y: np.ndarray) -> np.ndarray:
+            got[f.cuts[k]].append(_channel_means(y)[0])
+            return y
+
+        for feed in feeds:
+            f.run(feed, keep)
+        cache.update(got)
     q = _Segments(quantized, [s.output for s in sites])
-    f = _Segments(reference, [s.reference for s in sites])
     q_site = [next(i for i, s in enumerate(sites) if s.output == c) for c in q.cuts]
-    f_site = [next(i for i, s in enumerate(sites) if s.reference == c) for c in f.cuts]
     offset = [np.zeros(len(s.scale)) for s in sites]       # running mean of (int8 mean - float mean), per channel
     steps = [np.zeros(len(s.scale), np.int64) for s in sites]
     seen = [0] * len(sites)
-    for feed in feeds:
-        ref_means: dict[int, np.ndarray] = {}
-
-        def keep(k: int, y: np.ndarray) -> np.ndarray:
-            ref_means[f_site[k]] = _channel_means(y)[0]
-            return y
-
-        f.run(feed, keep)
+    for j, feed in enumerate(feeds):
 
         def correct(k: int, y: np.ndarray) -> np.ndarray:
             i = q_site[k]
             mean, n = _channel_means(y)
-            offset[i] += (mean - ref_means[i] - offset[i]) * n / (seen[i] + n)
+            offset[i] += (mean - cache[sites[i].reference][j] - offset[i]) * n / (seen[i] + n)
             seen[i] += n
             scale = np.asarray(sites[i].scale, np.float64)
             steps[i] = np.rint(offset[i] / scale).astype(np.int64)

@@ -858,6 +858,7 @@ class _Builder:
         self.refit = refit
         self.bias_sites: dict[str, BiasSite] = {}   # unit -> its int32 bias, for the full mean correction
         self.refit_skipped: str | None = None           # why the full mean correction could not run
+        self._reference_means: dict[str, list[np.ndarray]] = {}   # the float side of it, kept across builds
         # unit name -> its input's second moments where they determine GPTQ (rounding=gptq): those units' weights
         # are GPTQ-rounded; the rounded weights are kept by (unit, scales) across builds
         self.hessians = {k: h for k, h in (hessians or {}).items() if h.enough_rows()}
@@ -964,7 +965,8 @@ class _Builder:
         model = export(g, self.template)
         if self.refit is not None and not switchable and self.bias_sites:
             try:
-                steps = refit_biases(model, self.refit[0], list(self.bias_sites.values()), self.refit[1]())
+                steps = refit_biases(model, self.refit[0], list(self.bias_sites.values()), self.refit[1](),
+                                     self._reference_means)
             except Exception as e:      # a model onnxruntime cannot run cut in pieces keeps the weights' offsets
                 self.refit_skipped = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 steps = {}

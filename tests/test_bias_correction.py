@@ -248,3 +248,26 @@ def test_a_model_the_mean_matching_cannot_run_keeps_the_weights_offsets(monkeypa
     onnx.checker.check_model(out)
     assert rep.passes[0]["counts"]["biases corrected"] == 1
     assert any("mean matching skipped (RuntimeError: cannot cut this model)" in n for n in rep.passes[0]["notes"])
+
+
+def test_the_float_side_is_run_once_across_builds(monkeypatch):
+    """The float model's channel means, kept in ``reference_means``, serve a second call on the same feeds: only
+    the quantized model is cut and run again, and the steps are the same."""
+    import calibration.bias_correction as bc
+    m, data = _two_convs()
+    plain, _ = graphopt.optimize(m, ["quantize:min-cosine=0,min-top1=0,bias-correction=false"], calib_data=data,
+                                 latency_runs=0)
+    sites = _sites(plain)
+    cache: dict[str, list[np.ndarray]] = {}
+    first = bc.refit_biases(plain, m, sites, data, cache)
+    assert set(cache) == {"c1", "y"} and all(len(v) == len(data) for v in cache.values())
+    cut: list[onnx.ModelProto] = []
+    real = bc._Segments
+
+    def counting(model: onnx.ModelProto, cuts: list[str]) -> bc._Segments:
+        cut.append(model)
+        return real(model, cuts)
+
+    monkeypatch.setattr(bc, "_Segments", counting)
+    second = bc.refit_biases(plain, m, sites, data, cache)
+    assert cut == [plain] and all((first[k] == second[k]).all() for k in first)
