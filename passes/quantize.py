@@ -14,7 +14,10 @@ What gets quantized (each choice is what onnxruntime's QDQ fusions need to produ
     samples, as many as REFIT_BUDGET_S modelled seconds allow); MatMul of two activations (attention).
     A Conv/Gemm whose only consumer is Relu or Clip (constant bounds) forms one unit with it: no QDQ between them,
     the output range is observed after the activation, so it starts at 0 and onnxruntime folds the activation into
-    the requantization;
+    the requantization. A Gemm's or MatMul's output is quantized only where another planned op reads it: onnxruntime
+    runs DequantizeLinear → Gemm/MatMul with a float output as QGemm / MatMulIntegerToFloat, integer all the same,
+    so a classifier's logits (a graph output) or a dense layer's output before a float bias Add or Softmax carry
+    no rounding (a Conv needs its output quantized to run QLinearConv);
   * residual Add of two activations and Concat (inputs and output share one scale, so Concat needs no rescale);
   * pooling and pass-through ops (MaxPool, AveragePool, GlobalAveragePool, Reshape, Transpose, Flatten, Squeeze,
     Unsqueeze, Resize) when their input is already quantized; pass-through outputs share their input's scale so
@@ -84,6 +87,8 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMa
                  "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid",
                  "QLinearLeakyRelu", "QLinearSoftmax", "DynamicQuantizeMatMul", "QAttention"}
 WEIGHTED = {"Conv", "Gemm", "MatMul"}
+# Weighted ops whose integer kernels can write float (QGemm, MatMulIntegerToFloat): their output needs no QDQ
+FLOAT_OUTPUT = {"Gemm", "MatMul"}
 
 
 def quantized_ops(graph: gs.Graph) -> list[str]:
@@ -883,14 +888,25 @@ class _Builder:
     def candidate_tensors(graph: gs.Graph, plan: Plan) -> list[str]:
         """Every float activation tensor a build could quantize (inputs and outputs of planned ops)."""
         names: list[str] = []
+        read = _Builder.plan_reads(plan)
         for u in plan.units:
             names += [t.name for t in u.node.inputs[:2] if not _is_const(t) and _float(t)]
-            names.append(u.output.name)
+            if u.node.op not in FLOAT_OUTPUT or u.output.name in read:
+                names.append(u.output.name)
         for n in plan.others:
             data = n.inputs if n.op in {"Add", "Concat"} else n.inputs[:1]
             names += [t.name for t in data if not _is_const(t) and not t.is_empty() and _float(t)]
             names += [t.name for t in n.outputs[:1] if _float(t)]
         return list(dict.fromkeys(names))
+
+    @staticmethod
+    def plan_reads(plan: Plan) -> set[str]:
+        """The tensors a planned op reads as data (so could read as int8): a unit's first two inputs, an Add's or a
+        Concat's inputs, another op's first input."""
+        read = {t.name for u in plan.units for t in u.node.inputs[:2]}
+        for n in plan.others:
+            read |= {t.name for t in (n.inputs if n.op in {"Add", "Concat"} else n.inputs[:1])}
+        return read
 
     def build(self, keep_float: set[str], switchable: bool = False) -> onnx.ModelProto:
         """The QDQ model with the tensors in ``keep_float`` left float. ``switchable``: every quantized tensor passes
@@ -907,16 +923,18 @@ class _Builder:
                  for u in self.plan.units]
         qdq: dict[str, None] = {}            # tensors to quantize, in order
         inner: set[str] = set()              # conv outputs inside a fused unit: never quantized
+        read = self.plan_reads(self.plan)
         for u, node, act in units:
             for t in node.inputs[:2]:
                 if not _is_const(t) and _float(t):
                     qdq[t.name] = None
-            qdq[(act or node).outputs[0].name] = None
+            if node.op not in FLOAT_OUTPUT or (act or node).outputs[0].name in read:
+                qdq[(act or node).outputs[0].name] = None
             if act is not None:
                 inner.add(node.outputs[0].name)
         # Other ops follow: quantized when a data input is already quantized (in topological order).
         shared: list[tuple[str, str]] = []
-        others_io: list[tuple[list[str], str, bool]] = []   # (data inputs, output, True) of the other ops quantized
+        others_io: list[tuple[list[str], str | None, bool]] = []   # (data inputs, output, True) of the other ops quantized
         for n in self.plan.others:
             node = by_out.get(n.outputs[0].name)
             if node is None:
@@ -944,7 +962,8 @@ class _Builder:
                 qdq.pop(name)
         unit_inputs = {u.name: [t.name for t in node.inputs[:1 if u.weight_axis is not None else 2]]
                        for u, node, _ in units}
-        self.idle_dropped = self._drop_idle(qdq, [(unit_inputs[u.name], (act or node).outputs[0].name, False)
+        self.idle_dropped = self._drop_idle(qdq, [(unit_inputs[u.name], None if node.op in FLOAT_OUTPUT else
+                                                   (act or node).outputs[0].name, False)
                                                   for u, node, act in units] + others_io)
         for name in qdq:
             self._insert_qdq(g, tensors[name], *params[name])
@@ -976,19 +995,20 @@ class _Builder:
         return model
 
     @staticmethod
-    def _drop_idle(qdq: dict[str, None], ops_io: list[tuple[list[str], str, bool]]) -> list[str]:
+    def _drop_idle(qdq: dict[str, None], ops_io: list[tuple[list[str], str | None, bool]]) -> list[str]:
         """Drop (in place) the quantized tensors that no integer kernel reads or writes; return them.
 
         ``ops_io``: (data inputs, output, whether the output must be quantized too). A unit runs int8 when its data
-        inputs are quantized (its quantized output is its QLinearConv's output); another op (QLinearAdd, a
-        pass-through) when its data inputs and its output are. Where the fallback leaves a tensor's neighbours
+        inputs are quantized (its quantized output is its QLinearConv's output; a Gemm's or MatMul's output, None
+        here, is kept only where an integer kernel reads it); another op (QLinearAdd, a pass-through) when its data
+        inputs and its output are. Where the fallback leaves a tensor's neighbours
         float, its QuantizeLinear / DequantizeLinear pair would feed float ops: rounding error and two extra ops for
         nothing (PP-OCRv4 det with every unit float kept one such tensor, before a hard-swish, at cosine 0.974 on
         its evaluation set). One pass suffices: the ops that run int8 keep all their tensors, so dropping the
         others idles none of them."""
         live = [(ins, out) for ins, out, needs_out in ops_io if all(t in qdq for t in ins) and (out in qdq or not
                                                                                                needs_out)]
-        used = {t for ins, _ in live for t in ins} | {out for _, out in live}
+        used = {t for ins, _ in live for t in ins} | {out for _, out in live if out is not None}
         idle = [t for t in qdq if t not in used]
         for t in idle:
             qdq.pop(t)

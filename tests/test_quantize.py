@@ -72,7 +72,8 @@ def ort_kernels(m: onnx.ModelProto, tmp_path) -> list[str]:
 def test_fires_qdq_and_onnxruntime_fuses_integer_kernels(tmp_path):
     out, rep = graphopt.optimize(conv_net(), ["quantize:method=minmax"], calib_data=calib(), latency_runs=0)
     onnx.checker.check_model(out)
-    assert ops(out).count("QuantizeLinear") == 8
+    # x, r1, r2, a, p, g, f: the Gemm's output (the graph output) stays float, its QGemm writes float
+    assert ops(out).count("QuantizeLinear") == 7
     # weights per channel: Conv weights on axis 0, int8, Gemm (transB=1) on axis 0, biases int32
     dq_axes = {n.input[0]: [a.i for a in n.attribute if a.name == "axis"] for n in out.graph.node
                if n.op_type == "DequantizeLinear"}
@@ -87,6 +88,9 @@ def test_fires_qdq_and_onnxruntime_fuses_integer_kernels(tmp_path):
     for k in ("QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm"):
         assert k in kernels, kernels
     assert "Conv" not in kernels and "Relu" not in kernels and "Clip" not in kernels
+    assert producers["y"] == "Gemm"
+    opt = onnx.load(tmp_path / "optimized.onnx")
+    assert next(n.op_type for n in opt.graph.node if "y" in n.output) == "QGemm"
     assert rep.validation.passed
 
 
@@ -345,17 +349,36 @@ def test_fallback_leaves_float_the_layer_whose_weights_int8_breaks():
 
 
 def test_fallback_leaves_no_quantize_pair_that_no_int8_op_uses():
-    """With 'h' left float, fc2 runs float, so a Q/DQ pair on its output 'y' would only add error: there is none,
-    and the report says why 'y' is float."""
+    """fragile_mlp as 1x1 convolutions: with 'h' left float, conv2 runs float, so a Q/DQ pair on its output 'y'
+    would only add error: there is none, and the report says why 'y' is float."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((32, 16, 1, 1)).astype(np.float32) * 0.3
+    w1[0] *= 2000.0
+    w2 = rng.standard_normal((10, 32, 1, 1)).astype(np.float32)
+    w2[:, 0] *= 1e-4
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h0"], name="conv1"), helper.make_node("Relu", ["h0"], ["h"]),
+             helper.make_node("Conv", ["h", "w2"], ["y"], name="conv2")]
+    m = _model(nodes, [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")], ["N", 16, 3, 3],
+               ["N", 10, 3, 3])
+    data = [{"x": np.abs(rng.standard_normal((16, 16, 3, 3))).astype(np.float32)} for _ in range(4)]
+    out, rep = graphopt.optimize(m, ["quantize:method=minmax"], calib_data=data, latency_runs=0)
+    assert [n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"] == ["x"]
+    # x's pair, then conv1's weights and the bias that bias correction gives it
+    assert ops(out) == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "Conv", "Relu",
+                        "Conv"]
+    assert rep.passes[0]["counts"]["tensors left float"] == 2
+    assert "tensor 'y': no op next to it runs int8" in " ".join(rep.passes[0]["notes"])
+
+
+def test_gemm_output_read_by_no_int8_op_stays_float():
+    """A Gemm's integer kernel writes float (QGemm): fragile_mlp's output 'y' is never quantized, so the fallback
+    has only 'h' to leave float."""
     rng = np.random.default_rng(3)
     data = [{"x": np.abs(rng.standard_normal((16, 16))).astype(np.float32)} for _ in range(4)]
     out, rep = graphopt.optimize(fragile_mlp(), ["quantize:method=minmax"], calib_data=data, latency_runs=0)
     assert [n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"] == ["x"]
-    # x's pair, then fc1's weights and the bias that bias correction gives it
-    assert ops(out) == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "Gemm", "Relu",
-                        "Gemm"]
-    assert rep.passes[0]["counts"]["tensors left float"] == 2
-    assert "tensor 'y': no op next to it runs int8" in " ".join(rep.passes[0]["notes"])
+    assert rep.passes[0]["counts"]["tensors left float"] == 1
+    assert "'y'" not in " ".join(rep.passes[0]["notes"])
 
 
 def test_idle_tensors_are_the_ones_outside_every_int8_op():
@@ -366,6 +389,12 @@ def test_idle_tensors_are_the_ones_outside_every_int8_op():
     assert _Builder._drop_idle(qdq, ops_io) == []          # add is float, but a and p run the int8 pool
     qdq = dict.fromkeys(["x", "c", "a", "y"])               # p float: the pool runs float, gemm too
     assert _Builder._drop_idle(qdq, ops_io) == ["a", "y"] and list(qdq) == ["x", "c"]
+    # a unit whose kernel writes float (Gemm, MatMul: output None) keeps its output quantized only for a reader
+    ops_io = [(["x"], None, False), (["y", "z"], "a", True)]
+    qdq = dict.fromkeys(["x", "y", "a"])                    # z float: the add runs float, y is idle
+    assert _Builder._drop_idle(qdq, ops_io) == ["y", "a"] and list(qdq) == ["x"]
+    qdq = dict.fromkeys(["x", "y", "z", "a"])
+    assert _Builder._drop_idle(qdq, ops_io) == [] and list(qdq) == ["x", "y", "z", "a"]
 
 
 def test_save_and_load_calibration_roundtrip(cli, tmp_path):
