@@ -894,18 +894,27 @@ class _Builder:
             if u.node.op not in FLOAT_OUTPUT or u.output.name in read:
                 names.append(u.output.name)
         for n in plan.others:
-            data = n.inputs if n.op in {"Add", "Concat"} else n.inputs[:1]
-            names += [t.name for t in data if not _is_const(t) and not t.is_empty() and _float(t)]
-            names += [t.name for t in n.outputs[:1] if _float(t)]
+            data = _Builder.int8_data(n)
+            if data:
+                names += [t.name for t in data] + [t.name for t in n.outputs[:1] if _float(t)]
         return list(dict.fromkeys(names))
 
     @staticmethod
-    def plan_reads(plan: Plan) -> set[str]:
-        """The tensors a planned op reads as data (so could read as int8): a unit's first two inputs, an Add's or a
-        Concat's inputs, another op's first input."""
+    def int8_data(node: gs.Node) -> list[gs.Tensor]:
+        """An Add's, Concat's or pass-through's data inputs if it can run int8 (every one a float activation; an Add
+        of two), else []."""
+        data = [t for t in (node.inputs if node.op in {"Add", "Concat"} else node.inputs[:1]) if not t.is_empty()]
+        if not data or not all(_float(t) and not _is_const(t) for t in data) or (node.op == "Add" and len(data) != 2):
+            return []
+        return data
+
+    @classmethod
+    def plan_reads(cls, plan: Plan) -> set[str]:
+        """The tensors a planned op can read as int8: a unit's first two inputs, the data inputs of the other ops
+        that can run int8 (``int8_data``)."""
         read = {t.name for u in plan.units for t in u.node.inputs[:2]}
         for n in plan.others:
-            read |= {t.name for t in (n.inputs if n.op in {"Add", "Concat"} else n.inputs[:1])}
+            read |= {t.name for t in cls.int8_data(n)}
         return read
 
     def build(self, keep_float: set[str], switchable: bool = False) -> onnx.ModelProto:
@@ -939,13 +948,8 @@ class _Builder:
             node = by_out.get(n.outputs[0].name)
             if node is None:
                 continue
-            data = [t for t in (node.inputs if node.op in {"Add", "Concat"} else node.inputs[:1])
-                    if not t.is_empty()]
-            if not data or not all(_float(t) and not _is_const(t) for t in data):
-                continue
+            data = self.int8_data(node)
             if not any(t.name in qdq for t in data):
-                continue
-            if node.op == "Add" and len(data) != 2:
                 continue
             for t in data:
                 qdq[t.name] = None
