@@ -943,7 +943,7 @@ class _Builder:
                 inner.add(node.outputs[0].name)
         # Other ops follow: quantized when a data input is already quantized (in topological order).
         shared: list[tuple[str, str]] = []
-        others_io: list[tuple[list[str], str | None, bool]] = []   # (data inputs, output, True) of the other ops quantized
+        others_io: list[tuple[list[str], str, bool]] = []   # (data inputs, output, True) of the other ops quantized
         for n in self.plan.others:
             node = by_out.get(n.outputs[0].name)
             if node is None:
@@ -1005,11 +1005,10 @@ class _Builder:
         ``ops_io``: (data inputs, output, whether the output must be quantized too). A unit runs int8 when its data
         inputs are quantized (its quantized output is its QLinearConv's output; a Gemm's or MatMul's output, None
         here, is kept only where an integer kernel reads it); another op (QLinearAdd, a pass-through) when its data
-        inputs and its output are. Where the fallback leaves a tensor's neighbours
-        float, its QuantizeLinear / DequantizeLinear pair would feed float ops: rounding error and two extra ops for
-        nothing (PP-OCRv4 det with every unit float kept one such tensor, before a hard-swish, at cosine 0.974 on
-        its evaluation set). One pass suffices: the ops that run int8 keep all their tensors, so dropping the
-        others idles none of them."""
+        inputs and its output are. Where the fallback leaves a tensor's neighbours float, its QuantizeLinear /
+        DequantizeLinear pair would feed float ops: rounding error and two extra ops for nothing (PP-OCRv4 det with
+        every unit float kept one such tensor, before a hard-swish, at cosine 0.974 on its evaluation set). One pass
+        suffices: the ops that run int8 keep all their tensors, so dropping the others idles none of them."""
         live = [(ins, out) for ins, out, needs_out in ops_io if all(t in qdq for t in ins) and (out in qdq or not
                                                                                                needs_out)]
         used = {t for ins, _ in live for t in ins} | {out for _, out in live if out is not None}
