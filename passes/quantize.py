@@ -629,8 +629,7 @@ class Quantize(Pass):
                        for d, a, b in dots.values()]
             return judged(cosines, [(a, n) for a, n in agree.values()])
 
-        one = _take(batches, 1)[:1]
-        one = [Batch({k: v[:1] for k, v in one[0].feed.items()}, None)] if one else one
+        one = _first_row(batches)
         per_sample = sample_cost(float_model, one, lambda: q_switched(set(sites), one))
         n = int(min(SENSITIVITY_SAMPLES, max(1, SENSITIVITY_BUDGET_S / (per_sample * len(sites)))))
         few = _rows(batches, n)
@@ -721,13 +720,20 @@ def sample_cost(float_model: onnx.ModelProto, one: list[Batch], run: Callable[[]
     MACs on ``one`` (RUN_OVERHEAD_S + MACs / RUN_MACS_PER_S), so the fallback's sample counts, and hence its result,
     depend on the model and the data only, not on the machine or its load. Timed (second ``run``) only where the
     MACs cannot be counted."""
-    macs = count_macs(float_model, one[0].feed) if one else None
-    if macs:
-        return RUN_OVERHEAD_S + macs / RUN_MACS_PER_S
+    modelled = modelled_cost(float_model, one)
+    if modelled is not None:
+        return modelled
     run()   # fills the reference cache; the second run is the one timed
     t0 = time.perf_counter()
     run()
     return max(time.perf_counter() - t0, 1e-4)
+
+
+def modelled_cost(float_model: onnx.ModelProto, one: list[Batch]) -> float | None:
+    """RUN_OVERHEAD_S + MACs / RUN_MACS_PER_S: the modelled seconds of one run of the float model on ``one`` (a
+    one-row batch, ``_first_row``); None where the MACs cannot be counted."""
+    macs = count_macs(float_model, one[0].feed) if one else None
+    return RUN_OVERHEAD_S + macs / RUN_MACS_PER_S if macs else None
 
 
 def sensitivity_sweep(sites: list[str], measure: Callable[[str, bool], tuple[float, float]], budget_s: float,
@@ -786,13 +792,10 @@ def _with_inputs_observed(calib: Any, observers: dict[str, MinMaxObserver], feed
 
 def _refit_feeds(float_model: onnx.ModelProto, calib: Any) -> list[dict[str, np.ndarray]]:
     """The first calibration samples, as many as the full mean correction can run in REFIT_BUDGET_S modelled
-    seconds (``sample_cost``'s model; it runs the float and the quantized model), in feeds of at most
+    seconds (``modelled_cost``; it runs the float and the quantized model), in feeds of at most
     REFIT_FEED_BYTES of inputs (at least one row), since it holds a feed's live tensors at every cut."""
     batches = _take(calib, FALLBACK_SAMPLES, FALLBACK_INPUT_BYTES)
-    one = _rows(batches, 1)
-    one = [Batch({k: v[:1] for k, v in one[0].feed.items()}, None)] if one else one
-    macs = count_macs(float_model, one[0].feed) if one else None
-    per_sample = RUN_OVERHEAD_S + macs / RUN_MACS_PER_S if macs else 1.0
+    per_sample = modelled_cost(float_model, _first_row(batches)) or 1.0
     feeds = []
     for b in _rows(batches, int(min(FALLBACK_SAMPLES, max(1, REFIT_BUDGET_S / (REFIT_RUNS * per_sample))))):
         arrays = [v for v in b.feed.values() if isinstance(v, np.ndarray)]
@@ -828,6 +831,12 @@ def _rows(batches: list[Batch], n: int) -> list[Batch]:
         out.append(b)
         left -= rows
     return out
+
+
+def _first_row(batches: list[Batch]) -> list[Batch]:
+    """The first sample of ``batches`` as a one-row batch without labels ([] when there is none)."""
+    first = _rows(batches, 1)
+    return [Batch({k: v[:1] for k, v in first[0].feed.items()}, None)] if first else []
 
 
 def _take(source: Any, n: int, max_bytes: int | None = None) -> list[Batch]:
