@@ -92,9 +92,10 @@ class NpzReader:
 
 
 def run_graphopt(spec: dict) -> dict:
-    from graphopt import io as gio  # first: `import calibration.readers` alone is a circular import
-    from calibration.readers import open_source
-    from graphopt.pipeline import PassContext, make_spec, run_pipeline
+    from graphopt import io as gio
+    from graphopt.calibration.readers import open_source
+    from graphopt.passes.base import PassContext
+    from graphopt.pipeline import make_spec, run_pipeline
 
     base = _status_kb("VmRSS")
     c0 = _cpu()

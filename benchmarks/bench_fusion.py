@@ -45,8 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from graphopt import io as gio  # noqa: E402
-from graphopt.pipeline import PassContext, make_spec, run_pipeline  # noqa: E402
-from graphopt.report import cpu_info  # noqa: E402
+from graphopt.passes.base import PassContext  # noqa: E402
+from graphopt.pipeline import make_spec, run_pipeline  # noqa: E402
+from graphopt.runtime import cpu_info  # noqa: E402
 
 VARIANTS = {"default": ["fold-constants", "fold-bn"], "+fuse": ["fold-constants", "fold-bn", "fuse-conv-relu"]}
 LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "default": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}

@@ -46,8 +46,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import graphopt  # noqa: E402
-from graphopt.report import count_macs, count_parameters, cpu_info, measure_latency  # noqa: E402
-from passes.prune_channels import conv_block  # noqa: E402
+from graphopt.runtime import count_macs, cpu_info, measure_latency  # noqa: E402
+from graphopt.report import count_parameters  # noqa: E402
+from graphopt.passes.prune_channels import conv_block  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "graphopt-bench"
 # a gentler operating point where 0.25 already costs too much without fine-tuning
@@ -171,7 +172,7 @@ def one_sample(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def cpu_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], runs: int, budget_s: float
                 ) -> list[float]:
     """Median CPU time (ms) of the calling thread per run, interleaved like measure_latency."""
-    from graphopt.report import measure_latency
+    from graphopt.runtime import measure_latency
 
     return measure_latency(models, feed, runs=runs, budget_s=budget_s, clock=time.thread_time)
 

@@ -558,7 +558,8 @@ def upgrade_opset(path: Path, out: Path) -> Path:
 
 def fold_constants(path: Path, out: Path) -> Path:
     from graphopt import io as gio
-    from graphopt.pipeline import PassContext, make_spec, run_pipeline
+    from graphopt.passes.base import PassContext
+    from graphopt.pipeline import make_spec, run_pipeline
 
     model = gio.load_model(path)
     folded, _ = run_pipeline(model, [make_spec("fold-constants", {})], PassContext(original=model))

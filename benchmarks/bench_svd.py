@@ -42,10 +42,11 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from graphopt import io as gio  # noqa: E402  (graphopt before calibration: calibration imports graphopt)
-from calibration.readers import open_source  # noqa: E402
-from graphopt.pipeline import PassContext, make_spec, run_pipeline  # noqa: E402
-from graphopt.report import count_macs, cpu_info, measure_latency  # noqa: E402
+from graphopt import io as gio  # noqa: E402
+from graphopt.calibration.readers import open_source  # noqa: E402
+from graphopt.passes.base import PassContext  # noqa: E402
+from graphopt.pipeline import make_spec, run_pipeline  # noqa: E402
+from graphopt.runtime import count_macs, cpu_info, measure_latency  # noqa: E402
 
 MODELS = ROOT / "models"
 MINILM = Path.home() / ".cache" / "graphopt-bench" / "minilm"

@@ -42,12 +42,14 @@ every model it builds to check or to write.
 from __future__ import annotations
 
 import heapq
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
+
+from graphopt.runtime import session_options
 
 from .gptq import ConvGeometry
 
@@ -145,8 +147,6 @@ class _Segments:
     once no later node reads it, so memory holds one cut's live tensors (of the rows fed at once)."""
 
     def __init__(self, model: onnx.ModelProto, cuts: list[str]) -> None:
-        from graphopt.validate import session_options
-
         # no memory arena: a session per segment would each keep its largest tensors' worth of memory
         options = session_options()
         options.enable_cpu_mem_arena = False

@@ -18,7 +18,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from graphopt.errors import InputError, one_line
-from graphopt.validate import session_options
+from graphopt.runtime import session_options
 
 from .observers import MinMaxObserver
 from .readers import Batch, model_inputs

@@ -16,14 +16,29 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from calibration.readers import Batch, DataSource, RandomSource, model_inputs, open_source
+from graphopt.calibration.readers import (
+    Batch,
+    DataSource,
+    RandomSource,
+    model_inputs,
+    open_source,
+)
 
 from . import io
 from .errors import UsageError, ValidationFailed
-from .pipeline import (PassContext, PassSpec, check_calibration, check_order, default_pipeline, make_spec,
-                       parse_pass_arg, run_pipeline)
-from .report import Report, measure_latency, model_stats
-from .validate import Thresholds, class_score_outputs, make_session, validate
+from .pipeline import (
+    PassContext,
+    PassSpec,
+    check_calibration,
+    check_order,
+    default_pipeline,
+    make_spec,
+    parse_pass_arg,
+    run_pipeline,
+)
+from .report import Report, model_stats
+from .runtime import make_session, measure_latency
+from .validate import Thresholds, class_score_outputs, validate
 
 log = logging.getLogger("graphopt")
 
@@ -47,7 +62,7 @@ def resolve_passes(passes: Sequence[PassArg] | None) -> list[PassSpec]:
     return specs
 
 
-def _one_row(batch: Batch, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+def one_row(batch: Batch, model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """The feed for latency and MAC counting: the first batch, cut to one row where the batch axis is dynamic."""
     specs = {s.name: s for s in model_inputs(model)}
     feed = {}
@@ -115,7 +130,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
                      for r in records]
 
     first = next(iter(val), None)
-    feed = _one_row(first, model) if first is not None else None
+    feed = one_row(first, model) if first is not None else None
     if validate_output:
         new_session = make_session(out, "rewritten model")
         thresholds = Thresholds(min_cosine, min_top1, max_rel_error)
@@ -144,17 +159,18 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
 
 
 def pass_targets(specs: Sequence[PassSpec], model: onnx.ModelProto, max_rel_error: float | None) -> Thresholds:
-    """Validation thresholds when the user set neither --min-cosine nor --min-top1: the strictest ``min_cosine`` /
-    ``min_top1`` targets of the pipeline's passes (quantize's fallback reaches them on calibration data; 0 = off),
+    """Validation thresholds when the user set neither --min-cosine nor --min-top1: the strictest targets the
+    pipeline's passes searched against (``Pass.targets``: quantize's fallback reaches them on calibration data),
     checked again on the validation data, so that a model which meets them only on its calibration samples is not
     written. A pass's min-top1 covers class-score outputs only, as in the pass."""
-    cos = [float(s.options.min_cosine) for s in specs if getattr(s.options, "min_cosine", 0) > 0]
-    top = [float(s.options.min_top1) for s in specs if getattr(s.options, "min_top1", 0) > 0]
-    names = [s.name for s in specs if getattr(s.options, "min_cosine", 0) > 0 or getattr(s.options, "min_top1", 0) > 0]
-    if not names:
+    declared = [(s.name, t) for s in specs if (t := s.build().targets()) is not None]
+    cos = [t.min_cosine for _, t in declared if t.min_cosine]
+    top = [t.min_top1 for _, t in declared if t.min_top1]
+    if not cos and not top:
         return Thresholds(max_rel_error=max_rel_error)
+    name = [n for n, t in declared if t.min_cosine or t.min_top1][-1]
     return Thresholds(max(cos) if cos else None, max(top) if top else None, max_rel_error,
-                      origin=f"{names[-1]}'s ", top1_outputs=frozenset(class_score_outputs(model)))
+                      origin=f"{name}'s ", top1_outputs=frozenset(class_score_outputs(model)))
 
 
 SLOWER_MARGIN = 1.10   # a 20-run median moves by a few percent between runs: flag only a clear slowdown

@@ -14,9 +14,30 @@ import traceback
 from pathlib import Path
 from typing import NoReturn, Sequence
 
+from graphopt.calibration.readers import (
+    RandomSource,
+    model_inputs,
+    open_source,
+    parse_shape,
+)
+
 from . import io
-from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_VALIDATION, GraphoptError,
-                     InternalError, UsageError, ValidationFailed, one_line)
+from .api import one_row, optimize
+from .errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    EXIT_VALIDATION,
+    GraphoptError,
+    InputError,
+    InternalError,
+    UsageError,
+    ValidationFailed,
+    one_line,
+)
+from .pipeline import default_pipeline, parse_recipe, registry
+from .report import summary
 
 log = logging.getLogger("graphopt")
 
@@ -65,8 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def list_passes() -> str:
-    from .pipeline import default_pipeline, registry
-
     defaults = default_pipeline()
     lines = []
     for name, cls in sorted(registry().items()):
@@ -97,16 +116,10 @@ def _run(argv: Sequence[str] | None) -> int:
 
 
 def _shapes(items: list[str]) -> dict[str, list[int]]:
-    from calibration.readers import parse_shape
-
     return dict(parse_shape(s) for s in items)
 
 
 def _info(args: argparse.Namespace) -> int:
-    from calibration.readers import RandomSource, model_inputs, open_source
-
-    from .report import summary
-
     if len(args.paths) != 2:
         raise UsageError("usage: graphopt info MODEL.onnx")
     model = io.load_model(args.paths[1])
@@ -114,17 +127,12 @@ def _info(args: argparse.Namespace) -> int:
     source = open_source(data, model) if data else RandomSource(model_inputs(model), _shapes(args.input_shape),
                                                                 args.seed, n_feeds=1)
     first = next(iter(source), None)
-    from .api import _one_row
-
-    feed = _one_row(first, model) if first is not None else None
+    feed = one_row(first, model) if first is not None else None
     print(summary(model, feed, args.paths[1]))
     return EXIT_OK
 
 
 def _optimize(args: argparse.Namespace) -> int:
-    from .api import optimize
-    from .pipeline import parse_recipe
-
     in_path, out_path = Path(args.paths[0]), Path(args.paths[1])
     if args.recipe and args.passes:
         raise UsageError("give passes with --pass or with --recipe, not both")
@@ -172,8 +180,6 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _load_calibration(path: str) -> dict[str, list[float]]:
-    from .errors import InputError
-
     data = io.read_json(path)
     ranges = data.get("ranges") if isinstance(data, dict) and data.get("graphopt_calibration") == 1 else None
     if not isinstance(ranges, dict) or not all(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,6 +25,11 @@ import onnx
 from onnx import external_data_helper
 
 from .errors import InputError, OutputError, one_line
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Stay clear of the hard limit: serialisation also needs room for the graph structure and field headers.
@@ -234,10 +240,6 @@ def _json_default(obj: Any) -> Any:
 
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
     p = Path(path)
     try:
         return tomllib.loads(p.read_text())

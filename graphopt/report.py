@@ -1,34 +1,20 @@
-"""Model statistics, latency measurement and the before/after report (stdout table and JSON).
-
-MACs are counted from the shapes each tensor really has when the model runs on one feed (the feed's batch, cut to
-one row when the batch axis is dynamic): onnxruntime runs the model once with the operands of the counted ops
-exposed as extra outputs, so ops onnx shape inference does not know (com.microsoft ones) are counted too.
-  Conv / FusedConv / QLinearConv / ConvInteger:  MACs = |Y| · (C_in / group) · prod(kernel)
-  ConvTranspose:                                  MACs = |X| · (C_out / group) · prod(kernel)
-  Gemm / MatMul / QLinearMatMul / MatMulInteger / FusedMatMul / FusedGemm:  MACs = |Y| · K
-Latency: both models in one process, onnxruntime CPU, a fixed thread count, warm-up runs, then runs interleaved
-(alternating which goes first) so that machine noise hits both alike; the median of each is reported.
-"""
+"""Model statistics and the before/after report (stdout table and JSON); MACs and latency come from
+graphopt.runtime."""
 
 from __future__ import annotations
 
 import platform
-import statistics
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from . import __version__
-from .validate import ValidationResult, make_session
-
-_CONV = {"Conv", "FusedConv", "QLinearConv", "ConvInteger", "NhwcConv"}
-_MATMUL = {"Gemm", "MatMul", "QLinearMatMul", "MatMulInteger", "FusedMatMul", "FusedGemm", "MatMulIntegerToFloat",
-           "DynamicQuantizeMatMul", "QGemm"}
+from .runtime import count_macs, cpu_info
+from .validate import ValidationResult
 
 
 @dataclass
@@ -38,30 +24,6 @@ class ModelStats:
     macs: int | None
     nodes: int
     op_counts: dict[str, int]
-
-
-def cpu_info() -> dict[str, Any]:
-    """CPU model and the instruction-set extensions that matter for int8 and float kernels."""
-    flags: set[str] = set()
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-                elif line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX512-VNNI"),
-                                   ("avx_vnni", "AVX-VNNI"), ("amx_int8", "AMX-INT8")) if flag in flags]
-    return {"model": model, "isa": isa, "cores": _cores()}
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def environment() -> dict[str, Any]:
@@ -85,97 +47,6 @@ def model_stats(model: onnx.ModelProto, feed: dict[str, np.ndarray] | None) -> M
     return ModelStats(size_bytes=model.ByteSize(), parameters=count_parameters(model),
                       macs=count_macs(model, feed) if feed is not None else None,
                       nodes=len(model.graph.node), op_counts=dict(sorted(ops.items())))
-
-
-def count_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int | None:
-    """Multiply-accumulates of one run on ``feed`` (see the module docstring); None when the model cannot run."""
-    counted = [n for n in model.graph.node if n.op_type in _CONV | _MATMUL | {"ConvTranspose"}]
-    if not counted:
-        return 0
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    wanted: list[str] = []
-    inits = {t.name: t for t in model.graph.initializer}
-    for n in counted:
-        for name in (*n.input[:2], n.output[0]):
-            if name and name not in inits and name not in existing and name not in wanted:
-                wanted.append(name)
-    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in wanted)
-    try:
-        sess = make_session(probe, "model (MAC count)", threads=None, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-        names = [o.name for o in sess.get_outputs()]
-        values = sess.run(names, feed)
-    except Exception:
-        return None
-    shapes = {name: np.shape(v) for name, v in zip(names, values)}
-    shapes.update({k: tuple(v.dims) for k, v in inits.items()})
-    shapes.update({k: np.shape(v) for k, v in feed.items()})
-    total = 0
-    for n in counted:
-        total += _node_macs(n, shapes)
-    return int(total)
-
-
-def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def _node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
-    op = node.op_type
-    if op in _CONV:
-        x_i, w_i = (0, 3) if op == "QLinearConv" else (0, 1)
-        w = shapes.get(node.input[w_i]) if len(node.input) > w_i else None
-        y = shapes.get(node.output[0])
-        if w is None or y is None:
-            return 0
-        return int(np.prod(y, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64))
-    if op == "ConvTranspose":
-        x = shapes.get(node.input[0])
-        w = shapes.get(node.input[1])
-        if x is None or w is None:
-            return 0
-        # W is [C_in, C_out / group, k...]: each input element meets C_out / group filters of prod(k) taps.
-        return int(np.prod(x, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64))
-    if op in _MATMUL:
-        a = shapes.get(node.input[0])
-        y = shapes.get(node.output[0])
-        if a is None or y is None or len(a) == 0:
-            return 0
-        if op in ("Gemm", "FusedGemm", "QGemm"):
-            k = a[0] if _attr(node, "transA", 0) else a[-1]
-        else:
-            k = a[-1]
-        return int(np.prod(y, dtype=np.int64)) * int(k)
-    return 0
-
-
-def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, threads: int = 1, runs: int = 20,
-                    warmup: int = 3, budget_s: float = 20.0, clock: Callable[[], float] = time.perf_counter
-                    ) -> list[float]:
-    """Median latency in ms of each model on ``feed``, measured interleaved in this process.
-
-    ``clock=time.thread_time`` measures the calling thread's CPU time instead of wall time: with one intra-op
-    thread onnxruntime runs every kernel on that thread, so time other processes take from a shared machine is
-    left out (benchmarks report both)."""
-    sessions = [make_session(m, "model (latency)", threads=threads, mem_pattern=True) for m in models]
-    for s in sessions:
-        for _ in range(warmup):
-            s.run(None, feed)
-    times: list[list[float]] = [[] for _ in sessions]
-    start = time.perf_counter()
-    for r in range(runs):
-        order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
-        for i in order:
-            t0 = clock()
-            sessions[i].run(None, feed)
-            times[i].append(clock() - t0)
-        if r >= 4 and time.perf_counter() - start > budget_s:
-            break
-    return [statistics.median(t) * 1e3 for t in times]
 
 
 @dataclass

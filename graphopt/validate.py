@@ -26,7 +26,6 @@ gated by the user's thresholds (min cosine, min top-1, max rel error), else by t
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
@@ -34,7 +33,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import InputError, one_line
+from .errors import InputError
+from .runtime import make_session, numpy_exchange_problem, ort_message
 
 EXACT_REL_TOL = {np.dtype(np.float64): 1e-9, np.dtype(np.float32): 1e-4, np.dtype(np.float16): 1e-2}
 DEFAULT_REL_TOL = 1e-2  # bfloat16 and other low-precision floats
@@ -50,78 +50,6 @@ class Thresholds:
     # the pass, so ``top1_outputs`` then names those output indices (None: every output with a top-1 figure).
     origin: str = "--"
     top1_outputs: frozenset[int] | None = None
-
-
-def session_options(threads: int | None = None, level: ort.GraphOptimizationLevel | None = None,
-                    mem_pattern: bool = False) -> ort.SessionOptions:
-    """Options for graphopt's own sessions. onnxruntime's memory pattern (on by default) keeps a planned block per
-    input shape it has seen; sessions fed data of varying row counts (probes, partial last batches) kept growing
-    with it (mnist_wide calibration: 126 MB peak at 16 samples, 153 MB at 256; flat without). Latency sessions,
-    which see one shape and should run as deployed, keep it on."""
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.enable_mem_pattern = mem_pattern
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    if level is not None:
-        so.graph_optimization_level = level
-    return so
-
-
-def make_session(model: onnx.ModelProto, what: str, threads: int | None = None,
-                 level: ort.GraphOptimizationLevel | None = None, mem_pattern: bool = False
-                 ) -> ort.InferenceSession:
-    """An onnxruntime CPU session for an in-memory model; failures name ``what`` in one line."""
-    try:
-        return ort.InferenceSession(model.SerializeToString(), session_options(threads, level, mem_pattern),
-                                    providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise InputError(f"onnxruntime cannot load the {what}: {ort_message(e)}") from e
-
-
-_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
-_ORT_SOURCE = re.compile(r"\S*onnxruntime\S*\.(?:h|cc|cpp|cu):\d+ ")
-
-
-def ort_message(e: BaseException) -> str:
-    """onnxruntime's error in one readable line: without the status-code prefix and the C++ source location and
-    function signature that ORT_ENFORCE messages carry."""
-    msg = _ORT_PREFIX.sub("", one_line(e))
-    m = _ORT_SOURCE.search(msg)
-    if m:
-        end = m.end()
-        paren = msg.find("(", end)
-        if paren > 0 and re.fullmatch(r"[\w:<>~,*& ]+", msg[end:paren]):
-            depth, i = 0, paren
-            for i in range(paren, len(msg)):
-                depth += {"(": 1, ")": -1}.get(msg[i], 0)
-                if depth == 0:
-                    break
-            tail = re.match(r"(?: const)?(?:::<lambda\(\)>)?(?: \[with [^\]]*\])?\s*", msg[i + 1:])
-            end = i + 1 + (tail.end() if tail else 0)
-        msg = msg[:m.start()] + msg[end:]
-    return msg.strip() or type(e).__name__
-
-
-def numpy_exchange_problem(e: BaseException, sess: Any) -> str | None:
-    """When a run failed because onnxruntime's Python API cannot turn a tensor type into numpy or back (bfloat16,
-    most float8 types, int4, ...), say which input or output it is, in one line; else None."""
-    text = str(e)
-    m = re.search(r"No corresponding Numpy type for Tensor Type\. (\w+)", text)
-    if m:
-        ort_name = re.sub(r"x\d$", "", m.group(1)).lower()  # Int4x2 -> int4, Float8E5M2 -> float8e5m2
-        outs = [o for o in sess.get_outputs() if f"({ort_name})" in o.type] or sess.get_outputs()
-        o = outs[0]
-        return (f"output '{o.name}' is {o.type}, which onnxruntime's Python API cannot return as a numpy array; "
-                "graphopt cannot validate this model")
-    if "can't be converted to MLDataType" in text:
-        basic = r"tensor\((float|float16|double|u?int(8|16|32|64)|bool|string)\)"
-        ins = [i for i in sess.get_inputs() if not re.search(basic, i.type)] or sess.get_inputs()
-        i = ins[0]
-        return (f"input '{i.name}' is {i.type}, which onnxruntime's Python API cannot take from numpy; graphopt "
-                "cannot validate this model")
-    return None
 
 
 @dataclass

@@ -1,8 +1,2 @@
-"""Rewrite passes, one module each; importing this package registers them all (graphopt.pipeline.registry)."""
-
-from . import fold_constants  # noqa: F401
-from . import fold_bn  # noqa: F401
-from . import fuse_conv_relu  # noqa: F401
-from . import quantize  # noqa: F401
-from . import prune_channels  # noqa: F401
-from . import svd  # noqa: F401
+"""The rewrite passes, one module (or package) each, over the contract in ``passes.base``. Importing this package
+imports no pass; ``passes.catalog`` imports (and so registers) the built-in ones."""

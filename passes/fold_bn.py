@@ -32,8 +32,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.options import option
 
-from graphopt.pipeline import Pass, PassContext, PassResult, infer_shapes, option, register
+from graphopt.graph import infer_shapes
 
 STANDARD = ("", "ai.onnx", None)
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -76,7 +78,7 @@ class FoldBatchNorm(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         res = PassResult()
         if any(_std(n, "BatchNormalization", "Mul", "Add") and _unknown_rank2_site(n) for n in graph.nodes):
-            infer_shapes(graph, ctx)    # whether a Gemm/MatMul output is rank 2 decides if it can take the fold
+            infer_shapes(graph, ctx.original)    # whether a Gemm/MatMul output is rank 2 decides if it can take the fold
         self._graph = graph
         self._names = set(graph.tensors())
         self._outputs = {t.name for t in graph.outputs}

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
+from graphopt.passes.base import Pass, PassContext, PassResult, register
 
-from graphopt.pipeline import Pass, PassContext, PassResult, register
-from graphopt.validate import session_options
+from graphopt.runtime import session_options
 
 STANDARD = ("", "ai.onnx", None)
 NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",

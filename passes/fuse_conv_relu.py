@@ -28,8 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
-from graphopt.pipeline import Pass, PassContext, PassResult, register
+from graphopt.passes.base import Pass, PassContext, PassResult, register
 
 STANDARD = ("", "ai.onnx", None)
 MS_DOMAIN = "com.microsoft"

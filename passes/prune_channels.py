@@ -57,11 +57,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
+from graphopt.calibration.readers import RandomSource, model_inputs
+from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.options import option
 
 from graphopt.errors import one_line
-from graphopt.pipeline import Pass, PassContext, PassResult, export, import_graph, option, register, replace_graph
-from graphopt.report import cpu_info
-from graphopt.validate import make_session
+from graphopt.graph import export, import_graph, replace_graph
+from graphopt.runtime import cpu_info, make_session
 
 from ._channel_graph import ChannelGraph, Group, Term, analyze, keep_masks
 from .quantize import quantized_ops
@@ -456,8 +458,6 @@ def _observe_missing(model: onnx.ModelProto, shapes: dict[str, list[Any] | None]
     if not missing:
         return
     try:
-        from calibration.readers import RandomSource, model_inputs
-
         if ctx.calib is not None:
             feed = next(iter(ctx.calib)).feed
         else:

@@ -64,22 +64,39 @@ from typing import Any, Callable, Literal, NamedTuple
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from graphopt.calibration.bias_correction import (
+    BiasSite,
+    PatchMeanObserver,
+    refit_biases,
+    rounding_offset,
+)
+from graphopt.calibration.collector import collect
+from graphopt.calibration.gptq import (
+    MIN_ROWS_PER_DIM,
+    ConvGeometry,
+    Fanout,
+    HessianObserver,
+    gptq_round,
+)
+from graphopt.calibration.observers import HistogramObserver, MinMaxObserver
+from graphopt.calibration.qparams import qparams, qrange, quantize
+from graphopt.calibration.ranges import compute_range
+from graphopt.calibration.readers import Batch
+from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.fold_bn import FoldBatchNorm
+from graphopt.passes.fold_constants import lower_constant_nodes
+from graphopt.passes.options import option
 
-from calibration.bias_correction import BiasSite, PatchMeanObserver, refit_biases, rounding_offset
-from calibration.collector import collect
-from calibration.gptq import MIN_ROWS_PER_DIM, ConvGeometry, Fanout, HessianObserver, gptq_round
-from calibration.observers import HistogramObserver, MinMaxObserver
-from calibration.qparams import qparams, qrange, quantize
-from calibration.ranges import compute_range
-from calibration.readers import Batch
 from graphopt.errors import UsageError
-from graphopt.pipeline import (Pass, PassContext, PassResult, export, import_graph, infer_shapes, option, register,
-                               replace_graph)
-from graphopt.report import count_macs
-from graphopt.validate import (Thresholds, class_score_outputs, make_session, sequence_score_outputs,
-                               top1_counts, validate)
-from passes.fold_bn import FoldBatchNorm
-from passes.fold_constants import lower_constant_nodes
+from graphopt.graph import export, import_graph, infer_shapes, replace_graph
+from graphopt.runtime import count_macs, make_session
+from graphopt.validate import (
+    Thresholds,
+    class_score_outputs,
+    sequence_score_outputs,
+    top1_counts,
+    validate,
+)
 
 STANDARD = ("", "ai.onnx", None)
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul",
@@ -271,15 +288,18 @@ class Quantize(Pass):
     def needs_calibration(self) -> bool:
         return True
 
+    def targets(self) -> Thresholds:
+        return Thresholds(self.options.min_cosine or None, self.options.min_top1 or None)
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> str | None:
+        already = quantized_ops(graph)
+        return f"already quantized ({', '.join(already)}); not quantizing twice" if already else None
+
     # ------------------------------------------------------------------------------------------------ run
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         res = PassResult()
         o = self.options
-        already = quantized_ops(graph)
-        if already:
-            res.decline("model", f"already quantized ({', '.join(already)}); not quantizing twice")
-            return res
         per_channel = o.per_channel
         if graph.opset < 13:
             upgraded = self._upgrade(graph, ctx, res, 13 if per_channel else 10)
@@ -295,7 +315,7 @@ class Quantize(Pass):
         graph.cleanup()             # shape inference fails on the lowered Constant nodes' leftovers
         # dtypes (only float32 tensors are quantized; unknown ones stay float) and shapes (fold-bn needs them for
         # a MatMul's bias). Folding keeps every surviving tensor's dtype and shape, so once is enough.
-        infer_shapes(graph, ctx)
+        infer_shapes(graph, ctx.original)
         # A BatchNormalization (or per-channel Mul/Add) after a Conv would sit between the integer Conv and its
         # requantization, forcing a dequantize and float work per layer: fold it first (exact).
         folded = FoldBatchNorm(FoldBatchNorm.Options()).run(graph, ctx)

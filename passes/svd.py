@@ -62,9 +62,11 @@ from typing import Any, Iterator
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from graphopt.calibration.collector import collect
+from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.options import option
 
-from calibration.collector import collect
-from graphopt.pipeline import Pass, PassContext, PassResult, export, option, register
+from graphopt.graph import export
 
 STANDARD = ("", "ai.onnx", None)
 WEIGHTED = ("Gemm", "MatMul", "Conv")

@@ -24,7 +24,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from graphopt.pipeline import PassContext, StepRecord, make_spec, run_pipeline
+from graphopt.passes.base import PassContext
+from graphopt.pipeline import StepRecord, make_spec, run_pipeline
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"

@@ -10,8 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from calibration.bias_correction import PatchMeanObserver, rounding_offset
-from passes.quantize import _conv_geometry
+from graphopt.calibration.bias_correction import PatchMeanObserver, rounding_offset
+from graphopt.passes.quantize import _conv_geometry
 from tests.graphs import session
 from tests.test_gptq import GEOMETRIES, _conv_model
 from tests.test_quantize import ort_kernels
@@ -163,7 +163,7 @@ def _two_convs() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
 def _sites(quantized: onnx.ModelProto) -> list:
     """Every Conv with an int32 bias behind a DequantizeLinear, as a BiasSite; a graph output's producer writes
     '<name>_float' in the quantized model (its quantized copy takes the name), '<name>' in the float one."""
-    from calibration.bias_correction import BiasSite
+    from graphopt.calibration.bias_correction import BiasSite
     producer = {o: n for n in quantized.graph.node for o in n.output}
     inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
     sites = []
@@ -180,8 +180,8 @@ def test_full_mean_correction_matches_every_layers_mean_to_float():
     channel on the data is float's to within half its bias step when the data comes as one feed (within one and a
     half as four: each feed's residual is measured under the corrections upstream as they stood), downstream of the
     shift that the first layer's clipped output gives the second; before, the second layer was off by far more."""
-    from calibration.bias_correction import refit_biases
-    from passes.quantize import _with_bias_steps
+    from graphopt.calibration.bias_correction import refit_biases
+    from graphopt.passes.quantize import _with_bias_steps
     m, data = _two_convs()
     plain, _ = graphopt.optimize(m, ["quantize:min-cosine=0,min-top1=0,bias-correction=false"], calib_data=data,
                                  latency_runs=0)
@@ -212,7 +212,7 @@ def test_full_mean_correction_matches_every_layers_mean_to_float():
 def test_segments_run_an_unsorted_model_as_the_whole_model_does():
     """A rewrite's export need not list its nodes in topological order: the segments sort them, and the values at
     every cut are the whole model's."""
-    from calibration.bias_correction import _Segments
+    from graphopt.calibration.bias_correction import _Segments
     m, data = _two_convs()
     shuffled = onnx.load_from_string(m.SerializeToString())
     nodes = list(shuffled.graph.node)
@@ -236,7 +236,7 @@ def test_segments_run_an_unsorted_model_as_the_whole_model_does():
 def test_a_model_the_mean_matching_cannot_run_keeps_the_weights_offsets(monkeypatch):
     """Where the layer-by-layer matching fails (a model onnxruntime cannot run cut in pieces), the pass still
     quantizes, with the weights' rounding offsets corrected, and says why."""
-    import passes.quantize as q
+    import graphopt.passes.quantize as q
 
     def broken(*args, **kwargs):
         raise RuntimeError("cannot cut this model")
@@ -253,7 +253,7 @@ def test_a_model_the_mean_matching_cannot_run_keeps_the_weights_offsets(monkeypa
 def test_the_float_side_is_run_once_across_builds(monkeypatch):
     """The float model's channel means, kept in ``reference_means``, serve a second call on the same feeds: only
     the quantized model is cut and run again, and the steps are the same."""
-    import calibration.bias_correction as bc
+    import graphopt.calibration.bias_correction as bc
     m, data = _two_convs()
     plain, _ = graphopt.optimize(m, ["quantize:min-cosine=0,min-top1=0,bias-correction=false"], calib_data=data,
                                  latency_runs=0)

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from calibration.observers import HistogramObserver, MinMaxObserver
-from calibration.qparams import dequantize, qparams, qrange, quantize
-from calibration.ranges import compute_range, kl_threshold_bin, percentile_range
+from graphopt.calibration.observers import HistogramObserver, MinMaxObserver
+from graphopt.calibration.qparams import dequantize, qparams, qrange, quantize
+from graphopt.calibration.ranges import compute_range, kl_threshold_bin, percentile_range
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
 
@@ -51,7 +51,7 @@ def test_histogram_streamed_equals_one_shot(x, pieces, bins):
 @settings(max_examples=40, deadline=None)
 def test_histogram_in_chunks_equals_whole(x, chunk):
     """Binning in chunks (bounded temporaries) gives the same histogram as binning everything at once."""
-    import calibration.observers as obs_mod
+    import graphopt.calibration.observers as obs_mod
     whole = HistogramObserver(256)
     whole.update(x)
     saved, obs_mod.CHUNK = obs_mod.CHUNK, chunk
@@ -159,7 +159,7 @@ def test_kl_clips_outliers_of_a_bell_curve():
 
 
 def test_kl_uses_unsigned_levels_for_nonnegative():
-    from calibration.ranges import quantized_levels
+    from graphopt.calibration.ranges import quantized_levels
 
     pos, signed = HistogramObserver(256), HistogramObserver(256)
     pos.update(np.abs(np.random.default_rng(0).standard_normal(1000)))
@@ -182,8 +182,8 @@ class _Recorder(MinMaxObserver):
 def test_collector_runs_are_bounded_whatever_the_batch(budget, expected):
     """A 40-row batch runs in pieces of at most 16 rows (fewer when the byte budget says so), and the observed
     range is the same as one pass over all rows."""
-    from calibration.collector import collect
-    from calibration.readers import Batch
+    from graphopt.calibration.collector import collect
+    from graphopt.calibration.readers import Batch
     from tests.graphs import make_model, node
 
     model = make_model([node("Relu", ["x"], ["y"])], [("x", ["N", 8])], [("y", ["N", 8])])
@@ -197,8 +197,8 @@ def test_collector_runs_are_bounded_whatever_the_batch(budget, expected):
 def test_collector_skips_an_empty_batch():
     """A batch with zero rows (an iterable's last, empty slice) has nothing to observe and is skipped; it once made
     the run-size arithmetic divide by zero and crash the quantize pass."""
-    from calibration.collector import collect
-    from calibration.readers import Batch
+    from graphopt.calibration.collector import collect
+    from graphopt.calibration.readers import Batch
     from tests.graphs import make_model, node
 
     model = make_model([node("Relu", ["x"], ["y"])], [("x", ["N", 8])], [("y", ["N", 8])])

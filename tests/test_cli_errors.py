@@ -132,7 +132,7 @@ def test_unknown_pass(cli, tmp_path, model_path):
 
 
 def test_unknown_option(cli, tmp_path, model_path):
-    from graphopt.pipeline import Pass, register
+    from graphopt.passes.base import Pass, register
     from tests_support_pass import ensure_test_pass  # noqa: F401  (registers 'test-scale')
 
     res = cli(model_path, tmp_path / "out.onnx", "--pass", "test-scale:factr=2")

@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 
 import graphopt
 from graphopt.io import load_model
-from graphs import (assert_same_outputs, attrs, declined, initializer, make_model, node, node_by_op, ops,
-                          rand, run_passes, same_graph)
+from graphs import (assert_same_outputs, attrs, declined, initializer, make_model, node, node_by_op, ops, rand, run_passes, same_graph)
 
 
 def bn_params(prefix: str, c: int, seed: int = 1) -> dict[str, np.ndarray]:

@@ -13,9 +13,9 @@ import pytest
 
 import graphopt
 from graphopt.errors import UsageError
-from graphopt.pipeline import DEFAULT_PIPELINE, Pass, check_order, make_spec, registry
-from graphs import (MS_DOMAIN, assert_same_outputs, attrs, declined, make_model, node, node_by_op, ops, rand,
-                    run_passes, same_graph)
+from graphopt.pipeline import DEFAULT_PIPELINE, check_order, make_spec, registry
+from graphopt.passes.base import Pass
+from graphs import (MS_DOMAIN, assert_same_outputs, attrs, declined, make_model, node, node_by_op, ops, rand, run_passes, same_graph)
 
 FUSED = f"{MS_DOMAIN}.FusedConv"
 F32_MAX = float(np.finfo(np.float32).max)     # a missing Clip bound, as onnxruntime's Clip kernel uses it
@@ -172,7 +172,7 @@ def test_not_in_default_pipeline():
 def test_order_rule_refuses_quantize_after_fusion(monkeypatch):
     """The rule is declared by the later pass. A stand-in lossy pass carries the rule the real quantize pass is to
     declare; check_order must refuse fuse-conv-relu -> it, and allow the other order."""
-    import graphopt.pipeline as pipeline
+    import graphopt.passes.base as base
 
     @dataclass(frozen=True)
     class _Opts:
@@ -185,7 +185,7 @@ def test_order_rule_refuses_quantize_after_fusion(monkeypatch):
         exact = False
         must_not_follow = {"fuse-conv-relu": "onnxruntime's int8 fusions match plain Conv"}
 
-    monkeypatch.setitem(pipeline._REGISTRY, FakeQuantize.name, FakeQuantize)
+    monkeypatch.setitem(base._REGISTRY, FakeQuantize.name, FakeQuantize)
     with pytest.raises(UsageError, match="'fake-quantize' cannot run after 'fuse-conv-relu'"):
         check_order([make_spec("fuse-conv-relu", {}), make_spec("fake-quantize", {})])
     check_order([make_spec("fake-quantize", {}), make_spec("fuse-conv-relu", {})])

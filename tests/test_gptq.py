@@ -9,11 +9,11 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import calibration.gptq as gptq_mod
+import graphopt.calibration.gptq as gptq_mod
 import graphopt
-from calibration.gptq import HessianObserver, gptq_round
-from calibration.qparams import qrange
-from passes.quantize import _conv_geometry
+from graphopt.calibration.gptq import HessianObserver, gptq_round
+from graphopt.calibration.qparams import qrange
+from graphopt.passes.quantize import _conv_geometry
 from tests.graphs import session
 from tests.test_quantize import calib, conv_net, ort_kernels
 

@@ -19,8 +19,7 @@ import pytest
 import graphopt
 from graphopt.errors import UsageError
 from graphopt.pipeline import make_spec, parse_pass_arg
-from tests.graphs import (assert_same_outputs, attrs, declined, initializer, make_model, node, ops, rand, rel_error,
-                          run, run_passes, same_graph)
+from tests.graphs import (assert_same_outputs, attrs, declined, initializer, make_model, node, ops, rand, rel_error, run, run_passes, same_graph)
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
@@ -419,7 +418,7 @@ def test_round_to_min_channels_and_layer_ratios():
 
 @pytest.mark.parametrize("isa, block", [(["AVX2", "AVX-512"], 16), (["AVX2"], 8), ([], 8)])
 def test_round_to_auto_is_this_cpus_convolution_block(monkeypatch, isa, block):
-    import passes.prune_channels as pc
+    import graphopt.passes.prune_channels as pc
     monkeypatch.setattr(pc, "cpu_info", lambda: {"model": "test", "isa": isa, "cores": 2})
     inits = {"w1": conv_w(32, 3, seed=1), "w2": conv_w(4, 32, seed=2)}
     model = make_model([node("Conv", ["x", "w1"], ["c1"], name="a"), node("Relu", ["c1"], ["r1"]),

@@ -17,14 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from calibration.readers import open_source
+from graphopt.calibration.readers import open_source
 from conftest import MODELS, assert_one_line_error
 from graphopt.errors import UsageError
-from graphopt.pipeline import PassContext, export, import_graph, make_spec, run_pipeline
-from graphs import (assert_same_outputs, attrs, declined, initializer, make_model, node, ops, rand, random_feeds,
-                    rel_error, run, run_passes, same_graph)
-from passes.svd import (SVD, SecondMoment, decompose, rank_for_error, relative_output_error,
-                        truncation_error)
+from graphopt.passes.base import PassContext
+from graphopt.graph import export, import_graph
+from graphopt.pipeline import make_spec, run_pipeline
+from graphs import (assert_same_outputs, attrs, declined, initializer, make_model, node, ops, rand, random_feeds, rel_error, run, run_passes, same_graph)
+from graphopt.passes.svd import SVD, SecondMoment, decompose, rank_for_error, relative_output_error, truncation_error
 
 K, N = 48, 40  # r*(K+N) < K*N  <=>  r < 21.8
 

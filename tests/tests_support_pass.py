@@ -13,7 +13,8 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.pipeline import Pass, PassContext, PassResult, option, register
+from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.options import option
 
 
 @register

@@ -1,0 +1,197 @@
+"""The graph toolkit: the onnx-graphsurgeon round trip and its repairs, shape inference, and the small node and
+tensor helpers every pass uses. The only module that calls ``gs.import_onnx``/``gs.export_onnx`` for a whole model
+or ``onnx.shape_inference``.
+
+Round trip: ``import_graph(model)`` gives a gs graph that keeps what onnx-graphsurgeon would lose (inputs with
+default initializers, attributes it skips, non-tensor types); ``export(graph, template)`` gives a ModelProto with
+the template's IR version (raised if a pass upgraded the opset), model metadata and declared non-tensor types.
+Shapes: ``infer_model`` is onnx shape inference on a copy, ``None`` where it fails; ``infer_shapes`` applies it to
+a gs graph in place; ``tensor_shapes`` reads the inferred dims (int, symbol string, or None when unknown).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .errors import InputError, one_line
+
+STANDARD = ("", "ai.onnx", None)   # the default domain, as onnx and onnx-graphsurgeon spell it
+MS_DOMAIN = "com.microsoft"
+
+Shapes = dict[str, "list[Any] | None"]
+
+
+# ------------------------------------------------------------------------------------------- node helpers
+
+
+def is_std(node: gs.Node, *ops: str) -> bool:
+    """The node is in the default ONNX domain (and, when ``ops`` are given, one of them)."""
+    return node.domain in STANDARD and (not ops or node.op in ops)
+
+
+def const_value(t: gs.Tensor) -> np.ndarray | None:
+    """A constant tensor's values as an array; None for a variable."""
+    return np.asarray(t.values) if isinstance(t, gs.Constant) else None
+
+
+def is_float32(t: gs.Tensor) -> bool:
+    """The tensor's dtype is known and float32."""
+    return t.dtype is not None and np.dtype(t.dtype) == np.dtype(np.float32)
+
+
+def describe(node: gs.Node) -> str:
+    """``Op 'name'`` for reports (the first output's name when the node has none)."""
+    return f"{node.op} '{node.name or (node.outputs[0].name if node.outputs else '')}'"
+
+
+# ---------------------------------------------------------------------------------------------- round trip
+
+
+def replace_graph(graph: gs.Graph, new: gs.Graph) -> None:
+    """Make ``graph`` (the object the pipeline holds) take the contents of ``new``."""
+    graph.nodes = new.nodes
+    graph.inputs = new.inputs
+    graph.outputs = new.outputs
+    graph.opset = new.opset
+    graph.import_domains = new.import_domains
+    graph.functions = new.functions
+
+
+def _input_defaults(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Initializers that are also graph inputs (IR < 4 style): defaults the caller may override, not constants."""
+    inputs = {i.name for i in model.graph.input}
+    return {t.name: t for t in model.graph.initializer if t.name in inputs}
+
+
+def infer_model(model: onnx.ModelProto, *, data_prop: bool = False) -> onnx.ModelProto | None:
+    """onnx shape inference on a copy of ``model`` (``data_prop`` also propagates Shape-computed values); None
+    when inference fails."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=data_prop)
+    except Exception:
+        return None
+
+
+def infer_shapes(graph: gs.Graph, template: onnx.ModelProto) -> bool:
+    """Give the graph's tensors the dtypes and shapes onnx shape inference finds; False (graph untouched) when
+    inference fails."""
+    model = infer_model(export(graph, template))
+    if model is None:
+        return False
+    replace_graph(graph, import_graph(model))
+    return True
+
+
+def tensor_shapes(model: onnx.ModelProto) -> Shapes:
+    """Each typed tensor's dims as shape inference left them (int, symbol string, or None) and each initializer's."""
+    shapes: Shapes = {}
+    for vi in (*model.graph.input, *model.graph.value_info, *model.graph.output):
+        t = vi.type
+        if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+            continue
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                           for d in t.tensor_type.shape.dim]
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """onnx-graphsurgeon graph of the model; inputs with default initializers stay inputs (gs would freeze them)."""
+    try:
+        graph = gs.import_onnx(model)
+    except Exception as e:
+        raise InputError(f"cannot read the model's graph: {one_line(e)}") from e
+    defaults = _input_defaults(model)
+    if defaults:
+        tensors = graph.tensors()
+        order = [i.name for i in model.graph.input]
+        for name in defaults:
+            t = tensors.get(name)
+            if isinstance(t, gs.Constant):
+                t.to_variable(dtype=t.dtype, shape=list(t.shape))
+                t.type = "tensor_type"
+        graph.inputs = [tensors[n] for n in order if n in tensors]
+    _patch_gs_import(graph, model.graph)
+    return graph
+
+
+def _patch_gs_import(graph: gs.Graph, proto: onnx.GraphProto) -> None:
+    """Undo what onnx-graphsurgeon loses on import, in a graph and its subgraphs.
+
+    * attributes it skips (TYPE_PROTO such as Optional's ``type``, SPARSE_TENSOR, TENSORS, ...) go back on the node
+      as their onnx values, which its exporter writes back as they were;
+    * optional, map and opaque types and sequences of non-tensors, which its exporter crashes on or writes wrongly,
+      are forgotten on the tensors; ``export`` restores the declared types from the original model.
+    """
+    for node, pnode in zip(graph.nodes, proto.node):
+        for a in pnode.attribute:
+            if a.name not in node.attrs:
+                node.attrs[a.name] = onnx.helper.get_attribute_value(a)
+            elif a.type == onnx.AttributeProto.GRAPH and isinstance(node.attrs[a.name], gs.Graph):
+                _patch_gs_import(node.attrs[a.name], a.g)
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Variable) and t.dtype is not None and (
+                getattr(t, "type", "tensor_type") not in ("tensor_type", "sequence_type", "sparse_tensor_type")
+                or isinstance(t.dtype, onnx.TypeProto) or (isinstance(t.dtype, int) and t.dtype == 0)):
+            t.dtype, t.shape = None, None
+
+
+def _graph_protos(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
+    """A graph and all its subgraphs (If/Loop/Scan bodies), recursively."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("g"):
+                yield from _graph_protos(a.g)
+            for sub in a.graphs:
+                yield from _graph_protos(sub)
+
+
+def _restore_types(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Put back the non-tensor types (optional, map, nested sequence) that ``_patch_gs_import`` had to forget."""
+    types: dict[str, onnx.TypeProto] = {}
+    for g in _graph_protos(template.graph):
+        for vi in (*g.input, *g.output, *g.value_info):
+            if vi.HasField("type") and not vi.type.HasField("tensor_type"):
+                types.setdefault(vi.name, vi.type)
+    for g in _graph_protos(model.graph):
+        for vi in (*g.input, *g.output, *g.value_info):
+            if vi.name in types and not vi.type.HasField("tensor_type"):
+                vi.type.CopyFrom(types[vi.name])
+        keep = [vi for vi in g.value_info if vi.HasField("type")]
+        if len(keep) != len(g.value_info):
+            del g.value_info[:]
+            g.value_info.extend(keep)
+
+
+def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export a graph to a ModelProto keeping the template model's IR version and model-level metadata."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    _restore_types(model, template)
+    model.ir_version = max(template.ir_version, _min_ir_for(model))
+    defaults = _input_defaults(template)
+    if defaults:
+        have = {t.name for t in model.graph.initializer}
+        model.graph.initializer.extend(defaults[i.name] for i in model.graph.input
+                                       if i.name in defaults and i.name not in have)
+    for attr in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, attr, getattr(template, attr))
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    return model
+
+
+def _min_ir_for(model: onnx.ModelProto) -> int:
+    """Lowest IR version that can carry the model's ai.onnx opset (a pass may have upgraded the opset)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    for _release, ir, ai_onnx, *_ in onnx.helper.VERSION_TABLE:
+        if ai_onnx >= opset:
+            return int(ir)
+    return onnx.IR_VERSION
+
+

@@ -1,0 +1,222 @@
+"""onnxruntime on the CPU: sessions for in-memory models, running a model with extra outputs, MAC counting,
+latency measurement and what the CPU offers. Every session graphopt makes comes from ``make_session``.
+
+MACs are counted from the shapes each tensor really has when the model runs on one feed: onnxruntime runs the
+model once with the operands of the counted ops exposed as extra outputs (``run_with_outputs``), so ops onnx shape
+inference does not know (com.microsoft ones) are counted too.
+  Conv / FusedConv / QLinearConv / ConvInteger:  MACs = |Y| · (C_in / group) · prod(kernel)
+  ConvTranspose:                                  MACs = |X| · (C_out / group) · prod(kernel)
+  Gemm / MatMul / QLinearMatMul / MatMulInteger / FusedMatMul / FusedGemm:  MACs = |Y| · K
+Latency: the models in one process, a fixed thread count, warm-up runs, then runs interleaved (alternating which
+goes first) so that machine noise hits all alike; the median of each is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import InputError, one_line
+
+_CONV = {"Conv", "FusedConv", "QLinearConv", "ConvInteger", "NhwcConv"}
+_MATMUL = {"Gemm", "MatMul", "QLinearMatMul", "MatMulInteger", "FusedMatMul", "FusedGemm", "MatMulIntegerToFloat",
+           "DynamicQuantizeMatMul", "QGemm"}
+
+
+def session_options(threads: int | None = None, level: ort.GraphOptimizationLevel | None = None,
+                    mem_pattern: bool = False) -> ort.SessionOptions:
+    """Options for graphopt's own sessions. onnxruntime's memory pattern (on by default) keeps a planned block per
+    input shape it has seen; sessions fed data of varying row counts (probes, partial last batches) kept growing
+    with it (mnist_wide calibration: 126 MB peak at 16 samples, 153 MB at 256; flat without). Latency sessions,
+    which see one shape and should run as deployed, keep it on."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.enable_mem_pattern = mem_pattern
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if level is not None:
+        so.graph_optimization_level = level
+    return so
+
+
+def make_session(model: onnx.ModelProto, what: str, threads: int | None = None,
+                 level: ort.GraphOptimizationLevel | None = None, mem_pattern: bool = False
+                 ) -> ort.InferenceSession:
+    """An onnxruntime CPU session for an in-memory model; failures name ``what`` in one line."""
+    try:
+        return ort.InferenceSession(model.SerializeToString(), session_options(threads, level, mem_pattern),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise InputError(f"onnxruntime cannot load the {what}: {ort_message(e)}") from e
+
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_ORT_SOURCE = re.compile(r"\S*onnxruntime\S*\.(?:h|cc|cpp|cu):\d+ ")
+
+
+def ort_message(e: BaseException) -> str:
+    """onnxruntime's error in one readable line: without the status-code prefix and the C++ source location and
+    function signature that ORT_ENFORCE messages carry."""
+    msg = _ORT_PREFIX.sub("", one_line(e))
+    m = _ORT_SOURCE.search(msg)
+    if m:
+        end = m.end()
+        paren = msg.find("(", end)
+        if paren > 0 and re.fullmatch(r"[\w:<>~,*& ]+", msg[end:paren]):
+            depth, i = 0, paren
+            for i in range(paren, len(msg)):
+                depth += {"(": 1, ")": -1}.get(msg[i], 0)
+                if depth == 0:
+                    break
+            tail = re.match(r"(?: const)?(?:::<lambda\(\)>)?(?: \[with [^\]]*\])?\s*", msg[i + 1:])
+            end = i + 1 + (tail.end() if tail else 0)
+        msg = msg[:m.start()] + msg[end:]
+    return msg.strip() or type(e).__name__
+
+
+def numpy_exchange_problem(e: BaseException, sess: Any) -> str | None:
+    """When a run failed because onnxruntime's Python API cannot turn a tensor type into numpy or back (bfloat16,
+    most float8 types, int4, ...), say which input or output it is, in one line; else None."""
+    text = str(e)
+    m = re.search(r"No corresponding Numpy type for Tensor Type\. (\w+)", text)
+    if m:
+        ort_name = re.sub(r"x\d$", "", m.group(1)).lower()  # Int4x2 -> int4, Float8E5M2 -> float8e5m2
+        outs = [o for o in sess.get_outputs() if f"({ort_name})" in o.type] or sess.get_outputs()
+        o = outs[0]
+        return (f"output '{o.name}' is {o.type}, which onnxruntime's Python API cannot return as a numpy array; "
+                "graphopt cannot validate this model")
+    if "can't be converted to MLDataType" in text:
+        basic = r"tensor\((float|float16|double|u?int(8|16|32|64)|bool|string)\)"
+        ins = [i for i in sess.get_inputs() if not re.search(basic, i.type)] or sess.get_inputs()
+        i = ins[0]
+        return (f"input '{i.name}' is {i.type}, which onnxruntime's Python API cannot take from numpy; graphopt "
+                "cannot validate this model")
+    return None
+
+
+def run_with_outputs(model: onnx.ModelProto, names: Sequence[str], feed: Mapping[str, Any], what: str, *,
+                     level: ort.GraphOptimizationLevel | None = None) -> dict[str, Any]:
+    """Run ``model`` once on ``feed`` with the tensors ``names`` exposed as extra outputs (on a copy); their values
+    by name. Graph outputs among ``names`` are returned too."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in existing)
+    sess = make_session(probe, what, level=level)
+    wanted = list(dict.fromkeys(names))
+    return dict(zip(wanted, sess.run(wanted, dict(feed))))
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model and the instruction-set extensions that matter for int8 and float kernels."""
+    flags: set[str] = set()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                elif line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX512-VNNI"),
+                                   ("avx_vnni", "AVX-VNNI"), ("amx_int8", "AMX-INT8")) if flag in flags]
+    return {"model": model, "isa": isa, "cores": _cores()}
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def count_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int | None:
+    """Multiply-accumulates of one run on ``feed`` (see the module docstring); None when the model cannot run."""
+    counted = [n for n in model.graph.node if n.op_type in _CONV | _MATMUL | {"ConvTranspose"}]
+    if not counted:
+        return 0
+    inits = {t.name: t for t in model.graph.initializer}
+    wanted = [name for n in counted for name in (*n.input[:2], n.output[0]) if name and name not in inits]
+    try:
+        values = run_with_outputs(model, wanted, feed, "model (MAC count)",
+                                  level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    except Exception:
+        return None
+    shapes = {name: np.shape(v) for name, v in values.items()}
+    shapes.update({k: tuple(v.dims) for k, v in inits.items()})
+    shapes.update({k: np.shape(v) for k, v in feed.items()})
+    total = 0
+    for n in counted:
+        total += _node_macs(n, shapes)
+    return int(total)
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
+    op = node.op_type
+    if op in _CONV:
+        x_i, w_i = (0, 3) if op == "QLinearConv" else (0, 1)
+        w = shapes.get(node.input[w_i]) if len(node.input) > w_i else None
+        y = shapes.get(node.output[0])
+        if w is None or y is None:
+            return 0
+        return int(np.prod(y, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64))
+    if op == "ConvTranspose":
+        x = shapes.get(node.input[0])
+        w = shapes.get(node.input[1])
+        if x is None or w is None:
+            return 0
+        # W is [C_in, C_out / group, k...]: each input element meets C_out / group filters of prod(k) taps.
+        return int(np.prod(x, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64))
+    if op in _MATMUL:
+        a = shapes.get(node.input[0])
+        y = shapes.get(node.output[0])
+        if a is None or y is None or len(a) == 0:
+            return 0
+        if op in ("Gemm", "FusedGemm", "QGemm"):
+            k = a[0] if _attr(node, "transA", 0) else a[-1]
+        else:
+            k = a[-1]
+        return int(np.prod(y, dtype=np.int64)) * int(k)
+    return 0
+
+
+def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, threads: int = 1, runs: int = 20,
+                    warmup: int = 3, budget_s: float = 20.0, clock: Callable[[], float] = time.perf_counter
+                    ) -> list[float]:
+    """Median latency in ms of each model on ``feed``, measured interleaved in this process.
+
+    ``clock=time.thread_time`` measures the calling thread's CPU time instead of wall time: with one intra-op
+    thread onnxruntime runs every kernel on that thread, so time other processes take from a shared machine is
+    left out (benchmarks report both)."""
+    sessions = [make_session(m, "model (latency)", threads=threads, mem_pattern=True) for m in models]
+    for s in sessions:
+        for _ in range(warmup):
+            s.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    start = time.perf_counter()
+    for r in range(runs):
+        order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
+        for i in order:
+            t0 = clock()
+            sessions[i].run(None, feed)
+            times[i].append(clock() - t0)
+        if r >= 4 and time.perf_counter() - start > budget_s:
+            break
+    return [statistics.median(t) * 1e3 for t in times]
+
+
