@@ -21,6 +21,10 @@ from .errors import InputError, one_line
 
 STANDARD = ("", "ai.onnx", None)   # the default domain, as onnx and onnx-graphsurgeon spell it
 MS_DOMAIN = "com.microsoft"
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul",
+                 "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "MatMulIntegerToFloat", "QGemm",
+                 "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid",
+                 "QLinearLeakyRelu", "QLinearSoftmax", "DynamicQuantizeMatMul", "QAttention"}
 
 Shapes = dict[str, "list[Any] | None"]
 
@@ -41,6 +45,11 @@ def const_value(t: gs.Tensor) -> np.ndarray | None:
 def is_float32(t: gs.Tensor) -> bool:
     """The tensor's dtype is known and float32."""
     return t.dtype is not None and np.dtype(t.dtype) == np.dtype(np.float32)
+
+
+def quantized_ops(graph: gs.Graph) -> list[str]:
+    """The quantization op types a graph already holds (QDQ, QLinear*, *Integer): a pass that needs float weights declines such a model."""
+    return sorted({n.op for n in graph.nodes if n.op in QUANTIZED_OPS})
 
 
 def describe(node: gs.Node) -> str:

@@ -62,11 +62,10 @@ from graphopt.passes.base import Pass, PassContext, PassResult, register
 from graphopt.passes.options import option
 
 from graphopt.errors import one_line
-from graphopt.graph import export, import_graph, replace_graph
+from graphopt.graph import export, import_graph, quantized_ops, replace_graph
 from graphopt.runtime import cpu_info, make_session
 
 from ._channel_graph import ChannelGraph, Group, Term, analyze, keep_masks
-from .quantize import quantized_ops
 
 log = logging.getLogger("graphopt")
 

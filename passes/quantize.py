@@ -88,7 +88,13 @@ from graphopt.passes.fold_constants import lower_constant_nodes
 from graphopt.passes.options import option
 
 from graphopt.errors import UsageError
-from graphopt.graph import export, import_graph, infer_shapes, replace_graph
+from graphopt.graph import (
+    export,
+    import_graph,
+    infer_shapes,
+    quantized_ops,
+    replace_graph,
+)
 from graphopt.runtime import count_macs, make_session
 from graphopt.validate import (
     Thresholds,
@@ -99,18 +105,10 @@ from graphopt.validate import (
 )
 
 STANDARD = ("", "ai.onnx", None)
-QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul",
-                 "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "MatMulIntegerToFloat", "QGemm",
-                 "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid",
-                 "QLinearLeakyRelu", "QLinearSoftmax", "DynamicQuantizeMatMul", "QAttention"}
 WEIGHTED = {"Conv", "Gemm", "MatMul"}
 # Weighted ops whose integer kernels can write float (QGemm, MatMulIntegerToFloat): their output needs no QDQ
 FLOAT_OUTPUT = {"Gemm", "MatMul"}
 
-
-def quantized_ops(graph: gs.Graph) -> list[str]:
-    """The quantization op types a graph already holds (QDQ, QLinear*, *Integer): such a model is not rewritten."""
-    return sorted({n.op for n in graph.nodes if n.op in QUANTIZED_OPS})
 
 FUSABLE_ACTIVATIONS = {"Relu", "Clip"}
 SHARED_SCALE = {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize"}
