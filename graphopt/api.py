@@ -16,26 +16,13 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from graphopt.calibration.readers import (
-    Batch,
-    DataSource,
-    RandomSource,
-    model_inputs,
-    open_source,
-)
+from graphopt.calibration.readers import Batch, DataSource, RandomSource, model_inputs, open_source
+from graphopt.passes.base import PassContext
 
 from . import io
 from .errors import UsageError, ValidationFailed
-from .pipeline import (
-    PassContext,
-    PassSpec,
-    check_calibration,
-    check_order,
-    default_pipeline,
-    make_spec,
-    parse_pass_arg,
-    run_pipeline,
-)
+from .pipeline import (PassSpec, StepRecord, check_calibration, check_order, default_pipeline, make_spec,
+                       parse_pass_arg, run_pipeline)
 from .report import Report, model_stats
 from .runtime import make_session, measure_latency
 from .validate import Thresholds, class_score_outputs, validate
@@ -97,37 +84,17 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
     specs = resolve_passes(passes)
     check_order(specs)
     check_calibration(specs, calib_data is not None or calibration_ranges is not None)
-    shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
-    unknown = set(shapes) - {s.name for s in model_inputs(model)}
-    if unknown:
-        raise UsageError(f"--input-shape names unknown input(s) {', '.join(sorted(unknown))}; inputs: "
-                         f"{', '.join(s.name for s in model_inputs(model))}")
+    shapes = _input_shapes(model, input_shapes)
     report = Report(input=path or "<model>", output=None)
     ref_session = make_session(model, "input model")
-
-    calib: DataSource | None = None
-    if calib_data is not None:
-        calib = open_source(calib_data, model, max_samples=calib_samples)
-    if val_data is not None:
-        val: DataSource = open_source(val_data, model)
-    elif calib is not None:
-        val = calib
-    else:
-        val = RandomSource(model_inputs(model), shapes, seed)
-        report.warnings.extend(val.guesses)
-
+    calib, val = _open_data(model, calib_data, val_data, calib_samples, shapes, seed, report)
     ranges = {k: (float(v[0]), float(v[1])) for k, v in calibration_ranges.items()} if calibration_ranges else None
     ctx = PassContext(original=model, calib=calib, input_shapes=shapes, seed=seed, calibration_ranges=ranges)
     dump = Path(dump_dir) if dump_dir is not None else None
     if dump is not None:
         dump.mkdir(parents=True, exist_ok=True)
     out, records = run_pipeline(model, specs, ctx, verify=verify, dump_dir=dump, on_dump=on_dump)
-    exact = all(s.build().exact for s in specs)
-    report.passes = [{"pass": r.spec, "seconds": round(r.seconds, 3), "changed": r.result.changed,
-                      "counts": r.result.counts, "layers": r.result.layers, "declined": r.result.declined,
-                      "notes": r.result.notes, "removed_nodes": r.removed_nodes, "nodes_after": r.nodes_after,
-                      "artifacts": r.result.artifacts}
-                     for r in records]
+    report.passes = [_step_row(r) for r in records]
 
     first = next(iter(val), None)
     feed = one_row(first, model) if first is not None else None
@@ -136,26 +103,64 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
         thresholds = Thresholds(min_cosine, min_top1, max_rel_error)
         if min_cosine is None and min_top1 is None and not isinstance(val, RandomSource):
             thresholds = pass_targets(specs, model, max_rel_error)
-        report.validation = validate(model, out, val, exact=exact, description=val.description,
-                                     thresholds=thresholds, sessions=(ref_session, new_session))
+        report.validation = validate(model, out, val, exact=all(s.build().exact for s in specs),
+                                     description=val.description, thresholds=thresholds,
+                                     sessions=(ref_session, new_session))
     report.before = model_stats(model, feed)
     report.after = model_stats(out, feed)
     if latency_runs > 0 and feed is not None:
-        runs = latency_runs
-        lat = measure_latency([model, out], feed, threads=threads, runs=runs)
-        if sum(lat) * runs < MIN_TIMED_MS:  # a fast model: so few runs are jitter, take as many as the floor holds
-            runs = min(MAX_RUNS, math.ceil(MIN_TIMED_MS / max(sum(lat), 1e-6)))
-            lat = measure_latency([model, out], feed, threads=threads, runs=runs)
-        report.latency_ms = (lat[0], lat[1])
-        report.latency_setup = {"threads": threads, "runs": runs, "warmup": 3,
-                                "optimization": "onnxruntime default graph optimizations",
-                                "feed_shapes": {k: list(np.shape(v)) for k, v in feed.items()}}
-        slower = slowdown_warning(*report.latency_ms, [s.name for s in specs])
-        if slower:
-            report.warnings.append(slower)
+        _measure_latency(report, model, out, feed, latency_runs, threads, [s.name for s in specs])
     if report.validation is not None and not report.validation.passed and not force:
         raise ValidationFailed(f"validation failed: {report.validation.failures[0]}", model=out, report=report)
     return out, report
+
+
+def _input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
+    """The user's concrete input shapes, checked against the model's input names."""
+    shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
+    unknown = set(shapes) - {s.name for s in model_inputs(model)}
+    if unknown:
+        raise UsageError(f"--input-shape names unknown input(s) {', '.join(sorted(unknown))}; inputs: "
+                         f"{', '.join(s.name for s in model_inputs(model))}")
+    return shapes
+
+
+def _open_data(model: onnx.ModelProto, calib_data: Any, val_data: Any, calib_samples: int | None,
+               shapes: dict[str, list[int]], seed: int, report: Report) -> tuple[DataSource | None, DataSource]:
+    """The calibration source (None without data) and the validation source: the validation data, else the
+    calibration data, else seeded random inputs (whose guessed shapes become report warnings)."""
+    calib = open_source(calib_data, model, max_samples=calib_samples) if calib_data is not None else None
+    if val_data is not None:
+        return calib, open_source(val_data, model)
+    if calib is not None:
+        return calib, calib
+    val = RandomSource(model_inputs(model), shapes, seed)
+    report.warnings.extend(val.guesses)
+    return calib, val
+
+
+def _step_row(r: StepRecord) -> dict[str, Any]:
+    """One pipeline step as the report's ``passes`` list holds it."""
+    return {"pass": r.spec, "seconds": round(r.seconds, 3), "changed": r.result.changed,
+            "counts": r.result.counts, "layers": r.result.layers, "declined": r.result.declined,
+            "notes": r.result.notes, "removed_nodes": r.removed_nodes, "nodes_after": r.nodes_after,
+            "artifacts": r.result.artifacts}
+
+
+def _measure_latency(report: Report, model: onnx.ModelProto, out: onnx.ModelProto, feed: dict[str, np.ndarray],
+                     runs: int, threads: int, pass_names: list[str]) -> None:
+    """Both models' median latency on ``feed`` into the report, with the setup and a slowdown warning."""
+    lat = measure_latency([model, out], feed, threads=threads, runs=runs)
+    if sum(lat) * runs < MIN_TIMED_MS:  # a fast model: so few runs are jitter, take as many as the floor holds
+        runs = min(MAX_RUNS, math.ceil(MIN_TIMED_MS / max(sum(lat), 1e-6)))
+        lat = measure_latency([model, out], feed, threads=threads, runs=runs)
+    report.latency_ms = (lat[0], lat[1])
+    report.latency_setup = {"threads": threads, "runs": runs, "warmup": 3,
+                            "optimization": "onnxruntime default graph optimizations",
+                            "feed_shapes": {k: list(np.shape(v)) for k, v in feed.items()}}
+    slower = slowdown_warning(*report.latency_ms, pass_names)
+    if slower:
+        report.warnings.append(slower)
 
 
 def pass_targets(specs: Sequence[PassSpec], model: onnx.ModelProto, max_rel_error: float | None) -> Thresholds:

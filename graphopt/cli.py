@@ -14,28 +14,12 @@ import traceback
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-from graphopt.calibration.readers import (
-    RandomSource,
-    model_inputs,
-    open_source,
-    parse_shape,
-)
+from graphopt.calibration.readers import RandomSource, model_inputs, open_source, parse_shape
 
 from . import io
 from .api import one_row, optimize
-from .errors import (
-    EXIT_INTERNAL,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    EXIT_VALIDATION,
-    GraphoptError,
-    InputError,
-    InternalError,
-    UsageError,
-    ValidationFailed,
-    one_line,
-)
+from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_VALIDATION, GraphoptError, InputError,
+                     InternalError, UsageError, ValidationFailed, one_line)
 from .pipeline import default_pipeline, parse_recipe, registry
 from .report import summary
 

@@ -55,6 +55,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import numpy_helper
 
+from graphopt.runtime import count_macs  # graphopt installed (pip install '.[build-models]')
+
 SEED = 20240917
 OPSET = 17
 MAX_BYTES = 5 * 1024 * 1024
@@ -537,37 +539,6 @@ def _clip_bounds(m, n):
     return lo, hi
 
 
-def count_macs(m: onnx.ModelProto) -> int:
-    """MACs per sample of Conv / Gemm / MatMul nodes (batch fixed to 1)."""
-    m2 = onnx.ModelProto()
-    m2.CopyFrom(m)
-    for vi in list(m2.graph.input) + list(m2.graph.output):
-        d0 = vi.type.tensor_type.shape.dim[0]
-        d0.Clear()
-        d0.dim_value = 1
-    m2 = onnx.shape_inference.infer_shapes(m2, strict_mode=True, data_prop=True)
-    shapes = {}
-    for vi in list(m2.graph.value_info) + list(m2.graph.input) + list(m2.graph.output):
-        shapes[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
-    for i in m2.graph.initializer:
-        shapes[i.name] = list(i.dims)
-    macs = 0
-    for n in m2.graph.node:
-        if n.op_type == "Conv":
-            out, w = shapes[n.output[0]], shapes[n.input[1]]
-            macs += int(np.prod(out)) * int(np.prod(w[1:]))
-        elif n.op_type == "Gemm":
-            a, out = shapes[n.input[0]], shapes[n.output[0]]
-            trans_a = next((x.i for x in n.attribute if x.name == "transA"), 0)
-            k = a[0] if trans_a else a[1]
-            macs += int(np.prod(out)) * k
-        elif n.op_type == "MatMul":
-            a, out = shapes[n.input[0]], shapes[n.output[0]]
-            macs += int(np.prod(out)) * a[-1]
-    assert macs > 0
-    return macs
-
-
 def ort_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
@@ -646,7 +617,7 @@ def main(argv=None) -> int:
         err = float(np.abs(ref - logits[:250]).max())
         assert err < 1e-3, f"{name}: torch vs onnxruntime max |diff| {err}"
         assert acc >= spec["min_acc"], f"{name}: onnxruntime eval accuracy {acc} < {spec['min_acc']}"
-        macs = count_macs(m)
+        macs = count_macs(m, {m.graph.input[0].name: xev[:1]})
         ops = {}
         for n in m.graph.node:
             ops[n.op_type] = ops.get(n.op_type, 0) + 1

@@ -15,6 +15,7 @@ import tests_support_pass  # noqa: F401  (registers the lossy 'test-scale' pass)
 from conftest import assert_one_line_error, conv_model
 from graphopt.errors import UsageError, ValidationFailed
 from graphopt.pipeline import PassSpec, check_order, make_spec, parse_pass_arg, registry
+from graphopt.runtime import cpu_info
 
 
 def test_parse_pass_arg_types_and_lists():
@@ -54,7 +55,9 @@ def test_default_run_report_json_and_dump(cli, tmp_path, model_path):
               "--input-shape", "x=2x3x8x8")
     assert res.code == 0, res.err
     assert "validation on random inputs" in res.out and "PASSED" in res.out
-    assert "latency ms (1 thr)" in res.out and "AVX2" in res.out
+    assert "latency ms (1 thr)" in res.out
+    isa = ", ".join(cpu_info()["isa"]) or "no AVX2"    # the report names what this CPU has, or says it lacks AVX2
+    assert f"({isa}; {cpu_info()['cores']} cores)" in res.out.splitlines()[0]
     onnx.checker.check_model(onnx.load(out))
     data = json.loads(rep.read_text())
     assert data["validation"]["passed"] and data["validation"]["exact"]
