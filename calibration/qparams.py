@@ -49,25 +49,27 @@ def qparams(lo: np.ndarray | float, hi: np.ndarray | float, dtype: str = "uint8"
     return scale, zp.astype(np_type)
 
 
+def _along(scale: np.ndarray, zero_point: np.ndarray, ndim: int, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32) and zero point (int64), shaped to broadcast along ``axis`` of an ``ndim``-d tensor when
+    they are per channel."""
+    s = np.asarray(scale, dtype=np.float32)
+    z = np.asarray(zero_point).astype(np.int64)
+    if axis is not None and s.ndim == 1:
+        shape = [1] * ndim
+        shape[axis] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    return s, z
+
+
 def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, dtype: str, axis: int | None = None
              ) -> np.ndarray:
     """QuantizeLinear in numpy (round half to even, as onnxruntime), per tensor or along ``axis``."""
     np_type, qmin, qmax = INT_TYPES[dtype]
-    s = np.asarray(scale, dtype=np.float32)
-    z = np.asarray(zero_point).astype(np.int64)
-    if axis is not None and s.ndim == 1:
-        shape = [1] * x.ndim
-        shape[axis] = -1
-        s, z = s.reshape(shape), z.reshape(shape)
+    s, z = _along(scale, zero_point, x.ndim, axis)
     q = np.rint(np.asarray(x, dtype=np.float32) / s) + z
     return np.clip(q, qmin, qmax).astype(np_type)
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None = None) -> np.ndarray:
-    s = np.asarray(scale, dtype=np.float32)
-    z = np.asarray(zero_point).astype(np.int64)
-    if axis is not None and s.ndim == 1:
-        shape = [1] * q.ndim
-        shape[axis] = -1
-        s, z = s.reshape(shape), z.reshape(shape)
+    s, z = _along(scale, zero_point, q.ndim, axis)
     return ((q.astype(np.int64) - z) * s).astype(np.float32)
