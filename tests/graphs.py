@@ -1,6 +1,14 @@
-"""Small helpers for tests that build graphs with ``onnx.helper`` and run them in onnxruntime.
+"""Small helpers for tests that build graphs and run them in onnxruntime: the one place tests make models.
 
-Build a model in a test so the test shows its graph::
+Build a model in a test so the test shows its graph, in onnx.parser text where it is small::
+
+    model = parse_model('''
+        graph (float[1, 4] x) => (float[1, 4] y) {
+            m = MatMul(x, w)
+            y = Relu(m)
+        }''', w=rand(4, 4))
+
+or node by node where the weights are many or the attributes computed::
 
     model = make_model(
         [node("Conv", ["x", "w"], ["c"]), node("Relu", ["c"], ["y"])],
@@ -21,6 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnx.parser
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
@@ -80,6 +89,18 @@ def make_model(nodes: Sequence[onnx.NodeProto], inputs: Iterable[str | tuple | o
         for o in model.graph.output:
             if not o.HasField("type") and inferred[o.name].HasField("type"):
                 o.CopyFrom(inferred[o.name])
+    if check:
+        onnx.checker.check_model(model)
+    return model
+
+
+def parse_model(text: str, *, opset: int = OPSET, check: bool = True, **initializers: np.ndarray
+                ) -> onnx.ModelProto:
+    """A model from ``onnx.parser`` text (one graph, default domain ``opset`` unless the text has a ``<...>``
+    header), with ``initializers`` (name=array) added as the graph's weights."""
+    header = "" if text.lstrip().startswith("<") else f'<ir_version: 8, opset_import: ["" : {opset}]>\n'
+    model = onnx.parser.parse_model(header + text)
+    model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items())
     if check:
         onnx.checker.check_model(model)
     return model

@@ -15,7 +15,7 @@ import graphopt.passes.base as base
 from graphopt.api import pass_targets
 from graphopt.pipeline import make_spec, run_pipeline, with_prerequisites
 from graphopt.validate import Thresholds
-from graphs import make_model, node, ops, rand, same_graph
+from graphs import ops, parse_model, same_graph
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,13 @@ def _registered(monkeypatch):
 
 
 def _relu_model() -> onnx.ModelProto:
-    return make_model([node("Constant", [], ["w"], value=onnx.numpy_helper.from_array(rand(4, 4))),
-                       node("MatMul", ["x", "w"], ["m"]), node("Relu", ["m"], ["y"])],
-                      inputs=[("x", [1, 4])], outputs=["y"])
+    return parse_model("""
+        graph (float[1, 4] x) => (float[1, 4] y) {
+            w = Constant <value = float[2, 2] {1.0, 2.0, 3.0, 4.0}> ()
+            w4 = Tile(w, reps)
+            m = MatMul(x, w4)
+            y = Relu(m)
+        }""", reps=np.array([2, 2], np.int64))
 
 
 def test_a_precondition_declines_the_pass_and_leaves_the_graph():
@@ -84,7 +88,7 @@ def test_a_precondition_declines_the_pass_and_leaves_the_graph():
 
 
 def test_a_precondition_that_holds_lets_the_pass_run():
-    model = make_model([node("Neg", ["x"], ["y"])], inputs=[("x", [1, 4])], outputs=[("y", [1, 4])])
+    model = parse_model("graph (float[1, 4] x) => (float[1, 4] y) { y = Neg(x) }")
     _, records = run_pipeline(model, [make_spec("test-refuses", {})], base.PassContext(original=model),
                               verify=False)
     assert records[0].result.changed and not records[0].result.declined
@@ -95,7 +99,7 @@ def test_prerequisites_run_right_before_unless_already_earlier():
     out, records = run_pipeline(model, [make_spec("test-needs-folding", {})], base.PassContext(original=model))
     assert [r.spec for r in records] == ["fold-constants", "test-needs-folding"]
     assert records[1].result.counts == {"constant nodes seen": 0}
-    assert ops(out) == ["MatMul", "Relu"]
+    assert ops(out) == ["MatMul", "Relu"]     # the Constant and the Tile of constants folded
     given = [make_spec("fold-constants", {}), make_spec("fold-bn", {}), make_spec("test-needs-folding", {})]
     assert [s.name for s in with_prerequisites(given)] == ["fold-constants", "fold-bn", "test-needs-folding"]
 
