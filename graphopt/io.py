@@ -165,12 +165,22 @@ def check_output_path(out: str | os.PathLike[str], protected: list[Path] | None 
     return o
 
 
+def _open_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the process's umask (read with a set-and-restore)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _write_atomic(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename tmp over ``path``; the temporary file never outlives a failure."""
+    """Call ``write(tmp_path)`` then rename tmp over ``path``; the temporary file never outlives a failure. The
+    file gets the mode ``open()`` would give it (mkstemp makes it 0600: unreadable to a serving process running as
+    another user)."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        os.chmod(tmp, _open_mode())
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
