@@ -18,6 +18,8 @@ import pytest
 
 import graphopt
 from graphopt.errors import UsageError
+from graphopt.passes.prune_channels import GROUPS_PRUNED
+from graphopt.passes.pruning import selection
 from graphopt.pipeline import make_spec, parse_pass_arg
 from tests.graphs import (assert_same_outputs, attrs, declined, initializer, make_model, node, ops, rand, rel_error, run, run_passes, same_graph)
 
@@ -418,8 +420,7 @@ def test_round_to_min_channels_and_layer_ratios():
 
 @pytest.mark.parametrize("isa, block", [(["AVX2", "AVX-512"], 16), (["AVX2"], 8), ([], 8)])
 def test_round_to_auto_is_this_cpus_convolution_block(monkeypatch, isa, block):
-    import graphopt.passes.prune_channels as pc
-    monkeypatch.setattr(pc, "cpu_info", lambda: {"model": "test", "isa": isa, "cores": 2})
+    monkeypatch.setattr(selection, "cpu_info", lambda: {"model": "test", "isa": isa, "cores": 2})
     inits = {"w1": conv_w(32, 3, seed=1), "w2": conv_w(4, 32, seed=2)}
     model = make_model([node("Conv", ["x", "w1"], ["c1"], name="a"), node("Relu", ["c1"], ["r1"]),
                         node("Conv", ["r1", "w2"], ["y"], name="head")], [("x", [1, 3, 8, 8])], ["y"], inits)
@@ -546,7 +547,7 @@ def test_cli_mnist_cnn(cli, tmp_path, passes, min_acc):
         assert report["validation"]["accuracy_after"] >= min_acc, report["validation"]
     assert report["after"]["macs"] < 0.7 * report["before"]["macs"]
     prune_step = report["passes"][-1]
-    assert prune_step["counts"]["groups pruned"] >= 6
+    assert prune_step["counts"][GROUPS_PRUNED] >= 6
     assert any(d["reason"] == "'logits' is a graph output" for d in prune_step["declined"])
     if "reconstruct=true" in passes[-1]:
         refits = [r for r in prune_step["layers"] if "rel error after" in r]
