@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 import graphopt  # noqa: E402
 from graphopt.runtime import count_macs, cpu_info, measure_latency  # noqa: E402
 from graphopt.report import count_parameters  # noqa: E402
-from graphopt.passes.prune_channels import conv_block  # noqa: E402
+from graphopt.passes.pruning.selection import conv_block  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "graphopt-bench"
 # a gentler operating point where 0.25 already costs too much without fine-tuning

@@ -18,6 +18,11 @@ import pytest
 
 import graphopt
 from graphopt.errors import UsageError
+from graphopt.graph import import_graph
+from graphopt.passes.base import PassContext, PassResult
+from graphopt.passes.prune_channels import CHANNELS_IN_PRUNABLE_GROUPS, CHANNELS_REMOVED, GROUPS, GROUPS_PRUNED
+from graphopt.passes.pruning import selection
+from graphopt.passes.pruning.edits import Names, SetCount, SetSplit, SliceConst, apply
 from graphopt.pipeline import make_spec, parse_pass_arg
 from tests.graphs import (assert_same_outputs, attrs, declined, initializer, make_model, node, ops, rand, rel_error, run, run_passes, same_graph)
 
@@ -187,7 +192,7 @@ def test_flatten_to_gemm_maps_channel_to_its_hw_rows(flatten):
     assert_same_outputs(model, out)
 
 
-def test_split_and_slice_map_channels_by_range():
+def split_slice_model() -> onnx.ModelProto:
     """conv1 (16) -> Split [6, 10] -> s0 -> conv_a; s1 -> Slice [2:8] -> conv_b. s1[0:2], s1[8:10] are dead."""
     zero = (0, 3, 9, 11)
     inits = {"w1": conv_w(16, 3, zero=zero, seed=1), "split": np.array([6, 10], np.int64),
@@ -198,7 +203,11 @@ def test_split_and_slice_map_channels_by_range():
              node("Slice", ["s1", "st", "en", "ax"], ["sl"], name="slice"),
              node("Conv", ["s0", "wa"], ["ya"], name="conv_a"), node("Conv", ["sl", "wb"], ["yb"], name="conv_b"),
              node("Add", ["ya", "yb"], ["y"])]
-    model = make_model(nodes, [("x", [1, 3, 6, 6])], ["y"], inits)
+    return make_model(nodes, [("x", [1, 3, 6, 6])], ["y"], inits)
+
+
+def test_split_and_slice_map_channels_by_range():
+    model = split_slice_model()
     out, records = prune(model, ratio=0.5)
     assert list(weight_of(out, "conv1").shape) == [8, 3, 3, 3]
     split = next(n for n in out.graph.node if n.op_type == "Split")
@@ -292,6 +301,91 @@ def test_mlp_gemm_chain_and_squeeze():
     assert list(weight_of(out, "mm").shape) == [8, 4]
     assert list(weight_of(out, "fc3").shape) == [4, 3]
     assert_same_outputs(model, out)
+
+
+# ------------------------------------------------------------------------------------------------- plans
+
+
+def plan_of(model: onnx.ModelProto, **opts):
+    """The pruning plan of ``model`` (rounding off), the graph it is for, and the result it filled."""
+    graph = import_graph(model)
+    graph.toposort()
+    res = PassResult()
+    plan = make_spec("prune-channels", {"round_to": 1} | opts).build().plan(graph, model, PassContext(model), res)
+    return plan, graph, res
+
+
+def conv_bn_relu_conv() -> onnx.ModelProto:
+    inits = {"w1": conv_w(8, 3, zero=Z, seed=1), **bn_params("bn1", 8, Z, seed=2), "w2": conv_w(4, 8, seed=3)}
+    nodes = [node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]), bn("c1", "n1", "bn1"),
+             node("Relu", ["n1"], ["r1"]), node("Conv", ["r1", "w2"], ["y"], name="conv2")]
+    return make_model(nodes, [("x", [1, 3, 6, 6])], ["y"], inits)
+
+
+def test_plan_lists_the_edits_before_they_are_applied():
+    model = conv_bn_relu_conv()
+    plan, graph, res = plan_of(model, ratio=0.5)
+    assert plan.removed == (("conv1", ("conv1",), 8, Z),)
+    assert plan.edits == (
+        SliceConst(None, "Conv 'conv1'", 1, "w1", 0, "c1"),
+        *(SliceConst(None, "BatchNormalization 'bn1'", i, f"bn1_{p}", 0, "c1") for i, p in enumerate("gbmv", 1)),
+        SliceConst(None, "Conv 'conv2'", 1, "w2", 1, "r1"))
+    assert plan.refit == ("y",)
+    assert str(plan).splitlines() == [
+        "group 'conv1' (conv1): remove 4 of 8 channels [1, 3, 4, 6]",
+        "slice Conv 'conv1' input 1 'w1' on axis 0 by 'c1' (keeps 4 of 8)",
+        *(f"slice BatchNormalization 'bn1' input {i} 'bn1_{p}' on axis 0 by 'c1' (keeps 4 of 8)"
+          for i, p in enumerate("gbmv", 1)),
+        "slice Conv 'conv2' input 1 'w2' on axis 1 by 'r1' (keeps 4 of 8)"]
+    assert res.counts == {GROUPS: 2, GROUPS_PRUNED: 1, CHANNELS_REMOVED: 4, CHANNELS_IN_PRUNABLE_GROUPS: 8}
+    # planning changed nothing; applying the plan does what it says
+    tensors = graph.tensors()
+    assert tensors["w1"].values.shape == (8, 3, 3, 3) and tensors["w2"].values.shape == (4, 8, 3, 3)
+    apply(plan.edits, plan.keep, Names(graph))
+    conv1, bn1, conv2 = graph.nodes[0], graph.nodes[1], graph.nodes[3]
+    assert conv1.inputs[1].name == "w1_pruned" and conv1.inputs[1].values.shape == (4, 3, 3, 3)
+    assert [t.values.shape for t in bn1.inputs[1:]] == [(4,)] * 4
+    np.testing.assert_array_equal(conv2.inputs[1].values, conv_w(4, 8, seed=3)[:, [0, 2, 5, 7]])
+
+
+def test_plan_records_split_sizes_slice_bounds_and_depthwise_group():
+    plan, _, _ = plan_of(split_slice_model(), ratio=0.5)
+    counts = [e for e in plan.edits if not isinstance(e, SliceConst)]
+    assert counts == [SetSplit(None, "Split 'split'", "c1", (0, 6, 16), True),
+                      SetCount(None, "Slice 'slice'", 1, (2,), 0, "s1", stop=2),
+                      SetCount(None, "Slice 'slice'", 2, (8,), 0, "s1", stop=8)]
+    assert str(counts[0]) == "set Split 'split' split sizes [6, 10] to the channels of 'c1' kept in each range"
+    assert str(counts[2]) == "set Slice 'slice' input 2 [8] at 0 to the channels of 's1' kept before 8"
+    assert [counts[1].count(plan.keep["s1"]), counts[2].count(plan.keep["s1"])] == [0, 4]
+    inits = {"w1": conv_w(8, 3, zero=Z, seed=1), "wd": conv_w(8, 1, seed=3), "wo": conv_w(2, 8, 1, seed=5)}
+    model = make_model([node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+                        node("Conv", ["c1", "wd"], ["d"], name="dw", group=8, pads=[1, 1, 1, 1]),
+                        node("Conv", ["d", "wo"], ["y"], name="out")], [("x", [1, 3, 8, 8])], ["y"], inits)
+    plan, _, _ = plan_of(model, ratio=0.5)
+    group = SetCount(None, "Conv 'dw'", "group", None, 0, "c1")
+    assert group in plan.edits and str(group) == "set Conv 'dw' attribute group to the channels of 'c1' kept"
+
+
+def test_verbose_logs_the_plan(caplog):
+    with caplog.at_level("INFO", logger="graphopt"):
+        prune(conv_bn_relu_conv(), ratio=0.5)
+    assert "group 'conv1' (conv1): remove 4 of 8 channels [1, 3, 4, 6]" in caplog.text
+    assert "slice Conv 'conv2' input 1 'w2' on axis 1 by 'r1' (keeps 4 of 8)" in caplog.text
+
+
+def test_quantized_model_is_declined_before_run():
+    inits = {"s": np.array(0.1, np.float32), "z": np.array(0, np.uint8), "w1": conv_w(8, 3, zero=Z, seed=1),
+             "w2": conv_w(4, 8, seed=2)}
+    model = make_model([node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                        node("DequantizeLinear", ["q", "s", "z"], ["dq"]),
+                        node("Conv", ["dq", "w1"], ["c1"], name="conv1"), node("Relu", ["c1"], ["r"]),
+                        node("Conv", ["r", "w2"], ["y"], name="conv2")], [("x", [1, 3, 6, 6])], ["y"], inits)
+    p = make_spec("prune-channels", {}).build()
+    reason = "quantized (DequantizeLinear, QuantizeLinear); prune before quantizing"
+    assert p.requires(import_graph(model), PassContext(model)) == reason
+    assert p.requires(import_graph(conv_bn_relu_conv()), PassContext(model)) is None
+    out, records = prune(model, ratio=0.5)
+    assert same_graph(model, out) and declined(records) == [f"model: {reason}"]
 
 
 # --------------------------------------------------------------------------------------------- declines
@@ -418,8 +512,7 @@ def test_round_to_min_channels_and_layer_ratios():
 
 @pytest.mark.parametrize("isa, block", [(["AVX2", "AVX-512"], 16), (["AVX2"], 8), ([], 8)])
 def test_round_to_auto_is_this_cpus_convolution_block(monkeypatch, isa, block):
-    import graphopt.passes.prune_channels as pc
-    monkeypatch.setattr(pc, "cpu_info", lambda: {"model": "test", "isa": isa, "cores": 2})
+    monkeypatch.setattr(selection, "cpu_info", lambda: {"model": "test", "isa": isa, "cores": 2})
     inits = {"w1": conv_w(32, 3, seed=1), "w2": conv_w(4, 32, seed=2)}
     model = make_model([node("Conv", ["x", "w1"], ["c1"], name="a"), node("Relu", ["c1"], ["r1"]),
                         node("Conv", ["r1", "w2"], ["y"], name="head")], [("x", [1, 3, 8, 8])], ["y"], inits)
@@ -546,7 +639,7 @@ def test_cli_mnist_cnn(cli, tmp_path, passes, min_acc):
         assert report["validation"]["accuracy_after"] >= min_acc, report["validation"]
     assert report["after"]["macs"] < 0.7 * report["before"]["macs"]
     prune_step = report["passes"][-1]
-    assert prune_step["counts"]["groups pruned"] >= 6
+    assert prune_step["counts"][GROUPS_PRUNED] >= 6
     assert any(d["reason"] == "'logits' is a graph output" for d in prune_step["declined"])
     if "reconstruct=true" in passes[-1]:
         refits = [r for r in prune_step["layers"] if "rel error after" in r]

@@ -1,0 +1,50 @@
+"""The options of ``prune-channels`` and the keys of the counts it reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from graphopt.passes.options import option
+
+# PassResult.counts keys
+GROUPS = "groups"
+GROUPS_PRUNED = "groups pruned"
+CHANNELS_REMOVED = "channels removed"
+CHANNELS_IN_PRUNABLE_GROUPS = "channels in prunable groups"
+LAYERS_RECONSTRUCTED = "layers reconstructed"
+
+
+def parse_layer_ratio(text: str) -> tuple[str, float]:
+    """``NAME:RATIO`` -> (name pattern, ratio in [0, 1)); the last ':' separates (names may contain ':')."""
+    name, sep, value = text.rpartition(":")
+    if not sep or not name:
+        raise ValueError(f"option 'layers': '{text}' is not NAME:RATIO")
+    try:
+        r = float(value)
+    except ValueError:
+        raise ValueError(f"option 'layers': ratio '{value}' in '{text}' is not a number") from None
+    if not 0 <= r < 1:
+        raise ValueError(f"option 'layers': ratio {r} in '{text}' is out of range [0, 1)")
+    return name, r
+
+
+@dataclass(frozen=True)
+class Options:
+    ratio: float = option(0.25, "fraction of channels to remove", lo=0, hi=1, hi_open=True)
+    scope: Literal["layer", "global"] = option("layer", "ratio per group (layer) or over all groups (global)")
+    criterion: Literal["l1", "l2", "bn-gamma"] = option("l1", "channel importance")
+    round_to: int | Literal["auto"] = option(
+        "auto", "keep a multiple of this many channels where the group has at least as many; auto = "
+        "onnxruntime's convolution block on this CPU (16 with AVX-512, else 8)", lo=1)
+    min_channels: int = option(1, "keep at least this many channels per group", lo=1)
+    exclude: tuple[str, ...] = option((), "node names (glob patterns) whose output channels stay (repeat)")
+    layers: tuple[str, ...] = option((), "per-layer ratio NAME:RATIO, NAME a node name or glob (repeat)")
+    reconstruct: bool = option(False, "refit consumer layers by least squares on calibration data")
+    samples: int = option(512, "calibration samples used for reconstruction", lo=1)
+    damping: float = option(1e-3, "ridge strength relative to mean diag(AᵀA), towards the pruned weights", lo=0)
+    rows_per_sample: int = option(1024, "reconstruction: output positions sampled per sample per layer", lo=1)
+
+    def __post_init__(self) -> None:
+        for item in self.layers:
+            parse_layer_ratio(item)
