@@ -14,7 +14,7 @@ PACKAGES = {"graphopt": "graphopt", "passes": "graphopt.passes", "calibration": 
 # Bottom to top; a module may import its own layer and those below it.
 LAYERS = [
     {"graphopt", "graphopt.errors", "graphopt.io", "graphopt.graph"},
-    {"graphopt.runtime", "graphopt.validate"},
+    {"graphopt.runtime", "graphopt.metrics", "graphopt.validate"},
     {"graphopt.calibration", "graphopt.calibration.readers"},
     {"graphopt.calibration.*"},
     {"graphopt.passes", "graphopt.passes.*"},
