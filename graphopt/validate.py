@@ -45,7 +45,6 @@ class Thresholds:
     top1_outputs: frozenset[int] | None = None
 
 
-
 @dataclass
 class ValidationResult:
     data: str
@@ -74,7 +73,6 @@ class ValidationResult:
                 "passed": self.passed, "failures": self.failures,
                 "accuracy_before": acc[0] if acc else None, "accuracy_after": acc[1] if acc else None,
                 "outputs": [o.to_dict() for o in self.outputs]}
-
 
 
 def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Iterable[Any], *, exact: bool,
