@@ -1,226 +1,32 @@
 """Data readers: turn calibration/validation data into a re-iterable stream of feeds for a given model.
 
-A feed is ``{input_name: ndarray}`` ready for onnxruntime, paired with the labels of its samples (or None).
-Sources (DESIGN.md §2):
-  * an ``.npz`` whose keys are input names and whose arrays are stacked along axis 0. An array of the input's
-    rank is cut into batches along axis 0 (the declared batch size if fixed, else ``batch_size`` rows); an array
-    with one more axis than the input holds one feed per index of its axis 0 (for models with no batch axis);
+Sources (DESIGN.md §2), each a ``feeds.DataSource`` of ``feeds.Batch`` (one feed ``{input_name: ndarray}`` and its
+labels):
+  * an ``.npz`` whose keys are input names and whose arrays are stacked along axis 0 (``npz.NpzSource``: cut into
+    batches, read lazily, so memory does not grow with the number of samples);
   * a folder of ``.npz`` files, one feed per file (sorted by name), used as they are;
-  * any iterable of feed dicts, including onnxruntime's ``CalibrationDataReader`` (``get_next()`` until None).
-The reserved key ``__labels__`` (int array, one label per sample) carries labels; it is never an input name.
-Arrays are read lazily from the file, batch by batch, so memory does not grow with the number of samples.
+  * any iterable of feed dicts, including onnxruntime's ``CalibrationDataReader`` (``get_next()`` until None);
+  * seeded random feeds of the declared shapes, when no data is given (``RandomSource``).
+``open_source`` picks the reader; ``parse_shape`` reads ``--input-shape``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from graphopt import io
 from graphopt.errors import InputError, UsageError
 
-LABELS_KEY = "__labels__"
-DEFAULT_BATCH = 16   # rows per .npz batch: calibration, fallback and validation runs hold at most this many
+from .feeds import DEFAULT_BATCH, LABELS_KEY, Batch, DataSource, InputSpec, feed_from_mapping, model_inputs, show_shape
+from .npz import NpzSource
 
-Dim = int | None  # None: dynamic (symbolic or unknown)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    shape: tuple[Dim, ...] | None   # None: rank unknown
-    dim_names: tuple[str, ...]      # symbolic names ('' where fixed or unnamed)
-    dtype: np.dtype[Any] | None     # None: not a tensor (sequence, map, optional)
-    has_default: bool               # an initializer backs it (IR < 4 style), so it may be omitted
-
-
-@dataclass
-class Batch:
-    feed: dict[str, np.ndarray]
-    labels: np.ndarray | None
-
-    @property
-    def rows(self) -> int:
-        """Samples in this feed: axis 0 of its first array (1 for a feed without a batch axis)."""
-        first = next(iter(self.feed.values()), None)
-        return first.shape[0] if isinstance(first, np.ndarray) and first.ndim else 1
-
-
-def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The model's graph inputs with declared shapes and numpy dtypes."""
-    inits = {t.name for t in model.graph.initializer}
-    specs = []
-    for vi in model.graph.input:
-        t = vi.type
-        shape: tuple[Dim, ...] | None = None
-        names: tuple[str, ...] = ()
-        dtype = None
-        if t.HasField("tensor_type"):
-            tt = t.tensor_type
-            try:
-                dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
-            except Exception:
-                dtype = None
-            if tt.HasField("shape"):
-                dims = tt.shape.dim
-                shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims)
-                names = tuple(d.dim_param if d.HasField("dim_param") else "" for d in dims)
-        specs.append(InputSpec(vi.name, shape, names, dtype, vi.name in inits))
-    return specs
-
-
-class DataSource:
-    """A re-iterable stream of Batches with a short description for the report."""
-
-    description: str = ""
-
-    def __iter__(self) -> Iterator[Batch]:
-        raise NotImplementedError
-
-
-def _fits(shape: Sequence[int], declared: Sequence[Dim]) -> bool:
-    return len(shape) == len(declared) and all(d is None or d == s for s, d in zip(shape, declared))
-
-
-def _cast(name: str, arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
-    if spec.dtype is None or arr.dtype == spec.dtype:
-        return arr
-    if spec.dtype.kind in "OSU" and arr.dtype.kind in "OSU":
-        return arr.astype(spec.dtype)
-    if np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
-        return arr.astype(spec.dtype)
-    raise InputError(f"{where}: array '{name}' has dtype {arr.dtype}, the model input needs {spec.dtype}")
-
-
-class NpzSource(DataSource):
-    """Feeds cut from one ``.npz`` of arrays stacked along axis 0."""
-
-    def __init__(self, path: Path, inputs: Sequence[InputSpec], batch_size: int = DEFAULT_BATCH,
-                 max_samples: int | None = None) -> None:
-        self.path = path
-        self.inputs = list(inputs)
-        self.batch_size = batch_size
-        with io.open_npz(path) as z:
-            keys = list(z.files)
-            shapes = {k: _npy_shape(z, k) for k in keys}
-        self.labels_present = LABELS_KEY in keys
-        self.plan: dict[str, tuple[str, int, int]] = {}  # name -> (mode, rows per feed, rows used)
-        n_samples: int | None = None
-        feeds: int | None = None
-        where = str(path)
-        for spec in self.inputs:
-            if spec.name not in keys:
-                if spec.has_default:
-                    continue
-                raise InputError(f"{where}: no array for model input '{spec.name}' "
-                                 f"(arrays: {', '.join(k for k in keys if k != LABELS_KEY) or 'none'})")
-            shape = shapes[spec.name]
-            declared = spec.shape
-            if declared is None:
-                mode, rows, count, samples = "whole", shape[0] if shape else 1, 1, 1
-            elif len(shape) == len(declared) + 1 and _fits(shape[1:], declared):
-                mode, rows, count, samples = "stacked", 1, shape[0], shape[0]
-            elif len(declared) >= 1 and len(shape) == len(declared) and _fits(shape[1:], declared[1:]):
-                rows = declared[0] if declared[0] is not None else batch_size
-                if declared[0] is not None and shape[0] % declared[0] != 0:
-                    raise InputError(f"{where}: array '{spec.name}' has {shape[0]} rows, not a multiple of the "
-                                     f"model's fixed batch size {declared[0]}")
-                mode, count, samples = "batched", -(-shape[0] // rows), shape[0]
-            elif len(declared) == 0 and len(shape) == 0:
-                mode, rows, count, samples = "whole", 1, 1, 1
-            else:
-                raise InputError(f"{where}: array '{spec.name}' has shape {list(shape)}, which does not match the "
-                                 f"model input '{spec.name}' of shape {_show(declared)} (stack samples on axis 0)")
-            if max_samples is not None and mode in ("stacked", "batched"):
-                samples = min(samples, max_samples)
-                count = -(-samples // rows)
-            self.plan[spec.name] = (mode, rows, samples)
-            if feeds is not None and count != feeds:
-                raise InputError(f"{where}: arrays give different numbers of samples ({n_samples} vs {samples})")
-            feeds, n_samples = count, samples
-        self.n_feeds = feeds or 0
-        self.n_samples = n_samples or 0
-        if self.labels_present and shapes[LABELS_KEY][:1] != (self.n_samples,) and max_samples is None:
-            raise InputError(f"{where}: '{LABELS_KEY}' has {shapes[LABELS_KEY][:1]} entries for "
-                             f"{self.n_samples} samples")
-        self.description = f"{path.name} ({self.n_samples} samples)"
-
-    def __iter__(self) -> Iterator[Batch]:
-        spec_by_name = {s.name: s for s in self.inputs}
-        with io.open_npz(self.path) as z:
-            streams = {name: _RowReader(z, name) for name in self.plan}
-            labels = _RowReader(z, LABELS_KEY) if self.labels_present else None
-            try:
-                for i in range(self.n_feeds):
-                    feed = {}
-                    lab = None
-                    for name, (mode, rows, total) in self.plan.items():
-                        if mode == "whole":
-                            part = streams[name].read_all()
-                        else:
-                            take = min(rows, total - i * rows)
-                            part = streams[name].read_rows(take)
-                            if mode == "stacked":
-                                part = part[0]
-                            if labels is not None and lab is None:
-                                lab = labels.read_rows(take)
-                        feed[name] = _cast(name, part, spec_by_name[name], str(self.path))
-                    yield Batch(feed, lab)
-            finally:
-                for r in streams.values():
-                    r.close()
-                if labels is not None:
-                    labels.close()
-
-
-class _RowReader:
-    """Reads an array from an npz member a few rows at a time, so memory holds one batch, not the file."""
-
-    def __init__(self, z: Any, key: str) -> None:
-        from numpy.lib import format as npformat
-
-        self.key = key
-        self.f = z.zip.open(key + ".npy")
-        version = npformat.read_magic(self.f)
-        reader = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
-        self.shape, fortran, self.dtype = reader(self.f)
-        self.streamable = not fortran and not self.dtype.hasobject and len(self.shape) > 0
-        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize if self.shape else 0
-        self.z = z
-
-    def read_rows(self, n: int) -> np.ndarray:
-        if not self.streamable:
-            raise InputError(f"array '{self.key}' cannot be streamed (object or Fortran-ordered); re-save it "
-                             "with numpy in C order")
-        data = self.f.read(n * self.row_bytes)
-        if len(data) != n * self.row_bytes:
-            raise InputError(f"array '{self.key}' is truncated")
-        return np.frombuffer(data, dtype=self.dtype).reshape((n, *self.shape[1:])).copy()
-
-    def read_all(self) -> np.ndarray:
-        return np.asarray(self.z[self.key])
-
-    def close(self) -> None:
-        self.f.close()
-
-
-def _npy_shape(z: Any, key: str) -> tuple[int, ...]:
-    """Shape of an array in an npz without reading its data."""
-    from numpy.lib import format as npformat
-
-    with z.zip.open(key + ".npy") as f:
-        version = npformat.read_magic(f)
-        if version == (1, 0):
-            shape, _, _ = npformat.read_array_header_1_0(f)
-        else:
-            shape, _, _ = npformat.read_array_header_2_0(f)
-    return tuple(shape)
+__all__ = ["DEFAULT_BATCH", "LABELS_KEY", "Batch", "DataSource", "FolderSource", "InputSpec", "IterableSource",
+           "NpzSource", "RandomSource", "model_inputs", "open_source", "parse_shape", "random_array"]
 
 
 class FolderSource(DataSource):
@@ -239,20 +45,7 @@ class FolderSource(DataSource):
     def __iter__(self) -> Iterator[Batch]:
         for f in self.files:
             with io.open_npz(f) as z:
-                yield _feed_from_mapping({k: z[k] for k in z.files}, self.inputs, str(f))
-
-
-def _feed_from_mapping(data: dict[str, Any], inputs: Sequence[InputSpec], where: str) -> Batch:
-    feed = {}
-    for spec in inputs:
-        if spec.name not in data:
-            if spec.has_default:
-                continue
-            raise InputError(f"{where}: no array for model input '{spec.name}'")
-        value = data[spec.name]
-        feed[spec.name] = _cast(spec.name, np.asarray(value), spec, where) if spec.dtype is not None else value
-    labels = data.get(LABELS_KEY)
-    return Batch(feed, None if labels is None else np.atleast_1d(np.asarray(labels)))
+                yield feed_from_mapping({k: z[k] for k in z.files}, self.inputs, str(f))
 
 
 class IterableSource(DataSource):
@@ -287,7 +80,7 @@ class IterableSource(DataSource):
     def _convert(self, i: int, item: Any) -> Batch:
         if not isinstance(item, dict):
             raise InputError(f"calibration data item {i} is a {type(item).__name__}, not a dict of arrays")
-        return _feed_from_mapping(item, self.inputs, f"calibration data item {i}")
+        return feed_from_mapping(item, self.inputs, f"calibration data item {i}")
 
     def __iter__(self) -> Iterator[Batch]:
         limit = self.max_samples
@@ -362,7 +155,7 @@ class RandomSource(DataSource):
         if given is not None:
             if spec.shape is not None and len(given) != len(spec.shape):
                 raise UsageError(f"--input-shape {spec.name}: rank {len(given)} given, the model input has rank "
-                                 f"{len(spec.shape)} {_show(spec.shape)}")
+                                 f"{len(spec.shape)} {show_shape(spec.shape)}")
             if spec.shape is not None:
                 for i, (g, d) in enumerate(zip(given, spec.shape)):
                     if d is not None and g != d:
@@ -402,12 +195,6 @@ def random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dty
     if dtype.kind == "c":
         return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
     raise InputError(f"cannot make random inputs of dtype {dtype}: give --val-data")
-
-
-def _show(shape: Sequence[Dim] | None) -> str:
-    if shape is None:
-        return "[unknown]"
-    return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 def parse_shape(text: str) -> tuple[str, list[int]]:

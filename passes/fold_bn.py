@@ -23,6 +23,8 @@ weight is not an initializer (e.g. a Constant node output: run fold-constants fi
 (when it would change); a BN parameter, the bias or the Mul/Add operand is not a constant; a training-mode BN (more
 than one output, ``training_mode=1``) or ``spatial=0``; ``σ²+ε <= 0``; results that overflow the weight's dtype.
 Exact (up to float rounding). New tensors are named after the old ones (``conv1.weight`` -> ``conv1.weight_fold``).
+Sites are folded to a fixed point (a Mul folded into a Conv makes the BN after it a site); the result counts each
+fold under ``folded_key(op, into)`` ("BatchNormalization folded into Conv").
 """
 
 from __future__ import annotations
@@ -32,36 +34,55 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from graphopt.passes.base import Pass, PassContext, PassResult, register
-from graphopt.passes.options import option
 
-from graphopt.graph import infer_shapes
+from graphopt.graph import const_value, describe, infer_shapes, is_std
 
-STANDARD = ("", "ai.onnx", None)
+from .base import Pass, PassContext, PassResult, register
+from .options import option
+
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 CONV_LIKE = ("Conv", "ConvTranspose")
+
+# Result count key: one per (folded op, producer op), e.g. "BatchNormalization folded into Conv".
+FOLDED = "{op} folded into {into}"
+
+
+def folded_key(op: str, into: str) -> str:
+    """The result count key of ``op`` nodes folded into ``into`` nodes."""
+    return FOLDED.format(op=op, into=into)
 
 
 class _Decline(Exception):
     """A site that does not qualify; the message is the reason."""
 
 
-def _std(n: gs.Node, *ops: str) -> bool:
-    return n.domain in STANDARD and n.op in ops
+@dataclass
+class _Scope:
+    """The graph being rewritten, its graph output names, and the tensor names taken (new ones are added)."""
 
+    graph: gs.Graph
+    outputs: set[str]
+    names: set[str]
 
-def _const(t: gs.Tensor) -> np.ndarray | None:
-    return np.asarray(t.values) if isinstance(t, gs.Constant) else None
+    def fresh(self, name: str) -> str:
+        """A new tensor name derived from ``name``: ``w`` -> ``w_fold`` (``w_fold_2``, ... if taken)."""
+        base = re.sub(r"_fold(_\d+)?$", "", name) + "_fold"
+        new, i = base, 1
+        while new in self.names:
+            i += 1
+            new = f"{base}_{i}"
+        self.names.add(new)
+        return new
+
+    def remove(self, n: gs.Node) -> None:
+        nodes = self.graph.nodes
+        del nodes[next(i for i, m in enumerate(nodes) if m is n)]
 
 
 def _unknown_rank2_site(n: gs.Node) -> bool:
     """Does ``n`` read the output of a Gemm/MatMul whose shape is not known (so whether it is rank 2 is not)?"""
     return any(isinstance(t, gs.Variable) and t.shape is None and len(t.inputs) == 1 and
-               _std(t.inputs[0], "Gemm", "MatMul") for t in n.inputs)
-
-
-def _desc(n: gs.Node) -> str:
-    return f"{n.op} '{n.name or n.outputs[0].name}'" if n.outputs else f"{n.op} '{n.name}'"
+               is_std(t.inputs[0], "Gemm", "MatMul") for t in n.inputs)
 
 
 @register
@@ -77,11 +98,9 @@ class FoldBatchNorm(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         res = PassResult()
-        if any(_std(n, "BatchNormalization", "Mul", "Add") and _unknown_rank2_site(n) for n in graph.nodes):
+        if any(is_std(n, "BatchNormalization", "Mul", "Add") and _unknown_rank2_site(n) for n in graph.nodes):
             infer_shapes(graph, ctx.original)    # whether a Gemm/MatMul output is rank 2 decides if it can take the fold
-        self._graph = graph
-        self._names = set(graph.tensors())
-        self._outputs = {t.name for t in graph.outputs}
+        scope = _Scope(graph, {t.name for t in graph.outputs}, set(graph.tensors()))
         pending: dict[str, str] = {}   # site -> latest decline reason; a later success (fixed point) clears it
         progress = True
         while progress:
@@ -89,14 +108,14 @@ class FoldBatchNorm(Pass):
             for n in list(graph.nodes):
                 if not n.outputs:       # removed earlier in this sweep
                     continue
-                if _std(n, "BatchNormalization"):
-                    site, fold = _desc(n), self._fold_bn
-                elif _std(n, "Mul", "Add") and self.options.mul_add:
-                    site, fold = _desc(n), self._fold_mul_add
+                if is_std(n, "BatchNormalization"):
+                    site, fold = describe(n), _fold_bn
+                elif is_std(n, "Mul", "Add") and self.options.mul_add:
+                    site, fold = describe(n), _fold_mul_add
                 else:
                     continue
                 try:
-                    done = fold(n)
+                    done = fold(scope, n)
                 except _Decline as e:
                     pending[site] = str(e)
                     continue
@@ -104,203 +123,221 @@ class FoldBatchNorm(Pass):
                     into, was = done
                     pending.pop(site, None)
                     res.changed = progress = True
-                    res.count(f"{n.op} folded into {was}")
-                    res.layers.append({"node": site, "into": _desc(into), "was": was})
+                    res.count(folded_key(n.op, was))
+                    res.layers.append({"node": site, "into": describe(into), "was": was})
         for site, reason in pending.items():
             res.decline(site, reason)
         return res
 
-    # ------------------------------------------------------------------------------------------------- matching
 
-    def _fold_bn(self, bn: gs.Node) -> tuple[gs.Node, str]:
-        if sum(1 for o in bn.outputs if not o.is_empty()) > 1 or bn.attrs.get("training_mode", 0):
-            raise _Decline("training-mode BatchNormalization (running statistics are outputs)")
-        if bn.attrs.get("spatial", 1) == 0:
-            raise _Decline("spatial=0: statistics are per element, not per channel")
-        if len(bn.inputs) != 5:
-            raise _Decline(f"expected 5 inputs, found {len(bn.inputs)}")
-        x = bn.inputs[0]
-        producer = x.inputs[0] if len(x.inputs) == 1 else None
-        if producer is None or not _std(producer, *PRODUCERS):
-            what = "a graph input" if producer is None else _desc(producer)
-            raise _Decline(f"its input comes from {what}, not from Conv, ConvTranspose, Gemm or MatMul")
-        params = []
-        for role, t in zip(("scale", "bias", "mean", "var"), bn.inputs[1:]):
-            v = _const(t)
-            if v is None:
-                raise _Decline(f"{role} '{t.name}' is not a constant")
-            if v.ndim != 1:
-                raise _Decline(f"{role} '{t.name}' has shape {list(v.shape)}, expected [C]")
-            params.append(v.astype(np.float64))
-        gamma, beta, mean, var = params
-        eps = float(np.float32(bn.attrs.get("epsilon", 1e-5)))
-        if np.any(~(var + eps > 0)):
-            raise _Decline("variance + epsilon is not positive (or NaN) for some channel")
-        scale = gamma / np.sqrt(var + eps)
-        shift = beta - mean * scale
-        return self._fold_into(producer, x, bn, scale, shift)
+# ----------------------------------------------------------------------------------------------------- matching
 
-    def _fold_mul_add(self, n: gs.Node) -> tuple[gs.Node, str] | None:
-        if len(n.inputs) != 2:
-            return None
-        a, b = n.inputs
-        if isinstance(b, gs.Constant) and not isinstance(a, gs.Constant):
-            y, k = a, b
-        elif isinstance(a, gs.Constant) and not isinstance(b, gs.Constant):
-            y, k = b, a
-        else:
-            return None
-        producer = y.inputs[0] if len(y.inputs) == 1 else None
-        if producer is None or not _std(producer, *PRODUCERS):
-            return None                     # not a site: Mul/Add elsewhere in the graph
-        if producer.op in ("Gemm", "MatMul") and (y.shape is None or len(y.shape) != 2):
-            return None                     # a MatMul in a transformer ([B, S, N]): no Gemm can take the bias
-        w_t = producer.inputs[1] if len(producer.inputs) > 1 else None
-        if not isinstance(w_t, gs.Constant):
-            raise _Decline(f"{_desc(producer)}: weight is not an initializer (run fold-constants first)")
-        if producer.op in CONV_LIKE and (w_t.shape is None or len(w_t.shape) < 3):
-            raise _Decline(f"{_desc(producer)}: weight '{w_t.name}' is not a convolution weight")
-        if producer.op not in CONV_LIKE and (w_t.shape is None or len(w_t.shape) != 2):
-            raise _Decline(f"{_desc(producer)}: weight '{w_t.name}' is not a matrix")
-        # shape only: no load
-        channels, rank = self._channels(producer, tuple(w_t.shape)), max(len(w_t.shape), 2)
-        kv = _const(k)
-        assert kv is not None
-        if kv.dtype.kind != "f":
-            raise _Decline(f"constant '{k.name}' is {kv.dtype}, not a float")
-        if kv.ndim > rank:
-            raise _Decline(f"constant '{k.name}' of shape {list(kv.shape)} would broadcast the rank-{rank} output")
-        shape = (1,) * (rank - kv.ndim) + kv.shape
-        if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
-            raise _Decline(f"constant '{k.name}' of shape {list(kv.shape)} is not a scalar or per-channel for "
-                           f"{channels} channels")
-        vec = np.broadcast_to(kv.astype(np.float64).reshape(-1), (channels,))
-        if not np.all(np.isfinite(vec)):
-            raise _Decline(f"constant '{k.name}' has non-finite values")
-        if n.op == "Mul":
-            return self._fold_into(producer, y, n, vec, np.zeros(channels))
-        return self._fold_into(producer, y, n, np.ones(channels), vec)
 
-    # ------------------------------------------------------------------------------------------------- rewriting
+def _fold_bn(scope: _Scope, bn: gs.Node) -> tuple[gs.Node, str]:
+    """Fold an inference BatchNormalization: scale γ/√(σ²+ε), shift β − μ·scale."""
+    if sum(1 for o in bn.outputs if not o.is_empty()) > 1 or bn.attrs.get("training_mode", 0):
+        raise _Decline("training-mode BatchNormalization (running statistics are outputs)")
+    if bn.attrs.get("spatial", 1) == 0:
+        raise _Decline("spatial=0: statistics are per element, not per channel")
+    if len(bn.inputs) != 5:
+        raise _Decline(f"expected 5 inputs, found {len(bn.inputs)}")
+    x = bn.inputs[0]
+    producer = x.inputs[0] if len(x.inputs) == 1 else None
+    if producer is None or not is_std(producer, *PRODUCERS):
+        what = "a graph input" if producer is None else describe(producer)
+        raise _Decline(f"its input comes from {what}, not from Conv, ConvTranspose, Gemm or MatMul")
+    params = []
+    for role, t in zip(("scale", "bias", "mean", "var"), bn.inputs[1:]):
+        v = const_value(t)
+        if v is None:
+            raise _Decline(f"{role} '{t.name}' is not a constant")
+        if v.ndim != 1:
+            raise _Decline(f"{role} '{t.name}' has shape {list(v.shape)}, expected [C]")
+        params.append(v.astype(np.float64))
+    gamma, beta, mean, var = params
+    eps = float(np.float32(bn.attrs.get("epsilon", 1e-5)))
+    if np.any(~(var + eps > 0)):
+        raise _Decline("variance + epsilon is not positive (or NaN) for some channel")
+    scale = gamma / np.sqrt(var + eps)
+    shift = beta - mean * scale
+    return _fold_into(scope, producer, x, bn, scale, shift)
 
-    @staticmethod
-    def _channels(producer: gs.Node, w_shape: tuple[int, ...]) -> int:
-        """Output channels (axis 1 of the output) of a Conv/ConvTranspose/Gemm/MatMul from its weight's shape."""
-        if producer.op == "Conv":
-            return int(w_shape[0])
-        if producer.op == "ConvTranspose":
-            return int(w_shape[1]) * int(producer.attrs.get("group", 1))
-        return int(w_shape[0] if producer.op == "Gemm" and producer.attrs.get("transB", 0) else w_shape[1])
 
-    def _fold_into(self, producer: gs.Node, y: gs.Tensor, consumer: gs.Node, scale: np.ndarray,
-                   shift: np.ndarray) -> tuple[gs.Node, str]:
-        """Fold ``consumer(y) = scale·y + shift`` (per channel) into ``producer``, ``y`` being its output; return
-        the node that now computes the consumer's output and the producer's op type before the rewrite."""
-        where = _desc(producer)
-        if len(producer.outputs) != 1:
-            raise _Decline(f"{where} has {len(producer.outputs)} outputs")
-        if y.name in self._outputs:
-            raise _Decline(f"the output '{y.name}' of {where} is a graph output")
-        if len(y.outputs) != 1:
-            raise _Decline(f"the output '{y.name}' of {where} has {len(y.outputs)} consumers")
-        if len(producer.inputs) < 2:
-            raise _Decline(f"{where} has no weight input")
-        w_t = producer.inputs[1]
-        w = _const(w_t)
-        if w is None:
-            raise _Decline(f"{where}: weight '{w_t.name}' is not an initializer (run fold-constants first)")
-        if w.dtype.kind != "f":
-            raise _Decline(f"{where}: weight '{w_t.name}' is {w.dtype}, not a float")
-        bias_t = producer.inputs[2] if len(producer.inputs) > 2 and not producer.inputs[2].is_empty() else None
-        bias = None
-        if bias_t is not None:
-            bias = _const(bias_t)
-            if bias is None:
-                raise _Decline(f"{where}: bias '{bias_t.name}' is not a constant")
-        op = producer.op
-        w64 = w.astype(np.float64)
-        c = scale.shape[0]
-        if op == "Conv":
-            if w.ndim < 3 or w.shape[0] != c:
-                raise _Decline(f"{where} has {w.shape[0]} output channels, the folded node {c}")
-            new_w = w64 * scale.reshape((c,) + (1,) * (w.ndim - 1))
-        elif op == "ConvTranspose":
-            group = int(producer.attrs.get("group", 1))
-            if w.ndim < 3 or w.shape[0] % group or group * w.shape[1] != c:
-                raise _Decline(f"{where} has {group * w.shape[1]} output channels, the folded node {c}")
-            per = w.shape[1]
-            view = w64.reshape((group, w.shape[0] // group, per) + w.shape[2:])
-            new_w = (view * scale.reshape((group, 1, per) + (1,) * (w.ndim - 2))).reshape(w.shape)
-        else:  # Gemm, MatMul
-            if self._graph.opset < 7:
-                raise _Decline(f"opset {self._graph.opset} < 7 (Gemm without broadcasting)")
-            if w.ndim != 2:
-                raise _Decline(f"{where}: weight '{w_t.name}' has rank {w.ndim}, expected 2")
-            trans_b = op == "Gemm" and bool(producer.attrs.get("transB", 0))
-            n_out = w.shape[0] if trans_b else w.shape[1]
-            if n_out != c:
-                raise _Decline(f"{where} has {n_out} output channels, the folded node {c}")
-            if op == "MatMul":
-                ranks = {len(t.shape) for t in (producer.inputs[0], y) if t.shape is not None}
-                if ranks != {2}:
-                    raise _Decline(f"{where}: output rank is {'unknown' if not ranks else max(ranks)}; the channel "
-                                   "axis 1 is the weight's output axis only for rank 2")
-            new_w = w64 * (scale[:, None] if trans_b else scale[None, :])
-        changes_w = not np.all(scale == 1.0)
-        if changes_w and (len(w_t.outputs) > 1 or w_t.name in self._outputs):
-            raise _Decline(f"{where}: weight '{w_t.name}' is shared with other nodes")
-        if op in CONV_LIKE:
-            if bias is not None and bias.shape != (c,):
-                raise _Decline(f"{where}: bias '{bias_t.name}' has shape {list(bias.shape)}, expected [{c}]")
-            b64 = bias.astype(np.float64) if bias is not None else np.zeros(c)
-            new_b = b64 * scale + shift
-        elif op == "Gemm" and bias is not None:
-            beta = float(np.float32(producer.attrs.get("beta", 1.0)))
-            new_b = beta * bias.astype(np.float64) * scale + shift
-        else:
-            new_b = shift
-        w_out, b_out = new_w.astype(w.dtype), new_b.astype(bias.dtype if bias is not None else w.dtype)
-        if not (np.all(np.isfinite(w_out)) and np.all(np.isfinite(b_out))):
-            raise _Decline(f"{where}: folded values overflow {w.dtype}")
+def _fold_mul_add(scope: _Scope, n: gs.Node) -> tuple[gs.Node, str] | None:
+    """Fold a Mul (scale k) or Add (shift k) by a scalar or per-channel constant k; None when ``n`` is no site."""
+    if len(n.inputs) != 2:
+        return None
+    a, b = n.inputs
+    if isinstance(b, gs.Constant) and not isinstance(a, gs.Constant):
+        y, k = a, b
+    elif isinstance(a, gs.Constant) and not isinstance(b, gs.Constant):
+        y, k = b, a
+    else:
+        return None
+    producer = y.inputs[0] if len(y.inputs) == 1 else None
+    if producer is None or not is_std(producer, *PRODUCERS):
+        return None                     # not a site: Mul/Add elsewhere in the graph
+    if producer.op in ("Gemm", "MatMul") and (y.shape is None or len(y.shape) != 2):
+        return None                     # a MatMul in a transformer ([B, S, N]): no Gemm can take the bias
+    w_t = producer.inputs[1] if len(producer.inputs) > 1 else None
+    if not isinstance(w_t, gs.Constant):
+        raise _Decline(f"{describe(producer)}: weight is not an initializer (run fold-constants first)")
+    if producer.op in CONV_LIKE and (w_t.shape is None or len(w_t.shape) < 3):
+        raise _Decline(f"{describe(producer)}: weight '{w_t.name}' is not a convolution weight")
+    if producer.op not in CONV_LIKE and (w_t.shape is None or len(w_t.shape) != 2):
+        raise _Decline(f"{describe(producer)}: weight '{w_t.name}' is not a matrix")
+    # shape only: no load
+    channels, rank = _channels(producer, tuple(w_t.shape)), max(len(w_t.shape), 2)
+    kv = const_value(k)
+    assert kv is not None
+    if kv.dtype.kind != "f":
+        raise _Decline(f"constant '{k.name}' is {kv.dtype}, not a float")
+    if kv.ndim > rank:
+        raise _Decline(f"constant '{k.name}' of shape {list(kv.shape)} would broadcast the rank-{rank} output")
+    shape = (1,) * (rank - kv.ndim) + kv.shape
+    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+        raise _Decline(f"constant '{k.name}' of shape {list(kv.shape)} is not a scalar or per-channel for "
+                       f"{channels} channels")
+    vec = np.broadcast_to(kv.astype(np.float64).reshape(-1), (channels,))
+    if not np.all(np.isfinite(vec)):
+        raise _Decline(f"constant '{k.name}' has non-finite values")
+    if n.op == "Mul":
+        return _fold_into(scope, producer, y, n, vec, np.zeros(channels))
+    return _fold_into(scope, producer, y, n, np.ones(channels), vec)
 
-        # Rewire: the producer takes the folded constants and the consumer's output tensor; the consumer goes.
-        w_new = gs.Constant(self._fresh(w_t.name), w_out) if changes_w else w_t
-        b_base = bias_t.name if bias_t is not None else (w_t.name[:-6] + "bias" if w_t.name.endswith("weight")
-                                                         else f"{w_t.name}_bias")
-        b_new = gs.Constant(self._fresh(b_base), b_out)
-        out = consumer.outputs[0]
-        consumer.inputs.clear()
-        consumer.outputs.clear()
-        self._remove(consumer)
-        if op == "MatMul":
-            a = producer.inputs[0]
-            producer.inputs.clear()
-            producer.outputs.clear()
-            self._remove(producer)
-            producer = gs.Node("Gemm", name=producer.name, inputs=[a, w_new, b_new], outputs=[out])
-            self._graph.nodes.append(producer)
-            return producer, op
-        producer.inputs[1] = w_new
-        if len(producer.inputs) > 2:
-            producer.inputs[2] = b_new
-        else:
-            producer.inputs.append(b_new)
-        if op == "Gemm":
-            producer.attrs["beta"] = 1.0
+
+def _channels(producer: gs.Node, w_shape: tuple[int, ...]) -> int:
+    """Output channels (axis 1 of the output) of a Conv/ConvTranspose/Gemm/MatMul from its weight's shape."""
+    if producer.op == "Conv":
+        return int(w_shape[0])
+    if producer.op == "ConvTranspose":
+        return int(w_shape[1]) * int(producer.attrs.get("group", 1))
+    return int(w_shape[0] if producer.op == "Gemm" and producer.attrs.get("transB", 0) else w_shape[1])
+
+
+# ---------------------------------------------------------------------------------------------------- rewriting
+
+
+def _fold_into(scope: _Scope, producer: gs.Node, y: gs.Tensor, consumer: gs.Node, scale: np.ndarray,
+               shift: np.ndarray) -> tuple[gs.Node, str]:
+    """Fold ``consumer(y) = scale·y + shift`` (per channel) into ``producer``, ``y`` being its output; return
+    the node that now computes the consumer's output and the producer's op type before the rewrite."""
+    where = describe(producer)
+    w_t, w, bias_t, bias = _operands(scope, producer, y, where)
+    new_w = _scaled_weight(scope, producer, y, w, w_t.name, scale, where)
+    changes_w = not np.all(scale == 1.0)
+    if changes_w and (len(w_t.outputs) > 1 or w_t.name in scope.outputs):
+        raise _Decline(f"{where}: weight '{w_t.name}' is shared with other nodes")
+    new_b = _shifted_bias(producer, bias_t, bias, scale, shift, where)
+    w_out, b_out = new_w.astype(w.dtype), new_b.astype(bias.dtype if bias is not None else w.dtype)
+    if not (np.all(np.isfinite(w_out)) and np.all(np.isfinite(b_out))):
+        raise _Decline(f"{where}: folded values overflow {w.dtype}")
+    w_new = gs.Constant(scope.fresh(w_t.name), w_out) if changes_w else w_t
+    b_base = bias_t.name if bias_t is not None else (w_t.name[:-6] + "bias" if w_t.name.endswith("weight")
+                                                     else f"{w_t.name}_bias")
+    return _rewire(scope, producer, consumer, w_new, gs.Constant(scope.fresh(b_base), b_out))
+
+
+def _operands(scope: _Scope, producer: gs.Node, y: gs.Tensor, where: str
+              ) -> tuple[gs.Constant, np.ndarray, gs.Tensor | None, np.ndarray | None]:
+    """The producer's weight and bias (tensor, value), when it can take a fold at all."""
+    if len(producer.outputs) != 1:
+        raise _Decline(f"{where} has {len(producer.outputs)} outputs")
+    if y.name in scope.outputs:
+        raise _Decline(f"the output '{y.name}' of {where} is a graph output")
+    if len(y.outputs) != 1:
+        raise _Decline(f"the output '{y.name}' of {where} has {len(y.outputs)} consumers")
+    if len(producer.inputs) < 2:
+        raise _Decline(f"{where} has no weight input")
+    w_t = producer.inputs[1]
+    w = const_value(w_t)
+    if w is None:
+        raise _Decline(f"{where}: weight '{w_t.name}' is not an initializer (run fold-constants first)")
+    if w.dtype.kind != "f":
+        raise _Decline(f"{where}: weight '{w_t.name}' is {w.dtype}, not a float")
+    bias_t = producer.inputs[2] if len(producer.inputs) > 2 and not producer.inputs[2].is_empty() else None
+    bias = None
+    if bias_t is not None:
+        bias = const_value(bias_t)
+        if bias is None:
+            raise _Decline(f"{where}: bias '{bias_t.name}' is not a constant")
+    return w_t, w, bias_t, bias
+
+
+def _scaled_weight(scope: _Scope, producer: gs.Node, y: gs.Tensor, w: np.ndarray, w_name: str, scale: np.ndarray,
+                   where: str) -> np.ndarray:
+    """``W' = W·scale`` along the producer's output-channel axis, in float64."""
+    op = producer.op
+    w64 = w.astype(np.float64)
+    c = scale.shape[0]
+    if op == "Conv":
+        if w.ndim < 3 or w.shape[0] != c:
+            raise _Decline(f"{where} has {w.shape[0]} output channels, the folded node {c}")
+        return w64 * scale.reshape((c,) + (1,) * (w.ndim - 1))
+    if op == "ConvTranspose":
+        group = int(producer.attrs.get("group", 1))
+        if w.ndim < 3 or w.shape[0] % group or group * w.shape[1] != c:
+            raise _Decline(f"{where} has {group * w.shape[1]} output channels, the folded node {c}")
+        per = w.shape[1]
+        view = w64.reshape((group, w.shape[0] // group, per) + w.shape[2:])
+        return (view * scale.reshape((group, 1, per) + (1,) * (w.ndim - 2))).reshape(w.shape)
+    # Gemm, MatMul
+    if scope.graph.opset < 7:
+        raise _Decline(f"opset {scope.graph.opset} < 7 (Gemm without broadcasting)")
+    if w.ndim != 2:
+        raise _Decline(f"{where}: weight '{w_name}' has rank {w.ndim}, expected 2")
+    trans_b = op == "Gemm" and bool(producer.attrs.get("transB", 0))
+    n_out = w.shape[0] if trans_b else w.shape[1]
+    if n_out != c:
+        raise _Decline(f"{where} has {n_out} output channels, the folded node {c}")
+    if op == "MatMul":
+        ranks = {len(t.shape) for t in (producer.inputs[0], y) if t.shape is not None}
+        if ranks != {2}:
+            raise _Decline(f"{where}: output rank is {'unknown' if not ranks else max(ranks)}; the channel "
+                           "axis 1 is the weight's output axis only for rank 2")
+    return w64 * (scale[:, None] if trans_b else scale[None, :])
+
+
+def _shifted_bias(producer: gs.Node, bias_t: gs.Tensor | None, bias: np.ndarray | None, scale: np.ndarray,
+                  shift: np.ndarray, where: str) -> np.ndarray:
+    """``b' = b·scale + shift`` (a Gemm's C times its beta), in float64; ``shift`` when there is no bias."""
+    c = scale.shape[0]
+    if producer.op in CONV_LIKE:
+        if bias is not None and bias.shape != (c,):
+            assert bias_t is not None
+            raise _Decline(f"{where}: bias '{bias_t.name}' has shape {list(bias.shape)}, expected [{c}]")
+        b64 = bias.astype(np.float64) if bias is not None else np.zeros(c)
+        return b64 * scale + shift
+    if producer.op == "Gemm" and bias is not None:
+        beta = float(np.float32(producer.attrs.get("beta", 1.0)))
+        return beta * bias.astype(np.float64) * scale + shift
+    return shift
+
+
+def _rewire(scope: _Scope, producer: gs.Node, consumer: gs.Node, w_new: gs.Tensor, b_new: gs.Constant
+            ) -> tuple[gs.Node, str]:
+    """The producer takes the folded constants and the consumer's output tensor; the consumer goes. A MatMul
+    becomes a Gemm (it has no bias input)."""
+    op = producer.op
+    out = consumer.outputs[0]
+    consumer.inputs.clear()
+    consumer.outputs.clear()
+    scope.remove(consumer)
+    if op == "MatMul":
+        a = producer.inputs[0]
+        producer.inputs.clear()
         producer.outputs.clear()
-        producer.outputs.append(out)
+        scope.remove(producer)
+        producer = gs.Node("Gemm", name=producer.name, inputs=[a, w_new, b_new], outputs=[out])
+        scope.graph.nodes.append(producer)
         return producer, op
-
-    def _remove(self, n: gs.Node) -> None:
-        nodes = self._graph.nodes
-        del nodes[next(i for i, m in enumerate(nodes) if m is n)]
-
-    def _fresh(self, name: str) -> str:
-        """A new tensor name derived from ``name``: ``w`` -> ``w_fold`` (``w_fold_2``, ... if taken)."""
-        base = re.sub(r"_fold(_\d+)?$", "", name) + "_fold"
-        new, i = base, 1
-        while new in self._names:
-            i += 1
-            new = f"{base}_{i}"
-        self._names.add(new)
-        return new
+    producer.inputs[1] = w_new
+    if len(producer.inputs) > 2:
+        producer.inputs[2] = b_new
+    else:
+        producer.inputs.append(b_new)
+    if op == "Gemm":
+        producer.attrs["beta"] = 1.0
+    producer.outputs.clear()
+    producer.outputs.append(out)
+    return producer, op

@@ -23,17 +23,22 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
-from graphopt.passes.base import Pass, PassContext, PassResult, register
 
+from graphopt.graph import describe, is_std
 from graphopt.runtime import session_options
 
-STANDARD = ("", "ai.onnx", None)
+from .base import Pass, PassContext, PassResult, register
+
 NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
                     "Bernoulli", "Dropout"}
 # Folding DequantizeLinear(int8 weight) would turn a quantized model's weights back into float: 4x the size, and
 # onnxruntime could no longer form its integer kernels.
 QUANTIZATION = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 GROWTH_LIMIT_BYTES = 1 << 20
+
+# Result count keys.
+CONSTANTS_LOWERED = "Constant nodes lowered"
+NODES_FOLDED = "nodes folded"
 
 
 def constant_value(node: gs.Node) -> np.ndarray | str:
@@ -60,19 +65,19 @@ def lower_constant_nodes(graph: gs.Graph, res: PassResult) -> None:
     """Turn ai.onnx Constant nodes into initializers (see the module docstring for what is declined)."""
     outputs = {t.name for t in graph.outputs}
     for node in graph.nodes:
-        if node.op != "Constant" or node.domain not in STANDARD or not node.outputs:
+        if not is_std(node, "Constant") or not node.outputs:
             continue
         out = node.outputs[0]
         if out.name in outputs:
-            res.decline(f"Constant '{node.name or out.name}'", "its output is a graph output")
+            res.decline(describe(node), "its output is a graph output")
             continue
         value = constant_value(node)
         if isinstance(value, str):
-            res.decline(f"Constant '{node.name or out.name}'", value)
+            res.decline(describe(node), value)
             continue
         out.inputs.clear()
         out.to_constant(value)
-        res.count("Constant nodes lowered")
+        res.count(CONSTANTS_LOWERED)
         res.changed = True
 
 
@@ -99,7 +104,7 @@ class FoldConstants(Pass):
                            if isinstance(t, gs.Constant) and name not in inputs}
         candidates: list[gs.Node] = []
         for node in graph.nodes:
-            if node.domain not in STANDARD or node.op in NONDETERMINISTIC | QUANTIZATION or node.op == "Constant":
+            if not is_std(node) or node.op in NONDETERMINISTIC | QUANTIZATION or node.op == "Constant":
                 continue
             real_inputs = [t for t in node.inputs if not t.is_empty()]
             if not real_inputs or not all(t.name in known for t in real_inputs):
@@ -136,7 +141,7 @@ class FoldConstants(Pass):
         for node in candidates:
             if id(node) not in folded:
                 continue
-            res.count("nodes folded")
+            res.count(NODES_FOLDED)
             res.changed = True
             for t in list(node.outputs):
                 if self._is_boundary(t, folded):

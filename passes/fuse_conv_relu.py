@@ -28,23 +28,24 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from graphopt.passes.base import Pass, PassContext, PassResult, register
 
-STANDARD = ("", "ai.onnx", None)
-MS_DOMAIN = "com.microsoft"
+from graphopt.graph import MS_DOMAIN, const_value, describe, is_std
+
+from .base import Pass, PassContext, PassResult, register
+
 ACTIVATIONS = ("Relu", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "Clip")
+
+# Result count key: one per activation, e.g. "Conv+Relu fused".
+FUSED = "Conv+{act} fused"
+
+
+def fused_key(act: str) -> str:
+    """The result count key of Convs fused with an ``act`` activation."""
+    return FUSED.format(act=act)
 
 
 class _Decline(Exception):
     """A site that does not qualify; the message is the reason."""
-
-
-def _std(n: gs.Node, *ops: str) -> bool:
-    return n.domain in STANDARD and n.op in ops
-
-
-def _desc(n: gs.Node) -> str:
-    return f"{n.op} '{n.name or (n.outputs[0].name if n.outputs else '')}'"
 
 
 def activation_params(act: gs.Node) -> list[float]:
@@ -73,8 +74,11 @@ def activation_params(act: gs.Node) -> list[float]:
 
 
 def _dtype(t: gs.Tensor) -> str | None:
-    if isinstance(t, gs.Constant):
-        return str(np.asarray(t.values).dtype)
+    """The tensor's dtype name, None when unknown. Not graph.is_float32: the decline names the dtype, and a dtype
+    numpy does not know (gs keeps bfloat16 as its onnx type number) must give a name, not a TypeError."""
+    value = const_value(t)
+    if value is not None:
+        return str(value.dtype)
     if t.dtype is None:
         return None
     try:
@@ -99,13 +103,13 @@ class FuseConvActivation(Pass):
         res = PassResult()
         outputs = {t.name for t in graph.outputs}
         for act in list(graph.nodes):
-            if not _std(act, *ACTIVATIONS) or not act.inputs or not act.outputs:
+            if not is_std(act, *ACTIVATIONS) or not act.inputs or not act.outputs:
                 continue
             y = act.inputs[0]
             conv = y.inputs[0] if len(y.inputs) == 1 else None
-            if conv is None or not _std(conv, "Conv"):
+            if conv is None or not is_std(conv, "Conv"):
                 continue
-            site = f"{_desc(conv)} + {_desc(act)}"
+            site = f"{describe(conv)} + {describe(act)}"
             try:
                 if y.name in outputs:
                     raise _Decline(f"the Conv output '{y.name}' is a graph output")
@@ -134,6 +138,6 @@ class FuseConvActivation(Pass):
             graph.nodes.append(gs.Node("FusedConv", name=conv.name, domain=MS_DOMAIN, attrs=attrs,
                                        inputs=inputs, outputs=[out]))
             res.changed = True
-            res.count(f"Conv+{act.op} fused")
-            res.layers.append({"conv": _desc(conv), "activation": act.op, "params": params})
+            res.count(fused_key(act.op))
+            res.layers.append({"conv": describe(conv), "activation": act.op, "params": params})
         return res

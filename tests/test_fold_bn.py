@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import graphopt
 from graphopt.io import load_model
+from graphopt.passes.fold_bn import folded_key
 from graphs import (assert_same_outputs, attrs, declined, initializer, make_model, node, node_by_op, ops, rand, run_passes, same_graph)
 
 
@@ -134,7 +135,7 @@ def test_matmul_constant_weight_becomes_gemm():
                        [("x", ["batch", 7])], ["y"], inits)
     out, _ = fold(model)
     assert ops(out) == ["Gemm"]
-    assert run_passes(model, ["fold-bn"])[1][0].result.counts == {"BatchNormalization folded into MatMul": 1}
+    assert run_passes(model, ["fold-bn"])[1][0].result.counts == {folded_key("BatchNormalization", "MatMul"): 1}
     gemm = node_by_op(out, "Gemm")
     assert gemm.name == "fc" and list(gemm.input) == ["x", "fc.weight_fold", "fc.bias_fold"]
     assert_same_outputs(model, out)
@@ -152,6 +153,9 @@ def test_mul_add_after_conv():
     out, reasons = fold(model)
     assert ops(out) == ["Conv"] and reasons == []
     assert_same_outputs(model, out)
+    counts = run_passes(model, ["fold-bn"])[1][0].result.counts
+    assert counts == {folded_key("Mul", "Conv"): 2, folded_key("Add", "Conv"): 2,
+                      folded_key("BatchNormalization", "Conv"): 1}
 
 
 @pytest.mark.parametrize("first", ["MatMul", "Gemm", "Gemm-transB"])
@@ -366,7 +370,7 @@ def test_optimize_default_pipeline():
     assert ops(out) == ["Conv", "Relu"]
     assert report.validation is not None and report.validation.passed
     assert [p["pass"] for p in report.passes] == ["fold-constants", "fold-bn"]
-    assert report.passes[1]["counts"] == {"BatchNormalization folded into Conv": 1}
+    assert report.passes[1]["counts"] == {folded_key("BatchNormalization", "Conv"): 1}
 
 
 def test_cli_default_pipeline(tmp_path):

@@ -15,6 +15,7 @@ import graphopt
 from graphopt.errors import UsageError
 from graphopt.pipeline import DEFAULT_PIPELINE, check_order, make_spec, registry
 from graphopt.passes.base import Pass
+from graphopt.passes.fuse_conv_relu import fused_key
 from graphs import (MS_DOMAIN, assert_same_outputs, attrs, declined, make_model, node, node_by_op, ops, rand, run_passes, same_graph)
 
 FUSED = f"{MS_DOMAIN}.FusedConv"
@@ -63,6 +64,7 @@ def test_fuses(case):
     model = conv_act_model(act, inits, opset=opset, pads=[1, 1, 1, 1])
     out, reasons = fuse(model)
     assert ops(out) == [FUSED] and reasons == []
+    assert run_passes(model, ["fuse-conv-relu"])[1][0].result.counts == {fused_key(activation): 1}
     fused = node_by_op(out, "FusedConv")
     a = attrs(fused)
     assert a["activation"].decode() == activation

@@ -19,8 +19,8 @@ PACKAGES = {"graphopt": "graphopt", "passes": "graphopt.passes", "calibration": 
 # Bottom to top; a module may import its own layer and those below it.
 LAYERS = [
     {"graphopt", "graphopt.errors", "graphopt.io", "graphopt.graph"},
-    {"graphopt.runtime", "graphopt.validate"},
-    {"graphopt.calibration", "graphopt.calibration.readers"},
+    {"graphopt.runtime", "graphopt.metrics", "graphopt.validate"},
+    {"graphopt.calibration", "graphopt.calibration.feeds", "graphopt.calibration.npz", "graphopt.calibration.readers"},
     {"graphopt.calibration.*"},
     {"graphopt.passes", "graphopt.passes.*"},
     {"graphopt.pipeline", "graphopt.report", "graphopt.api", "graphopt.cli", "graphopt.__main__"},

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.calibration.readers import LABELS_KEY, open_source
+from graphopt.calibration.readers import LABELS_KEY, IterableSource, model_inputs, open_source
 from conftest import conv_model
 from graphopt.errors import InputError
 from graphopt.runtime import count_macs
@@ -90,7 +90,6 @@ def test_validation_metrics_known_values():
         if t.name == "fc_b":
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1.5), "fc_b"))
     feeds = [{"x": np.random.default_rng(i).standard_normal((4, 3, 8, 8)).astype(np.float32)} for i in range(3)]
-    from graphopt.calibration.readers import IterableSource, model_inputs
 
     src = IterableSource(feeds, model_inputs(ref))
     res = validate(ref, scaled, src, exact=False, thresholds=Thresholds(min_cosine=0.999))
@@ -120,7 +119,6 @@ def test_top1_only_for_softmax_outputs_when_the_model_has_them():
     noisy.CopyFrom(ref)
     noisy.graph.initializer[0].CopyFrom(numpy_helper.from_array(w_box + rng.standard_normal((8, 4)).astype(
         np.float32), "w_box"))                      # the boxes change a lot, the face score not at all
-    from graphopt.calibration.readers import IterableSource, model_inputs
     src = IterableSource([{"x": rng.standard_normal((64, 8)).astype(np.float32)}], model_inputs(ref))
     res = validate(ref, noisy, src, exact=False, thresholds=Thresholds(min_top1=0.95))
     assert res.outputs[0].top1 is None and res.outputs[1].top1 == 1.0 and res.passed
@@ -196,7 +194,6 @@ def test_exact_validation_allows_onnxruntimes_own_rounding_spread_and_nothing_mo
     """Written out as Sub/Mul/Add the model is the same function, but rounds as onnxruntime does with its
     optimizations off, well past 1e-4 of the output here: that passes, because the input model itself differs that
     much between optimization levels. A real change (beta 0.5 lower) still fails."""
-    from graphopt.calibration.readers import IterableSource, model_inputs
 
     ref = _cancelling_bn_net()
     feeds = [{"x": np.random.default_rng(i).standard_normal((2, 3, 8, 8)).astype(np.float32)} for i in range(3)]
@@ -212,7 +209,6 @@ def test_exact_validation_counts_the_rewritten_models_own_rounding_spread():
     """The other way round: the input spells the BatchNormalization out (onnxruntime leaves it as it is, so the
     input model has no spread), the rewrite is the BatchNormalization onnxruntime folds into the Conv. The rewritten
     model's own spread is what the difference is made of, so it passes; a real change still fails."""
-    from graphopt.calibration.readers import IterableSource, model_inputs
 
     ref = _cancelling_bn_net(explicit=True)
     feeds = [{"x": np.random.default_rng(i).standard_normal((2, 3, 8, 8)).astype(np.float32)} for i in range(3)]
@@ -227,7 +223,6 @@ def test_exact_validation_counts_the_rewritten_models_own_rounding_spread():
 def test_top1_per_position_for_a_sequence_softmax():
     """[N, T, C] Softmax over the last axis (a CTC recogniser): top-1 agreement counts positions. The same-shaped
     output of a MatMul is no class score and gets none."""
-    from graphopt.calibration.readers import IterableSource, model_inputs
 
     f = np.float32
     w = np.random.default_rng(0).standard_normal((6, 5)).astype(f)

@@ -24,7 +24,8 @@ from graphopt.passes.base import PassContext
 from graphopt.graph import export, import_graph
 from graphopt.pipeline import make_spec, run_pipeline
 from graphs import (assert_same_outputs, attrs, declined, initializer, make_model, node, ops, rand, random_feeds, rel_error, run, run_passes, same_graph)
-from graphopt.passes.svd import SVD, SecondMoment, decompose, rank_for_error, relative_output_error, truncation_error
+from graphopt.passes.svd import CALIBRATION_SAMPLES, LAYERS_FACTORIZED, PARAMS_REMOVED, SVD
+from graphopt.passes.svd.lowrank import SecondMoment, decompose, rank_for_error, relative_output_error, truncation_error
 
 K, N = 48, 40  # r*(K+N) < K*N  <=>  r < 21.8
 
@@ -101,6 +102,7 @@ def test_gemm_reduced_rank_matches_the_truncated_weight():
     assert ops(out) == ["Gemm", "Gemm"] and not reasons
     row = records[0].result.layers[0]
     assert row["rank"] == 8 and row["params_before"] == K * N and row["params_after"] == 8 * (K + N)
+    assert records[0].result.counts == {LAYERS_FACTORIZED: 1, PARAMS_REMOVED: K * N - 8 * (K + N)}
     assert row["macs_before"] == 5 * K * N and row["macs_after"] == 5 * 8 * (K + N)  # m = 5 rows at batch 1
     w = initializer(model, "fc.weight").T.astype(np.float64)
     u, s, vt = np.linalg.svd(w)
@@ -342,6 +344,10 @@ def test_cli_mnist_mlp(cli, tmp_path):
     report = json.loads(rep.read_text())
     layers = {row["shape"]: row for row in report["passes"][0]["layers"]}
     assert layers["784x512"]["status"] == layers["512x256"]["status"] == "factorized"
+    counts = report["passes"][0]["counts"]
+    assert counts[LAYERS_FACTORIZED] == 2 and counts[CALIBRATION_SAMPLES] > 0
+    assert counts[PARAMS_REMOVED] == sum(layers[s]["params_before"] - layers[s]["params_after"]
+                                         for s in ("784x512", "512x256"))
     assert all(0 < layers[s]["output_error"] < 0.15 for s in ("784x512", "512x256"))
     assert report["passes"][0]["declined"] == [{"site": "Gemm '/net/net.5/Gemm'",
                                                 "reason": "2560 weight parameters < min-size 4096"}]
