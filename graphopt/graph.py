@@ -43,8 +43,14 @@ def const_value(t: gs.Tensor) -> np.ndarray | None:
 
 
 def is_float32(t: gs.Tensor) -> bool:
-    """The tensor's dtype is known and float32."""
-    return t.dtype is not None and np.dtype(t.dtype) == np.dtype(np.float32)
+    """The tensor's dtype is known and float32 (onnx-graphsurgeon keeps types numpy lacks, such as bfloat16, as
+    onnx type numbers: those are not)."""
+    if t.dtype is None:
+        return False
+    try:
+        return np.dtype(t.dtype) == np.dtype(np.float32)
+    except TypeError:
+        return False
 
 
 def quantized_ops(graph: gs.Graph) -> list[str]:
