@@ -25,17 +25,20 @@ hide a bug in ours)::
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnx.parser
 import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.passes.base import PassContext
 from graphopt.pipeline import StepRecord, make_spec, run_pipeline
 
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"          # the small trained models shipped with graphopt
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
 
@@ -103,6 +106,37 @@ def parse_model(text: str, *, opset: int = OPSET, check: bool = True, **initiali
     model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items())
     if check:
         onnx.checker.check_model(model)
+    return model
+
+
+def conv_model(opset: int = 17, batch: int | str = "N", constant_nodes: bool = True) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv(w*2, pads 1) -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> y[N,5].
+
+    With ``constant_nodes`` the conv weight and the factor 2 sit in Constant nodes, as exporters like Paddle do.
+    """
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    fc = rng.standard_normal((5, 4)).astype(np.float32)
+    fcb = rng.standard_normal(5).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 5])
+    nodes = []
+    inits = [numpy_helper.from_array(fc, "fc_w"), numpy_helper.from_array(fcb, "fc_b")]
+    if constant_nodes:
+        nodes += [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w)),
+                  helper.make_node("Constant", [], ["two"], value_float=2.0)]
+    else:
+        inits += [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(2.0, np.float32), "two")]
+    nodes += [helper.make_node("Mul", ["w", "two"], ["w2"]),
+              helper.make_node("Conv", ["x", "w2"], ["c"], pads=[1, 1, 1, 1]),
+              helper.make_node("Relu", ["c"], ["r"]),
+              helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+              helper.make_node("Flatten", ["p"], ["f"]),
+              helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "conv", [x], [y], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
     return model
 
 
@@ -212,3 +246,14 @@ def _canonical(model: onnx.ModelProto) -> tuple:
 def same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
     """Same nodes and initializers (in any order: passes toposort), same inputs and outputs."""
     return _canonical(a) == _canonical(b)
+
+
+def assert_one_line_error(res: Any, code: int, *needles: str) -> None:
+    """A CLI result (conftest's ``cli`` fixture) that failed with ``code`` and one line of stderr holding
+    ``needles``, no traceback."""
+    assert res.code == code, (res.code, res.err)
+    lines = [line for line in res.err.splitlines() if line.strip()]
+    assert len(lines) == 1, res.err
+    assert "Traceback" not in res.err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])

@@ -184,7 +184,7 @@ def test_collector_runs_are_bounded_whatever_the_batch(budget, expected):
     range is the same as one pass over all rows."""
     from graphopt.calibration.collector import collect
     from graphopt.calibration.readers import Batch
-    from tests.graphs import make_model, node
+    from graphs import make_model, node
 
     model = make_model([node("Relu", ["x"], ["y"])], [("x", ["N", 8])], [("y", ["N", 8])])
     x = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
@@ -199,7 +199,7 @@ def test_collector_skips_an_empty_batch():
     the run-size arithmetic divide by zero and crash the quantize pass."""
     from graphopt.calibration.collector import collect
     from graphopt.calibration.readers import Batch
-    from tests.graphs import make_model, node
+    from graphs import make_model, node
 
     model = make_model([node("Relu", ["x"], ["y"])], [("x", ["N", 8])], [("y", ["N", 8])])
     x = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)

@@ -13,7 +13,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import graphopt.io
-from conftest import assert_one_line_error, conv_model
+from graphs import assert_one_line_error, conv_model
 
 
 def _no_output(folder: Path, out: Path) -> None:

@@ -8,7 +8,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from conftest import conv_model
+from graphs import conv_model
 from graphopt.passes.fold_constants import CONSTANTS_LOWERED, NODES_FOLDED
 
 

@@ -12,7 +12,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 import graphopt
 import tests_support_pass  # noqa: F401  (registers the lossy 'test-scale' pass)
-from conftest import assert_one_line_error, conv_model
+from graphs import assert_one_line_error, conv_model
 from graphopt.errors import UsageError, ValidationFailed
 from graphopt.pipeline import PassSpec, check_order, make_spec, parse_pass_arg, registry
 from graphopt.runtime import cpu_info

@@ -24,7 +24,7 @@ from graphopt.passes.prune_channels import CHANNELS_IN_PRUNABLE_GROUPS, CHANNELS
 from graphopt.passes.pruning import selection
 from graphopt.passes.pruning.edits import Names, SetCount, SetSplit, SliceConst, apply
 from graphopt.pipeline import make_spec, parse_pass_arg
-from tests.graphs import (assert_same_outputs, attrs, declined, initializer, make_model, node, ops, rand, rel_error, run, run_passes, same_graph)
+from graphs import (assert_same_outputs, attrs, declined, initializer, make_model, node, ops, rand, rel_error, run, run_passes, same_graph)
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.calibration.readers import LABELS_KEY, IterableSource, model_inputs, open_source
-from conftest import conv_model
+from graphs import conv_model
 from graphopt.errors import InputError
 from graphopt.runtime import count_macs
 from graphopt.validate import Thresholds, validate

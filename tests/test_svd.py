@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from graphopt.calibration.readers import open_source
-from conftest import MODELS, assert_one_line_error
+from graphs import MODELS, assert_one_line_error
 from graphopt.errors import UsageError
 from graphopt.passes.base import PassContext
 from graphopt.graph import export, import_graph
