@@ -147,6 +147,28 @@ def test_refuses_after_fuse_conv_relu_or_before_rewrites():
         graphopt.optimize(conv_net(), ["fuse-conv-relu", "quantize"], calib_data=calib(), latency_runs=0)
 
 
+def test_constant_node_weights_and_batchnorm_are_folded_before_quantize_by_its_prerequisites():
+    """quantize runs no pass inside itself: it declares fold-constants and fold-bn, which the pipeline runs right
+    before it. A Paddle-style Conv whose weight and BatchNormalization parameters sit in Constant nodes is then
+    quantized with the BatchNormalization folded into its weights (left in place, it would sit between the integer
+    Conv and its requantization)."""
+    rng = np.random.default_rng(0)
+    f = np.float32
+    params = {"w": (rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(f), "s": rng.uniform(0.5, 2, 4).astype(f),
+              "b": rng.standard_normal(4).astype(f), "m": rng.standard_normal(4).astype(f) * 0.1,
+              "v": rng.uniform(0.5, 2, 4).astype(f)}
+    nodes = [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(v, k)) for k, v in params.items()]
+    nodes += [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+              helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["n"], name="bn"),
+              helper.make_node("Relu", ["n"], ["y"], name="relu")]
+    m = _model(nodes, [], ["N", 3, 16, 16], ["N", 4, 16, 16])
+    out, rep = graphopt.optimize(m, ["quantize:min-cosine=0,min-top1=0"], calib_data=calib(), latency_runs=0)
+    assert [p["pass"].partition(":")[0] for p in rep.passes] == ["fold-constants", "fold-bn", "quantize"]
+    assert "BatchNormalization" not in ops(out) and "Constant" not in ops(out)
+    assert rep.passes[-1]["counts"][UNITS_INT8] == 1
+    assert rep.validation.outputs[0].cosine > 0.99
+
+
 def test_old_opset_is_upgraded_for_per_channel(tmp_path):
     out, rep = graphopt.optimize(conv_net(opset=10), ["quantize"], calib_data=calib(), latency_runs=0)
     assert any("upgraded 10 -> 13" in n for n in rep.passes[-1]["notes"])
@@ -466,7 +488,7 @@ def test_trained_models_keep_accuracy_through_cli(cli, tmp_path, name, data):
               "--val-data", MODELS / f"{data}_eval.npz", "--report", rep, "--latency-runs", "0")
     assert res.code == 0, res.err
     report = json.loads(rep.read_text())
-    assert any(n.startswith("method=mse,") for n in report["passes"][0]["notes"])     # the default range method
+    assert any(n.startswith("method=mse,") for n in report["passes"][-1]["notes"])     # the default range method
     v = report["validation"]
     assert v["accuracy_before"] - v["accuracy_after"] <= 0.005, v
     assert v["outputs"][0]["top1"] >= 0.99

@@ -31,7 +31,6 @@ from typing import Literal
 import onnx
 import onnx_graphsurgeon as gs
 from graphopt.passes.base import Pass, PassContext, PassResult, register
-from graphopt.passes.fold_bn import FoldBatchNorm
 from graphopt.passes.fold_constants import lower_constant_nodes
 from graphopt.passes.options import option
 from onnx import version_converter
@@ -53,6 +52,7 @@ class Quantize(Pass):
     name = "quantize"
     summary = "int8 QDQ quantization with minmax/kl/percentile calibration and a sensitivity-guided float fallback."
     exact = False
+    prerequisites = ("fold-constants", "fold-bn")
     must_not_follow = {"fuse-conv-relu": "onnxruntime's int8 kernels match plain Conv; a FusedConv made before "
                                          "quantize stays float — run fuse-conv-relu without quantize"}
 
@@ -108,16 +108,11 @@ class Quantize(Pass):
         reduce = reduce_range_auto() if o.reduce_range == "auto" else o.reduce_range == "true"
         targets = o.min_cosine > 0 or o.min_top1 > 0
         setup = Setup(o, upgrade, o.per_channel and not failed, reduce, ctx.calib is not None,
-                      targets and ctx.calib is not None, PassResult())
+                      targets and ctx.calib is not None)
         if failed and graph.opset < 10:
             return declined(setup, None, opset_declined(graph.opset))
-        lower_constant_nodes(graph, setup.folded)
-        graph.cleanup()
+        # dtypes (only float32 tensors are quantized; unknown ones stay float) and shapes (a Conv's SAME padding)
         infer_shapes(graph, ctx.original)
-        folded = FoldBatchNorm(FoldBatchNorm.Options()).run(graph, ctx)
-        for key, n in folded.counts.items():
-            setup.folded.count(key, n)
-        graph.cleanup()
         plan = make_plan(graph, o.exclude)
         if not plan.units:
             return declined(setup, plan, NO_UNITS)
@@ -157,8 +152,9 @@ class Quantize(Pass):
 
     @staticmethod
     def _upgrade(graph: gs.Graph, ctx: PassContext, target: int) -> Upgrade:
-        """Convert the graph (in place) to opset ``target``; the opset converter may write Constant nodes, which
-        become initializers as fold-constants makes them (quantize reads weights and Clip bounds as constants)."""
+        """Convert the graph (in place) to opset ``target``. The converter runs after the prerequisites and may
+        write Constant nodes (a Clip's bounds from opset < 11): they become initializers as fold-constants makes
+        them, since the plan reads weights and Clip bounds as constants."""
         old = graph.opset
         try:
             converted = version_converter.convert_version(export(graph, ctx.original), target)
@@ -166,4 +162,6 @@ class Quantize(Pass):
         except Exception as e:
             return Upgrade(old, target, str(e) or type(e).__name__)
         replace_graph(graph, import_graph(converted))
+        lower_constant_nodes(graph, PassResult())
+        graph.cleanup()             # shape inference fails on the lowered Constant nodes' leftovers
         return Upgrade(old, target, None)

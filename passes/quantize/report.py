@@ -51,7 +51,6 @@ class Setup:
     reduce_range: bool
     calib: bool
     fallback: bool
-    folded: PassResult      # Constant nodes lowered and BatchNormalization folded before planning
 
 
 class Trial(NamedTuple):
@@ -132,8 +131,6 @@ def report(setup: Setup, plan: Plan, calibration: Calibration, best: Trial, trie
 
 
 def _setup_notes(res: PassResult, setup: Setup) -> None:
-    res.counts.update(setup.folded.counts)
-    res.declined += setup.folded.declined
     up = setup.upgrade
     if up is None:
         return
