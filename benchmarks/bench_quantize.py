@@ -769,9 +769,9 @@ def environment() -> dict[str, Any]:
     except OSError:
         rev = "?"
     h = hashlib.sha256()
-    for f in sorted([ROOT / "passes" / "quantize.py", *(ROOT / "calibration").glob("*.py")]):
+    for f in sorted([*(ROOT / "passes" / "quantize").glob("*.py"), *(ROOT / "calibration").glob("*.py")]):
         h.update(f.read_bytes())
-    return {"graphopt": f"git {rev}, sha256 of passes/quantize.py + calibration/*.py {h.hexdigest()[:12]}",
+    return {"graphopt": f"git {rev}, sha256 of passes/quantize/*.py + calibration/*.py {h.hexdigest()[:12]}",
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "cpu": name, "isa": isa,
             "cores": len(os.sched_getaffinity(0)), "onnxruntime": ort.__version__, "onnx": onnx.__version__,
             "numpy": np.__version__, "python": platform.python_version(),

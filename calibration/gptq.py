@@ -15,7 +15,7 @@ diagonal added (GPTQ's damping) and inputs that were always zero keep their near
 the updates vanish and GPTQ is round-to-nearest.
 H describes the calibration inputs only: with fewer input vectors than ~8 per dimension (a classifier's last Gemm
 seen on 64 images: 64 rows for 1280 inputs) the compensation fits those inputs and hurts others, so the pass
-(``passes/quantize.py``) rounds such layers to nearest (``enough_rows``). With enough rows the gain per layer holds
+(``passes/quantize/``) rounds such layers to nearest (``enough_rows``). With enough rows the gain per layer holds
 on other data (PP-OCRv4 rec, H from 32 calibration lines: E‖ΔW x‖² 0.01–0.42× nearest's on other documents, every
 one of 47 layers), but the whole model's error does not follow it predictably once some tensors stay float (rec:
 leaving the first depthwise conv's output float takes the output cosine 0.990 → 0.971 with GPTQ, 0.977 → 0.988 with

@@ -11,7 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt.calibration.bias_correction import PatchMeanObserver, rounding_offset
-from graphopt.passes.quantize import _conv_geometry
+from graphopt.passes.quantize.calibrate import conv_geometry
+from graphopt.passes.quantize.report import BIASES_CORRECTED
 from tests.graphs import session
 from tests.test_gptq import GEOMETRIES, _conv_model
 from tests.test_quantize import ort_kernels
@@ -26,7 +27,7 @@ def test_mean_patch_gives_onnxruntimes_mean_conv_output(xs, ws, group, strides, 
     x = (rng.standard_normal(xs) + rng.uniform(-2, 2, (1, xs[1]) + (1,) * (len(xs) - 2))).astype(np.float32)
     attrs = dict(group=group, strides=strides, dilations=dil)
     attrs.update(auto_pad=pads) if isinstance(pads, str) else attrs.update(pads=pads)
-    geometry = _conv_geometry(gs.import_onnx(_conv_model(xs, np.zeros(ws, np.float32), **attrs)).nodes[0])
+    geometry = conv_geometry(gs.import_onnx(_conv_model(xs, np.zeros(ws, np.float32), **attrs)).nodes[0])
     obs = PatchMeanObserver(geometry)
     obs.update(x[:1])
     obs.update(x[1:])
@@ -101,7 +102,7 @@ def test_quantize_removes_the_rounding_mean_error(op, tmp_path):
     before, after = np.abs(_mean_error(m, plain, data)), np.abs(_mean_error(m, fixed, data))
     assert before.max() > 0.015, before                  # the rounding's mean error is real
     assert after.max() < 0.1 * before.max(), (before, after)
-    assert rep.passes[0]["counts"]["biases corrected"] == 1
+    assert rep.passes[-1]["counts"][BIASES_CORRECTED] == 1
     layer = next(n for n in fixed.graph.node if n.name == "layer")
     assert len(layer.input) == 3 and len(next(n for n in plain.graph.node if n.name == "layer").input) == 2
     assert ("QLinearConv" if op == "Conv" else "QGemm") in ort_kernels(fixed, tmp_path)
@@ -132,11 +133,11 @@ def test_loaded_ranges_without_data_skip_the_correction_and_say_so(tmp_path):
     m, data = _highpass_model("Conv")
     _, first = graphopt.optimize(m, ["quantize:method=minmax,min-cosine=0,min-top1=0"], calib_data=data,
                                  latency_runs=0)
-    ranges = first.passes[0]["artifacts"]["calibration"]["ranges"]
+    ranges = first.passes[-1]["artifacts"]["calibration"]["ranges"]
     out, rep = graphopt.optimize(m, ["quantize:min-cosine=0,min-top1=0"], calibration_ranges=ranges,
                                  latency_runs=0, validate_output=False)
-    assert "biases corrected" not in rep.passes[0]["counts"]
-    assert any(n.startswith("bias correction skipped: no calibration data") for n in rep.passes[0]["notes"])
+    assert BIASES_CORRECTED not in rep.passes[-1]["counts"]
+    assert any(n.startswith("bias correction skipped: no calibration data") for n in rep.passes[-1]["notes"])
     assert len(next(n for n in out.graph.node if n.name == "layer").input) == 2
 
 
@@ -181,7 +182,7 @@ def test_full_mean_correction_matches_every_layers_mean_to_float():
     half as four: each feed's residual is measured under the corrections upstream as they stood), downstream of the
     shift that the first layer's clipped output gives the second; before, the second layer was off by far more."""
     from graphopt.calibration.bias_correction import refit_biases
-    from graphopt.passes.quantize import _with_bias_steps
+    from graphopt.passes.quantize.weights import with_bias_steps
     m, data = _two_convs()
     plain, _ = graphopt.optimize(m, ["quantize:min-cosine=0,min-top1=0,bias-correction=false"], calib_data=data,
                                  latency_runs=0)
@@ -199,7 +200,7 @@ def test_full_mean_correction_matches_every_layers_mean_to_float():
         return [np.abs(e.mean(axis=(0, 2, 3))) for e in d]
 
     def refit(feeds: list[dict[str, np.ndarray]]) -> onnx.ModelProto:
-        return _with_bias_steps(onnx.load_from_string(plain.SerializeToString()), refit_biases(plain, m, sites, feeds))
+        return with_bias_steps(onnx.load_from_string(plain.SerializeToString()), refit_biases(plain, m, sites, feeds))
 
     before, exact, streamed = mean_errors(plain), mean_errors(refit(whole)), mean_errors(refit(data))
     for site, err in zip(sites, exact):                   # all rows at once: the bias grid is the only error left
@@ -236,7 +237,7 @@ def test_segments_run_an_unsorted_model_as_the_whole_model_does():
 def test_a_model_the_mean_matching_cannot_run_keeps_the_weights_offsets(monkeypatch):
     """Where the layer-by-layer matching fails (a model onnxruntime cannot run cut in pieces), the pass still
     quantizes, with the weights' rounding offsets corrected, and says why."""
-    import graphopt.passes.quantize as q
+    import graphopt.passes.quantize.build as q
 
     def broken(*args, **kwargs):
         raise RuntimeError("cannot cut this model")
@@ -246,8 +247,8 @@ def test_a_model_the_mean_matching_cannot_run_keeps_the_weights_offsets(monkeypa
     out, rep = graphopt.optimize(m, ["quantize:method=minmax,min-cosine=0,min-top1=0"], calib_data=data,
                                  latency_runs=0)
     onnx.checker.check_model(out)
-    assert rep.passes[0]["counts"]["biases corrected"] == 1
-    assert any("mean matching skipped (RuntimeError: cannot cut this model)" in n for n in rep.passes[0]["notes"])
+    assert rep.passes[-1]["counts"][BIASES_CORRECTED] == 1
+    assert any("mean matching skipped (RuntimeError: cannot cut this model)" in n for n in rep.passes[-1]["notes"])
 
 
 def test_the_float_side_is_run_once_across_builds(monkeypatch):

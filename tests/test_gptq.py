@@ -13,7 +13,8 @@ import graphopt.calibration.gptq as gptq_mod
 import graphopt
 from graphopt.calibration.gptq import HessianObserver, gptq_round
 from graphopt.calibration.qparams import qrange
-from graphopt.passes.quantize import _conv_geometry
+from graphopt.passes.quantize.calibrate import conv_geometry
+from graphopt.passes.quantize.report import GPTQ_ROUNDED
 from tests.graphs import session
 from tests.test_quantize import calib, conv_net, ort_kernels
 
@@ -51,7 +52,7 @@ def test_conv_input_second_moments_give_onnxruntimes_output_energy(xs, ws, group
     attrs = dict(group=group, strides=strides, dilations=dil)
     attrs.update(auto_pad=pads) if isinstance(pads, str) else attrs.update(pads=pads)
     w0 = np.zeros(ws, np.float32)
-    geometry = _conv_geometry(gs.import_onnx(_conv_model(xs, w0, **attrs)).nodes[0])
+    geometry = conv_geometry(gs.import_onnx(_conv_model(xs, w0, **attrs)).nodes[0])
     assert geometry is not None
     obs = HessianObserver(geometry)
     obs.update(x[:1])
@@ -68,7 +69,7 @@ def test_conv_input_second_moments_give_onnxruntimes_output_energy(xs, ws, group
 
 def test_conv_with_auto_pad_same_on_an_input_of_unknown_size_has_no_geometry():
     m = _conv_model((1, 2, "H", 5), np.zeros((3, 2, 3, 3), np.float32), auto_pad="SAME_UPPER")
-    assert _conv_geometry(gs.import_onnx(m).nodes[0]) is None
+    assert conv_geometry(gs.import_onnx(m).nodes[0]) is None
 
 
 def test_matmul_input_second_moments_are_sum_of_row_outer_products():
@@ -136,9 +137,9 @@ def test_pass_rounds_by_gptq_where_the_data_determines_it(tmp_path):
     out, rep = graphopt.optimize(conv_net(), ["quantize:rounding=gptq"], calib_data=data, latency_runs=0)
     near, rep_n = graphopt.optimize(conv_net(), ["quantize"], calib_data=data, latency_runs=0)
     onnx.checker.check_model(out)
-    counts = rep.passes[0]["counts"]
-    assert counts["weights gptq-rounded"] == 2 and "weights gptq-rounded" not in rep_n.passes[0]["counts"]
-    assert any("rounded to nearest in 1 layer(s) (fc)" in n for n in rep.passes[0]["notes"])
+    counts = rep.passes[-1]["counts"]
+    assert counts[GPTQ_ROUNDED] == 2 and GPTQ_ROUNDED not in rep_n.passes[-1]["counts"]
+    assert any("rounded to nearest in 1 layer(s) (fc)" in n for n in rep.passes[-1]["notes"])
     a, b = _weights(out), _weights(near)
     assert a.keys() == b.keys()
     assert not np.array_equal(a["w1_quantized"], b["w1_quantized"])
@@ -152,10 +153,10 @@ def test_pass_rounds_by_gptq_where_the_data_determines_it(tmp_path):
 def test_loaded_calibration_still_rounds_by_gptq_given_data(tmp_path):
     data = calib(64)
     out, rep = graphopt.optimize(conv_net(), ["quantize:rounding=gptq"], calib_data=data, latency_runs=0)
-    ranges = rep.passes[0]["artifacts"]["calibration"]["ranges"]
+    ranges = rep.passes[-1]["artifacts"]["calibration"]["ranges"]
     again, rep2 = graphopt.optimize(conv_net(), ["quantize:rounding=gptq"], calib_data=data, latency_runs=0,
                                     calibration_ranges=ranges)
-    assert rep2.passes[0]["counts"]["weights gptq-rounded"] == rep.passes[0]["counts"]["weights gptq-rounded"]
+    assert rep2.passes[-1]["counts"][GPTQ_ROUNDED] == rep.passes[-1]["counts"][GPTQ_ROUNDED]
     assert _weights(again).keys() == _weights(out).keys()
     for k, v in _weights(out).items():
         assert np.array_equal(v, _weights(again)[k]), k

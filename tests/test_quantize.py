@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt.errors import UsageError
+from graphopt.passes.quantize.report import BIASES_CORRECTED, COSINE, COSINE_LOW, TENSORS_FLOAT, TOP1, UNITS_INT8
 
 
 def _model(nodes, inits, x_shape, y_shape, opset=17):
@@ -102,21 +103,21 @@ def test_error_bound(method):
                                  latency_runs=0)
     o = rep.validation.outputs[0]
     assert o.cosine >= 0.98 and o.top1 >= 0.9, (o.cosine, o.top1)
-    assert rep.passes[0]["counts"]["units int8"] == 3
+    assert rep.passes[-1]["counts"][UNITS_INT8] == 3
 
 
 def test_second_run_declines_already_quantized():
     once, _ = graphopt.optimize(conv_net(), ["quantize"], calib_data=calib(), latency_runs=0)
     twice, rep = graphopt.optimize(once, ["quantize"], calib_data=calib(), latency_runs=0)
     assert ops(twice) == ops(once)
-    assert "already quantized" in rep.passes[0]["declined"][0]["reason"]
-    assert not rep.passes[0]["changed"]
+    assert "already quantized" in rep.passes[-1]["declined"][0]["reason"]
+    assert not rep.passes[-1]["changed"]
 
 
 def test_exclude_and_non_float_inputs_decline():
     out, rep = graphopt.optimize(conv_net(), ["quantize:exclude=Gemm,exclude=conv1"], calib_data=calib(),
                                  latency_runs=0)
-    sites = {d["site"] for d in rep.passes[0]["declined"]}
+    sites = {d["site"] for d in rep.passes[-1]["declined"]}
     assert {"Gemm 'fc'", "Conv 'conv1'"} <= sites
     gemm = next(n for n in out.graph.node if n.op_type == "Gemm")
     assert gemm.input[1] == "fc"  # float weight untouched
@@ -127,7 +128,7 @@ def test_exclude_and_non_float_inputs_decline():
                           opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     out, rep = graphopt.optimize(m, ["quantize"], calib_data=[{"x": np.ones((2, 2), np.int64)}], latency_runs=0)
-    assert ops(out) == ["MatMul"] and not rep.passes[0]["changed"]
+    assert ops(out) == ["MatMul"] and not rep.passes[-1]["changed"]
 
 
 def test_needs_calibration_data():
@@ -146,9 +147,31 @@ def test_refuses_after_fuse_conv_relu_or_before_rewrites():
         graphopt.optimize(conv_net(), ["fuse-conv-relu", "quantize"], calib_data=calib(), latency_runs=0)
 
 
+def test_constant_node_weights_and_batchnorm_are_folded_before_quantize_by_its_prerequisites():
+    """quantize runs no pass inside itself: it declares fold-constants and fold-bn, which the pipeline runs right
+    before it. A Paddle-style Conv whose weight and BatchNormalization parameters sit in Constant nodes is then
+    quantized with the BatchNormalization folded into its weights (left in place, it would sit between the integer
+    Conv and its requantization)."""
+    rng = np.random.default_rng(0)
+    f = np.float32
+    params = {"w": (rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(f), "s": rng.uniform(0.5, 2, 4).astype(f),
+              "b": rng.standard_normal(4).astype(f), "m": rng.standard_normal(4).astype(f) * 0.1,
+              "v": rng.uniform(0.5, 2, 4).astype(f)}
+    nodes = [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(v, k)) for k, v in params.items()]
+    nodes += [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+              helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["n"], name="bn"),
+              helper.make_node("Relu", ["n"], ["y"], name="relu")]
+    m = _model(nodes, [], ["N", 3, 16, 16], ["N", 4, 16, 16])
+    out, rep = graphopt.optimize(m, ["quantize:min-cosine=0,min-top1=0"], calib_data=calib(), latency_runs=0)
+    assert [p["pass"].partition(":")[0] for p in rep.passes] == ["fold-constants", "fold-bn", "quantize"]
+    assert "BatchNormalization" not in ops(out) and "Constant" not in ops(out)
+    assert rep.passes[-1]["counts"][UNITS_INT8] == 1
+    assert rep.validation.outputs[0].cosine > 0.99
+
+
 def test_old_opset_is_upgraded_for_per_channel(tmp_path):
     out, rep = graphopt.optimize(conv_net(opset=10), ["quantize"], calib_data=calib(), latency_runs=0)
-    assert any("upgraded 10 -> 13" in n for n in rep.passes[0]["notes"])
+    assert any("upgraded 10 -> 13" in n for n in rep.passes[-1]["notes"])
     onnx.checker.check_model(out)
     assert next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx")) == 13
     assert "QLinearConv" in ort_kernels(out, tmp_path)
@@ -168,7 +191,7 @@ def test_attention_matmuls_quantized(tmp_path):
     m = _model(nodes, [wq, wk, perm], ["N", 8, 16], ["N", 8, 8])
     data = [{"x": rng.standard_normal((4, 8, 16)).astype(np.float32)} for _ in range(4)]
     out, rep = graphopt.optimize(m, ["quantize:method=minmax"], calib_data=data, latency_runs=0)
-    assert rep.passes[0]["counts"]["units int8"] == 3
+    assert rep.passes[-1]["counts"][UNITS_INT8] == 3
     assert ops(out).count("Softmax") == 1  # Softmax stays float
     kernels = ort_kernels(out, tmp_path)
     assert kernels.count("QLinearMatMul") + kernels.count("MatMulIntegerToFloat") >= 3, kernels
@@ -204,8 +227,8 @@ def test_fallback_restores_top1_that_cosine_does_not_see():
     assert broken.validation.outputs[0].cosine > 0.99 and broken.validation.outputs[0].top1 < 0.9
     _, rep = graphopt.optimize(m, ["quantize:method=minmax,min-cosine=0"], calib_data=data, latency_runs=0)
     assert rep.validation.outputs[0].top1 >= 0.95
-    assert rep.passes[0]["counts"]["top-1 agreement (calibration)"] >= 0.95
-    assert "left float: tensor 'h'" in " ".join(rep.passes[0]["notes"])
+    assert rep.passes[-1]["counts"][TOP1] >= 0.95
+    assert "left float: tensor 'h'" in " ".join(rep.passes[-1]["notes"])
 
 
 def near_tie_classifier(ties: int) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
@@ -231,19 +254,19 @@ def test_top1_target_is_checked_with_a_margin_for_other_data():
     agreement measured at 0.969 on 256 rows is too close to 0.95 to hold on other data, so the fallback asks for
     top1_required(0.95, 256) = 0.9724 and leaves the input float. With min-top1 0.93 (asked: 0.956) it stays int8:
     the margin made the difference."""
-    from graphopt.passes.quantize import top1_required
+    from graphopt.passes.quantize.fallback import top1_required
     m, data = near_tie_classifier(20)
     _, broken = graphopt.optimize(m, ["quantize:method=minmax,min-cosine=0,min-top1=0"], calib_data=data,
                                   latency_runs=0)
     all_int8 = broken.validation.outputs[0].top1
     assert 0.95 <= all_int8 < top1_required(0.95, 256) == pytest.approx(0.9724, abs=1e-4), all_int8
     _, rep = graphopt.optimize(m, ["quantize:method=minmax,min-cosine=0"], calib_data=data, latency_runs=0)
-    notes = " ".join(rep.passes[0]["notes"])
+    notes = " ".join(rep.passes[-1]["notes"])
     assert "left float: tensor 'x'" in notes and "at least 0.9724 asked" in notes
-    assert rep.passes[0]["counts"]["top-1 agreement (calibration)"] >= 0.9724
+    assert rep.passes[-1]["counts"][TOP1] >= 0.9724
     _, lower = graphopt.optimize(m, ["quantize:method=minmax,min-cosine=0,min-top1=0.93"], calib_data=data,
                                  latency_runs=0)
-    assert lower.passes[0]["counts"]["units int8"] == 1 and "tensors left float" not in lower.passes[0]["counts"]
+    assert lower.passes[-1]["counts"][UNITS_INT8] == 1 and TENSORS_FLOAT not in lower.passes[-1]["counts"]
 
 
 def test_per_position_top1_target_survives_the_opset_upgrade():
@@ -251,7 +274,7 @@ def test_per_position_top1_target_survives_the_opset_upgrade():
     cannot tell (a Reshape to a computed shape, as in PP-OCRv4 rec): quantize upgrades it to opset 13, where the
     converter writes Flatten -> Softmax -> Reshape. The fallback still takes the output's role from the user's
     model, so it measures top-1 per position (here 64 samples x 4 positions) and acts on it."""
-    from graphopt.passes.quantize import top1_required
+    from graphopt.passes.quantize.fallback import top1_required
     m2, data2 = near_tie_classifier(20)
     w = next(t for t in m2.graph.initializer if t.name == "w")
     nodes = [helper.make_node("MatMul", ["x", "w"], ["l0"], name="fc"), helper.make_node("Shape", ["l0"], ["s"]),
@@ -261,7 +284,7 @@ def test_per_position_top1_target_survives_the_opset_upgrade():
     x = np.concatenate([d["x"] for d in data2]).reshape(64, 4, 16)
     data = [{"x": x[i:i + 16]} for i in range(0, 64, 16)]
     _, rep = graphopt.optimize(m, ["quantize:method=minmax,min-cosine=0"], calib_data=data, latency_runs=0)
-    notes = " ".join(rep.passes[0]["notes"])
+    notes = " ".join(rep.passes[-1]["notes"])
     assert f"checked on 256 calibration rows: at least {top1_required(0.95, 256):.4f}" in notes, notes
     assert "left float: tensor 'x'" in notes
     assert rep.validation.outputs[0].top1 == 1.0
@@ -272,7 +295,7 @@ def test_per_position_top1_target_survives_the_opset_upgrade():
 def test_top1_required_between_target_and_one_disagreement(target, rows):
     """The check asks at least the target, never more than (n-1)/n unless the target is, and, where that cap does
     not bind, less as rows grow."""
-    from graphopt.passes.quantize import top1_required
+    from graphopt.passes.quantize.fallback import top1_required
     asked = top1_required(target, rows)
     cap = max(target, (rows - 1) / rows)
     assert target <= asked <= cap
@@ -308,9 +331,9 @@ def test_fallback_rescues_fragile_model():
     assert broken.validation.outputs[0].cosine < 0.98
     out, rep = graphopt.optimize(fragile_mlp(), ["quantize:method=minmax"], calib_data=data, latency_runs=0)
     assert rep.validation.outputs[0].cosine >= 0.98
-    notes = " ".join(rep.passes[0]["notes"])
+    notes = " ".join(rep.passes[-1]["notes"])
     assert "left float: tensor 'h'" in notes and "fc2" in notes
-    assert rep.passes[0]["counts"]["units int8"] == 1   # fc1 still int8
+    assert rep.passes[-1]["counts"][UNITS_INT8] == 1   # fc1 still int8
 
 
 def weight_fragile_mlp() -> onnx.ModelProto:
@@ -341,8 +364,8 @@ def test_fallback_leaves_float_the_layer_whose_weights_int8_breaks():
     assert broken.validation.outputs[0].cosine < 0.9
     out, rep = graphopt.optimize(weight_fragile_mlp(), ["quantize"], calib_data=data, latency_runs=0)
     assert rep.validation.outputs[0].cosine >= 0.98
-    assert rep.passes[0]["counts"]["units int8"] == 1
-    layers = {row["layer"]: row["status"] for row in rep.passes[0]["layers"]}
+    assert rep.passes[-1]["counts"][UNITS_INT8] == 1
+    layers = {row["layer"]: row["status"] for row in rep.passes[-1]["layers"]}
     assert layers["fc2"] == "int8" and layers["fc1"].startswith("float")
     w1 = next(t for t in out.graph.initializer if t.name == "w1")
     assert numpy_helper.to_array(w1).dtype == np.float32     # fc1 keeps its float weights
@@ -366,8 +389,8 @@ def test_fallback_leaves_no_quantize_pair_that_no_int8_op_uses():
     # x's pair, then conv1's weights and the bias that bias correction gives it
     assert ops(out) == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "DequantizeLinear", "Conv", "Relu",
                         "Conv"]
-    assert rep.passes[0]["counts"]["tensors left float"] == 2
-    assert "tensor 'y': no op next to it runs int8" in " ".join(rep.passes[0]["notes"])
+    assert rep.passes[-1]["counts"][TENSORS_FLOAT] == 2
+    assert "tensor 'y': no op next to it runs int8" in " ".join(rep.passes[-1]["notes"])
 
 
 def test_gemm_output_read_by_no_int8_op_stays_float():
@@ -377,24 +400,24 @@ def test_gemm_output_read_by_no_int8_op_stays_float():
     data = [{"x": np.abs(rng.standard_normal((16, 16))).astype(np.float32)} for _ in range(4)]
     out, rep = graphopt.optimize(fragile_mlp(), ["quantize:method=minmax"], calib_data=data, latency_runs=0)
     assert [n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"] == ["x"]
-    assert rep.passes[0]["counts"]["tensors left float"] == 1
-    assert "'y'" not in " ".join(rep.passes[0]["notes"])
+    assert rep.passes[-1]["counts"][TENSORS_FLOAT] == 1
+    assert "'y'" not in " ".join(rep.passes[-1]["notes"])
 
 
 def test_idle_tensors_are_the_ones_outside_every_int8_op():
-    from graphopt.passes.quantize import _Builder
+    from graphopt.passes.quantize.build import drop_idle
     # conv (unit): x -> c; add (other): c + f -> a, f float; pool (other): a -> p; gemm (unit): p -> y
     ops_io = [(["x"], "c", False), (["c", "f"], "a", True), (["a"], "p", True), (["p"], "y", False)]
     qdq = dict.fromkeys(["x", "c", "a", "p", "y"])
-    assert _Builder._drop_idle(qdq, ops_io) == []          # add is float, but a and p run the int8 pool
+    assert drop_idle(qdq, ops_io) == []          # add is float, but a and p run the int8 pool
     qdq = dict.fromkeys(["x", "c", "a", "y"])               # p float: the pool runs float, gemm too
-    assert _Builder._drop_idle(qdq, ops_io) == ["a", "y"] and list(qdq) == ["x", "c"]
+    assert drop_idle(qdq, ops_io) == ["a", "y"] and list(qdq) == ["x", "c"]
     # a unit whose kernel writes float (Gemm, MatMul: output None) keeps its output quantized only for a reader
     ops_io = [(["x"], None, False), (["y", "z"], "a", True)]
     qdq = dict.fromkeys(["x", "y", "a"])                    # z float: the add runs float, y is idle
-    assert _Builder._drop_idle(qdq, ops_io) == ["y", "a"] and list(qdq) == ["x"]
+    assert drop_idle(qdq, ops_io) == ["y", "a"] and list(qdq) == ["x"]
     qdq = dict.fromkeys(["x", "y", "z", "a"])
-    assert _Builder._drop_idle(qdq, ops_io) == [] and list(qdq) == ["x", "y", "z", "a"]
+    assert drop_idle(qdq, ops_io) == [] and list(qdq) == ["x", "y", "z", "a"]
 
 
 def test_save_and_load_calibration_roundtrip(cli, tmp_path):
@@ -413,7 +436,7 @@ def test_save_and_load_calibration_roundtrip(cli, tmp_path):
     b = cli(m, tmp_path / "b.onnx", "--pass", "quantize", "--load-calibration", cal, "--calib-data", data,
             "--latency-runs", "0")
     assert b.code == 0, b.err
-    assert "ranges loaded for" in b.out and "biases corrected" in b.out
+    assert "ranges loaded for" in b.out and BIASES_CORRECTED in b.out
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     # rounding=gptq needs the data as well: without it, the same ranges, nearest rounding, and it says so
     n = cli(m, tmp_path / "n.onnx", "--pass", "quantize:rounding=gptq", "--load-calibration", cal, "--latency-runs",
@@ -465,7 +488,7 @@ def test_trained_models_keep_accuracy_through_cli(cli, tmp_path, name, data):
               "--val-data", MODELS / f"{data}_eval.npz", "--report", rep, "--latency-runs", "0")
     assert res.code == 0, res.err
     report = json.loads(rep.read_text())
-    assert any(n.startswith("method=mse,") for n in report["passes"][0]["notes"])     # the default range method
+    assert any(n.startswith("method=mse,") for n in report["passes"][-1]["notes"])     # the default range method
     v = report["validation"]
     assert v["accuracy_before"] - v["accuracy_after"] <= 0.005, v
     assert v["outputs"][0]["top1"] >= 0.99
@@ -495,14 +518,14 @@ def test_fallback_that_needs_every_tensor_float_says_so():
     rng = np.random.default_rng(3)
     data = [{"x": np.abs(rng.standard_normal((16, 16))).astype(np.float32)} for _ in range(4)]
     out, rep = graphopt.optimize(fragile_mlp(), ["quantize:min-cosine=1"], calib_data=data, latency_runs=0)
-    assert "QuantizeLinear" not in ops(out) and rep.passes[0]["counts"]["units int8"] == 0
-    assert any("nothing runs int8" in n for n in rep.passes[0]["notes"])
+    assert "QuantizeLinear" not in ops(out) and rep.passes[-1]["counts"][UNITS_INT8] == 0
+    assert any("nothing runs int8" in n for n in rep.passes[-1]["notes"])
 
 
 def test_sensitivity_sweep_measures_every_tensor_past_the_budget():
     """Past the time budget the sweep goes on with quick (one-sample) measurements instead of skipping tensors,
     which would sort them as harmless and leave the search nothing to do but float everything."""
-    from graphopt.passes.quantize import sensitivity_sweep
+    from graphopt.passes.quantize.fallback import sensitivity_sweep
     now = [0.0]
 
     def clock() -> float:
@@ -547,13 +570,13 @@ def test_cosine_target_is_checked_with_a_margin_for_other_data():
                                     val_data=plain, latency_runs=0, validate_output=True)
     assert all_int8.validation.outputs[0].cosine < 0.5           # the rows without outliers are lost
     _, rep = graphopt.optimize(m, ["quantize:method=minmax,min-top1=0"], calib_data=data, latency_runs=0)
-    counts = rep.passes[0]["counts"]
-    assert counts["units int8"] == 0 and counts["output cosine, 95% lower bound (calibration)"] >= 0.98
+    counts = rep.passes[-1]["counts"]
+    assert counts[UNITS_INT8] == 0 and counts[COSINE_LOW] >= 0.98
     _, lower = graphopt.optimize(m, ["quantize:method=minmax,min-top1=0,min-cosine=0.9"], calib_data=data,
                                  latency_runs=0)
-    counts = lower.passes[0]["counts"]
-    assert counts["units int8"] == 2 and counts["output cosine (calibration)"] >= 0.98
-    assert 0.9 <= counts["output cosine, 95% lower bound (calibration)"] < 0.98
+    counts = lower.passes[-1]["counts"]
+    assert counts[UNITS_INT8] == 2 and counts[COSINE] >= 0.98
+    assert 0.9 <= counts[COSINE_LOW] < 0.98
 
 
 def test_cosine_standard_error_is_the_jackknife_over_samples():
@@ -574,20 +597,20 @@ def test_percentile_auto_keeps_the_choice_that_leaves_more_int8():
     m, data = outlier_mlp()
     _, clipped = graphopt.optimize(m, ["quantize:method=percentile,percentile=99.99,min-top1=0"], calib_data=data,
                                    latency_runs=0)
-    assert clipped.passes[0]["counts"]["units int8"] < 2      # the fallback had to leave the outliers float
-    assert not any("percentile=auto" in n for n in clipped.passes[0]["notes"])
+    assert clipped.passes[-1]["counts"][UNITS_INT8] < 2      # the fallback had to leave the outliers float
+    assert not any("percentile=auto" in n for n in clipped.passes[-1]["notes"])
     out, rep = graphopt.optimize(m, ["quantize:method=percentile,min-top1=0"], calib_data=data, latency_runs=0)
-    notes = rep.passes[0]["notes"]
+    notes = rep.passes[-1]["notes"]
     assert any(n.startswith("percentile=auto: 99.999 kept the most int8 (99.99: ") for n in notes), notes
-    assert rep.passes[0]["counts"]["units int8"] == 2 and rep.validation.outputs[0].cosine >= 0.98
+    assert rep.passes[-1]["counts"][UNITS_INT8] == 2 and rep.validation.outputs[0].cosine >= 0.98
     assert "method=percentile 99.999" in " ".join(notes)
 
 
 def test_percentile_auto_stops_at_the_first_choice_that_is_all_int8():
     _, rep = graphopt.optimize(conv_net(), ["quantize:method=percentile"], calib_data=calib(), latency_runs=0)
-    notes = " ".join(rep.passes[0]["notes"])
+    notes = " ".join(rep.passes[-1]["notes"])
     assert "method=percentile 99.99," in notes and "percentile=auto" not in notes
-    assert "tensors left float" not in rep.passes[0]["counts"]
+    assert TENSORS_FLOAT not in rep.passes[-1]["counts"]
 
 
 @pytest.mark.parametrize("reduce_range", ["auto", "false"])
@@ -595,7 +618,7 @@ def test_reduce_range_auto_keeps_the_integer_kernel_exact(reduce_range):
     """Inputs at 255 and weights at 127: each pair of u8·s8 products is 64770, past int16. Where the CPU's kernel
     sums pairs in int16 (x86 without VNNI), only 7-bit weights give what the QDQ graph says; auto must pick them
     there and may keep 8 bits elsewhere. Fails if the saturation probe is wrong either way."""
-    from graphopt.passes.quantize import int8_kernel_saturates
+    from graphopt.passes.quantize.cpu import int8_kernel_saturates
 
     f = np.float32
     inits = [numpy_helper.from_array(np.ones((2, 32, 1, 1), f), "w"), numpy_helper.from_array(np.zeros(2, f), "b")]
@@ -618,43 +641,52 @@ def test_reduce_range_auto_keeps_the_integer_kernel_exact(reduce_range):
 
 
 def test_fallback_result_does_not_depend_on_machine_speed(monkeypatch):
-    """The fallback's sample counts come from a cost model of the MACs, not a clock: a machine 10^4 times slower
-    (a clock that races) makes the same choice, measured on the same samples."""
-    import graphopt.passes.quantize as pq
+    """The fallback's sample counts come from a cost model of the MACs, not a clock: a machine so slow that every
+    reading of time.perf_counter is 1000 s after the last (as any code reading it while the pass runs sees) makes the
+    same choice, measured on the same samples. The sweep reads only the clock it is handed (it has no wall-clock
+    default that the patch could miss); had the fallback handed it the wall clock, every tensor would be measured on
+    one sample here and the notes would say so."""
+    import inspect
+    import itertools
+    import time
+
+    from graphopt.passes.quantize.fallback import sensitivity_sweep
+    assert inspect.signature(sensitivity_sweep).parameters["clock"].default is inspect.Parameter.empty
 
     rng = np.random.default_rng(3)
     data = [{"x": np.abs(rng.standard_normal((16, 16))).astype(np.float32)} for _ in range(4)]
 
     def run() -> tuple[list[str], dict]:
         _, rep = graphopt.optimize(fragile_mlp(), ["quantize:method=minmax"], calib_data=data, latency_runs=0)
-        return [n for n in rep.passes[0]["notes"] if "sensitivity" in n or "left float" in n], rep.passes[0]["counts"]
+        return [n for n in rep.passes[-1]["notes"] if "sensitivity" in n or "left float" in n], rep.passes[-1]["counts"]
 
     normal = run()
-    real = pq.time.perf_counter
-    monkeypatch.setattr(pq.time, "perf_counter", lambda: real() * 1e4)
+    readings = itertools.count()
+    monkeypatch.setattr(time, "perf_counter", lambda: 1000.0 * next(readings))   # each reading 1000 s later
     assert run() == normal
     assert "sensitivity measured on 8 sample(s) per tensor" in " ".join(normal[0])
+    assert not any("measured on 1 sample" in n for n in normal[0])
 
 
 def test_fallback_check_samples_are_capped_by_count_and_by_input_bytes():
     """The fallback checks its targets on up to FALLBACK_SAMPLES calibration samples, holding at most
     FALLBACK_INPUT_BYTES of their inputs (at least one batch, however large)."""
     from graphopt.calibration.readers import Batch
-    from graphopt.passes.quantize import FALLBACK_INPUT_BYTES, FALLBACK_SAMPLES, _take
+    from graphopt.passes.quantize.samples import FALLBACK_INPUT_BYTES, FALLBACK_SAMPLES, take
     small = [Batch({"x": np.zeros((16, 8), np.float32)}, None) for _ in range(40)]
-    assert sum(b.rows for b in _take(small, FALLBACK_SAMPLES, FALLBACK_INPUT_BYTES)) == FALLBACK_SAMPLES == 256
+    assert sum(b.rows for b in take(small, FALLBACK_SAMPLES, FALLBACK_INPUT_BYTES)) == FALLBACK_SAMPLES == 256
     big = [Batch({"x": np.zeros((16, 3, 224, 224), np.float32)}, None) for _ in range(40)]   # 9.6 MB a batch
-    taken = _take(big, FALLBACK_SAMPLES, FALLBACK_INPUT_BYTES)
+    taken = take(big, FALLBACK_SAMPLES, FALLBACK_INPUT_BYTES)
     assert sum(b.feed["x"].nbytes for b in taken) <= FALLBACK_INPUT_BYTES and len(taken) == 16
     huge = [Batch({"x": np.zeros((1, 300 << 20), np.uint8)}, None) for _ in range(2)]
-    assert len(_take(huge, FALLBACK_SAMPLES, FALLBACK_INPUT_BYTES)) == 1
+    assert len(take(huge, FALLBACK_SAMPLES, FALLBACK_INPUT_BYTES)) == 1
 
 
 def test_harm_order_follows_the_target_that_fails():
     """Sensitivities are (cosine, top-1) with only that tensor int8. Where top-1 fails, the tensor that flips the
     most classes goes first even if it costs little cosine; where only cosine fails, the cosine lost decides and a
     tensor that flips one class on one line does not jump the queue."""
-    from graphopt.passes.quantize import Quality, harm_order
+    from graphopt.passes.quantize.fallback import Quality, harm_order
     sens = {t: Quality(cos, top1, 0.0, cos) for t, (cos, top1) in
             {"flips": (0.999, 0.96), "noisy": (0.95, 1.0), "mild": (0.99, 1.0), "both": (0.97, 0.99)}.items()}
     sites = list(sens)

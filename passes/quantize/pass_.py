@@ -1,0 +1,167 @@
+"""``quantize``: int8 QDQ (QuantizeLinear/DequantizeLinear) placed so onnxruntime's CPU provider runs integer kernels.
+
+What the pass does, in order (each step's module says how, with the math):
+  * prerequisites: fold-constants (Constant-node weights, as Paddle exports keep them, become initializers) and
+    fold-bn (a BatchNormalization or per-channel Mul/Add after a Conv would sit between the integer Conv and its
+    requantization, forcing a dequantize and float work per layer) run right before, unless the pipeline ran them
+    earlier; both are exact. Below opset 13 the model is converted to opset 13 for per-channel weights (to 10 with
+    per-channel=false); where that fails, weights are per tensor (opset 10-12) or the model is declined (< 10);
+  * plan (``plan``): the units (Conv, Gemm, MatMul, with a fused Relu/Clip) and the other ops that can run int8;
+  * calibrate (``calibrate``): activation ranges per tensor, mse by default (minmax, kl, percentile; with
+    ``method=percentile``, ``percentile=auto`` tries 99.99 and 99.999 and keeps whichever leaves the most units
+    int8); for ``rounding=gptq`` and ``bias-correction`` the weights' statistics in the same run;
+  * build (``build``, ``weights``): int8 per-channel weights (rounded to nearest or by GPTQ), int32 biases corrected
+    for the rounding's mean output error and then, layer by layer, for each int8 layer's output mean against
+    float's; ``reduce-range=auto`` gives 7-bit weights where the CPU's u8·s8 kernel saturates (``cpu``);
+  * fallback (``fallback``): never ship a broken model. The output cosine and, for class-score outputs, the top-1
+    agreement against float are measured on calibration data; below ``min-cosine`` or ``min-top1`` (checked with a
+    one-sided 95% margin for data not seen) the most harmful activation tensors, by their measured sensitivity, are
+    left float, fewest first, until both targets hold. Its budgets are modelled seconds, so the result does not
+    depend on the machine or its load;
+  * report (``report``): the layers that run float and why, the tensors left float with their sensitivity.
+Declined: models already quantized (QDQ, QLinear*, *Integer ops); opset < 10 that cannot be converted.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Literal
+
+import onnx
+import onnx_graphsurgeon as gs
+from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.fold_constants import lower_constant_nodes
+from graphopt.passes.options import option
+from onnx import version_converter
+
+from graphopt.graph import export, import_graph, infer_shapes, quantized_ops, replace_graph
+from graphopt.validate import Thresholds
+
+from .build import Builder
+from .calibrate import Calibration, calibrate
+from .cpu import reduce_range_auto
+from .fallback import fall_back
+from .plan import Plan, make_plan
+from .report import NO_UNITS, Setup, Trial, Upgrade, declined, opset_declined, report
+from .samples import refit_feeds
+
+
+@register
+class Quantize(Pass):
+    name = "quantize"
+    summary = "int8 QDQ quantization with minmax/kl/percentile calibration and a sensitivity-guided float fallback."
+    exact = False
+    prerequisites = ("fold-constants", "fold-bn")
+    must_not_follow = {"fuse-conv-relu": "onnxruntime's int8 kernels match plain Conv; a FusedConv made before "
+                                         "quantize stays float — run fuse-conv-relu without quantize"}
+
+    @dataclass(frozen=True)
+    class Options:
+        method: Literal["minmax", "kl", "percentile", "mse"] = option(
+            "mse", "activation range method (mse: the clip with the least expected 8-bit squared error)")
+        percentile: float | Literal["auto"] = option(
+            "auto", "percentile of |x| for method=percentile; auto: 99.99, or 99.999 where that keeps more layers int8 "
+            "after the fallback", lo=50, hi=100, lo_open=True)
+        bins: int = option(2048, "histogram bins per sign (a power of two)", lo=128, hi=1 << 16)
+        per_channel: bool = option(True, "per-output-channel weight scales (needs opset 13; upgraded if possible)")
+        activations: Literal["uint8", "int8"] = option("uint8", "activation integer type")
+        reduce_range: Literal["auto", "true", "false"] = option(
+            "auto", "7-bit weights; auto: where this CPU's u8s8 kernel saturates (x86 without VNNI; probed)")
+        exclude: tuple[str, ...] = option((), "node names or op types to keep float (repeat the key)")
+        samples: int | None = option(None, "use at most this many calibration samples", lo=1)
+        rounding: Literal["nearest", "gptq"] = option(
+            "nearest", "weight rounding: nearest, or gptq (each weight's rounding error compensated by the weights not "
+            "yet rounded, from the calibration inputs' second moments; better int8 CNN classifiers, but fitted to the "
+            "calibration data: see the README)")
+        bias_correction: bool = option(
+            True, "correct the int8 layers' biases for their mean output error on calibration data: the weights' "
+            "rounding ΔW·E[x], then each layer's output mean matched to float's, layer by layer")
+        min_cosine: float = option(0.98, "fallback target: output cosine vs float on calibration data (0: off)",
+                                   lo=0, hi=1)
+        min_top1: float = option(0.95, "fallback target: top-1 agreement with float of class-score outputs "
+                                 "([N, C] from Softmax/LogSoftmax, [N, T, C]: per position; without those, a final "
+                                 "Gemm/MatMul's [N, C] logits) on calibration data, with a one-sided 95% margin for "
+                                 "the rows checked (0: off, e.g. for a regression or embedding head)", lo=0, hi=1)
+
+        def __post_init__(self) -> None:
+            if self.bins & (self.bins - 1):
+                raise ValueError(f"option 'bins': {self.bins} is not a power of two")
+            if self.percentile != "auto" and self.method != "percentile":
+                raise ValueError(f"option 'percentile' is read by method=percentile only (method is {self.method}); "
+                                 "add method=percentile")
+
+    def needs_calibration(self) -> bool:
+        return True
+
+    def targets(self) -> Thresholds:
+        return Thresholds(self.options.min_cosine or None, self.options.min_top1 or None)
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> str | None:
+        already = quantized_ops(graph)
+        return f"already quantized ({', '.join(already)}); not quantizing twice" if already else None
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        upgrade = self._upgrade(graph, ctx, 13 if o.per_channel else 10) if graph.opset < 13 else None
+        failed = upgrade is not None and upgrade.error is not None
+        reduce = reduce_range_auto() if o.reduce_range == "auto" else o.reduce_range == "true"
+        targets = o.min_cosine > 0 or o.min_top1 > 0
+        setup = Setup(o, upgrade, o.per_channel and not failed, reduce, ctx.calib is not None,
+                      targets and ctx.calib is not None)
+        if failed and graph.opset < 10:
+            return declined(setup, None, opset_declined(graph.opset))
+        # dtypes (only float32 tensors are quantized; unknown ones stay float) and shapes (a Conv's SAME padding)
+        infer_shapes(graph, ctx.original)
+        plan = make_plan(graph, o.exclude)
+        if not plan.units:
+            return declined(setup, plan, NO_UNITS)
+        float_model = export(graph, ctx.original)
+        calibration = calibrate(graph, float_model, plan, o, ctx, self.name)
+        best, tried = self._trials(graph, plan, calibration, float_model, setup, ctx)
+        replace_graph(graph, import_graph(best.built.model))
+        return report(setup, plan, calibration, best, tried)
+
+    def _trials(self, graph: gs.Graph, plan: Plan, calibration: Calibration, float_model: onnx.ModelProto,
+                setup: Setup, ctx: PassContext) -> tuple[Trial, list[Trial]]:
+        """Each candidate set of ranges (in order of preference) built and, if the fallback runs, brought to the
+        targets; the best (most units int8, then fewest tensors float) and all those tried. A candidate that meets
+        the targets with every tensor int8 cannot be beaten, so the search stops there."""
+        o = self.options
+        # The full mean correction of every real build runs on the first calibration samples, as many as fit its
+        # budget in modelled seconds (taken once, when a build first has a bias to correct).
+        refit = (float_model, functools.cache(lambda: refit_feeds(float_model, ctx.calib))) \
+            if o.bias_correction and ctx.calib is not None else None
+        best: Trial | None = None
+        tried: list[Trial] = []
+        for label, ranges in calibration.candidates:
+            builder = Builder(graph, plan, ranges, ctx.original, per_channel=setup.per_channel,
+                              reduce_range=setup.reduce_range, activations=o.activations,
+                              hessians=calibration.hessians, means=calibration.means, refit=refit)
+            built = builder.build()
+            fb = fall_back(builder, built, float_model, ctx.original, ctx.require_calib(self.name), o.min_cosine,
+                           o.min_top1) if setup.fallback else None
+            trial = Trial(label, ranges, fb.built if fb is not None else built, fb)
+            tried.append(trial)
+            if best is None or trial.rank > best.rank:
+                best = trial
+            if not trial.floated:
+                break
+        assert best is not None
+        return best, tried
+
+    @staticmethod
+    def _upgrade(graph: gs.Graph, ctx: PassContext, target: int) -> Upgrade:
+        """Convert the graph (in place) to opset ``target``. The converter runs after the prerequisites and may
+        write Constant nodes (a Clip's bounds from opset < 11): they become initializers as fold-constants makes
+        them, since the plan reads weights and Clip bounds as constants."""
+        old = graph.opset
+        try:
+            converted = version_converter.convert_version(export(graph, ctx.original), target)
+            onnx.checker.check_model(converted)
+        except Exception as e:
+            return Upgrade(old, target, str(e) or type(e).__name__)
+        replace_graph(graph, import_graph(converted))
+        lower_constant_nodes(graph, PassResult())
+        graph.cleanup()             # shape inference fails on the lowered Constant nodes' leftovers
+        return Upgrade(old, target, None)

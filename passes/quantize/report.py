@@ -1,0 +1,217 @@
+"""The quantize pass's report: the PassResult (counts, per-layer rows, notes, declined sites, artifacts) made from
+what the plan, the calibration, the builds and the fallback returned. Every text the pass reports is written here;
+count keys are the constants below (tests read them by name)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from graphopt.calibration.gptq import MIN_ROWS_PER_DIM
+from graphopt.passes.base import PassResult
+
+from .build import Built
+from .calibrate import Calibration, Ranges
+from .fallback import SENSITIVITY_BUDGET_S, FallbackResult, Quality, top1_required
+from .plan import Plan
+
+CALIBRATION_SAMPLES = "calibration samples"
+COSINE = "output cosine (calibration)"
+COSINE_LOW = "output cosine, 95% lower bound (calibration)"
+TOP1 = "top-1 agreement (calibration)"
+TENSORS_FLOAT = "tensors left float"
+UNITS_INT8 = "units int8"
+UNITS_FLOAT = "units float"
+TENSORS_QUANTIZED = "tensors quantized"
+BIASES_CORRECTED = "biases corrected"
+GPTQ_ROUNDED = "weights gptq-rounded"
+
+MAX_NOTES = 12              # "left float" lines in the printed report; --report has them all
+_AUTO_WHY = {True: " (auto: this CPU's u8·s8 kernel saturates in int16)",
+             False: " (auto: this CPU's u8·s8 kernel adds in int32)"}
+
+
+class Upgrade(NamedTuple):
+    """The opset conversion before planning: from, to, and why it failed (None: it worked)."""
+
+    old: int
+    target: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the pass ran: the options, the opset conversion (None: none needed), whether weights are per channel
+    (False where the model could not reach opset 13), 7-bit weights, whether there is calibration data, and
+    whether the fallback runs."""
+
+    options: Any
+    upgrade: Upgrade | None
+    per_channel: bool
+    reduce_range: bool
+    calib: bool
+    fallback: bool
+
+
+class Trial(NamedTuple):
+    """One candidate set of ranges, built and (if the fallback ran) brought to the targets."""
+
+    label: str
+    ranges: Ranges
+    built: Built
+    fallback: FallbackResult | None
+
+    @property
+    def floated(self) -> tuple[str, ...]:
+        return self.fallback.floated if self.fallback is not None else ()
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """Most units int8 first, then fewest tensors float."""
+        return len(self.built.int8_units), -len(self.floated)
+
+
+def declined(setup: Setup, plan: Plan | None, reason: str) -> PassResult:
+    """The result of a model declined as a whole after preparing it (``reason``), with what was done so far."""
+    res = PassResult()
+    _setup_notes(res, setup)
+    if plan is not None:
+        for site, why in plan.declined:
+            res.decline(site, why)
+    res.decline("model", reason)
+    return res
+
+
+def report(setup: Setup, plan: Plan, calibration: Calibration, best: Trial, tried: list[Trial]) -> PassResult:
+    """The pass's result for the trial written (``best``) among those ``tried``."""
+    o = setup.options
+    res = PassResult(changed=True)
+    _setup_notes(res, setup)
+    for site, why in plan.declined:
+        res.decline(site, why)
+    if calibration.loaded is not None:
+        res.notes.append(f"ranges loaded for {calibration.loaded} tensors")
+    if calibration.samples is not None:
+        res.counts[CALIBRATION_SAMPLES] = calibration.samples
+    if not setup.fallback and (o.min_cosine > 0 or o.min_top1 > 0):
+        res.notes.append("sensitivity fallback skipped: no calibration data to measure it on")
+    floated = _left_float(best.fallback, o) if best.fallback is not None else {}
+    if best.fallback is not None:
+        _fallback(res, best.fallback, o, len(floated))
+    if len(tried) > 1:
+        res.notes.append(f"percentile=auto: {best.label} kept the most int8 ("
+                         + "; ".join(f"{t.label}: {len(t.built.int8_units)} of {len(plan.units)} units int8, "
+                                     f"{len(t.floated)} tensors float" for t in tried) + ")")
+    built = best.built
+    _layers(res, plan, built, floated, setup.per_channel)
+    res.counts[UNITS_INT8] = len(built.int8_units)
+    if len(built.int8_units) < len(plan.units):
+        res.counts[UNITS_FLOAT] = len(plan.units) - len(built.int8_units)
+    res.counts[TENSORS_QUANTIZED] = len(built.tensors)
+    if built.corrected:
+        res.counts[BIASES_CORRECTED] = len(built.corrected)
+    _weight_notes(res, setup, plan, built, calibration)
+    method = f"percentile {best.label}" if o.method == "percentile" and best.label != "loaded" else o.method
+    reduce = "on" if setup.reduce_range else "off"
+    res.notes.append(f"method={method}, activations={o.activations}, reduce-range={reduce}"
+                     f"{_AUTO_WHY[setup.reduce_range] if o.reduce_range == 'auto' else ''}"
+                     f", weights {'per-channel' if setup.per_channel else 'per-tensor'}")
+    for name, why in list(floated.items())[:MAX_NOTES]:
+        res.notes.append(f"left float: tensor '{name}': {why}")
+    if len(floated) > MAX_NOTES:
+        res.notes.append(f"left float: {len(floated) - MAX_NOTES} more tensors (--report lists them all)")
+        res.artifacts[TENSORS_FLOAT] = floated
+    slow = [row for row in res.layers if row["status"] != "int8"]
+    for row in slow[:MAX_NOTES]:
+        res.notes.append(f"layer {row['layer']} ({row['op']}) runs float: {row['status'][7:]}")
+    if len(slow) > MAX_NOTES:
+        res.notes.append(f"{len(slow) - MAX_NOTES} more layers run float (--report lists every layer)")
+    res.artifacts["calibration"] = {"method": method, "ranges": {k: list(v) for k, v in best.ranges.items()}}
+    return res
+
+
+def _setup_notes(res: PassResult, setup: Setup) -> None:
+    up = setup.upgrade
+    if up is None:
+        return
+    if up.error is None:
+        res.notes.append(f"opset upgraded {up.old} -> {up.target}")
+        return
+    res.notes.append(f"opset upgrade {up.old} -> {up.target} failed: {up.error.splitlines()[0][:120]}")
+    if up.old >= 10:
+        res.notes.append(f"opset {up.old}: per-tensor weights (per-channel needs opset 13)")
+
+
+def opset_declined(old: int) -> str:
+    return f"opset {old} has no QuantizeLinear and conversion failed"
+
+
+NO_UNITS = "no Conv, Gemm or MatMul to quantize"
+
+
+def _said(q: Quality) -> str:
+    return f"cosine {q.cosine:.4f}" + (f", top-1 {q.top1:.3f}" if q.top1 < 1.0 else "")
+
+
+def _left_float(fb: FallbackResult, o: Any) -> dict[str, str]:
+    """Each tensor the fallback left float, with the reason."""
+    reasons = {t: f"quantizing it alone gives {_said(fb.sensitivity[t])} (all int8: {_said(fb.full)}; targets "
+                  f"min-cosine {o.min_cosine}, min-top1 {o.min_top1})" for t in fb.harmful}
+    reasons.update({t: "no op next to it runs int8 once the tensors above stay float (a quantize/dequantize pair "
+                       "there would only add error)" for t in fb.floated if t not in reasons})
+    return reasons
+
+
+def _fallback(res: PassResult, fb: FallbackResult, o: Any, floated: int) -> None:
+    """The fallback's counts and notes: the quality on calibration data, the search's samples and outcome."""
+    if o.min_top1 > 0 and fb.check_rows is not None:
+        res.notes.append(f"top-1 agreement checked on {fb.check_rows} calibration rows: at least "
+                         f"{top1_required(o.min_top1, fb.check_rows):.4f} asked (min-top1 {o.min_top1} plus a "
+                         "one-sided 95% margin for rows not seen)")
+    res.counts[COSINE] = round(fb.final.cosine, 6)
+    if o.min_cosine > 0:
+        res.counts[COSINE_LOW] = round(fb.final.cosine_low, 6)
+    if fb.full.top1 < 1.0 or fb.final.top1 < 1.0:
+        res.counts[TOP1] = round(fb.final.top1, 4)
+    s = fb.search
+    if s is None:
+        return
+    if s.late and s.sweep_samples > 1:
+        res.notes.append(f"sensitivity of {s.late} of {s.sites} tensors measured on 1 sample (time budget "
+                         f"{SENSITIVITY_BUDGET_S:.0f} s)")
+    if s.nothing_int8:
+        res.notes.append(f"fallback: min-cosine {o.min_cosine} and min-top1 {o.min_top1} hold only with "
+                         f"{s.nothing_int8} float, so nothing runs int8; lower them to accept int8 error")
+    res.notes.append(f"sensitivity measured on {s.sweep_rows} sample(s) per tensor, search on {s.search_rows}")
+    res.counts[TENSORS_FLOAT] = floated
+
+
+def _layers(res: PassResult, plan: Plan, built: Built, floated: dict[str, str], per_channel: bool) -> None:
+    """One row per unit: its op, its weights' granularity, int8 or why it runs float."""
+    for u in plan.units:
+        why = [f"input '{t}' left float" for t in u.data_inputs() if t in floated]
+        status = "int8" if u.name in built.int8_units else "float: " + ("; ".join(why) or "input not quantized")
+        res.layers.append({"layer": u.name, "op": u.op,
+                           "weights": "per-channel" if per_channel and u.weight_axis is not None else
+                           ("per-tensor" if u.weight_axis is not None else "activation"), "status": status})
+
+
+def _weight_notes(res: PassResult, setup: Setup, plan: Plan, built: Built, calibration: Calibration) -> None:
+    """Bias correction's and GPTQ's notes and counts."""
+    o = setup.options
+    if built.refit_skipped:
+        res.notes.append(f"bias correction: layer-by-layer mean matching skipped ({built.refit_skipped}); the "
+                         "weights' rounding offsets stay corrected")
+    elif o.bias_correction and not setup.calib and built.int8_units:
+        res.notes.append("bias correction skipped: no calibration data to take the layers' mean inputs from "
+                         "(give --calib-data with --load-calibration)")
+    if built.gptq_rounded:
+        res.counts[GPTQ_ROUNDED] = len(built.gptq_rounded)
+    if o.rounding == "gptq":
+        few = [u.name for u in plan.units if u.name in built.int8_units and u.weight_axis is not None
+               and u.name not in built.gptq_rounded]
+        if few:
+            res.notes.append(f"weights rounded to nearest in {len(few)} layer(s) ({', '.join(few[:3])}"
+                             f"{', ...' if len(few) > 3 else ''}): fewer than {MIN_ROWS_PER_DIM} calibration "
+                             "input vectors per input dimension, no calibration data, or a Conv with auto_pad "
+                             "SAME on an input of unknown size")
