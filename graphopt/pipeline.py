@@ -151,14 +151,20 @@ def check_order(specs: Sequence[PassSpec]) -> None:
 
 
 def with_prerequisites(specs: Sequence[PassSpec]) -> list[PassSpec]:
-    """The pipeline with each pass's prerequisites (default options) added right before it, unless they run
-    earlier."""
+    """The pipeline with each pass's prerequisites (default options; theirs first, recursively) added right before
+    it, unless they run earlier."""
     out: list[PassSpec] = []
-    for spec in specs:
+
+    def add(spec: PassSpec, chain: tuple[str, ...]) -> None:
         for name in registry()[spec.name].prerequisites:
+            if name in chain:
+                raise InternalError(f"passes {' -> '.join(chain)} -> {name} require each other")
             if name not in {s.name for s in out}:
-                out.append(PassSpec(name, registry()[name].Options()))
+                add(PassSpec(name, registry()[name].Options()), chain + (name,))
         out.append(spec)
+
+    for spec in specs:
+        add(spec, (spec.name,))
     return out
 
 

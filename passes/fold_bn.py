@@ -90,6 +90,9 @@ class FoldBatchNorm(Pass):
     name = "fold-bn"
     summary = ("BatchNormalization (and per-channel constant Mul/Add) folded into the preceding Conv, ConvTranspose, "
                "Gemm or MatMul weights (exact).")
+    # Weights and BN parameters in Constant nodes (Paddle exports) or computed from constants fold only once
+    # fold-constants has made them initializers.
+    prerequisites = ("fold-constants",)
 
     @dataclass(frozen=True)
     class Options:

@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt.calibration.bias_correction import PatchMeanObserver, rounding_offset
-from graphopt.passes.quantize.calibrate import conv_geometry
-from graphopt.passes.quantize.report import BIASES_CORRECTED
+from graphopt.passes.quantization.calibrate import conv_geometry
+from graphopt.passes.quantization.report import BIASES_CORRECTED
 from tests.graphs import session
 from tests.test_gptq import GEOMETRIES, _conv_model
 from tests.test_quantize import ort_kernels
@@ -182,7 +182,7 @@ def test_full_mean_correction_matches_every_layers_mean_to_float():
     half as four: each feed's residual is measured under the corrections upstream as they stood), downstream of the
     shift that the first layer's clipped output gives the second; before, the second layer was off by far more."""
     from graphopt.calibration.bias_correction import refit_biases
-    from graphopt.passes.quantize.weights import with_bias_steps
+    from graphopt.passes.quantization.weights import with_bias_steps
     m, data = _two_convs()
     plain, _ = graphopt.optimize(m, ["quantize:min-cosine=0,min-top1=0,bias-correction=false"], calib_data=data,
                                  latency_runs=0)
@@ -237,7 +237,7 @@ def test_segments_run_an_unsorted_model_as_the_whole_model_does():
 def test_a_model_the_mean_matching_cannot_run_keeps_the_weights_offsets(monkeypatch):
     """Where the layer-by-layer matching fails (a model onnxruntime cannot run cut in pieces), the pass still
     quantizes, with the weights' rounding offsets corrected, and says why."""
-    import graphopt.passes.quantize.build as q
+    import graphopt.passes.quantization.build as q
 
     def broken(*args, **kwargs):
         raise RuntimeError("cannot cut this model")

@@ -17,8 +17,11 @@ from hypothesis import strategies as st
 
 import graphopt
 from graphopt.io import load_model
-from graphopt.passes.fold_bn import folded_key
-from graphs import (assert_same_outputs, attrs, declined, initializer, make_model, node, node_by_op, ops, rand, run_passes, same_graph)
+from graphopt.graph import import_graph
+from graphopt.passes.base import PassContext
+from graphopt.passes.fold_bn import FoldBatchNorm, folded_key
+from graphs import (assert_same_outputs, attrs, declined, initializer, make_model, node, node_by_op, ops, rand,
+                    run_passes, same_graph)
 
 
 def bn_params(prefix: str, c: int, seed: int = 1) -> dict[str, np.ndarray]:
@@ -135,7 +138,7 @@ def test_matmul_constant_weight_becomes_gemm():
                        [("x", ["batch", 7])], ["y"], inits)
     out, _ = fold(model)
     assert ops(out) == ["Gemm"]
-    assert run_passes(model, ["fold-bn"])[1][0].result.counts == {folded_key("BatchNormalization", "MatMul"): 1}
+    assert run_passes(model, ["fold-bn"])[1][-1].result.counts == {folded_key("BatchNormalization", "MatMul"): 1}
     gemm = node_by_op(out, "Gemm")
     assert gemm.name == "fc" and list(gemm.input) == ["x", "fc.weight_fold", "fc.bias_fold"]
     assert_same_outputs(model, out)
@@ -153,7 +156,7 @@ def test_mul_add_after_conv():
     out, reasons = fold(model)
     assert ops(out) == ["Conv"] and reasons == []
     assert_same_outputs(model, out)
-    counts = run_passes(model, ["fold-bn"])[1][0].result.counts
+    counts = run_passes(model, ["fold-bn"])[1][-1].result.counts
     assert counts == {folded_key("Mul", "Conv"): 2, folded_key("Add", "Conv"): 2,
                       folded_key("BatchNormalization", "Conv"): 1}
 
@@ -208,17 +211,18 @@ def test_add_folds_even_with_shared_weight():
     assert_same_outputs(model, out)
 
 
-def test_constant_node_weight_after_fold_constants():
-    """Exported models keep weights in Constant nodes: the default pipeline lowers them first, then folds."""
+def test_constant_node_weights_fold_after_the_prerequisite():
+    """Exported models keep weights in Constant nodes: fold-bn declares fold-constants its prerequisite, so the
+    pipeline lowers them first, then folds; the pass on its own declines such a site, with the reason."""
     w = onnx.numpy_helper.from_array(rand(4, 3, 3, 3), "wc")
     model = make_model([node("Constant", [], ["w"], value=w), node("Conv", ["x", "w"], ["c"]), bn("c", "y")],
                        [("x", [1, 3, 6, 6])], ["y"], bn_params("bn", 4))
-    out, reasons = fold(model)
-    assert ops(out) == ["Constant", "Conv", "BatchNormalization"]
-    assert any("not an initializer" in r for r in reasons)
-    out, _ = fold(model, passes=("fold-constants", "fold-bn"))
+    out, records = run_passes(model, ["fold-bn"])
+    assert [r.spec for r in records] == ["fold-constants", "fold-bn"]
     assert ops(out) == ["Conv"]
     assert_same_outputs(model, out)
+    alone = FoldBatchNorm(FoldBatchNorm.Options()).run(import_graph(model), PassContext(original=model))
+    assert not alone.changed and any("not an initializer" in d["reason"] for d in alone.declined)
 
 
 def test_folded_values_in_float64():

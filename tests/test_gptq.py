@@ -13,8 +13,8 @@ import graphopt.calibration.gptq as gptq_mod
 import graphopt
 from graphopt.calibration.gptq import HessianObserver, gptq_round
 from graphopt.calibration.qparams import qrange
-from graphopt.passes.quantize.calibrate import conv_geometry
-from graphopt.passes.quantize.report import GPTQ_ROUNDED
+from graphopt.passes.quantization.calibrate import conv_geometry
+from graphopt.passes.quantization.report import GPTQ_ROUNDED
 from tests.graphs import session
 from tests.test_quantize import calib, conv_net, ort_kernels
 

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt.errors import UsageError
-from graphopt.passes.quantize.report import BIASES_CORRECTED, COSINE, COSINE_LOW, TENSORS_FLOAT, TOP1, UNITS_INT8
+from graphopt.passes.quantization.report import BIASES_CORRECTED, COSINE, COSINE_LOW, TENSORS_FLOAT, TOP1, UNITS_INT8
 
 
 def _model(nodes, inits, x_shape, y_shape, opset=17):
@@ -254,7 +254,7 @@ def test_top1_target_is_checked_with_a_margin_for_other_data():
     agreement measured at 0.969 on 256 rows is too close to 0.95 to hold on other data, so the fallback asks for
     top1_required(0.95, 256) = 0.9724 and leaves the input float. With min-top1 0.93 (asked: 0.956) it stays int8:
     the margin made the difference."""
-    from graphopt.passes.quantize.fallback import top1_required
+    from graphopt.passes.quantization.fallback import top1_required
     m, data = near_tie_classifier(20)
     _, broken = graphopt.optimize(m, ["quantize:method=minmax,min-cosine=0,min-top1=0"], calib_data=data,
                                   latency_runs=0)
@@ -274,7 +274,7 @@ def test_per_position_top1_target_survives_the_opset_upgrade():
     cannot tell (a Reshape to a computed shape, as in PP-OCRv4 rec): quantize upgrades it to opset 13, where the
     converter writes Flatten -> Softmax -> Reshape. The fallback still takes the output's role from the user's
     model, so it measures top-1 per position (here 64 samples x 4 positions) and acts on it."""
-    from graphopt.passes.quantize.fallback import top1_required
+    from graphopt.passes.quantization.fallback import top1_required
     m2, data2 = near_tie_classifier(20)
     w = next(t for t in m2.graph.initializer if t.name == "w")
     nodes = [helper.make_node("MatMul", ["x", "w"], ["l0"], name="fc"), helper.make_node("Shape", ["l0"], ["s"]),
@@ -295,7 +295,7 @@ def test_per_position_top1_target_survives_the_opset_upgrade():
 def test_top1_required_between_target_and_one_disagreement(target, rows):
     """The check asks at least the target, never more than (n-1)/n unless the target is, and, where that cap does
     not bind, less as rows grow."""
-    from graphopt.passes.quantize.fallback import top1_required
+    from graphopt.passes.quantization.fallback import top1_required
     asked = top1_required(target, rows)
     cap = max(target, (rows - 1) / rows)
     assert target <= asked <= cap
@@ -405,7 +405,7 @@ def test_gemm_output_read_by_no_int8_op_stays_float():
 
 
 def test_idle_tensors_are_the_ones_outside_every_int8_op():
-    from graphopt.passes.quantize.build import drop_idle
+    from graphopt.passes.quantization.build import drop_idle
     # conv (unit): x -> c; add (other): c + f -> a, f float; pool (other): a -> p; gemm (unit): p -> y
     ops_io = [(["x"], "c", False), (["c", "f"], "a", True), (["a"], "p", True), (["p"], "y", False)]
     qdq = dict.fromkeys(["x", "c", "a", "p", "y"])
@@ -525,7 +525,7 @@ def test_fallback_that_needs_every_tensor_float_says_so():
 def test_sensitivity_sweep_measures_every_tensor_past_the_budget():
     """Past the time budget the sweep goes on with quick (one-sample) measurements instead of skipping tensors,
     which would sort them as harmless and leave the search nothing to do but float everything."""
-    from graphopt.passes.quantize.fallback import sensitivity_sweep
+    from graphopt.passes.quantization.fallback import sensitivity_sweep
     now = [0.0]
 
     def clock() -> float:
@@ -618,7 +618,7 @@ def test_reduce_range_auto_keeps_the_integer_kernel_exact(reduce_range):
     """Inputs at 255 and weights at 127: each pair of u8·s8 products is 64770, past int16. Where the CPU's kernel
     sums pairs in int16 (x86 without VNNI), only 7-bit weights give what the QDQ graph says; auto must pick them
     there and may keep 8 bits elsewhere. Fails if the saturation probe is wrong either way."""
-    from graphopt.passes.quantize.cpu import int8_kernel_saturates
+    from graphopt.passes.quantization.cpu import int8_kernel_saturates
 
     f = np.float32
     inits = [numpy_helper.from_array(np.ones((2, 32, 1, 1), f), "w"), numpy_helper.from_array(np.zeros(2, f), "b")]
@@ -650,7 +650,7 @@ def test_fallback_result_does_not_depend_on_machine_speed(monkeypatch):
     import itertools
     import time
 
-    from graphopt.passes.quantize.fallback import sensitivity_sweep
+    from graphopt.passes.quantization.fallback import sensitivity_sweep
     assert inspect.signature(sensitivity_sweep).parameters["clock"].default is inspect.Parameter.empty
 
     rng = np.random.default_rng(3)
@@ -672,7 +672,7 @@ def test_fallback_check_samples_are_capped_by_count_and_by_input_bytes():
     """The fallback checks its targets on up to FALLBACK_SAMPLES calibration samples, holding at most
     FALLBACK_INPUT_BYTES of their inputs (at least one batch, however large)."""
     from graphopt.calibration.readers import Batch
-    from graphopt.passes.quantize.samples import FALLBACK_INPUT_BYTES, FALLBACK_SAMPLES, take
+    from graphopt.passes.quantization.samples import FALLBACK_INPUT_BYTES, FALLBACK_SAMPLES, take
     small = [Batch({"x": np.zeros((16, 8), np.float32)}, None) for _ in range(40)]
     assert sum(b.rows for b in take(small, FALLBACK_SAMPLES, FALLBACK_INPUT_BYTES)) == FALLBACK_SAMPLES == 256
     big = [Batch({"x": np.zeros((16, 3, 224, 224), np.float32)}, None) for _ in range(40)]   # 9.6 MB a batch
@@ -686,7 +686,7 @@ def test_harm_order_follows_the_target_that_fails():
     """Sensitivities are (cosine, top-1) with only that tensor int8. Where top-1 fails, the tensor that flips the
     most classes goes first even if it costs little cosine; where only cosine fails, the cosine lost decides and a
     tensor that flips one class on one line does not jump the queue."""
-    from graphopt.passes.quantize.fallback import Quality, harm_order
+    from graphopt.passes.quantization.fallback import Quality, harm_order
     sens = {t: Quality(cos, top1, 0.0, cos) for t, (cos, top1) in
             {"flips": (0.999, 0.96), "noisy": (0.95, 1.0), "mild": (0.99, 1.0), "both": (0.97, 0.99)}.items()}
     sites = list(sens)

@@ -25,7 +25,7 @@ from graphopt.graph import export, import_graph
 from graphopt.pipeline import make_spec, run_pipeline
 from graphs import (assert_same_outputs, attrs, declined, initializer, make_model, node, ops, rand, random_feeds, rel_error, run, run_passes, same_graph)
 from graphopt.passes.svd import CALIBRATION_SAMPLES, LAYERS_FACTORIZED, PARAMS_REMOVED, SVD
-from graphopt.passes.svd.lowrank import SecondMoment, decompose, rank_for_error, relative_output_error, truncation_error
+from graphopt.passes.lowrank.factor import SecondMoment, decompose, rank_for_error, relative_output_error, truncation_error
 
 K, N = 48, 40  # r*(K+N) < K*N  <=>  r < 21.8
 

@@ -38,13 +38,13 @@ from onnx import version_converter
 from graphopt.graph import export, import_graph, infer_shapes, quantized_ops, replace_graph
 from graphopt.validate import Thresholds
 
-from .build import Builder
-from .calibrate import Calibration, calibrate
-from .cpu import reduce_range_auto
-from .fallback import fall_back
-from .plan import Plan, make_plan
-from .report import NO_UNITS, Setup, Trial, Upgrade, declined, opset_declined, report
-from .samples import refit_feeds
+from .quantization.build import Builder
+from .quantization.calibrate import Calibration, calibrate
+from .quantization.cpu import reduce_range_auto
+from .quantization.fallback import fall_back
+from .quantization.plan import Plan, make_plan
+from .quantization.report import NO_UNITS, Setup, Trial, Upgrade, declined, opset_declined, report
+from .quantization.samples import refit_feeds
 
 
 @register

@@ -53,11 +53,11 @@ from graphopt.calibration.collector import collect
 from graphopt.calibration.readers import DataSource
 from graphopt.graph import export, is_std
 
-from ..base import Pass, PassContext, PassResult, register
-from ..options import option
-from .lowrank import (DEFAULT_DAMPING, Decomposition, SecondMoment, TensorMoments, decompose, rank_for_error,
+from .base import Pass, PassContext, PassResult, register
+from .options import option
+from .lowrank.factor import (DEFAULT_DAMPING, Decomposition, SecondMoment, TensorMoments, decompose, rank_for_error,
                       relative_output_error, whitening)
-from .sites import Site, SiteDeclined, factor_pairs, rows_per_run, site_of, splice
+from .lowrank.sites import Site, SiteDeclined, factor_pairs, rows_per_run, site_of, splice
 
 WEIGHTED = ("Gemm", "MatMul", "Conv")
 DEFAULT_ENERGY = 0.99
