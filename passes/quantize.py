@@ -73,7 +73,7 @@ class Quantize(Pass):
         rounding: Literal["nearest", "gptq"] = option(
             "nearest", "weight rounding: nearest, or gptq (each weight's rounding error compensated by the weights not "
             "yet rounded, from the calibration inputs' second moments; better int8 CNN classifiers, but fitted to the "
-            "calibration data: see the README)")
+            "calibration data: see docs/quantize.md)")
         bias_correction: bool = option(
             True, "correct the int8 layers' biases for their mean output error on calibration data: the weights' "
             "rounding ΔW·E[x], then each layer's output mean matched to float's, layer by layer")
