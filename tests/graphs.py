@@ -257,3 +257,81 @@ def assert_one_line_error(res: Any, code: int, *needles: str) -> None:
     assert "Traceback" not in res.err
     for n in needles:
         assert n in lines[0], (n, lines[0])
+
+
+# ------------------------------------------------------------------------------- models of the quantize tests
+
+
+def xy_model(nodes, inits, x_shape, y_shape, opset=17) -> onnx.ModelProto:
+    """A checked IR-8 model of ``nodes`` from float input ``x`` to float output ``y``, with TensorProto ``inits``."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def conv_net(opset: int = 17) -> onnx.ModelProto:
+    """Conv+Relu, Conv+Clip(ReLU6), residual Add, MaxPool, GlobalAveragePool, Flatten, Gemm."""
+    rng = np.random.default_rng(0)
+    f = np.float32
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(f), "w1"),
+             numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(f), "b1"),
+             numpy_helper.from_array((rng.standard_normal((8, 8, 3, 3)) * 0.2).astype(f), "w2"),
+             numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(f), "b2"),
+             numpy_helper.from_array(rng.standard_normal((10, 8)).astype(f), "fc"),
+             numpy_helper.from_array(rng.standard_normal(10).astype(f), "fcb"),
+             numpy_helper.from_array(np.array(0, f), "zero"), numpy_helper.from_array(np.array(6, f), "six")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+             helper.make_node("Clip", ["c2", "zero", "six"], ["r2"], name="relu6"),
+             helper.make_node("Add", ["r1", "r2"], ["a"], name="add"),
+             helper.make_node("MaxPool", ["a"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+             helper.make_node("GlobalAveragePool", ["p"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "fc", "fcb"], ["y"], transB=1, name="fc")]
+    if opset < 11:
+        nodes[3] = helper.make_node("Clip", ["c2"], ["r2"], min=0.0, max=6.0, name="relu6")
+        inits = inits[:-2]
+    return xy_model(nodes, inits, ["N", 3, 16, 16], ["N", 10], opset)
+
+
+def calib(n: int = 64, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    """``n`` seeded samples for conv_net, in batches of 8."""
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.random((8, 3, 16, 16)).astype(np.float32)} for _ in range(n // 8)]
+
+
+def ort_kernels(m: onnx.ModelProto, tmp_path) -> list[str]:
+    """The ops onnxruntime runs the model with (its graph after the extended optimizations: fused kernels)."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+
+
+def conv_only_model(xs: tuple[int, ...], w: np.ndarray, **attrs) -> onnx.ModelProto:
+    """One Conv of weight ``w`` on an input of shape ``xs``."""
+    xi = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(xs))
+    yi = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], **attrs)], "g", [xi], [yi],
+                          [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+GEOMETRIES = [  # (input shape, weight shape, group, strides, pads, dilations)
+    ((2, 3, 9, 8), (4, 3, 3, 3), 1, [1, 1], [1, 1, 1, 1], [1, 1]),
+    ((2, 4, 11, 10), (6, 4, 3, 2), 1, [2, 2], [0, 1, 2, 0], [1, 1]),      # stride 2, asymmetric pads
+    ((1, 6, 10, 10), (6, 1, 5, 5), 6, [1, 2], [2, 2, 2, 2], [1, 1]),      # depthwise
+    ((2, 4, 12, 12), (6, 2, 3, 3), 2, [1, 1], [0, 0, 0, 0], [2, 2]),      # grouped, dilated
+    ((3, 5, 17), (4, 5, 3), 1, [2], [1, 0], [1]),                         # 1-D
+    ((2, 3, 8, 9), (4, 3, 2, 3), 1, [1, 1], "VALID", [1, 1]),            # auto_pad VALID
+    ((2, 3, 9, 8), (4, 3, 3, 2), 1, [2, 3], "SAME_UPPER", [1, 1]),       # SAME: odd padding at the end
+    ((2, 4, 10, 7), (4, 1, 4, 3), 4, [3, 2], "SAME_LOWER", [1, 1]),      # ... at the start; depthwise
+]

@@ -13,9 +13,7 @@ import graphopt
 from graphopt.calibration.bias_correction import PatchMeanObserver, rounding_offset
 from graphopt.passes.quantization.calibrate import conv_geometry
 from graphopt.passes.quantization.report import BIASES_CORRECTED
-from tests.graphs import session
-from tests.test_gptq import GEOMETRIES, _conv_model
-from tests.test_quantize import ort_kernels
+from graphs import GEOMETRIES, conv_only_model, ort_kernels, session
 
 
 @pytest.mark.parametrize("xs, ws, group, strides, pads, dil", GEOMETRIES)
@@ -27,13 +25,13 @@ def test_mean_patch_gives_onnxruntimes_mean_conv_output(xs, ws, group, strides, 
     x = (rng.standard_normal(xs) + rng.uniform(-2, 2, (1, xs[1]) + (1,) * (len(xs) - 2))).astype(np.float32)
     attrs = dict(group=group, strides=strides, dilations=dil)
     attrs.update(auto_pad=pads) if isinstance(pads, str) else attrs.update(pads=pads)
-    geometry = conv_geometry(gs.import_onnx(_conv_model(xs, np.zeros(ws, np.float32), **attrs)).nodes[0])
+    geometry = conv_geometry(gs.import_onnx(conv_only_model(xs, np.zeros(ws, np.float32), **attrs)).nodes[0])
     obs = PatchMeanObserver(geometry)
     obs.update(x[:1])
     obs.update(x[1:])
     for seed in range(3):
         w = np.random.default_rng(seed).standard_normal(ws).astype(np.float32)
-        y = session(_conv_model(xs, w, **attrs)).run(None, {"x": x})[0].astype(np.float64)
+        y = session(conv_only_model(xs, w, **attrs)).run(None, {"x": x})[0].astype(np.float64)
         expected = y.mean(axis=(0,) + tuple(range(2, y.ndim)))
         assert np.allclose(rounding_offset(w, obs.mean(), group), expected, rtol=1e-5, atol=1e-6)
         assert obs.count == y.shape[0] * int(np.prod(y.shape[2:]))

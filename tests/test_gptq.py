@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 import graphopt.calibration.gptq as gptq_mod
 import graphopt
@@ -15,30 +15,7 @@ from graphopt.calibration.gptq import HessianObserver, gptq_round
 from graphopt.calibration.qparams import qrange
 from graphopt.passes.quantization.calibrate import conv_geometry
 from graphopt.passes.quantization.report import GPTQ_ROUNDED
-from tests.graphs import session
-from tests.test_quantize import calib, conv_net, ort_kernels
-
-
-def _conv_model(xs: tuple[int, ...], w: np.ndarray, **attrs) -> onnx.ModelProto:
-    xi = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(xs))
-    yi = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], **attrs)], "g", [xi], [yi],
-                          [numpy_helper.from_array(w, "w")])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
-
-
-GEOMETRIES = [  # (input shape, weight shape, group, strides, pads, dilations)
-    ((2, 3, 9, 8), (4, 3, 3, 3), 1, [1, 1], [1, 1, 1, 1], [1, 1]),
-    ((2, 4, 11, 10), (6, 4, 3, 2), 1, [2, 2], [0, 1, 2, 0], [1, 1]),      # stride 2, asymmetric pads
-    ((1, 6, 10, 10), (6, 1, 5, 5), 6, [1, 2], [2, 2, 2, 2], [1, 1]),      # depthwise
-    ((2, 4, 12, 12), (6, 2, 3, 3), 2, [1, 1], [0, 0, 0, 0], [2, 2]),      # grouped, dilated
-    ((3, 5, 17), (4, 5, 3), 1, [2], [1, 0], [1]),                         # 1-D
-    ((2, 3, 8, 9), (4, 3, 2, 3), 1, [1, 1], "VALID", [1, 1]),            # auto_pad VALID
-    ((2, 3, 9, 8), (4, 3, 3, 2), 1, [2, 3], "SAME_UPPER", [1, 1]),       # SAME: odd padding at the end
-    ((2, 4, 10, 7), (4, 1, 4, 3), 4, [3, 2], "SAME_LOWER", [1, 1]),      # ... at the start; depthwise
-]
+from graphs import GEOMETRIES, calib, conv_net, conv_only_model, ort_kernels, session
 
 
 @pytest.mark.parametrize("xs, ws, group, strides, pads, dil", GEOMETRIES)
@@ -52,7 +29,7 @@ def test_conv_input_second_moments_give_onnxruntimes_output_energy(xs, ws, group
     attrs = dict(group=group, strides=strides, dilations=dil)
     attrs.update(auto_pad=pads) if isinstance(pads, str) else attrs.update(pads=pads)
     w0 = np.zeros(ws, np.float32)
-    geometry = conv_geometry(gs.import_onnx(_conv_model(xs, w0, **attrs)).nodes[0])
+    geometry = conv_geometry(gs.import_onnx(conv_only_model(xs, w0, **attrs)).nodes[0])
     assert geometry is not None
     obs = HessianObserver(geometry)
     obs.update(x[:1])
@@ -62,13 +39,13 @@ def test_conv_input_second_moments_give_onnxruntimes_output_energy(xs, ws, group
         w = np.random.default_rng(seed).standard_normal(ws).astype(np.float32)
         wg = w.reshape(group, ws[0] // group, -1).astype(np.float64)
         energy = float(np.einsum("god,gde,goe->", wg, obs.h, wg))
-        y = session(_conv_model(xs, w, **attrs)).run(None, {"x": x})[0].astype(np.float64)
+        y = session(conv_only_model(xs, w, **attrs)).run(None, {"x": x})[0].astype(np.float64)
         assert energy == pytest.approx(float((y ** 2).sum()), rel=1e-5)
         assert obs.rows == y.shape[0] * int(np.prod(y.shape[2:]))
 
 
 def test_conv_with_auto_pad_same_on_an_input_of_unknown_size_has_no_geometry():
-    m = _conv_model((1, 2, "H", 5), np.zeros((3, 2, 3, 3), np.float32), auto_pad="SAME_UPPER")
+    m = conv_only_model((1, 2, "H", 5), np.zeros((3, 2, 3, 3), np.float32), auto_pad="SAME_UPPER")
     assert conv_geometry(gs.import_onnx(m).nodes[0]) is None
 
 

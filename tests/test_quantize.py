@@ -15,59 +15,11 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from graphopt.errors import UsageError
 from graphopt.passes.quantization.report import BIASES_CORRECTED, COSINE, COSINE_LOW, TENSORS_FLOAT, TOP1, UNITS_INT8
-
-
-def _model(nodes, inits, x_shape, y_shape, opset=17):
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)
-    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return m
-
-
-def conv_net(opset: int = 17) -> onnx.ModelProto:
-    """Conv+Relu, Conv+Clip(ReLU6), residual Add, MaxPool, GlobalAveragePool, Flatten, Gemm."""
-    rng = np.random.default_rng(0)
-    f = np.float32
-    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(f), "w1"),
-             numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(f), "b1"),
-             numpy_helper.from_array((rng.standard_normal((8, 8, 3, 3)) * 0.2).astype(f), "w2"),
-             numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(f), "b2"),
-             numpy_helper.from_array(rng.standard_normal((10, 8)).astype(f), "fc"),
-             numpy_helper.from_array(rng.standard_normal(10).astype(f), "fcb"),
-             numpy_helper.from_array(np.array(0, f), "zero"), numpy_helper.from_array(np.array(6, f), "six")]
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
-             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
-             helper.make_node("Clip", ["c2", "zero", "six"], ["r2"], name="relu6"),
-             helper.make_node("Add", ["r1", "r2"], ["a"], name="add"),
-             helper.make_node("MaxPool", ["a"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
-             helper.make_node("GlobalAveragePool", ["p"], ["g"], name="gap"),
-             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
-             helper.make_node("Gemm", ["f", "fc", "fcb"], ["y"], transB=1, name="fc")]
-    if opset < 11:
-        nodes[3] = helper.make_node("Clip", ["c2"], ["r2"], min=0.0, max=6.0, name="relu6")
-        inits = inits[:-2]
-    return _model(nodes, inits, ["N", 3, 16, 16], ["N", 10], opset)
-
-
-def calib(n: int = 64, seed: int = 1) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [{"x": rng.random((8, 3, 16, 16)).astype(np.float32)} for _ in range(n // 8)]
+from graphs import calib, conv_net, ort_kernels, xy_model
 
 
 def ops(m: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in m.graph.node]
-
-
-def ort_kernels(m: onnx.ModelProto, tmp_path) -> list[str]:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return ops(onnx.load(tmp_path / "optimized.onnx"))
 
 
 def test_fires_qdq_and_onnxruntime_fuses_integer_kernels(tmp_path):
@@ -161,7 +113,7 @@ def test_constant_node_weights_and_batchnorm_are_folded_before_quantize_by_its_p
     nodes += [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
               helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["n"], name="bn"),
               helper.make_node("Relu", ["n"], ["y"], name="relu")]
-    m = _model(nodes, [], ["N", 3, 16, 16], ["N", 4, 16, 16])
+    m = xy_model(nodes, [], ["N", 3, 16, 16], ["N", 4, 16, 16])
     out, rep = graphopt.optimize(m, ["quantize:min-cosine=0,min-top1=0"], calib_data=calib(), latency_runs=0)
     assert [p["pass"].partition(":")[0] for p in rep.passes] == ["fold-constants", "fold-bn", "quantize"]
     assert "BatchNormalization" not in ops(out) and "Constant" not in ops(out)
@@ -188,7 +140,7 @@ def test_attention_matmuls_quantized(tmp_path):
              helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
              helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
              helper.make_node("Softmax", ["s"], ["y"], axis=-1)]
-    m = _model(nodes, [wq, wk, perm], ["N", 8, 16], ["N", 8, 8])
+    m = xy_model(nodes, [wq, wk, perm], ["N", 8, 16], ["N", 8, 8])
     data = [{"x": rng.standard_normal((4, 8, 16)).astype(np.float32)} for _ in range(4)]
     out, rep = graphopt.optimize(m, ["quantize:method=minmax"], calib_data=data, latency_runs=0)
     assert rep.passes[-1]["counts"][UNITS_INT8] == 3
@@ -207,7 +159,7 @@ def fragile_mlp() -> onnx.ModelProto:
     w2[0, :] *= 1e-4
     nodes = [helper.make_node("Gemm", ["x", "w1"], ["h0"], name="fc1"), helper.make_node("Relu", ["h0"], ["h"]),
              helper.make_node("Gemm", ["h", "w2"], ["y"], name="fc2")]
-    return _model(nodes, [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")], ["N", 16],
+    return xy_model(nodes, [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")], ["N", 16],
                   ["N", 10])
 
 
@@ -240,7 +192,7 @@ def near_tie_classifier(ties: int) -> tuple[onnx.ModelProto, list[dict[str, np.n
     w[:10] = np.eye(10)
     nodes = [helper.make_node("Gemm", ["x", "w"], ["logits"], name="fc"),
              helper.make_node("Softmax", ["logits"], ["y"], axis=-1)]
-    m = _model(nodes, [numpy_helper.from_array(w, "w")], ["N", 16], ["N", 10])
+    m = xy_model(nodes, [numpy_helper.from_array(w, "w")], ["N", 16], ["N", 10])
     x = rng.uniform(0, 0.5, (256, 16)).astype(np.float32)
     x[:ties, 0] = 1.0
     x[:ties, 1] = 1.0 + rng.uniform(-1e-3, 1e-3, ties)
@@ -280,7 +232,7 @@ def test_per_position_top1_target_survives_the_opset_upgrade():
     nodes = [helper.make_node("MatMul", ["x", "w"], ["l0"], name="fc"), helper.make_node("Shape", ["l0"], ["s"]),
              helper.make_node("Reshape", ["l0", "s"], ["logits"]),
              helper.make_node("Softmax", ["logits"], ["y"], axis=2)]
-    m = _model(nodes, [w], ["N", 4, 16], ["N", 4, 10], opset=12)
+    m = xy_model(nodes, [w], ["N", 4, 16], ["N", 4, 10], opset=12)
     x = np.concatenate([d["x"] for d in data2]).reshape(64, 4, 16)
     data = [{"x": x[i:i + 16]} for i in range(0, 64, 16)]
     _, rep = graphopt.optimize(m, ["quantize:method=minmax,min-cosine=0"], calib_data=data, latency_runs=0)
@@ -345,7 +297,7 @@ def weight_fragile_mlp() -> onnx.ModelProto:
     w2 = rng.standard_normal((32, 10)).astype(np.float32) * 0.3
     nodes = [helper.make_node("Gemm", ["x", "w1"], ["h0"], name="fc1"), helper.make_node("Relu", ["h0"], ["h"]),
              helper.make_node("Gemm", ["h", "w2"], ["y"], name="fc2")]
-    return _model(nodes, [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")], ["N", 16],
+    return xy_model(nodes, [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")], ["N", 16],
                   ["N", 10])
 
 
@@ -381,7 +333,7 @@ def test_fallback_leaves_no_quantize_pair_that_no_int8_op_uses():
     w2[:, 0] *= 1e-4
     nodes = [helper.make_node("Conv", ["x", "w1"], ["h0"], name="conv1"), helper.make_node("Relu", ["h0"], ["h"]),
              helper.make_node("Conv", ["h", "w2"], ["y"], name="conv2")]
-    m = _model(nodes, [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")], ["N", 16, 3, 3],
+    m = xy_model(nodes, [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")], ["N", 16, 3, 3],
                ["N", 10, 3, 3])
     data = [{"x": np.abs(rng.standard_normal((16, 16, 3, 3))).astype(np.float32)} for _ in range(4)]
     out, rep = graphopt.optimize(m, ["quantize:method=minmax"], calib_data=data, latency_runs=0)
@@ -502,7 +454,7 @@ def test_bias_of_a_near_zero_channel_fits_int32():
     w = (rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32)
     w[2] = 1e-10
     b = np.array([0.1, -0.2, 3.0, 0.3], np.float32)
-    m = _model([helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+    m = xy_model([helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
                 helper.make_node("Relu", ["c"], ["r"]),
                 helper.make_node("GlobalAveragePool", ["r"], ["y"])],
                [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")], ["N", 3, 16, 16], ["N", 4, 1, 1])
@@ -549,7 +501,7 @@ def outlier_mlp() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
     w2 = np.eye(256, dtype=np.float32) + rng.standard_normal((256, 256)).astype(np.float32) * 0.01
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
              helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2")]
-    m = _model(nodes, [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")], ["N", 256],
+    m = xy_model(nodes, [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")], ["N", 256],
                ["N", 256])
     data = [{"x": rng.standard_normal((16, 256)).astype(np.float32)} for _ in range(16)]
     for i, (row, col) in enumerate([(3, 7), (9, 100), (12, 200)]):
@@ -622,7 +574,7 @@ def test_reduce_range_auto_keeps_the_integer_kernel_exact(reduce_range):
 
     f = np.float32
     inits = [numpy_helper.from_array(np.ones((2, 32, 1, 1), f), "w"), numpy_helper.from_array(np.zeros(2, f), "b")]
-    model = _model([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")], inits, ["N", 32, 4, 4],
+    model = xy_model([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")], inits, ["N", 32, 4, 4],
                    ["N", 2, 4, 4])
     ones = [{"x": np.ones((1, 32, 4, 4), f)}]
     out, _ = graphopt.optimize(model, [f"quantize:method=minmax,reduce-range={reduce_range},min-cosine=0"],
