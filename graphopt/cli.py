@@ -16,8 +16,8 @@ from typing import NoReturn, Sequence
 
 from graphopt.calibration.readers import RandomSource, model_inputs, open_source, parse_shape
 
-from . import io
-from .api import one_row, optimize
+from . import __version__, io
+from .api import one_row, optimize, resolve_passes
 from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_VALIDATION, GraphoptError, InputError,
                      InternalError, UsageError, ValidationFailed, one_line)
 from .pipeline import default_pipeline, parse_recipe, registry
@@ -28,7 +28,32 @@ log = logging.getLogger("graphopt")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see --help)")
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _fraction(text: str) -> float:
+    """A target in [0, 1] (cosine, top-1 agreement)."""
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,9 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1xD2x...",
                    help="concrete shape for an input with dynamic dims (for random validation inputs)")
     p.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
-    p.add_argument("--min-cosine", type=float, metavar="X", help="lossy passes: fail below this output cosine")
-    p.add_argument("--min-top1", type=float, metavar="X", help="lossy passes: fail below this top-1 agreement")
-    p.add_argument("--max-rel-error", type=float, metavar="X",
+    p.add_argument("--min-cosine", type=_fraction, metavar="X", help="lossy passes: fail below this output cosine")
+    p.add_argument("--min-top1", type=_fraction, metavar="X", help="lossy passes: fail below this top-1 agreement")
+    p.add_argument("--max-rel-error", type=_non_negative, metavar="X",
                    help="lossy passes: fail above this max|y-x|/max|x| per output")
     p.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
     p.add_argument("--no-verify", action="store_true", help="skip onnx.checker after each pass")
@@ -62,9 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-calibration", metavar="FILE.json",
                    help="reuse ranges saved by --save-calibration instead of calibrating (no --calib-data needed)")
     p.add_argument("--list-passes", action="store_true", help="list passes with their options and exit")
+    p.add_argument("--version", action="store_true", help="print graphopt's version and exit")
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="log each pass and every declined site")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def build_info_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="graphopt info", description="Print a model's summary: IR and opsets, size, parameters, MACs "
+                "of one run (on the first sample of DATA, else on seeded random inputs), nodes, inputs and outputs.")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("--data", "--val-data", "--calib-data", dest="data", metavar="PATH",
+                   help="count MACs on this data's first sample (.npz or folder of .npz)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1xD2x...",
+                   help="concrete shape for an input with dynamic dims (for the random sample)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random sample (default 0)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -82,20 +121,25 @@ def list_passes() -> str:
 
 
 def _run(argv: Sequence[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["info"]:
+        return _info(build_info_parser().parse_args(argv[1:]))
     args = build_parser().parse_args(argv)
     level = logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    if args.version:
+        print(f"graphopt {__version__}")
+        return EXIT_OK
     if args.list_passes:
         print(list_passes())
         return EXIT_OK
-    if args.paths and args.paths[0] == "info":
-        return _info(args)
     if len(args.paths) != 2:
         raise UsageError("expected IN.onnx OUT.onnx (or 'info MODEL', or --list-passes)")
-    for name, value in (("--threads", args.threads), ("--latency-runs", args.latency_runs + 1),
-                        ("--calib-samples", args.calib_samples)):
+    for name, value in (("--threads", args.threads), ("--calib-samples", args.calib_samples)):
         if value is not None and value < 1:
             raise UsageError(f"{name} must be positive")
+    if args.latency_runs < 0:
+        raise UsageError("--latency-runs must be 0 (skip latency) or more")
     return _optimize(args)
 
 
@@ -104,15 +148,13 @@ def _shapes(items: list[str]) -> dict[str, list[int]]:
 
 
 def _info(args: argparse.Namespace) -> int:
-    if len(args.paths) != 2:
-        raise UsageError("usage: graphopt info MODEL.onnx")
-    model = io.load_model(args.paths[1])
-    data = args.val_data or args.calib_data
-    source = open_source(data, model) if data else RandomSource(model_inputs(model), _shapes(args.input_shape),
-                                                                args.seed, n_feeds=1)
+    model = io.load_model(args.model)
+    source = open_source(args.data, model) if args.data else RandomSource(model_inputs(model),
+                                                                          _shapes(args.input_shape), args.seed,
+                                                                          n_feeds=1)
     first = next(iter(source), None)
     feed = one_row(first, model) if first is not None else None
-    print(summary(model, feed, args.paths[1]))
+    print(summary(model, feed, args.model, source.description))
     return EXIT_OK
 
 
@@ -120,7 +162,10 @@ def _optimize(args: argparse.Namespace) -> int:
     in_path, out_path = Path(args.paths[0]), Path(args.paths[1])
     if args.recipe and args.passes:
         raise UsageError("give passes with --pass or with --recipe, not both")
-    passes = parse_recipe(args.recipe) if args.recipe else (args.passes or None)
+    passes = resolve_passes(parse_recipe(args.recipe) if args.recipe else (args.passes or None))
+    if args.save_calibration and not any(registry()[s.name].calibrates for s in passes):
+        raise UsageError(f"--save-calibration: no pass in this pipeline calibrates ranges (passes that do: "
+                         f"{', '.join(n for n, c in sorted(registry().items()) if c.calibrates)})")
     model, protected = io.load_model_and_files(in_path)
     io.check_output_path(out_path, protected)
     for extra in (args.report, args.save_calibration):
@@ -149,9 +194,11 @@ def _optimize(args: argparse.Namespace) -> int:
     written = io.save_model(out, out_path)
     if args.save_calibration:
         saved = [p["artifacts"]["calibration"] for p in report.passes if "calibration" in p["artifacts"]]
-        if not saved:
-            raise UsageError("--save-calibration: no pass in this pipeline calibrated anything")
-        io.write_json(args.save_calibration, {"graphopt_calibration": 1, **saved[-1]})
+        if saved:
+            io.write_json(args.save_calibration, {"graphopt_calibration": 1, **saved[-1]})
+        else:   # the calibrating pass declined the model (already quantized, nothing to quantize)
+            log.warning("--save-calibration: nothing was calibrated (see the report), %s not written",
+                        args.save_calibration)
     if args.report:
         io.write_json(args.report, report.to_dict())
     if not args.quiet:

@@ -178,14 +178,14 @@ def format_report(r: Report) -> str:
     return "\n".join(lines)
 
 
-def summary(model: onnx.ModelProto, feed: dict[str, np.ndarray] | None, path: str) -> str:
-    """A model's summary for ``graphopt info``."""
+def summary(model: onnx.ModelProto, feed: dict[str, np.ndarray] | None, path: str, data: str) -> str:
+    """A model's summary for ``graphopt info``; MACs counted on ``feed``, the first sample of ``data``."""
     st = model_stats(model, feed)
     opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
     lines = [f"{path}", f"  IR version {model.ir_version}; opsets: {opsets}; producer: "
              f"{model.producer_name or '-'} {model.producer_version}".rstrip(),
              f"  file size {_size(st.size_bytes)}, parameters {_count(st.parameters)}, MACs {_count(st.macs)}"
-             f"{' (per run on ' + str({k: list(v.shape) for k, v in feed.items()}) + ')' if feed else ''}",
+             f"{' (per run on ' + str({k: list(v.shape) for k, v in feed.items()}) + f' from {data})' if feed else ''}",
              f"  nodes {st.nodes}: " + ", ".join(f"{op} {n}" for op, n in sorted(st.op_counts.items(),
                                                                              key=lambda kv: -kv[1]))]
     for vi in model.graph.input:

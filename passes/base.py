@@ -8,6 +8,8 @@ options, see passes.options), and:
     before it unless the pipeline already runs it earlier. A pass never runs another pass inside itself;
   * ``must_not_follow``: passes after which this one makes no sense, each with the reason (refused before any work);
   * ``needs_calibration()``: whether these options need calibration data (refused before any work without it);
+    ``calibrates``: whether it records activation ranges (``--save-calibration`` is refused before any work
+    without such a pass);
   * ``targets()``: the fidelity targets the pass itself searches against (quantize's fallback), which validation
     checks again on held-out data; None for passes that do not search;
   * ``run(graph, ctx) -> PassResult``: rewrites the onnx-graphsurgeon graph in place. A site that does not qualify
@@ -83,6 +85,7 @@ class Pass:
     Options: ClassVar[type]
     exact: ClassVar[bool] = True
     prerequisites: ClassVar[tuple[str, ...]] = ()
+    calibrates: ClassVar[bool] = False    # writes activation ranges (artifacts["calibration"], --save-calibration)
     must_not_follow: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, options: Any) -> None:

@@ -53,6 +53,7 @@ class Quantize(Pass):
     summary = "int8 QDQ quantization with minmax/kl/percentile calibration and a sensitivity-guided float fallback."
     exact = False
     prerequisites = ("fold-constants", "fold-bn")
+    calibrates = True
     must_not_follow = {"fuse-conv-relu": "onnxruntime's int8 kernels match plain Conv; a FusedConv made before "
                                          "quantize stays float — run fuse-conv-relu without quantize"}
 

@@ -10,8 +10,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
+import graphopt
 import graphopt.io
 from graphs import assert_one_line_error, conv_model
 
@@ -263,3 +266,53 @@ def test_opset_too_old(cli, tmp_path):
     p = tmp_path / "old.onnx"
     p.write_bytes(m.SerializeToString())
     assert_one_line_error(cli(p, tmp_path / "out.onnx"), 2, "opset 5")
+
+
+def test_version_and_info_help(cli, capsys):
+    res = cli("--version")
+    assert res.code == 0 and res.out.strip() == f"graphopt {graphopt.__version__}"
+    with pytest.raises(SystemExit) as e:
+        cli("info", "--help")
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: graphopt info")
+
+
+def test_info_refuses_options_it_does_not_use_and_names_its_data(cli, model_path, tmp_path):
+    assert_one_line_error(cli("info", model_path, "--pass", "svd"), 2, "unrecognized arguments: --pass svd",
+                          "graphopt info --help")
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((4, 3, 8, 8), np.float32))
+    res = cli("info", model_path, "--val-data", data)
+    assert res.code == 0 and "per run on {'x': [1, 3, 8, 8]} from d.npz" in res.out
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flag=st.sampled_from(["--min-cosine", "--min-top1", "--max-rel-error"]),
+       value=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=4)))
+def test_targets_out_of_range_are_usage_errors(cli, model_path, tmp_path, flag, value):
+    text = str(value)
+    try:
+        number = float(text)
+    except ValueError:
+        number = None
+    valid = number is not None and np.isfinite(number) and (
+        number >= 0 if flag == "--max-rel-error" else 0 <= number <= 1)
+    if valid or text.startswith("-") and number is None:
+        return   # a valid target, or text argparse reads as another option
+    out = tmp_path / "o.onnx"
+    res = cli(model_path, out, flag, text, "--latency-runs", "0")
+    assert_one_line_error(res, 2, flag)
+    assert not out.exists()
+
+
+def test_negative_latency_runs_and_zero_threads(cli, model_path, tmp_path):
+    assert_one_line_error(cli(model_path, tmp_path / "o.onnx", "--latency-runs", "-1"), 2,
+                          "--latency-runs must be 0 (skip latency) or more")
+    assert_one_line_error(cli(model_path, tmp_path / "o.onnx", "--threads", "0"), 2, "--threads must be positive")
+
+
+def test_save_calibration_without_a_calibrating_pass_is_refused_before_any_work(cli, model_path, tmp_path):
+    out, ranges = tmp_path / "o.onnx", tmp_path / "r.json"
+    res = cli(model_path, out, "--pass", "svd", "--save-calibration", ranges)
+    assert_one_line_error(res, 2, "--save-calibration: no pass in this pipeline calibrates ranges", "quantize")
+    assert not out.exists() and not ranges.exists()
