@@ -204,7 +204,7 @@ def bench_case(case: Case, ratios: list[float], round_tos: list[int], runs: int,
     ref = outputs(original, feed)
     sample = one_sample(feed)
     base_macs = count_macs(original, sample)
-    row: dict[str, Any] = {"model": case.name, "macs": base_macs, "params": count_parameters(original),
+    row: dict[str, Any] = {"model": case.name, "macs": base_macs, "params": count_parameters(original)[0],
                            "labelled": labels is not None, "calib": case.calib is not None,
                            "original": quality(original, ref, feed, labels), "ratios": {}}
     can_rec = case.calib is not None
@@ -220,7 +220,7 @@ def bench_case(case: Case, ratios: list[float], round_tos: list[int], runs: int,
         macs = count_macs(pruned, sample)
         lat = measure_latency([original, pruned], sample, threads=1, runs=runs, budget_s=budget)
         cpu = cpu_latency([original, pruned], sample, runs=runs, budget_s=budget)
-        entry.update({"macs": macs, "params": count_parameters(pruned), "latency_ms": lat, "cpu_ms": cpu,
+        entry.update({"macs": macs, "params": count_parameters(pruned)[0], "latency_ms": lat, "cpu_ms": cpu,
                       "seconds": secs,
                       "quality": quality(pruned, ref, feed, labels), "passes": info["steps"]})
         if can_rec and rt == round_tos[0]:

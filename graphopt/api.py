@@ -141,7 +141,7 @@ def _open_data(model: onnx.ModelProto, calib_data: Any, val_data: Any, calib_sam
 
 def _step_row(r: StepRecord) -> dict[str, Any]:
     """One pipeline step as the report's ``passes`` list holds it."""
-    return {"pass": r.spec, "seconds": round(r.seconds, 3), "changed": r.result.changed,
+    return {"pass": r.spec, "options": r.options, "seconds": round(r.seconds, 3), "changed": r.result.changed,
             "counts": r.result.counts, "layers": r.result.layers, "declined": r.result.declined,
             "notes": r.result.notes, "removed_nodes": r.removed_nodes, "nodes_after": r.nodes_after,
             "artifacts": r.result.artifacts}

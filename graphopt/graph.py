@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import __version__
 from .errors import InputError, one_line
 
 STANDARD = ("", "ai.onnx", None)   # the default domain, as onnx and onnx-graphsurgeon spell it
@@ -156,25 +157,25 @@ def _patch_gs_import(graph: gs.Graph, proto: onnx.GraphProto) -> None:
             t.dtype, t.shape = None, None
 
 
-def _graph_protos(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
+def graph_protos(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
     """A graph and all its subgraphs (If/Loop/Scan bodies), recursively."""
     yield graph
     for node in graph.node:
         for a in node.attribute:
             if a.HasField("g"):
-                yield from _graph_protos(a.g)
+                yield from graph_protos(a.g)
             for sub in a.graphs:
-                yield from _graph_protos(sub)
+                yield from graph_protos(sub)
 
 
 def _restore_types(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
     """Put back the non-tensor types (optional, map, nested sequence) that ``_patch_gs_import`` had to forget."""
     types: dict[str, onnx.TypeProto] = {}
-    for g in _graph_protos(template.graph):
+    for g in graph_protos(template.graph):
         for vi in (*g.input, *g.output, *g.value_info):
             if vi.HasField("type") and not vi.type.HasField("tensor_type"):
                 types.setdefault(vi.name, vi.type)
-    for g in _graph_protos(model.graph):
+    for g in graph_protos(model.graph):
         for vi in (*g.input, *g.output, *g.value_info):
             if vi.name in types and not vi.type.HasField("tensor_type"):
                 vi.type.CopyFrom(types[vi.name])
@@ -185,7 +186,8 @@ def _restore_types(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
 
 
 def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """Export a graph to a ModelProto keeping the template model's IR version and model-level metadata."""
+    """Export a graph to a ModelProto keeping the template model's IR version and model-level metadata (domain,
+    model version, doc string, metadata_props); the producer is graphopt."""
     model = gs.export_onnx(graph, do_type_check=False)
     _restore_types(model, template)
     model.ir_version = max(template.ir_version, _min_ir_for(model))
@@ -194,8 +196,9 @@ def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
         have = {t.name for t in model.graph.initializer}
         model.graph.initializer.extend(defaults[i.name] for i in model.graph.input
                                        if i.name in defaults and i.name not in have)
-    for attr in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+    for attr in ("domain", "model_version", "doc_string"):
         setattr(model, attr, getattr(template, attr))
+    model.producer_name, model.producer_version = "graphopt", __version__   # who wrote this file
     del model.metadata_props[:]
     model.metadata_props.extend(template.metadata_props)
     return model

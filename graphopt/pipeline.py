@@ -64,6 +64,10 @@ class PassSpec:
             changed += [f"{key}={str(v).lower() if isinstance(v, bool) else v}" for v in items]
         return self.name + (":" + ",".join(changed) if changed else "")
 
+    def effective_options(self) -> dict[str, Any]:
+        """Every option's value, defaults included, by its CLI spelling (the report's record of the run)."""
+        return {f.name.replace("_", "-"): getattr(self.options, f.name) for f in dataclasses.fields(self.options)}
+
 
 def _lookup(name: str) -> type[Pass]:
     passes = registry()
@@ -183,6 +187,7 @@ class StepRecord:
     """One pipeline step as the report shows it."""
 
     spec: str
+    options: dict[str, Any]     # every option's value, defaults included
     result: PassResult
     seconds: float
     removed_nodes: int
@@ -219,7 +224,7 @@ def run_pipeline(model: onnx.ModelProto, specs: Sequence[PassSpec], ctx: PassCon
             except InputError as e:
                 raise InternalError(f"pass '{spec.name}' produced an invalid model: {e}") from e
         seconds = time.perf_counter() - t0
-        records.append(StepRecord(str(spec), result, seconds, removed, len(graph.nodes)))
+        records.append(StepRecord(str(spec), spec.effective_options(), result, seconds, removed, len(graph.nodes)))
         if dump_dir is not None:
             target = dump_dir / f"{i:02d}-{spec.name}.onnx"
             (on_dump or (lambda m, path: io.save_model(m, path)))(current, target)

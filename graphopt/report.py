@@ -13,14 +13,19 @@ import onnx
 import onnxruntime as ort
 
 from . import __version__
+from .graph import STANDARD, graph_protos
 from .runtime import count_macs, cpu_info
 from .validate import ValidationResult
+
+
+_FOUR_BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
 
 
 @dataclass
 class ModelStats:
     size_bytes: int
-    parameters: int
+    parameters: int           # elements of the stored tensors
+    parameter_bytes: int      # their bytes as stored (int8 weights: one each)
     macs: int | None
     nodes: int
     op_counts: dict[str, int]
@@ -31,20 +36,32 @@ def environment() -> dict[str, Any]:
             "numpy": np.__version__, "python": platform.python_version(), "cpu": cpu_info()}
 
 
-def count_parameters(model: onnx.ModelProto) -> int:
-    """Elements of every initializer and Constant-node tensor in the main graph."""
-    n = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.TENSOR:
-                    n += int(np.prod(a.t.dims, dtype=np.int64))
-    return n
+def count_parameters(model: onnx.ModelProto) -> tuple[int, int]:
+    """Elements and bytes of every stored tensor: initializers and Constant-node tensors, in the main graph and its
+    subgraphs (If/Loop/Scan bodies). Bytes as stored: 4-bit types two to a byte, strings by their length."""
+    elements = stored = 0
+    for g in graph_protos(model.graph):
+        tensors = list(g.initializer) + [a.t for n in g.node if n.op_type == "Constant" and n.domain in STANDARD
+                                         for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+        for t in tensors:
+            n = int(np.prod(t.dims, dtype=np.int64))
+            elements += n
+            stored += _stored_bytes(t, n)
+    return elements, stored
+
+
+def _stored_bytes(t: onnx.TensorProto, n: int) -> int:
+    if t.data_type == onnx.TensorProto.STRING:
+        return sum(len(s) for s in t.string_data)
+    if t.data_type in _FOUR_BIT:
+        return (n + 1) // 2
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
 def model_stats(model: onnx.ModelProto, feed: dict[str, np.ndarray] | None) -> ModelStats:
     ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node)
-    return ModelStats(size_bytes=model.ByteSize(), parameters=count_parameters(model),
+    parameters, parameter_bytes = count_parameters(model)
+    return ModelStats(size_bytes=model.ByteSize(), parameters=parameters, parameter_bytes=parameter_bytes,
                       macs=count_macs(model, feed) if feed is not None else None,
                       nodes=len(model.graph.node), op_counts=dict(sorted(ops.items())))
 
@@ -142,6 +159,8 @@ def format_report(r: Report) -> str:
         lines.append(f"{'':<22}{'before':>14}{'after':>14}{'change':>10}")
         rows = [("file size", _size(b.size_bytes), _size(a.size_bytes), _change(b.size_bytes, a.size_bytes)),
                 ("parameters", _count(b.parameters), _count(a.parameters), _change(b.parameters, a.parameters)),
+                ("parameter bytes", _size(b.parameter_bytes), _size(a.parameter_bytes),
+                 _change(b.parameter_bytes, a.parameter_bytes)),
                 ("MACs", _count(b.macs), _count(a.macs), _change(b.macs, a.macs)),
                 ("nodes", str(b.nodes), str(a.nodes), _change(b.nodes, a.nodes))]
         if r.latency_ms:
@@ -184,7 +203,7 @@ def summary(model: onnx.ModelProto, feed: dict[str, np.ndarray] | None, path: st
     opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
     lines = [f"{path}", f"  IR version {model.ir_version}; opsets: {opsets}; producer: "
              f"{model.producer_name or '-'} {model.producer_version}".rstrip(),
-             f"  file size {_size(st.size_bytes)}, parameters {_count(st.parameters)}, MACs {_count(st.macs)}"
+             f"  file size {_size(st.size_bytes)}, parameters {_count(st.parameters)} ({_size(st.parameter_bytes)}), MACs {_count(st.macs)}"
              f"{' (per run on ' + str({k: list(v.shape) for k, v in feed.items()}) + f' from {data})' if feed else ''}",
              f"  nodes {st.nodes}: " + ", ".join(f"{op} {n}" for op, n in sorted(st.op_counts.items(),
                                                                              key=lambda kv: -kv[1]))]

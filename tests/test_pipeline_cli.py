@@ -214,3 +214,24 @@ def test_slowdown_is_warned(monkeypatch, after_ms, warned):
     if warned:
         assert "1.50x slower" in hits[0] and "int8" not in hits[0]
         assert "int8 kernels" in (api.slowdown_warning(1.0, 2.0, ["fold-bn", "quantize"]) or "")
+
+
+def test_json_report_holds_every_pass_option_and_reproduces_the_run(cli, tmp_path, model_path):
+    rep = tmp_path / "r.json"
+    res = cli(model_path, tmp_path / "o.onnx", "--pass", "fold-bn:mul-add=false", "--pass", "test-scale:factor=1.0",
+              "--report", rep, "--latency-runs", "0", "--input-shape", "x=2x3x8x8")
+    assert res.code == 0, res.err
+    steps = json.loads(rep.read_text())["passes"]
+    assert [s["pass"] for s in steps] == ["fold-constants", "fold-bn:mul-add=false", "test-scale"]
+    assert steps[1]["options"] == {"mul-add": False}
+    assert steps[2]["options"] == {"factor": 1.0, "ratio": 1.0, "mode": "weights", "skip": []}
+    for s in steps:   # the recorded options, defaults included, rebuild the same pass
+        name = s["pass"].split(":")[0]
+        assert str(make_spec(name, {k: v for k, v in s["options"].items() if v != []})) == s["pass"]
+
+
+def test_output_model_names_graphopt_its_producer(cli, tmp_path, model_path):
+    out = tmp_path / "o.onnx"
+    assert cli(model_path, out, "--latency-runs", "0", "--input-shape", "x=2x3x8x8").code == 0
+    m = onnx.load(out)
+    assert (m.producer_name, m.producer_version) == ("graphopt", graphopt.__version__)
