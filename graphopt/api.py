@@ -20,9 +20,10 @@ from graphopt.calibration.readers import Batch, DataSource, RandomSource, model_
 from graphopt.passes.base import PassContext
 
 from . import io
+from .attribution import advice, step_losses
 from .errors import UsageError, ValidationFailed
 from .pipeline import (PassSpec, StepRecord, check_calibration, check_order, default_pipeline, make_spec,
-                       parse_pass_arg, run_pipeline)
+                       parse_pass_arg, run_pipeline, with_prerequisites)
 from .report import Report, model_stats
 from .runtime import make_session, measure_latency
 from .validate import Thresholds, class_score_outputs, validate
@@ -93,16 +94,21 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
     dump = Path(dump_dir) if dump_dir is not None else None
     if dump is not None:
         dump.mkdir(parents=True, exist_ok=True)
-    out, records = run_pipeline(model, specs, ctx, verify=verify, dump_dir=dump, on_dump=on_dump)
+    lossy = [s.name for s in with_prerequisites(specs) if not s.build().exact]
+    if lossy and val is calib:
+        report.warnings.append("validated on the calibration data itself (no --val-data): what the lossy passes "
+                               "reached on these samples is easier to meet here than on held-out data")
+    out, records = run_pipeline(model, specs, ctx, verify=verify, dump_dir=dump, on_dump=on_dump,
+                                keep_lossy=validate_output and len(lossy) > 1)
     report.passes = [_step_row(r) for r in records]
 
     first = next(iter(val), None)
     feed = one_row(first, model) if first is not None else None
+    thresholds = Thresholds(min_cosine, min_top1, max_rel_error)
+    if min_cosine is None and min_top1 is None and not isinstance(val, RandomSource):
+        thresholds = pass_targets(specs, model, max_rel_error)
     if validate_output:
         new_session = make_session(out, "rewritten model")
-        thresholds = Thresholds(min_cosine, min_top1, max_rel_error)
-        if min_cosine is None and min_top1 is None and not isinstance(val, RandomSource):
-            thresholds = pass_targets(specs, model, max_rel_error)
         report.validation = validate(model, out, val, exact=all(s.build().exact for s in specs),
                                      description=val.description, thresholds=thresholds,
                                      sessions=(ref_session, new_session))
@@ -110,8 +116,12 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
     report.after = model_stats(out, feed)
     if latency_runs > 0 and feed is not None:
         _measure_latency(report, model, out, feed, latency_runs, threads, [s.name for s in specs])
+    if validate_output and len(lossy) > 1:
+        report.losses = step_losses(model, [(r.spec, *r.models) for r in records if r.models], val)
     if report.validation is not None and not report.validation.passed and not force:
-        raise ValidationFailed(f"validation failed: {report.validation.failures[0]}", model=out, report=report)
+        what = advice(report.losses, thresholds.source_pass)
+        raise ValidationFailed(f"validation failed: {report.validation.failures[0]}" + (f": {what}" if what else ""),
+                               model=out, report=report)
     return out, report
 
 
@@ -175,7 +185,7 @@ def pass_targets(specs: Sequence[PassSpec], model: onnx.ModelProto, max_rel_erro
         return Thresholds(max_rel_error=max_rel_error)
     name = [n for n, t in declared if t.min_cosine or t.min_top1][-1]
     return Thresholds(max(cos) if cos else None, max(top) if top else None, max_rel_error,
-                      origin=f"{name}'s ", top1_outputs=frozenset(class_score_outputs(model)))
+                      source_pass=name, top1_outputs=frozenset(class_score_outputs(model)))
 
 
 SLOWER_MARGIN = 1.10   # a 20-run median moves by a few percent between runs: flag only a clear slowdown

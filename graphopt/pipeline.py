@@ -192,13 +192,15 @@ class StepRecord:
     seconds: float
     removed_nodes: int
     nodes_after: int
+    # A lossy step's input and output models, kept (``keep_lossy``) to tell which pass lost what.
+    models: tuple[onnx.ModelProto, onnx.ModelProto] | None = None
 
 
 def run_pipeline(model: onnx.ModelProto, specs: Sequence[PassSpec], ctx: PassContext, *, verify: bool = True,
-                 dump_dir: Path | None = None, on_dump: Callable[[onnx.ModelProto, Path], None] | None = None
-                 ) -> tuple[onnx.ModelProto, list[StepRecord]]:
+                 dump_dir: Path | None = None, on_dump: Callable[[onnx.ModelProto, Path], None] | None = None,
+                 keep_lossy: bool = False) -> tuple[onnx.ModelProto, list[StepRecord]]:
     """Run the passes (and their prerequisites) in order, cleaning up and verifying after each; return the final
-    model and the records."""
+    model and the records (with each lossy step's input and output models when ``keep_lossy``)."""
     specs = with_prerequisites(specs)
     check_order(specs)
     graph = import_graph(model)
@@ -214,7 +216,7 @@ def run_pipeline(model: onnx.ModelProto, specs: Sequence[PassSpec], ctx: PassCon
             raise
         except Exception as e:
             raise InternalError(f"pass '{spec.name}' crashed: {type(e).__name__}: {one_line(e)}") from e
-        before = len(graph.nodes)
+        before, previous = len(graph.nodes), current
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         removed = before - len(graph.nodes)
         current = export(graph, ctx.original)
@@ -224,7 +226,9 @@ def run_pipeline(model: onnx.ModelProto, specs: Sequence[PassSpec], ctx: PassCon
             except InputError as e:
                 raise InternalError(f"pass '{spec.name}' produced an invalid model: {e}") from e
         seconds = time.perf_counter() - t0
-        records.append(StepRecord(str(spec), spec.effective_options(), result, seconds, removed, len(graph.nodes)))
+        kept = (previous, current) if keep_lossy and not p.exact else None
+        records.append(StepRecord(str(spec), spec.effective_options(), result, seconds, removed, len(graph.nodes),
+                                  kept))
         if dump_dir is not None:
             target = dump_dir / f"{i:02d}-{spec.name}.onnx"
             (on_dump or (lambda m, path: io.save_model(m, path)))(current, target)

@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from . import __version__
 from .graph import STANDARD, graph_protos
+from .attribution import StepLoss
 from .runtime import count_macs, cpu_info
 from .validate import ValidationResult
 
@@ -78,6 +79,7 @@ class Report:
     latency_ms: tuple[float, float] | None = None
     latency_setup: dict[str, Any] = field(default_factory=dict)
     validation: ValidationResult | None = None
+    losses: list[StepLoss] = field(default_factory=list)     # which lossy pass lost what (several lossy passes)
     warnings: list[str] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=environment)
 
@@ -90,6 +92,7 @@ class Report:
             "latency_ms": {"before": self.latency_ms[0], "after": self.latency_ms[1], **self.latency_setup}
             if self.latency_ms else None,
             "validation": self.validation.to_dict() if self.validation else None,
+            "losses_by_pass": [s.to_dict() for s in self.losses],
             "warnings": self.warnings,
         }
 
@@ -192,6 +195,9 @@ def format_report(r: Report) -> str:
         if acc:
             lines.append(f"  accuracy on labels ({v.labelled} samples): {acc[0] * 100:.2f}% -> {acc[1] * 100:.2f}% "
                          f"({(acc[1] - acc[0]) * 100:+.2f} points)")
+        if r.losses:
+            lines.append("  fidelity by lossy pass (on the same data):")
+            lines += [f"    {step}" for step in r.losses]
         for f in v.failures:
             lines.append(f"  FAIL: {f}")
     return "\n".join(lines)

@@ -38,11 +38,15 @@ class Thresholds:
     min_cosine: float | None = None
     min_top1: float | None = None
     max_rel_error: float | None = None
-    # Where the thresholds come from, for the failure message: "--" for the user's flags, "quantize's " for a lossy
-    # pass's own targets. A pass's min-top1 holds for class-score outputs only (class_score_outputs), as it did in
-    # the pass, so ``top1_outputs`` then names those output indices (None: every output with a top-1 figure).
-    origin: str = "--"
+    # The pass whose own targets these are (None: the user's flags), for the failure message. A pass's min-top1
+    # holds for class-score outputs only (class_score_outputs), as it did in the pass, so ``top1_outputs`` then
+    # names those output indices (None: every output with a top-1 figure).
+    source_pass: str | None = None
     top1_outputs: frozenset[int] | None = None
+
+    @property
+    def origin(self) -> str:
+        return f"{self.source_pass}'s " if self.source_pass else "--"
 
 
 @dataclass
@@ -179,11 +183,9 @@ def _judge(res: ValidationResult, t: Thresholds) -> None:
 
 
 def _on_validation(t: Thresholds) -> str:
-    """What a pass's own target missed on the validation data means, and what to do (empty for the user's flags)."""
-    if t.origin == "--":
-        return ""
-    return (" on the validation data (the pass's target on the calibration data): calibrate on more samples like "
-            "these, or set --min-cosine/--min-top1 to accept it")
+    """Where a pass's own target was missed (empty for the user's flags); what to do is the caller's to say, once
+    it knows which pass lost what (graphopt.api)."""
+    return "" if t.source_pass is None else " on the validation data (the pass's target on the calibration data)"
 
 
 def _exact_tol(s: OutputStats) -> float:

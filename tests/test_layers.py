@@ -23,7 +23,8 @@ LAYERS = [
     {"graphopt.calibration", "graphopt.calibration.feeds", "graphopt.calibration.npz", "graphopt.calibration.readers"},
     {"graphopt.calibration.*"},
     {"graphopt.passes", "graphopt.passes.*"},
-    {"graphopt.pipeline", "graphopt.report", "graphopt.api", "graphopt.cli", "graphopt.__main__"},
+    {"graphopt.pipeline", "graphopt.attribution", "graphopt.report", "graphopt.api", "graphopt.cli",
+     "graphopt.__main__"},
 ]
 
 

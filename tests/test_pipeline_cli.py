@@ -235,3 +235,25 @@ def test_output_model_names_graphopt_its_producer(cli, tmp_path, model_path):
     assert cli(model_path, out, "--latency-runs", "0", "--input-shape", "x=2x3x8x8").code == 0
     m = onnx.load(out)
     assert (m.producer_name, m.producer_version) == ("graphopt", graphopt.__version__)
+
+
+def test_a_failed_lossy_pipeline_says_which_pass_lost_what(cli, tmp_path, model_path):
+    """Two lossy passes: the first loses nothing, the second scales half the Gemm rows; the error names the second,
+    and the report gives each pass's fidelity against its own input and against the original."""
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    res = cli(model_path, out, "--pass", "test-scale", "--pass", "test-scale:factor=3,ratio=0.5",
+              "--min-cosine", "0.999", "--report", rep, "--latency-runs", "0", "--input-shape", "x=2x3x8x8")
+    assert_one_line_error(res, 1, "by pass: test-scale cosine 1.0000", "most was lost by test-scale:factor=3.0,ratio=0.5")
+    assert not out.exists()
+    losses = json.loads(rep.read_text())["losses_by_pass"]
+    assert [s["pass"] for s in losses] == ["test-scale", "test-scale:factor=3.0,ratio=0.5"]
+    assert losses[0]["vs_input"]["cosine"] == pytest.approx(1.0) and losses[1]["vs_input"]["cosine"] < 0.999
+    assert losses[1]["vs_original"]["cosine"] == pytest.approx(losses[1]["vs_input"]["cosine"])
+
+
+def test_validating_on_the_calibration_data_is_said(cli, tmp_path, model_path):
+    data = tmp_path / "c.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    res = cli(model_path, tmp_path / "o.onnx", "--pass", "test-scale", "--calib-data", data, "--latency-runs", "0")
+    assert res.code == 0, res.err
+    assert "warning: validated on the calibration data itself (no --val-data)" in res.out
