@@ -70,12 +70,13 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
              dump_dir: str | os.PathLike[str] | None = None, latency_runs: int = 20, threads: int = 1,
              calib_samples: int | None = None, on_dump: Callable[[onnx.ModelProto, Path], None] | None = None,
              calibration_ranges: Mapping[str, Sequence[float]] | None = None,
-             ) -> tuple[onnx.ModelProto, Report]:
+             on_step: Callable[[dict[str, Any]], None] | None = None) -> tuple[onnx.ModelProto, Report]:
     """Rewrite ``model`` with ``passes`` and validate it; return the rewritten model and the report.
 
     ``calib_data``/``val_data``: an ``.npz`` path, a folder of ``.npz``, an iterable of ``{input: array}`` dicts, or
     an onnxruntime ``CalibrationDataReader``. ``calibration_ranges`` ({tensor: (lo, hi)}, as saved from a previous
-    run's report) replaces running calibration. Raises ``ValidationFailed`` (carrying model and report) when the
+    run's report) replaces running calibration. ``on_step`` gets each step's report row as the step finishes.
+    Raises ``ValidationFailed`` (carrying model and report) when the
     result fails validation, unless ``force``.
     """
     path = None
@@ -99,7 +100,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
         report.warnings.append("validated on the calibration data itself (no --val-data): what the lossy passes "
                                "reached on these samples is easier to meet here than on held-out data")
     out, records = run_pipeline(model, specs, ctx, verify=verify, dump_dir=dump, on_dump=on_dump,
-                                keep_lossy=validate_output and len(lossy) > 1)
+                                keep_lossy=validate_output and len(lossy) > 1,
+                                on_step=None if on_step is None else lambda r: on_step(_step_row(r)))
     report.passes = [_step_row(r) for r in records]
 
     first = next(iter(val), None)

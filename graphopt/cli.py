@@ -12,7 +12,7 @@ import logging
 import sys
 import traceback
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from graphopt.calibration.readers import RandomSource, model_inputs, open_source, parse_shape
 
@@ -21,7 +21,7 @@ from .api import one_row, optimize, resolve_passes
 from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_VALIDATION, GraphoptError, InputError,
                      InternalError, UsageError, ValidationFailed, one_line)
 from .pipeline import default_pipeline, parse_recipe, registry
-from .report import summary
+from .report import environment, format_header, format_step, summary
 
 log = logging.getLogger("graphopt")
 
@@ -174,7 +174,8 @@ def _optimize(args: argparse.Namespace) -> int:
     ranges = _load_calibration(args.load_calibration) if args.load_calibration else None
     status = EXIT_OK
     try:
-        out, report = optimize(model, passes, calib_data=args.calib_data, val_data=args.val_data,
+        out, report = optimize(model, passes, on_step=None if args.quiet else _stream_steps(),
+                               calib_data=args.calib_data, val_data=args.val_data,
                                input_shapes=_shapes(args.input_shape), validate_output=not args.no_validate,
                                min_cosine=args.min_cosine, min_top1=args.min_top1,
                                max_rel_error=args.max_rel_error, force=args.force, seed=args.seed,
@@ -184,7 +185,7 @@ def _optimize(args: argparse.Namespace) -> int:
         report = e.report
         report.input = str(in_path)
         if not args.quiet:
-            print(report.format())
+            print(report.format(header=False, steps=False))
         if args.report:
             io.write_json(args.report, report.to_dict())
         raise
@@ -202,12 +203,23 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.report:
         io.write_json(args.report, report.to_dict())
     if not args.quiet:
-        print(report.format())
+        print(report.format(header=False, steps=False))
         print(f"wrote {', '.join(str(p) for p in written)}")
     if status == EXIT_VALIDATION:
         print(f"error: validation failed: {report.validation.failures[0]} (written anyway: --force)",  # type: ignore[union-attr]
               file=sys.stderr)
     return status
+
+
+def _stream_steps() -> Callable[[dict[str, Any]], None]:
+    """Print the report's header now, then each pipeline step as it finishes: a long pipeline shows its progress,
+    and the rest of the report follows at the end."""
+    print(format_header(environment()), "pipeline:", sep="\n", flush=True)
+
+    def show(row: dict[str, Any]) -> None:
+        print("\n".join(format_step(row)), flush=True)
+
+    return show
 
 
 def _load_calibration(path: str) -> dict[str, list[float]]:

@@ -198,9 +198,11 @@ class StepRecord:
 
 def run_pipeline(model: onnx.ModelProto, specs: Sequence[PassSpec], ctx: PassContext, *, verify: bool = True,
                  dump_dir: Path | None = None, on_dump: Callable[[onnx.ModelProto, Path], None] | None = None,
-                 keep_lossy: bool = False) -> tuple[onnx.ModelProto, list[StepRecord]]:
+                 keep_lossy: bool = False, on_step: Callable[[StepRecord], None] | None = None
+                 ) -> tuple[onnx.ModelProto, list[StepRecord]]:
     """Run the passes (and their prerequisites) in order, cleaning up and verifying after each; return the final
-    model and the records (with each lossy step's input and output models when ``keep_lossy``)."""
+    model and the records (with each lossy step's input and output models when ``keep_lossy``). ``on_step`` is
+    called with each record as its step finishes."""
     specs = with_prerequisites(specs)
     check_order(specs)
     graph = import_graph(model)
@@ -229,6 +231,8 @@ def run_pipeline(model: onnx.ModelProto, specs: Sequence[PassSpec], ctx: PassCon
         kept = (previous, current) if keep_lossy and not p.exact else None
         records.append(StepRecord(str(spec), spec.effective_options(), result, seconds, removed, len(graph.nodes),
                                   kept))
+        if on_step is not None:
+            on_step(records[-1])
         if dump_dir is not None:
             target = dump_dir / f"{i:02d}-{spec.name}.onnx"
             (on_dump or (lambda m, path: io.save_model(m, path)))(current, target)

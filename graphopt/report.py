@@ -96,8 +96,8 @@ class Report:
             "warnings": self.warnings,
         }
 
-    def format(self) -> str:
-        return format_report(self)
+    def format(self, *, header: bool = True, steps: bool = True) -> str:
+        return format_report(self, header=header, steps=steps)
 
 
 def _size(n: float) -> str:
@@ -135,27 +135,34 @@ def _num(x: float | None, fmt: str) -> str:
     return format(x, fmt)
 
 
-def format_report(r: Report) -> str:
-    env = r.environment
+def format_header(env: dict[str, Any]) -> str:
+    """The report's first line: versions and the CPU the figures were measured on."""
     cpu = env["cpu"]
-    lines = [f"graphopt {env['graphopt']} | onnxruntime {env['onnxruntime']} | CPU: {cpu['model']} "
-             f"({', '.join(cpu['isa']) or 'no AVX2'}; {cpu['cores']} cores)"]
-    for w in r.warnings:
-        lines.append(f"warning: {w}")
-    if r.passes:
+    return (f"graphopt {env['graphopt']} | onnxruntime {env['onnxruntime']} | CPU: {cpu['model']} "
+            f"({', '.join(cpu['isa']) or 'no AVX2'}; {cpu['cores']} cores)")
+
+
+def format_step(p: dict[str, Any]) -> list[str]:
+    """One pipeline step (a row of ``Report.passes``): its line, then its declines and notes."""
+    counts = ", ".join(f"{k} {_count(v) if isinstance(v, (int, float)) and v >= 1000 else v}"
+                       for k, v in p["counts"].items())
+    extra = f"; {len(p['declined'])} declined" if p["declined"] else ""
+    removed = f"; cleanup removed {p['removed_nodes']} nodes" if p["removed_nodes"] else ""
+    lines = [f"  {p['pass']:<28} {p['seconds']:.2f} s  {counts or 'no change'}{extra}{removed}"]
+    lines += [f"      declined {d['site']}: {d['reason']}" for d in p["declined"][:8]]
+    if len(p["declined"]) > 8:
+        lines.append(f"      ... and {len(p['declined']) - 8} more (see --report)")
+    return lines + [f"      {note}" for note in p.get("notes", [])]
+
+
+def format_report(r: Report, *, header: bool = True, steps: bool = True) -> str:
+    """The whole report; the CLI prints the header and the steps as they come (``header``/``steps`` False)."""
+    lines = [format_header(r.environment)] if header else []
+    lines += [f"warning: {w}" for w in r.warnings]
+    if r.passes and steps:
         lines.append("pipeline:")
         for p in r.passes:
-            counts = ", ".join(f"{k} {_count(v) if isinstance(v, (int, float)) and v >= 1000 else v}"
-                               for k, v in p["counts"].items())
-            extra = f"; {len(p['declined'])} declined" if p["declined"] else ""
-            removed = f"; cleanup removed {p['removed_nodes']} nodes" if p["removed_nodes"] else ""
-            lines.append(f"  {p['pass']:<28} {p['seconds']:.2f} s  {counts or 'no change'}{extra}{removed}")
-            for d in p["declined"][:8]:
-                lines.append(f"      declined {d['site']}: {d['reason']}")
-            if len(p["declined"]) > 8:
-                lines.append(f"      ... and {len(p['declined']) - 8} more (see --report)")
-            for note in p.get("notes", []):
-                lines.append(f"      {note}")
+            lines += format_step(p)
     b, a = r.before, r.after
     if b and a:
         lines.append("")

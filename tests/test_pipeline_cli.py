@@ -257,3 +257,15 @@ def test_validating_on_the_calibration_data_is_said(cli, tmp_path, model_path):
     res = cli(model_path, tmp_path / "o.onnx", "--pass", "test-scale", "--calib-data", data, "--latency-runs", "0")
     assert res.code == 0, res.err
     assert "warning: validated on the calibration data itself (no --val-data)" in res.out
+
+
+def test_each_step_is_reported_as_it_finishes(cli, tmp_path, model_path):
+    rows: list[dict] = []
+    _, report = graphopt.optimize(onnx.load(model_path), ["fold-bn", "test-scale"], on_step=rows.append,
+                                  input_shapes={"x": [2, 3, 8, 8]}, latency_runs=0)
+    assert rows == report.passes and [r["pass"] for r in rows] == ["fold-constants", "fold-bn", "test-scale"]
+    res = cli(model_path, tmp_path / "o.onnx", "--pass", "test-scale", "--latency-runs", "0",
+              "--input-shape", "x=2x3x8x8")
+    lines = res.out.splitlines()
+    assert lines[0].startswith("graphopt ") and lines[1] == "pipeline:" and lines[2].lstrip().startswith("test-scale")
+    assert res.out.count("pipeline:") == 1 and res.out.count("graphopt 0.1.0 |") == 1
