@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
+from tqdm import tqdm
 
 from .errors import InputError, one_line
 
@@ -209,14 +210,16 @@ def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], 
             s.run(None, feed)
     times: list[list[float]] = [[] for _ in sessions]
     start = time.perf_counter()
-    for r in range(runs):
-        order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
-        for i in order:
-            t0 = clock()
-            sessions[i].run(None, feed)
-            times[i].append(clock() - t0)
-        if r >= 4 and time.perf_counter() - start > budget_s:
-            break
+    with tqdm(total=runs, unit="run", desc="latency", leave=False, disable=None) as bar:  # shown on a terminal
+        for r in range(runs):
+            order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
+            for i in order:
+                t0 = clock()
+                sessions[i].run(None, feed)
+                times[i].append(clock() - t0)
+            bar.update()
+            if r >= 4 and time.perf_counter() - start > budget_s:
+                break
     return [statistics.median(t) * 1e3 for t in times]
 
 
