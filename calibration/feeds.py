@@ -1,10 +1,11 @@
-"""What a feed is: the model's input specs, a Batch (one feed and its labels), the DataSource protocol, and the
-checks every reader applies on the way in (dtype casts, one feed from a mapping of arrays).
+"""What a feed is: the model's input specs, a Batch (one feed and its labels) and the DataSource protocol. The
+checks every reader applies on the way in (dtype casts, NaN/Inf, labels, unknown keys) are in ``checks``.
 
-A feed is ``{input_name: ndarray}`` ready for onnxruntime, paired with the labels of its samples (or None). An array
-is cast to the input's dtype only within its kind (``np.can_cast(..., "same_kind")``: float64 -> float32 yes, float
--> int no). The reserved key ``__labels__`` (int array, one label per sample) carries labels; it is never an input
-name.
+A feed is ``{input_name: ndarray}`` ready for onnxruntime, every value an ndarray of the input's dtype (a 0-d input's
+too: onnxruntime refuses numpy scalars), paired with the labels of its samples (or None). The reserved key
+``__labels__`` (class indices, one per sample, or exact one-hot rows) carries labels; it is never an input name.
+A source's ``warnings`` list what it did to the data or doubts about it (a cast, guessed shapes, synthetic data),
+each said once, for the report.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import onnx
 from onnx import helper
-
-from graphopt.errors import InputError
 
 LABELS_KEY = "__labels__"
 DEFAULT_BATCH = 16   # rows per .npz batch: calibration, fallback and validation runs hold at most this many
@@ -31,23 +30,32 @@ class InputSpec:
     dim_names: tuple[str, ...]      # symbolic names ('' where fixed or unnamed)
     dtype: np.dtype[Any] | None     # None: not a tensor (sequence, map, optional)
     has_default: bool               # an initializer backs it (IR < 4 style), so it may be omitted
+    # An integer input used as Gather indices into a constant table (directly or through Cast, Reshape-like ops):
+    # the rows of the smallest such table (valid ids are [0, rows)) and its name; None where there is none.
+    index_rows: int | None = None
+    index_table: str = ""
 
 
 @dataclass
 class Batch:
     feed: dict[str, np.ndarray]
     labels: np.ndarray | None
+    samples: int | None = None      # set by a source that knows (an .npz): samples in this feed
 
     @property
     def rows(self) -> int:
-        """Samples in this feed: axis 0 of its first array (1 for a feed without a batch axis)."""
-        first = next(iter(self.feed.values()), None)
-        return first.shape[0] if isinstance(first, np.ndarray) and first.ndim else 1
+        """Samples in this feed: ``samples`` if the source said, else axis 0 of its first array of rank >= 1 (a 0-d
+        input, such as an If's condition, has no batch axis), else 1."""
+        if self.samples is not None:
+            return self.samples
+        first = next((v for v in self.feed.values() if isinstance(v, np.ndarray) and v.ndim), None)
+        return first.shape[0] if first is not None else 1
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     """The model's graph inputs with declared shapes and numpy dtypes."""
     inits = {t.name for t in model.graph.initializer}
+    tables = index_tables(model)
     specs = []
     for vi in model.graph.input:
         t = vi.type
@@ -64,42 +72,90 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
                 dims = tt.shape.dim
                 shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims)
                 names = tuple(d.dim_param if d.HasField("dim_param") else "" for d in dims)
-        specs.append(InputSpec(vi.name, shape, names, dtype, vi.name in inits))
+        rows, table = tables.get(vi.name, (None, ""))
+        specs.append(InputSpec(vi.name, shape, names, dtype, vi.name in inits, rows, table))
     return specs
 
 
+# Ops that pass an index tensor's values on unchanged (input 0; every input of a Concat), and the ops that index a
+# constant table: {op: {index input: table input}}, with the axis attribute's default.
+_CARRY = {"Cast", "CastLike", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Transpose", "Tile",
+          "Slice", "Concat"}
+_INDEXING = {("", "Gather"): {1: 0}, ("com.microsoft", "EmbedLayerNormalization"): {0: 2, 1: 4}}
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
+            for g in a.graphs:
+                yield from _all_nodes(g)
+
+
+def _all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for n in graph.node:
+        for a in n.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _all_initializers(g)
+
+
+def index_tables(model: onnx.ModelProto) -> dict[str, tuple[int, str]]:
+    """{graph input: (rows, table)} for the integer inputs that index a constant table (a Gather's constant data on
+    its axis, an embedding), directly or through ops that carry their values on: the smallest such table. Random
+    inputs draw these in [0, rows), so that an embedding lookup does not fail (a BERT's token_type_ids has 2 rows)."""
+    nodes = list(_all_nodes(model.graph))
+    shapes = {t.name: tuple(t.dims) for t in _all_initializers(model.graph)}
+    for n in nodes:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            for a in n.attribute:
+                if a.name == "value":
+                    shapes[n.output[0]] = tuple(a.t.dims)
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for n in nodes:
+        for i, t in enumerate(n.input):
+            if t:
+                consumers.setdefault(t, []).append((n, i))
+    found: dict[str, tuple[int, str]] = {}
+    for vi in model.graph.input:
+        elem = vi.type.tensor_type.elem_type if vi.type.HasField("tensor_type") else 0
+        if elem not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
+                        onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,
+                        onnx.TensorProto.UINT64):
+            continue
+        best: tuple[int, str] | None = None
+        seen, todo = {vi.name}, [vi.name]
+        while todo:
+            for n, i in consumers.get(todo.pop(), []):
+                domain = "" if n.domain == "ai.onnx" else n.domain
+                table_at = _INDEXING.get((domain, n.op_type), {}).get(i)
+                if table_at is not None and table_at < len(n.input) and n.input[table_at] in shapes:
+                    dims = shapes[n.input[table_at]]
+                    axis = next((a.i for a in n.attribute if a.name == "axis"), 0) if n.op_type == "Gather" else 0
+                    if dims and -len(dims) <= axis < len(dims) and (best is None or dims[axis] < best[0]):
+                        best = (int(dims[axis]), n.input[table_at])
+                elif domain == "" and n.op_type in _CARRY and (i == 0 or n.op_type == "Concat"):
+                    for out in n.output[:1]:
+                        if out and out not in seen:
+                            seen.add(out)
+                            todo.append(out)
+        if best is not None and best[0] > 0:
+            found[vi.name] = best
+    return found
+
+
 class DataSource:
-    """A re-iterable stream of Batches with a short description for the report."""
+    """A re-iterable stream of Batches with a short description for the report, and ``warnings`` (each said once)
+    about the data, for the report's warnings: those a source can tell on opening are there at once, those found
+    while reading (an iterable's casts) once the data has been read."""
 
     description: str = ""
+    warnings: list[str]
 
     def __iter__(self) -> Iterator[Batch]:
         raise NotImplementedError
-
-
-def cast_to_input(name: str, arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
-    """``arr`` in the dtype of the model input ``spec`` (same kind only), else an InputError naming ``where``."""
-    if spec.dtype is None or arr.dtype == spec.dtype:
-        return arr
-    if spec.dtype.kind in "OSU" and arr.dtype.kind in "OSU":
-        return arr.astype(spec.dtype)
-    if np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
-        return arr.astype(spec.dtype)
-    raise InputError(f"{where}: array '{name}' has dtype {arr.dtype}, the model input needs {spec.dtype}")
-
-
-def feed_from_mapping(data: dict[str, Any], inputs: Sequence[InputSpec], where: str) -> Batch:
-    """One feed from a mapping of input names to arrays (plus ``__labels__``), used as it is."""
-    feed = {}
-    for spec in inputs:
-        if spec.name not in data:
-            if spec.has_default:
-                continue
-            raise InputError(f"{where}: no array for model input '{spec.name}'")
-        value = data[spec.name]
-        feed[spec.name] = cast_to_input(spec.name, np.asarray(value), spec, where) if spec.dtype is not None else value
-    labels = data.get(LABELS_KEY)
-    return Batch(feed, None if labels is None else np.atleast_1d(np.asarray(labels)))
 
 
 def show_shape(shape: Sequence[Dim] | None) -> str:

@@ -3,11 +3,14 @@
 Sources (DESIGN.md §2), each a ``feeds.DataSource`` of ``feeds.Batch`` (one feed ``{input_name: ndarray}`` and its
 labels):
   * an ``.npz`` whose keys are input names and whose arrays are stacked along axis 0 (``npz.NpzSource``: cut into
-    batches, read lazily, so memory does not grow with the number of samples);
+    batches, read lazily, so memory does not grow with the number of samples); or one ``.npy`` for a model with one
+    input, read the same way;
   * a folder of ``.npz`` files, one feed per file (sorted by name), used as they are;
   * any iterable of feed dicts, including onnxruntime's ``CalibrationDataReader`` (``get_next()`` until None);
   * seeded random feeds of the declared shapes, when no data is given (``RandomSource``).
-``open_source`` picks the reader; ``parse_shape`` reads ``--input-shape``.
+Every source applies the same checks on the way in (``checks``) and lists what it said about the data in its
+``warnings``; ``data_warnings`` gathers them for the report. ``open_source`` picks the reader; ``parse_shape`` reads
+``--input-shape``.
 """
 
 from __future__ import annotations
@@ -22,30 +25,36 @@ import onnx
 from graphopt import io
 from graphopt.errors import InputError, UsageError
 
-from .feeds import DEFAULT_BATCH, LABELS_KEY, Batch, DataSource, InputSpec, feed_from_mapping, model_inputs, show_shape
+from .checks import feed_from_mapping, refuses_nonfinite
+from .feeds import DEFAULT_BATCH, LABELS_KEY, Batch, DataSource, InputSpec, model_inputs, show_shape
 from .npz import NpzSource
 
 __all__ = ["DEFAULT_BATCH", "LABELS_KEY", "Batch", "DataSource", "FolderSource", "InputSpec", "IterableSource",
-           "NpzSource", "RandomSource", "model_inputs", "open_source", "parse_shape", "random_array"]
+           "NpzSource", "RandomSource", "data_warnings", "model_inputs", "open_source", "parse_shape",
+           "random_array"]
 
 
 class FolderSource(DataSource):
     """One feed per ``.npz`` file in a folder, in sorted order, used as is."""
 
-    def __init__(self, path: Path, inputs: Sequence[InputSpec], max_samples: int | None = None) -> None:
+    def __init__(self, path: Path, inputs: Sequence[InputSpec], max_samples: int | None = None,
+                 purpose: str | None = None) -> None:
         self.path = path
         self.inputs = list(inputs)
+        self.refuse_nonfinite = refuses_nonfinite(purpose)
         self.files = sorted(p for p in path.iterdir() if p.suffix == ".npz")
         if max_samples is not None:
             self.files = self.files[:max_samples]
         if not self.files:
             raise InputError(f"{path}: folder holds no .npz files")
+        self.warnings: list[str] = []
         self.description = f"{path.name}/ ({len(self.files)} feeds)"
 
     def __iter__(self) -> Iterator[Batch]:
         for f in self.files:
             with io.open_npz(f) as z:
-                yield feed_from_mapping({k: z[k] for k in z.files}, self.inputs, str(f))
+                yield feed_from_mapping({k: z[k] for k in z.files}, self.inputs, str(f), self.warnings,
+                                        unknown_where=f"{self.path}/*.npz", refuse_nonfinite=self.refuse_nonfinite)
 
 
 class IterableSource(DataSource):
@@ -55,10 +64,12 @@ class IterableSource(DataSource):
     generator, a reader without ``rewind``) is cached as it streams, so a second pass sees the same feeds.
     """
 
-    def __init__(self, data: Any, inputs: Sequence[InputSpec], max_samples: int | None = None) -> None:
+    def __init__(self, data: Any, inputs: Sequence[InputSpec], max_samples: int | None = None,
+                 purpose: str | None = None) -> None:
         self.data = data
         self.inputs = list(inputs)
         self.max_samples = max_samples
+        self.refuse_nonfinite = refuses_nonfinite(purpose)
         if hasattr(data, "get_next"):
             self.one_shot = not hasattr(data, "rewind")
         else:
@@ -66,6 +77,7 @@ class IterableSource(DataSource):
         self._cache: list[Batch] = []
         self._live: Iterator[Any] | None = None
         self._exhausted = False
+        self.warnings: list[str] = []
         self.description = type(data).__name__
 
     def _raw(self) -> Iterator[Any]:
@@ -79,10 +91,19 @@ class IterableSource(DataSource):
 
     def _convert(self, i: int, item: Any) -> Batch:
         if not isinstance(item, dict):
-            raise InputError(f"calibration data item {i} is a {type(item).__name__}, not a dict of arrays")
-        return feed_from_mapping(item, self.inputs, f"calibration data item {i}")
+            raise InputError(f"data item {i} is a {type(item).__name__}, not a dict of arrays")
+        return feed_from_mapping(item, self.inputs, f"data item {i}", self.warnings, unknown_where="the data's dicts",
+                                 refuse_nonfinite=self.refuse_nonfinite)
 
     def __iter__(self) -> Iterator[Batch]:
+        n = 0
+        for batch in self._batches():
+            n += 1
+            yield batch
+        if n == 0 and self.max_samples != 0:
+            raise InputError(f"the data ({self.description}) gave no feeds: give at least one sample")
+
+    def _batches(self) -> Iterator[Batch]:
         limit = self.max_samples
         if not self.one_shot:
             for i, item in enumerate(self._raw()):
@@ -109,30 +130,40 @@ class IterableSource(DataSource):
 
 
 def open_source(data: Any, model: onnx.ModelProto, *, batch_size: int = DEFAULT_BATCH,
-                max_samples: int | None = None) -> DataSource:
-    """A DataSource for ``data``: an ``.npz`` path, a folder of ``.npz``, an iterable of dicts, or a reader."""
+                max_samples: int | None = None, purpose: str | None = None) -> DataSource:
+    """A DataSource for ``data``: an ``.npz`` path (or an ``.npy`` for a one-input model), a folder of ``.npz``, an
+    iterable of dicts, or a reader. ``purpose`` ("calibration", "validation" or None): calibration data with NaN/Inf
+    is refused, other data has them said in a warning (``checks``)."""
     inputs = model_inputs(model)
     if isinstance(data, DataSource):
         return data
+    refuses_nonfinite(purpose)
     if isinstance(data, (str, os.PathLike)):
         p = Path(data)
         if p.is_dir():
-            return FolderSource(p, inputs, max_samples)
+            return FolderSource(p, inputs, max_samples, purpose)
         if not p.exists():
             raise InputError(f"{p}: no such data file or folder")
-        if p.suffix != ".npz":
-            raise InputError(f"{p}: data must be an .npz file or a folder of .npz files")
-        return NpzSource(p, inputs, batch_size, max_samples)
+        if p.suffix not in (".npz", ".npy"):
+            raise InputError(f"{p}: data must be an .npz file, a folder of .npz files, or one .npy for a model with "
+                             "one input")
+        return NpzSource(p, inputs, batch_size, max_samples, purpose)
     if isinstance(data, dict):
-        return IterableSource([data], inputs, max_samples)
+        return IterableSource([data], inputs, max_samples, purpose)
     if hasattr(data, "get_next") or isinstance(data, Iterable):
-        return IterableSource(data, inputs, max_samples)
+        return IterableSource(data, inputs, max_samples, purpose)
     raise UsageError(f"unsupported data source {type(data).__name__}: give an .npz path, a folder, or an iterable "
                      "of {input_name: array} dicts")
 
 
 class RandomSource(DataSource):
-    """Seeded random feeds of the declared shapes; dynamic dims come from ``shapes`` or are guessed."""
+    """Seeded random feeds of the declared shapes; dynamic dims come from ``shapes`` or are guessed.
+
+    Floats are standard normal; an integer input that indexes a constant table (``InputSpec.index_rows``: a
+    Gather's data, an embedding) is drawn in [0, rows), an input named like a mask (``attention_mask``) is 0/1 (ones,
+    then zeros along the last axis, as padding leaves it; at least one 1), other integers in [0, 4); bools are fair
+    coins. Every value is an ndarray of the input's dtype, a 0-d input's too. ``warnings`` say first that the data
+    is synthetic, then each guessed dim and how the integers were drawn."""
 
     def __init__(self, inputs: Sequence[InputSpec], shapes: dict[str, list[int]], seed: int, n_feeds: int = 4
                  ) -> None:
@@ -140,7 +171,9 @@ class RandomSource(DataSource):
         self.seed = seed
         self.n_feeds = n_feeds
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self.guesses: list[str] = []
+        self.warnings: list[str] = [
+            f"validated on seeded random inputs (synthetic data, seed {seed}): the figures say how closely the "
+            "rewrite matches the original, not how well either does on real data; give --val-data for that"]
         for spec in self.inputs:
             if spec.dtype is None:
                 raise InputError(f"input '{spec.name}' is not a tensor; random inputs cannot be made for it: "
@@ -149,7 +182,15 @@ class RandomSource(DataSource):
                 raise InputError(f"input '{spec.name}' is {spec.dtype}, which onnxruntime's Python API cannot take "
                                  "from numpy; graphopt cannot validate this model")
             self.shapes[spec.name] = self._resolve(spec, shapes.get(spec.name))
+        drawn = [f"'{s.name}' {_drawn(s)}" for s in self.inputs if s.dtype is not None and s.dtype.kind in "iu"]
+        if drawn:
+            self.warnings.append("random integer inputs: " + ", ".join(drawn))
         self.description = f"random inputs (seed {seed}, {n_feeds} feeds)"
+
+    @property
+    def guesses(self) -> list[str]:
+        """The warnings (the older name, which the report read): synthetic data, guessed dims, integer ranges."""
+        return self.warnings
 
     def _resolve(self, spec: InputSpec, given: list[int] | None) -> tuple[int, ...]:
         if given is not None:
@@ -168,8 +209,8 @@ class RandomSource(DataSource):
             if d is None:
                 guess = 1 if i == 0 else 64
                 label = f" ('{spec.dim_names[i]}')" if spec.dim_names and spec.dim_names[i] else ""
-                self.guesses.append(f"input '{spec.name}' dim {i}{label} is dynamic; guessed {guess} "
-                                    f"(set it with --input-shape {spec.name}=...)")
+                self.warnings.append(f"input '{spec.name}' dim {i}{label} is dynamic; guessed {guess} "
+                                     f"(set it with --input-shape {spec.name}=...)")
                 d = guess
             dims.append(d)
         return tuple(dims)
@@ -179,22 +220,67 @@ class RandomSource(DataSource):
         for _ in range(self.n_feeds):
             feed = {}
             for spec in self.inputs:
-                feed[spec.name] = random_array(rng, self.shapes[spec.name], spec.dtype)  # type: ignore[arg-type]
+                shape, dtype = self.shapes[spec.name], spec.dtype
+                assert dtype is not None
+                if is_mask(spec.name) and dtype.kind in "biuf":
+                    feed[spec.name] = random_mask(rng, shape, dtype)
+                else:
+                    feed[spec.name] = random_array(rng, shape, dtype, high=spec.index_rows or RANDOM_INT_HIGH)
             yield Batch(feed, None)
 
 
-def random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+RANDOM_INT_HIGH = 4     # integers that index nothing the graph tells are drawn in [0, 4)
+
+
+def is_mask(name: str) -> bool:
+    """An input named like a mask (attention_mask, input_mask, mask): random values are 0/1."""
+    return "mask" in name.lower()
+
+
+def _drawn(spec: InputSpec) -> str:
+    """How RandomSource draws an integer input, for its warning."""
+    if is_mask(spec.name):
+        return "0/1 (named like a mask)"
+    if spec.index_rows:
+        return f"in [0, {spec.index_rows}) (the rows of the table '{spec.index_table}' it indexes)"
+    return f"in [0, {RANDOM_INT_HIGH})"
+
+
+def random_mask(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    """A 0/1 mask of ``shape``: along the last axis, ones then zeros (a random length >= 1 of ones per row)."""
+    if not shape:
+        return np.asarray(1, dtype=dtype)
+    length = rng.integers(1, max(shape[-1], 1) + 1, size=shape[:-1])
+    return np.asarray(np.arange(shape[-1]) < np.expand_dims(length, -1), dtype=dtype)
+
+
+def random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype[Any],
+                 high: int = RANDOM_INT_HIGH) -> np.ndarray:
+    """Seeded random values of ``shape`` as an ndarray of ``dtype`` (a 0-d array for ``shape`` ()): floats
+    standard normal, integers in [0, ``high``), bools fair coins."""
     if dtype.kind == "f":
-        return rng.standard_normal(shape).astype(dtype)
+        return np.asarray(rng.standard_normal(shape), dtype=dtype)
     if dtype.kind in "iu":
-        return rng.integers(0, 4, size=shape).astype(dtype)
+        return np.asarray(rng.integers(0, max(min(int(high), int(np.iinfo(dtype).max) + 1), 1), size=shape),
+                          dtype=dtype)
     if dtype.kind == "b":
-        return rng.random(shape) < 0.5
+        return np.asarray(rng.random(shape) < 0.5, dtype=dtype)
     if dtype.kind in "OSU":
         return np.full(shape, "a", dtype=object)
     if dtype.kind == "c":
-        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
+        return np.asarray(rng.standard_normal(shape) + 1j * rng.standard_normal(shape), dtype=dtype)
     raise InputError(f"cannot make random inputs of dtype {dtype}: give --val-data")
+
+
+def data_warnings(*sources: DataSource | None) -> list[str]:
+    """The warnings of ``sources`` for the report, each once (the calibration data is often the validation data
+    too); a source without ``warnings`` (a user's own DataSource) has none."""
+    out: list[str] = []
+    for src in sources:
+        for w in getattr(src, "warnings", None) or []:
+            if w not in out:
+                out.append(w)
+    return out
 
 
 def parse_shape(text: str) -> tuple[str, list[int]]:

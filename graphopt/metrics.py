@@ -13,7 +13,8 @@ Per output, over all feeds (memory holds one feed's outputs at a time), x the or
   * integer, bool and string outputs: the count of differing elements; NaN/Inf of the original must be reproduced
     at the same positions, and a value that becomes NaN/Inf is counted.
 Which outputs are class scores is read from the graph (``class_score_outputs``, ``sequence_score_outputs``); which
-output labels grade, from the values (``label_output``).
+output labels grade, from the values (``label_output``); labels are class indices (``class_indices``: one int per
+sample, or exact one-hot rows turned into their argmax).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import onnx
+
+from .errors import InputError
 
 _RESHAPING = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 
@@ -236,6 +239,32 @@ def top1_counts(ref: np.ndarray, out: np.ndarray, sequence: bool = False) -> tup
         return None
     a, b = ref.argmax(-1), out.argmax(-1)
     return int(np.count_nonzero(a == b)), int(a.size)
+
+
+LABELS_SHAPE = "class indices, shape [N] (one int >= 0 per sample), or exact one-hot rows, shape [N, C]"
+
+
+def class_indices(labels: Any, where: str = "'__labels__'") -> np.ndarray:
+    """Labels as int64 class indices, shape [N]: as given when they are whole numbers >= 0 of shape [N] (a scalar
+    is one sample); the argmax of each row when they are exact one-hot rows [N, C] (C >= 2, every value 0 or 1,
+    one 1 per row). Anything else (probabilities, an [N, 1] column, rank 3) raises an InputError naming ``where``
+    and saying which shape is expected: a soft or multi-label row has no one class to grade."""
+    arr = np.atleast_1d(np.asarray(labels))
+    shape = "[" + ", ".join(str(d) for d in arr.shape) + "]"
+    if arr.dtype.kind not in "iufb":
+        raise InputError(f"{where} has dtype {arr.dtype}: give {LABELS_SHAPE}")
+    if arr.ndim == 2 and arr.shape[1] >= 2:
+        if arr.size and not (np.isin(arr, (0, 1)).all() and (arr.sum(axis=1) == 1).all()):
+            raise InputError(f"{where} has shape {shape} but its rows are not one-hot (one 1, zeros elsewhere): "
+                             f"give {LABELS_SHAPE}")
+        return arr.argmax(axis=1).astype(np.int64)
+    if arr.ndim != 1:
+        raise InputError(f"{where} has shape {shape}: give {LABELS_SHAPE}")
+    if arr.dtype.kind == "f" and arr.size and not (np.isfinite(arr).all() and (arr == np.round(arr)).all()):
+        raise InputError(f"{where} holds values that are not whole numbers: give {LABELS_SHAPE}")
+    if arr.size and arr.min() < 0:
+        raise InputError(f"{where} holds negative values ({arr.min():g}): give {LABELS_SHAPE}")
+    return arr.astype(np.int64)
 
 
 def label_output(outputs: list[Any], labels: np.ndarray) -> int:

@@ -1,8 +1,9 @@
 """Validation: run the original and the rewritten model in onnxruntime (CPU) on the same feeds and judge the rewrite.
 
 Each output's figures (max abs and rel error, cosine and its standard error, SQNR, top-1 agreement) are accumulated
-by ``metrics.OutputStats``; accuracy = argmax vs labels when the data carries ``__labels__``, graded on a
-probability output (rows summing to 1) if there is one, else the first class-score output with a column per label.
+by ``metrics.OutputStats``; accuracy = argmax vs labels when the data carries ``__labels__`` (class indices, or exact
+one-hot rows: ``metrics.class_indices``), graded on a probability output (rows summing to 1) if there is one, else the
+first class-score output with a column per label.
 A rewritten output that is NaN/Inf where the original is finite, or a changed shape or dtype, always fails.
 An exact pipeline must match within EXACT_REL_TOL (float) or exactly (integers, bools, strings). Float rounding
 of a deep model can exceed that without any rewrite: the input model run with onnxruntime's optimizations off
@@ -25,7 +26,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import InputError
-from .metrics import OutputStats, class_score_outputs, label_output, sequence_score_outputs
+from .metrics import OutputStats, class_indices, class_score_outputs, label_output, sequence_score_outputs
 from .metrics import top1_counts  # noqa: F401  (re-exported: passes.quantize imports it from here)
 from .runtime import make_session, numpy_exchange_problem, ort_message
 
@@ -137,10 +138,10 @@ def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Ite
             for s, r, o in zip(stats, got, unoptimized):
                 s.add_noise(r, o)
         if batch.labels is not None:
+            labels = class_indices(batch.labels)   # one-hot rows become class indices; other shapes are refused
             if score_index is None:
-                score_index = label_output(ref, batch.labels)
-            if score_index >= 0 and ref[score_index].shape[0] == batch.labels.shape[0]:
-                labels = batch.labels.astype(np.int64)
+                score_index = label_output(ref, labels)
+            if score_index >= 0 and ref[score_index].shape[0] == labels.shape[0]:
                 res.labelled += labels.shape[0]
                 res.correct_before += int(np.count_nonzero(ref[score_index].argmax(1) == labels))
                 res.correct_after += int(np.count_nonzero(out[score_index].argmax(1) == labels))

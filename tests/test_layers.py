@@ -20,7 +20,8 @@ PACKAGES = {"graphopt": "graphopt", "passes": "graphopt.passes", "calibration": 
 LAYERS = [
     {"graphopt", "graphopt.errors", "graphopt.io", "graphopt.graph"},
     {"graphopt.runtime", "graphopt.metrics", "graphopt.validate"},
-    {"graphopt.calibration", "graphopt.calibration.feeds", "graphopt.calibration.npz", "graphopt.calibration.readers"},
+    {"graphopt.calibration", "graphopt.calibration.feeds", "graphopt.calibration.checks", "graphopt.calibration.npz",
+     "graphopt.calibration.readers"},
     {"graphopt.calibration.*"},
     {"graphopt.passes", "graphopt.passes.*"},
     {"graphopt.pipeline", "graphopt.attribution", "graphopt.report", "graphopt.api", "graphopt.cli",

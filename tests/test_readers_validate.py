@@ -250,3 +250,20 @@ def test_top1_per_position_for_a_sequence_softmax():
     assert not res.passed and "top-1" in res.failures[0]
     plain = validate(net(w, False), net(swapped, False), src, exact=False, thresholds=Thresholds())
     assert plain.outputs[0].top1 is None
+
+
+def test_npz_fixed_batch_sizes_must_agree_and_max_samples_keeps_whole_batches(tmp_path):
+    """A sample limit that is not a multiple of a fixed batch size gave a short last feed, which onnxruntime
+    refused; two inputs of different fixed batch sizes gave "different numbers of samples"."""
+    p = tmp_path / "d.npz"
+    np.savez(p, x=np.zeros((6, 3, 4), np.float32))
+    assert _feeds(open_source(p, _model([3, 3, 4]), max_samples=5)) == [((3, 3, 4), None)]
+    assert _feeds(open_source(p, _model([3, 3, 4]), max_samples=1)) == [((3, 3, 4), None)]
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 4])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [3, 4])
+    two = helper.make_model(helper.make_graph([helper.make_node("Identity", ["a"], ["y"])], "g", [a, b],
+                                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])]),
+                            opset_imports=[helper.make_opsetid("", 17)])
+    np.savez(p, a=np.zeros((6, 4), np.float32), b=np.zeros((6, 4), np.float32))
+    with pytest.raises(InputError, match="different fixed batch sizes"):
+        open_source(p, two)
