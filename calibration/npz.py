@@ -143,7 +143,7 @@ class NpzSource(DataSource):
         for name, (_, _, _, dst) in self.plan.items():
             say_once(self.warnings, cast_note(name, headers[name][2], dst))
         say_once(self.warnings, unknown_keys(keys, self.inputs, where))
-        self.description = f"{path.name} ({self.n_samples} samples)"
+        self.description = path.name   # the report gives the feeds and samples it validated
 
     def _spec(self, name: str) -> InputSpec:
         return next(s for s in self.inputs if s.name == name)

@@ -48,7 +48,7 @@ class FolderSource(DataSource):
         if not self.files:
             raise InputError(f"{path}: folder holds no .npz files")
         self.warnings: list[str] = []
-        self.description = f"{path.name}/ ({len(self.files)} feeds)"
+        self.description = f"{path.name}/"   # the report gives the feeds and samples it validated
 
     def __iter__(self) -> Iterator[Batch]:
         for f in self.files:
@@ -185,7 +185,7 @@ class RandomSource(DataSource):
         drawn = [f"'{s.name}' {_drawn(s)}" for s in self.inputs if s.dtype is not None and s.dtype.kind in "iu"]
         if drawn:
             self.warnings.append("random integer inputs: " + ", ".join(drawn))
-        self.description = f"random inputs (seed {seed}, {n_feeds} feeds)"
+        self.description = f"random inputs (seed {seed})"
 
     @property
     def guesses(self) -> list[str]:

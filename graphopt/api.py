@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from graphopt.calibration.readers import Batch, DataSource, RandomSource, model_inputs, open_source
+from graphopt.calibration.readers import Batch, DataSource, RandomSource, data_warnings, model_inputs, open_source
 from graphopt.passes.base import PassContext
 
 from . import io
@@ -89,7 +89,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
     shapes = _input_shapes(model, input_shapes)
     report = Report(input=path or "<model>", output=None)
     ref_session = make_session(model, "input model")
-    calib, val = _open_data(model, calib_data, val_data, calib_samples, shapes, seed, report)
+    calib, val = _open_data(model, calib_data, val_data, calib_samples, shapes, seed)
     ranges = {k: (float(v[0]), float(v[1])) for k, v in calibration_ranges.items()} if calibration_ranges else None
     ctx = PassContext(original=model, calib=calib, input_shapes=shapes, seed=seed, calibration_ranges=ranges)
     dump = Path(dump_dir) if dump_dir is not None else None
@@ -114,6 +114,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
         report.validation = validate(model, out, val, exact=all(s.build().exact for s in specs),
                                      description=val.description, thresholds=thresholds,
                                      sessions=(ref_session, new_session))
+    report.warnings.extend(data_warnings(calib, val if validate_output else None))
     report.before = model_stats(model, feed)
     report.after = model_stats(out, feed)
     if latency_runs > 0 and feed is not None:
@@ -138,17 +139,16 @@ def _input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[in
 
 
 def _open_data(model: onnx.ModelProto, calib_data: Any, val_data: Any, calib_samples: int | None,
-               shapes: dict[str, list[int]], seed: int, report: Report) -> tuple[DataSource | None, DataSource]:
+               shapes: dict[str, list[int]], seed: int) -> tuple[DataSource | None, DataSource]:
     """The calibration source (None without data) and the validation source: the validation data, else the
-    calibration data, else seeded random inputs (whose guessed shapes become report warnings)."""
-    calib = open_source(calib_data, model, max_samples=calib_samples) if calib_data is not None else None
+    calibration data, else seeded random inputs. Each source checks its data as it opens (and keeps warnings)."""
+    calib = (open_source(calib_data, model, max_samples=calib_samples, purpose="calibration")
+             if calib_data is not None else None)
     if val_data is not None:
-        return calib, open_source(val_data, model)
+        return calib, open_source(val_data, model, purpose="validation")
     if calib is not None:
         return calib, calib
-    val = RandomSource(model_inputs(model), shapes, seed)
-    report.warnings.extend(val.guesses)
-    return calib, val
+    return calib, RandomSource(model_inputs(model), shapes, seed)
 
 
 def _step_row(r: StepRecord) -> dict[str, Any]:

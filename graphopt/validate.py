@@ -124,8 +124,7 @@ def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Ite
             res.failures.append(f"the rewritten model fails in onnxruntime: {ort_message(e)}")
             return res
         res.feeds += 1
-        first = next(iter(batch.feed.values()), None)
-        res.samples += first.shape[0] if isinstance(first, np.ndarray) and first.ndim > 0 else 1
+        res.samples += batch.rows
         for i, (s, r, o) in enumerate(zip(stats, ref, out)):
             s.update(r, o, top1=i in scored, sequence=i in sequences)
         for floor_sess, is_input in list(floor_sessions):

@@ -460,7 +460,7 @@ def test_npy_for_a_single_input_model(tmp_path, cli, model_path):
     np.testing.assert_array_equal(np.concatenate([b.feed["x"] for b in feeds]), x)
     res = cli(model_path, tmp_path / "o.onnx", "--val-data", tmp_path / "x.npy", "--latency-runs", "2")
     assert res.code == 0, res.err
-    assert "x.npy (20 samples)" in res.out
+    assert "validation on x.npy (" in res.out and ", 20 samples, " in res.out
 
 
 def test_npy_for_a_multi_input_model_is_refused_in_one_line(tmp_path, cli):

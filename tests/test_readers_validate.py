@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.calibration.readers import LABELS_KEY, IterableSource, model_inputs, open_source
+from graphopt.calibration.readers import LABELS_KEY, Batch, IterableSource, model_inputs, open_source
 from graphs import conv_model
 from graphopt.errors import InputError
 from graphopt.runtime import count_macs
@@ -131,7 +131,7 @@ def test_validation_catches_nan_and_shape_change():
     nan = helper.make_model(helper.make_graph([helper.make_node("Log", ["x"], ["y"])], "g", [x], [y]),
                             opset_imports=[helper.make_opsetid("", 17)])
     nan.ir_version = 8
-    feeds = [type("B", (), {"feed": {"x": -np.ones((2, 2), np.float32)}, "labels": None})()]
+    feeds = [Batch({"x": -np.ones((2, 2), np.float32)}, None)]
     res = validate(ref, nan, feeds, exact=False, thresholds=Thresholds())
     assert any("NaN/Inf" in f for f in res.failures)
     y4 = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
