@@ -24,6 +24,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from graphopt.calibration.readers import DataSource
@@ -35,6 +36,20 @@ from graphopt.validate import Thresholds
 from .options import OptionSpec, option_specs
 
 log = logging.getLogger("graphopt")
+
+
+def as_values(values: Any, dtype: Any = None) -> np.ndarray:
+    """``values`` as the C-contiguous ndarray a ``gs.Constant`` needs, of its own shape (0-d stays 0-d, which
+    ``np.ascontiguousarray`` would make 1-d). numpy returns scalars, not 0-d arrays, from arithmetic, ufuncs and
+    reductions over 0-d arrays (``np.maximum(a, b).astype(np.float32)`` is an ``np.float32``), and onnx-graphsurgeon
+    rejects a scalar: so every value a pass puts into the graph goes through here."""
+    return np.asarray(values, dtype=dtype, order="C")
+
+
+def constant(name: str, values: Any, dtype: Any = None) -> gs.Constant:
+    """A new constant tensor holding a computed value; the only way passes make one (see ``as_values``;
+    tests/test_every_option.py checks that no pass calls ``gs.Constant`` or ``Tensor.to_constant`` directly)."""
+    return gs.Constant(name, as_values(values, dtype))
 
 
 @dataclass

@@ -37,7 +37,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.graph import const_value, describe, infer_shapes, is_std
 
-from .base import Pass, PassContext, PassResult, register
+from .base import Pass, PassContext, PassResult, constant, register
 from .options import option
 
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -235,10 +235,10 @@ def _fold_into(scope: _Scope, producer: gs.Node, y: gs.Tensor, consumer: gs.Node
     w_out, b_out = new_w.astype(w.dtype), new_b.astype(bias.dtype if bias is not None else w.dtype)
     if not (np.all(np.isfinite(w_out)) and np.all(np.isfinite(b_out))):
         raise _Decline(f"{where}: folded values overflow {w.dtype}")
-    w_new = gs.Constant(scope.fresh(w_t.name), w_out) if changes_w else w_t
+    w_new = constant(scope.fresh(w_t.name), w_out) if changes_w else w_t
     b_base = bias_t.name if bias_t is not None else (w_t.name[:-6] + "bias" if w_t.name.endswith("weight")
                                                      else f"{w_t.name}_bias")
-    return _rewire(scope, producer, consumer, w_new, gs.Constant(scope.fresh(b_base), b_out))
+    return _rewire(scope, producer, consumer, w_new, constant(scope.fresh(b_base), b_out))
 
 
 def _operands(scope: _Scope, producer: gs.Node, y: gs.Tensor, where: str

@@ -27,7 +27,7 @@ import onnxruntime as ort
 from graphopt.graph import describe, is_std
 from graphopt.runtime import session_options
 
-from .base import Pass, PassContext, PassResult, register
+from .base import Pass, PassContext, PassResult, as_values, register
 
 NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
                     "Bernoulli", "Dropout"}
@@ -76,7 +76,7 @@ def lower_constant_nodes(graph: gs.Graph, res: PassResult) -> None:
             res.decline(describe(node), value)
             continue
         out.inputs.clear()
-        out.to_constant(value)
+        out.to_constant(as_values(value))
         res.count(CONSTANTS_LOWERED)
         res.changed = True
 
@@ -146,7 +146,7 @@ class FoldConstants(Pass):
             for t in list(node.outputs):
                 if self._is_boundary(t, folded):
                     t.inputs.clear()
-                    t.to_constant(np.asarray(values[t.name]))
+                    t.to_constant(as_values(values[t.name]))
 
     @staticmethod
     def _is_boundary(t: gs.Tensor, folded: set[int]) -> bool:

@@ -7,6 +7,9 @@ optional (``none``), and tuples (the key repeated), checking bounds (closed unle
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import fnmatch
+import logging
 import math
 import types
 import typing
@@ -14,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from graphopt.errors import UsageError
+
+log = logging.getLogger("graphopt")
 
 
 def option(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
@@ -47,6 +52,20 @@ class OptionSpec:
     @property
     def is_list(self) -> bool:
         return typing.get_origin(_strip_optional(self.type)) is tuple
+
+    @property
+    def optional(self) -> bool:
+        """Whether ``none`` is a value."""
+        return _is_optional(self.type)
+
+    @property
+    def members(self) -> tuple[Any, ...]:
+        """The types a value (a list's item) may take, in the order tried, ``none`` aside: ``int | Literal["auto"]``
+        gives ``(int, Literal["auto"])``."""
+        base = _strip_optional(self.type)
+        if self.is_list:
+            return typing.get_args(base)[:1]
+        return typing.get_args(base) if _is_union(base) else (base,)
 
     def type_name(self) -> str:
         base = _strip_optional(self.type)
@@ -152,8 +171,8 @@ def _is_optional(typ: Any) -> bool:
 
 def _strip_optional(typ: Any) -> Any:
     if _is_optional(typ):
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        return args[0]
+        args = tuple(a for a in typing.get_args(typ) if a is not type(None))
+        return args[0] if len(args) == 1 else typing.Union[args]   # int | Literal["auto"] | None keeps both
     return typ
 
 
@@ -167,3 +186,35 @@ def option_specs(options_cls: type) -> list[OptionSpec]:
                                 default=f.default, help=m.get("help", ""), lo=m.get("lo"), hi=m.get("hi"),
                                 lo_open=m.get("lo_open", False), hi_open=m.get("hi_open", False)))
     return specs
+
+
+def unmatched(pass_name: str, option: str, patterns: typing.Iterable[str], names: typing.Iterable[str], *,
+              ops: typing.Iterable[str] = (), glob: bool = False, what: str = "node") -> list[str]:
+    """One note per entry of a name option (``exclude=...``) that matches none of ``names`` (node names, the first
+    ones shown as examples; with ``glob`` the entries are fnmatch patterns) nor, where given, of the op types
+    ``ops``; each also logged as a warning.
+
+    Such an entry is most likely a typo, but not a usage error: the graph a pass sees is known only once the passes
+    before it have run (fold-bn removes the BatchNormalization nodes, svd adds nodes), and a recipe shared by several
+    models may name layers that only some of them have. The note says what the names look like, and the closest one.
+    """
+    names = [n for n in dict.fromkeys(names) if n]
+    op_set = set(ops)
+    notes = []
+    for pat in dict.fromkeys(patterns):
+        if pat in op_set or (any(fnmatch.fnmatchcase(n, pat) for n in names) if glob else pat in names):
+            continue
+        close = difflib.get_close_matches(pat, names, n=1, cutoff=0.6)
+        if close:
+            hint = f"did you mean '{close[0]}'?"
+        elif names:
+            hint = f"{what}s are named like " + ", ".join(f"'{n}'" for n in names[:3]) + (", ..." if len(names) > 3
+                                                                                          else "")
+        else:
+            hint = f"the graph has no {what}"
+        if op_set and not close:
+            hint += "; or give an op type: " + ", ".join(sorted(op_set)[:6]) + (", ..." if len(op_set) > 6 else "")
+        note = f"{option}: '{pat}' matches no {what} ({hint})"
+        log.warning("pass '%s': %s", pass_name, note)
+        notes.append(note)
+    return notes

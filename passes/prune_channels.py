@@ -16,12 +16,13 @@ import logging
 import onnx
 import onnx_graphsurgeon as gs
 from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.options import unmatched
 
 from graphopt.graph import export, quantized_ops
 
 from .pruning import config
 from .pruning.config import (CHANNELS_IN_PRUNABLE_GROUPS, CHANNELS_REMOVED, GROUPS, GROUPS_PRUNED,
-                             LAYERS_RECONSTRUCTED)
+                             LAYERS_RECONSTRUCTED, parse_layer_ratio)
 from .pruning.analysis import analyze
 from .pruning.edits import Names, Plan, apply
 from .pruning.reconstruct import reconstruct
@@ -55,9 +56,14 @@ class PruneChannels(Pass):
         rows, declines, notes and counts. The graph is not changed."""
         shapes = analysis_shapes(before, ctx, res)
         an = analyze(graph, shapes)
-        if self.options.round_to == "auto":
+        # an exclude or layers entry that names no layer (likely a typo) is said first
+        layers = [s.node.name for g in an.groups for s in g.sources if s.node is not None]
+        o = self.options
+        for key, patterns in (("exclude", o.exclude), ("layers", [parse_layer_ratio(x)[0] for x in o.layers])):
+            res.notes.extend(unmatched(self.name, key, patterns, layers, glob=True, what="prunable layer"))
+        if o.round_to == "auto":
             res.notes.append(f"round-to=auto: {conv_block()} (onnxruntime's convolution block on this CPU)")
-        return make_plan(an, select(an, self.options, res))
+        return make_plan(an, select(an, o, res))
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         res = PassResult()

@@ -32,7 +32,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from graphopt.passes.base import Pass, PassContext, PassResult, register
 from graphopt.passes.fold_constants import lower_constant_nodes
-from graphopt.passes.options import option
+from graphopt.passes.options import option, unmatched
 from onnx import version_converter
 
 from graphopt.graph import export, import_graph, infer_shapes, quantized_ops, replace_graph
@@ -42,9 +42,11 @@ from .quantization.build import Builder
 from .quantization.calibrate import Calibration, calibrate
 from .quantization.cpu import reduce_range_auto
 from .quantization.fallback import fall_back
-from .quantization.plan import Plan, make_plan
+from .quantization.plan import WEIGHTED, Plan, make_plan
 from .quantization.report import NO_UNITS, Setup, Trial, Upgrade, declined, opset_declined, report
 from .quantization.samples import refit_feeds
+
+DEFAULT_BINS = 2048
 
 
 @register
@@ -64,7 +66,8 @@ class Quantize(Pass):
         percentile: float | Literal["auto"] = option(
             "auto", "percentile of |x| for method=percentile; auto: 99.99, or 99.999 where that keeps more layers int8 "
             "after the fallback", lo=50, hi=100, lo_open=True)
-        bins: int = option(2048, "histogram bins per sign (a power of two)", lo=128, hi=1 << 16)
+        bins: int = option(DEFAULT_BINS, "histogram bins per sign (a power of two) of methods kl, percentile and mse",
+                           lo=128, hi=1 << 16)
         per_channel: bool = option(True, "per-output-channel weight scales (needs opset 13; upgraded if possible)")
         activations: Literal["uint8", "int8"] = option("uint8", "activation integer type")
         reduce_range: Literal["auto", "true", "false"] = option(
@@ -88,6 +91,8 @@ class Quantize(Pass):
         def __post_init__(self) -> None:
             if self.bins & (self.bins - 1):
                 raise ValueError(f"option 'bins': {self.bins} is not a power of two")
+            if self.bins != DEFAULT_BINS and self.method == "minmax":
+                raise ValueError("option 'bins' is read by method=kl, percentile or mse only (method is minmax)")
             if self.percentile != "auto" and self.method != "percentile":
                 raise ValueError(f"option 'percentile' is read by method=percentile only (method is {self.method}); "
                                  "add method=percentile")
@@ -103,6 +108,15 @@ class Quantize(Pass):
         return f"already quantized ({', '.join(already)}); not quantizing twice" if already else None
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        # An exclude entry that names no node (likely a typo) is said first, whatever the pass then does.
+        weighted = [n.name for n in graph.nodes if n.op in WEIGHTED]
+        notes = unmatched(self.name, "exclude", self.options.exclude, weighted + [n.name for n in graph.nodes],
+                          ops={n.op for n in graph.nodes})
+        res = self._quantize(graph, ctx)
+        res.notes[:0] = notes
+        return res
+
+    def _quantize(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options
         upgrade = self._upgrade(graph, ctx, 13 if o.per_channel else 10) if graph.opset < 13 else None
         failed = upgrade is not None and upgrade.error is not None

@@ -54,13 +54,14 @@ from graphopt.calibration.readers import DataSource
 from graphopt.graph import export, is_std
 
 from .base import Pass, PassContext, PassResult, register
-from .options import option
+from .options import option, unmatched
 from .lowrank.factor import (DEFAULT_DAMPING, Decomposition, SecondMoment, TensorMoments, decompose, rank_for_error,
                       relative_output_error, whitening)
 from .lowrank.sites import Site, SiteDeclined, factor_pairs, rows_per_run, site_of, splice
 
 WEIGHTED = ("Gemm", "MatMul", "Conv")
 DEFAULT_ENERGY = 0.99
+DEFAULT_ALIGN = 16
 MAX_NOTES = 12
 
 # Result count keys.
@@ -93,8 +94,8 @@ class SVD(Pass):
         min_size: int = option(4096, "skip layers with fewer weight parameters", lo=0)
         min_reduction: float = option(0.1, "factorize only if MACs drop by at least this fraction", lo=0, hi=1,
                                       hi_open=True)
-        align: int = option(16, "round ranks chosen by energy/max-error up (ratio: down) to a multiple of this",
-                            lo=1, hi=1024)
+        align: int = option(DEFAULT_ALIGN, "round ranks chosen by energy/max-error up (ratio: down) to a multiple of "
+                            "this (not rank: taken as given)", lo=1, hi=1024)
         exclude: tuple[str, ...] = option((), "node names or op types to leave alone (repeat the key)")
         samples: int | None = option(None, "use at most this many calibration samples", lo=1)
 
@@ -103,6 +104,12 @@ class SVD(Pass):
             if len(given) > 1:
                 raise ValueError("give at most one of rank, ratio, energy, max-error (got "
                                  + ", ".join(g.replace("_", "-") for g in given) + ")")
+            if self.align != DEFAULT_ALIGN and self.rank is not None:
+                raise ValueError("option 'align' rounds the ranks chosen by ratio, energy or max-error; rank is "
+                                 "taken as given")
+            if self.damping != DEFAULT_DAMPING and not self.data_aware:
+                raise ValueError("option 'damping' is read by data-aware=true only; add data-aware=true (and "
+                                 "--calib-data)")
 
         def criterion(self) -> tuple[str, float]:
             for n in ("rank", "ratio", "energy", "max_error"):
@@ -121,6 +128,9 @@ class SVD(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         res = PassResult()
         o = self.options
+        weighted = [n for n in graph.nodes if is_std(n, *WEIGHTED)]
+        typos = unmatched(self.name, "exclude", o.exclude, [n.name for n in weighted], ops={n.op for n in weighted},
+                          what="Gemm/MatMul/Conv node")
         sites = self._sites(graph, res)
         rows = rows_per_run(graph, ctx.original, [s.node for s in sites])
         moments: dict[int, np.ndarray] = {}
@@ -141,6 +151,7 @@ class SVD(Pass):
         if not o.data_aware and any("would not reduce MACs" in d["reason"] for d in res.declined):
             res.notes.insert(1, "hint: trained weights have flat spectra; data-aware=true (with --calib-data) "
                                 "reaches the same output error at far lower ranks")
+        res.notes[1:1] = typos
         return res
 
     def _sites(self, graph: gs.Graph, res: PassResult) -> list[Site]:

@@ -598,9 +598,9 @@ def test_reconstruction_refits_convtranspose_and_matmul_bias():
              node("MatMul", ["f", "mm"], ["h"], name="dense"), node("Add", ["h", "mb"], ["y2"], name="dense_bias")]
     model = make_model(nodes, [("x", ["N", 3, 6, 6])], ["y1", "y2"], inits)
     calib = [{"x": rng.standard_normal((16, 3, 6, 6)).astype(np.float32)} for _ in range(4)]
-    spec = "prune-channels:ratio=0.5,round-to=1,damping=0"
+    spec = "prune-channels:ratio=0.5,round-to=1"
     plain, _ = graphopt.optimize(model, [spec], latency_runs=0, validate_output=False)
-    rec, report = graphopt.optimize(model, [spec + ",reconstruct=true"], calib_data=calib, latency_runs=0,
+    rec, report = graphopt.optimize(model, [spec + ",reconstruct=true,damping=0"], calib_data=calib, latency_runs=0,
                                     validate_output=False)
     assert list(weight_of(rec, "conv1").shape) == [4, 3, 3, 3]
     rows = {r["layer"]: r for r in report.passes[0]["layers"] if "rel error after" in r}

@@ -448,6 +448,24 @@ def test_trained_models_keep_accuracy_through_cli(cli, tmp_path, name, data):
     assert any(k in kernels for k in ("QLinearConv", "QLinearMatMul", "QGemm")), kernels
 
 
+@pytest.mark.parametrize("name", ["mnist_cnn", "mnist_vit"])
+def test_per_tensor_weights_on_trained_models(cli, tmp_path, name):
+    """per-channel=false: one 0-d scale per weight (numpy gives the per-tensor scale as a scalar, which
+    onnx-graphsurgeon refused: exit 3 before passes.base.constant), integer kernels in place, accuracy kept."""
+    out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
+    res = cli(MODELS / f"{name}.onnx", out, "--pass", "quantize:per-channel=false", "--calib-data",
+              MODELS / "mnist_calib.npz", "--calib-samples", "64", "--report", rep, "--latency-runs", "0")
+    assert res.code == 0, res.err
+    model = onnx.load(out)
+    inits = {i.name: i for i in model.graph.initializer}
+    weight_scales = [n.input[1] for n in model.graph.node if n.op_type == "DequantizeLinear"
+                     and inits.get(n.input[0]) is not None and inits[n.input[0]].data_type == TensorProto.INT8]
+    assert weight_scales and all(list(inits[s].dims) == [] for s in weight_scales)
+    assert json.loads(rep.read_text())["validation"]["outputs"][0]["top1"] >= 0.95
+    kernels = ort_kernels(model, tmp_path)
+    assert any(k in kernels for k in ("QLinearConv", "QLinearMatMul", "QGemm")), kernels
+
+
 def test_bias_of_a_near_zero_channel_fits_int32():
     """Weights ~1e-10 with bias 3: at scale s_x*s_w the bias would overflow int32; the channel must keep its bias."""
     rng = np.random.default_rng(0)

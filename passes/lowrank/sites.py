@@ -27,6 +27,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.graph import describe, export, infer_model, tensor_shapes
+from graphopt.passes.base import constant
 
 FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 CONV_SPATIAL = ("strides", "pads", "auto_pad", "dilations")
@@ -166,11 +167,11 @@ def splice(graph: gs.Graph, site: Site, a: np.ndarray, b: np.ndarray) -> None:
             node.attrs.pop(key, None)
         if "kernel_shape" in node.attrs:
             node.attrs["kernel_shape"] = ones
-    c1 = gs.Constant(_unique(graph, f"{wname}_svd_a"), np.ascontiguousarray(w1.astype(dtype)))
-    c2 = gs.Constant(_unique(graph, f"{wname}_svd_b"), np.ascontiguousarray(w2.astype(dtype)))
+    c1 = constant(_unique(graph, f"{wname}_svd_a"), w1, dtype)
+    c2 = constant(_unique(graph, f"{wname}_svd_b"), w2, dtype)
     inputs = [site.x, c1]
     if node.op == "Gemm" and graph.opset < 11:
-        inputs.append(gs.Constant(_unique(graph, f"{wname}_svd_zero"), np.zeros((1,), dtype)))
+        inputs.append(constant(_unique(graph, f"{wname}_svd_zero"), np.zeros((1,), dtype)))
     first = gs.Node(node.op, name=_unique(graph, f"{site.name}_svd_a"), attrs=attrs, inputs=inputs, outputs=[h],
                     domain=node.domain)
     node.inputs[0] = h

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -13,6 +14,9 @@ GROUPS_PRUNED = "groups pruned"
 CHANNELS_REMOVED = "channels removed"
 CHANNELS_IN_PRUNABLE_GROUPS = "channels in prunable groups"
 LAYERS_RECONSTRUCTED = "layers reconstructed"
+
+# The options read by reconstruct=true only.
+RECONSTRUCTION = ("samples", "damping", "rows_per_sample")
 
 
 def parse_layer_ratio(text: str) -> tuple[str, float]:
@@ -41,10 +45,16 @@ class Options:
     exclude: tuple[str, ...] = option((), "node names (glob patterns) whose output channels stay (repeat)")
     layers: tuple[str, ...] = option((), "per-layer ratio NAME:RATIO, NAME a node name or glob (repeat)")
     reconstruct: bool = option(False, "refit consumer layers by least squares on calibration data")
-    samples: int = option(512, "calibration samples used for reconstruction", lo=1)
-    damping: float = option(1e-3, "ridge strength relative to mean diag(AᵀA), towards the pruned weights", lo=0)
+    samples: int = option(512, "reconstruction: calibration samples used", lo=1)
+    damping: float = option(1e-3, "reconstruction: ridge strength relative to mean diag(AᵀA), towards the pruned "
+                            "weights", lo=0)
     rows_per_sample: int = option(1024, "reconstruction: output positions sampled per sample per layer", lo=1)
 
     def __post_init__(self) -> None:
         for item in self.layers:
             parse_layer_ratio(item)
+        if not self.reconstruct:    # an option that would change nothing is a usage error, as quantize's percentile
+            for f in dataclasses.fields(self):
+                if f.name in RECONSTRUCTION and getattr(self, f.name) != f.default:
+                    raise ValueError(f"option '{f.name.replace('_', '-')}' is read by reconstruct=true only; add "
+                                     "reconstruct=true (and --calib-data)")

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence, Union
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from graphopt.passes.base import constant
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def apply(edits: Sequence[Edit], keep: Mapping[str, np.ndarray], names: Names) -
         if isinstance(e, SliceConst):
             c = node.inputs[e.index]
             v = np.compress(mask, np.asarray(c.values), e.axis)
-            node.inputs[e.index] = gs.Constant(names.fresh(c.name), np.ascontiguousarray(v))
+            node.inputs[e.index] = constant(names.fresh(c.name), v)
         elif isinstance(e, SetCount):
             n = e.count(mask)
             if e.values is None:
@@ -118,8 +119,7 @@ def apply(edits: Sequence[Edit], keep: Mapping[str, np.ndarray], names: Names) -
                 node.attrs[e.target] = values
             else:
                 c = node.inputs[e.target]
-                node.inputs[e.target] = gs.Constant(names.fresh(c.name if c.name else node.name),
-                                                    np.array(values, dtype=np.int64))
+                node.inputs[e.target] = constant(names.fresh(c.name if c.name else node.name), values, np.int64)
         else:
             _set_split(e, mask, names)
 
@@ -132,7 +132,7 @@ def _set_split(e: SetSplit, mask: np.ndarray, names: Names) -> None:
         node.attrs["split"] = new
         return
     node.attrs.pop("split", None)
-    c = gs.Constant(names.fresh((node.name or e.tensor) + "_split"), np.array(new, dtype=np.int64))
+    c = constant(names.fresh((node.name or e.tensor) + "_split"), new, np.int64)
     if len(node.inputs) > 1:
         node.inputs[1] = c
     else:

@@ -20,6 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.graph import is_std
+from graphopt.passes.base import constant
 
 from .edits import Names
 
@@ -165,16 +166,16 @@ class Fit:
             node.attrs["beta"] = 1.0
         else:
             new_w = w
-        node.inputs[1] = gs.Constant(names.fresh(w_t.name), np.ascontiguousarray(new_w.astype(dtype)))
+        node.inputs[1] = constant(names.fresh(w_t.name), new_w, dtype)
         if b is not None and self.bias_add is not None:
             add, index = self.bias_add
             old = add.inputs[index]
             shape = np.asarray(old.values).shape
-            add.inputs[index] = gs.Constant(names.fresh(old.name), np.ascontiguousarray(b.reshape(shape).astype(dtype)))
+            add.inputs[index] = constant(names.fresh(old.name), b.reshape(shape), dtype)
         elif b is not None:
             b_old = node.inputs[2] if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
             base = b_old.name if b_old is not None else (node.name or node.outputs[0].name) + "_bias"
-            c = gs.Constant(names.fresh(base), np.ascontiguousarray(b.astype(dtype)))
+            c = constant(names.fresh(base), b, dtype)
             if len(node.inputs) > 2:
                 node.inputs[2] = c
             else:

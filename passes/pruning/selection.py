@@ -87,9 +87,6 @@ def _candidates(an: Analysis, o: Options, res: PassResult) -> list[tuple[Group, 
             continue
         ratio = next((r for pat, r in per_layer if _matches([pat], g)), None)
         candidates.append((g, ratio))
-    for pat, _ in per_layer:
-        if not any(_matches([pat], g) for g in an.groups):
-            res.notes.append(f"layers={pat}: matches no prunable layer")
     return candidates
 
 

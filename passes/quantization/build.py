@@ -34,6 +34,7 @@ from graphopt.calibration.gptq import HessianObserver
 from graphopt.calibration.qparams import qparams
 
 from graphopt.graph import export, is_float32
+from graphopt.passes.base import constant
 
 from .plan import FLOAT_OUTPUT, SHARED_SCALE, Plan, Unit, int8_data, plan_reads
 from .weights import (
@@ -106,8 +107,8 @@ class _Edit:
 
     def insert_qdq(self, t: gs.Variable, scale: np.ndarray, zp: np.ndarray) -> None:
         g = self.graph
-        s = gs.Constant(self.name(f"{t.name}_scale"), np.asarray(scale, np.float32).reshape(()))
-        z = gs.Constant(self.name(f"{t.name}_zero_point"), np.asarray(zp).reshape(()))
+        s = constant(self.name(f"{t.name}_scale"), np.reshape(scale, ()), np.float32)
+        z = constant(self.name(f"{t.name}_zero_point"), np.reshape(zp, ()))
         consumers = list(t.outputs)
         q = gs.Variable(self.name(f"{t.name}_quantized"), dtype=z.values.dtype, shape=t.shape)
         dq = gs.Variable(self.name(f"{t.name}_dequantized"), dtype=np.float32, shape=t.shape)
@@ -296,7 +297,7 @@ class Builder:
             if np.any(np.rint(offset / b_scale)):           # else the int32 bias would not change
                 edit.corrected.append(u.name)
                 if b is None:
-                    bias = gs.Constant(edit.name(f"{node.name or w.name}_bias"), np.zeros(n_out, np.float32))
+                    bias = constant(edit.name(f"{node.name or w.name}_bias"), np.zeros(n_out, np.float32))
                     b = np.zeros(n_out)
                     if len(node.inputs) < 3:
                         node.inputs.append(bias)
@@ -304,16 +305,16 @@ class Builder:
                         node.inputs[2] = bias
                 b = b - offset
         per_axis = dq_axis is not None
-        wq = gs.Constant(edit.name(f"{w.name}_quantized"), qw)
-        s = gs.Constant(edit.name(f"{w.name}_scale"), w_scale if per_axis else w_scale.reshape(()))
-        z = gs.Constant(edit.name(f"{w.name}_zero_point"), w_zp if per_axis else w_zp.reshape(()))
+        wq = constant(edit.name(f"{w.name}_quantized"), qw)
+        s = constant(edit.name(f"{w.name}_scale"), w_scale if per_axis else np.reshape(w_scale, ()))
+        z = constant(edit.name(f"{w.name}_zero_point"), w_zp if per_axis else np.reshape(w_zp, ()))
         wdq = edit.dequantized(wq, s, z, w.name, list(values.shape), {"axis": dq_axis} if per_axis else {})
         node.inputs[1] = edit.switched(switch, wdq, w)
         if b is None or bias is None:
             return
-        bq = gs.Constant(edit.name(f"{bias.name}_quantized"), quantize_bias(b, b_scale))
-        bs = gs.Constant(edit.name(f"{bias.name}_scale"), b_scale if per_axis else b_scale[:1].reshape(()))
-        bz = gs.Constant(edit.name(f"{bias.name}_zero_point"), np.zeros(n_out if per_axis else (), np.int32))
+        bq = constant(edit.name(f"{bias.name}_quantized"), quantize_bias(b, b_scale))
+        bs = constant(edit.name(f"{bias.name}_scale"), b_scale if per_axis else np.reshape(b_scale[:1], ()))
+        bz = constant(edit.name(f"{bias.name}_zero_point"), np.zeros(n_out if per_axis else (), np.int32))
         bdq = edit.dequantized(bq, bs, bz, bias.name, [n_out], {"axis": 0} if per_axis else {})
         node.inputs[2] = edit.switched(switch, bdq, bias)
         if switch is None:

@@ -44,7 +44,7 @@ def fit_bias(w_scale: np.ndarray, b: np.ndarray, x_scale: np.ndarray, dq_axis: i
     """The weight scale raised where the bias ``b`` would not fit INT32_BIAS_LIMIT at scale s_x·s_w."""
     need = np.abs(b) / (float(x_scale) * INT32_BIAS_LIMIT)
     need = need if dq_axis is not None else np.array(need.max())
-    return np.maximum(w_scale, need).astype(np.float32)
+    return np.asarray(np.maximum(w_scale, need), np.float32)    # per tensor: 0-d (np.maximum returns a scalar)
 
 
 def nearest_weights(values: np.ndarray, w_scale: np.ndarray, w_zp: np.ndarray, dq_axis: int | None) -> np.ndarray:
