@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from graphopt.errors import UsageError
 from graphopt.passes.quantization.report import BIASES_CORRECTED, COSINE, COSINE_LOW, TENSORS_FLOAT, TOP1, UNITS_INT8
-from graphs import calib, conv_net, ort_kernels, xy_model
+from graphs import calib, conv_net, ort_kernels, parse_model, xy_model
 
 
 def ops(m: onnx.ModelProto) -> list[str]:
@@ -662,3 +662,21 @@ def test_harm_order_follows_the_target_that_fails():
     sites = list(sens)
     assert harm_order(sites, sens, top1_misses=True) == ["flips", "both", "noisy", "mild"]
     assert harm_order(sites, sens, top1_misses=False) == ["noisy", "both", "mild", "flips"]
+
+
+def test_quantize_a_model_with_a_0d_input(cli, tmp_path):
+    """A bool[] condition feeding an If (VAD and decoder exports): the fallback's one-row samples keep it 0-d."""
+    model = parse_model("""
+        graph (bool cond, float[N, 2, 6, 6] x) => (float[N, 4, 6, 6] y) {
+            c = Conv <pads = [1, 1, 1, 1]> (x, w)
+            y = If (cond) <then_branch = g1 () => (float[N, 4, 6, 6] t) { t = Relu(c) },
+                           else_branch = g2 () => (float[N, 4, 6, 6] e) { e = Identity(c) }>
+        }""", w=np.random.default_rng(0).standard_normal((4, 2, 3, 3)).astype(np.float32))
+    src, out, data = tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "c.npz"
+    onnx.save(model, src)
+    rng = np.random.default_rng(1)
+    np.savez(data, cond=rng.random(32) < 0.5, x=rng.standard_normal((32, 2, 6, 6)).astype(np.float32))
+    res = cli(src, out, "--pass", "quantize:min-cosine=0.99999", "--calib-data", data, "--latency-runs", "3",
+              "--force")   # a target int8 misses: the fallback runs, on one-row samples
+    assert res.code in (0, 1) and "Traceback" not in res.err, res.err
+    assert "left float: tensor" in res.out and out.exists()

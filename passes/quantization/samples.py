@@ -68,7 +68,7 @@ def first_rows(batches: list[Batch], n: int) -> list[Batch]:
 def first_row(batches: list[Batch]) -> list[Batch]:
     """The first sample of ``batches`` as a one-row batch without labels ([] when there is none)."""
     first = first_rows(batches, 1)
-    return [Batch({k: v[:1] for k, v in first[0].feed.items()}, None)] if first else []
+    return [Batch({k: v[:1] if v.ndim else v for k, v in first[0].feed.items()}, None)] if first else []
 
 
 def modelled_cost(float_model: onnx.ModelProto, one: list[Batch]) -> float | None:
