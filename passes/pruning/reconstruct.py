@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
@@ -46,7 +47,7 @@ def reconstruct(graph: gs.Graph, ctx: PassContext, plan: Plan, before: onnx.Mode
     teacher_graphs = _teachers(ctx, before, targets, calib, res) if targets else {}
     rng = np.random.default_rng(ctx.seed)
     refits: list[tuple[str, float, float, int, int]] = []
-    for node, fit in fits:
+    for node, fit in tqdm(fits, unit="layer", desc="refitting", leave=False, disable=None):  # shown on a terminal
         site = f"{node.op} '{node.name or node.outputs[0].name}'"
         if isinstance(fit, str):
             res.notes.append(f"reconstruction skipped {site}: {fit}")

@@ -26,6 +26,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
+from tqdm import tqdm
 import onnx
 from graphopt.calibration.readers import Batch
 
@@ -89,7 +90,7 @@ def sensitivity_sweep(sites: list[str], measure: Callable[[str, bool], Any], bud
     sens: dict[str, Any] = {}
     deadline = clock() + budget_s
     quick = 0
-    for t in reversed(sites):
+    for t in tqdm(list(reversed(sites)), unit="tensor", desc="sensitivity", leave=False, disable=None):
         late = clock() > deadline
         quick += late
         sens[t] = measure(t, late)
