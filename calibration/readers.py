@@ -6,6 +6,7 @@ labels):
     batches, read lazily, so memory does not grow with the number of samples); or one ``.npy`` for a model with one
     input, read the same way;
   * a folder of ``.npz`` files, one feed per file (sorted by name), used as they are;
+  * a folder of images, one sample per image, preprocessed as ``--preprocess`` states (``images.ImageSource``);
   * any iterable of feed dicts, including onnxruntime's ``CalibrationDataReader`` (``get_next()`` until None);
   * seeded random feeds of the declared shapes, when no data is given (``RandomSource``).
 Every source applies the same checks on the way in (``checks``) and lists what it said about the data in its
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -27,11 +28,13 @@ from graphopt.errors import InputError, UsageError
 
 from .checks import feed_from_mapping, refuses_nonfinite
 from .feeds import DEFAULT_BATCH, LABELS_KEY, Batch, DataSource, InputSpec, model_inputs, show_shape
+from .images import IMAGE_SUFFIXES, ImageSource, as_preprocess, check_preprocess_used, is_image_folder
 from .npz import NpzSource
+from .preprocess import Preprocess
 
-__all__ = ["DEFAULT_BATCH", "LABELS_KEY", "Batch", "DataSource", "FolderSource", "InputSpec", "IterableSource",
-           "NpzSource", "RandomSource", "data_warnings", "model_inputs", "open_source", "parse_shape",
-           "random_array"]
+__all__ = ["DEFAULT_BATCH", "LABELS_KEY", "Batch", "DataSource", "FolderSource", "ImageSource", "InputSpec",
+           "IterableSource", "NpzSource", "Preprocess", "RandomSource", "as_preprocess", "check_preprocess_used",
+           "data_warnings", "model_inputs", "open_source", "parse_shape", "random_array"]
 
 
 class FolderSource(DataSource):
@@ -130,17 +133,23 @@ class IterableSource(DataSource):
 
 
 def open_source(data: Any, model: onnx.ModelProto, *, batch_size: int = DEFAULT_BATCH,
-                max_samples: int | None = None, purpose: str | None = None) -> DataSource:
-    """A DataSource for ``data``: an ``.npz`` path (or an ``.npy`` for a one-input model), a folder of ``.npz``, an
-    iterable of dicts, or a reader. ``purpose`` ("calibration", "validation" or None): calibration data with NaN/Inf
-    is refused, other data has them said in a warning (``checks``)."""
+                max_samples: int | None = None, purpose: str | None = None,
+                preprocess: Preprocess | str | Mapping[str, Any] | None = None) -> DataSource:
+    """A DataSource for ``data``: an ``.npz`` path (or an ``.npy`` for a one-input model), a folder of ``.npz``, a
+    folder of images (read with ``preprocess``: a Preprocess, its ``--preprocess`` text or a mapping of its keys),
+    an iterable of dicts, or a reader. ``purpose`` ("calibration", "validation" or None): calibration data with
+    NaN/Inf is refused, other data has them said in a warning (``checks``)."""
     inputs = model_inputs(model)
     if isinstance(data, DataSource):
         return data
     refuses_nonfinite(purpose)
     if isinstance(data, (str, os.PathLike)):
         p = Path(data)
+        if p.is_dir() and is_image_folder(p):
+            return ImageSource(p, inputs, batch_size, max_samples, purpose, as_preprocess(preprocess))
         if p.is_dir():
+            if not any(p.glob("*.npz")):
+                raise InputError(f"{p}: folder holds no .npz files and no images ({', '.join(IMAGE_SUFFIXES)})")
             return FolderSource(p, inputs, max_samples, purpose)
         if not p.exists():
             raise InputError(f"{p}: no such data file or folder")

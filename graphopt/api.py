@@ -16,7 +16,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from graphopt.calibration.readers import Batch, DataSource, RandomSource, data_warnings, model_inputs, open_source
+from graphopt.calibration.readers import (Batch, DataSource, Preprocess, RandomSource, check_preprocess_used,
+                                          data_warnings, model_inputs, open_source)
 from graphopt.passes.base import PassContext
 
 from . import io
@@ -70,13 +71,15 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
              dump_dir: str | os.PathLike[str] | None = None, latency_runs: int = 20, threads: int = 1,
              calib_samples: int | None = None, on_dump: Callable[[onnx.ModelProto, Path], None] | None = None,
              calibration_ranges: Mapping[str, Sequence[float]] | None = None,
-             on_step: Callable[[dict[str, Any]], None] | None = None) -> tuple[onnx.ModelProto, Report]:
+             on_step: Callable[[dict[str, Any]], None] | None = None,
+             preprocess: Preprocess | str | Mapping[str, Any] | None = None) -> tuple[onnx.ModelProto, Report]:
     """Rewrite ``model`` with ``passes`` and validate it; return the rewritten model and the report.
 
     ``calib_data``/``val_data``: an ``.npz`` path, a folder of ``.npz``, an iterable of ``{input: array}`` dicts, or
-    an onnxruntime ``CalibrationDataReader``. ``calibration_ranges`` ({tensor: (lo, hi)}, as saved from a previous
-    run's report) replaces running calibration. ``on_step`` gets each step's report row as the step finishes.
-    Raises ``ValidationFailed`` (carrying model and report) when the
+    an onnxruntime ``CalibrationDataReader``, or a folder of images read with ``preprocess`` (a Preprocess, its
+    ``--preprocess`` text ``"resize=256,crop=224,..."`` or a dict of its keys). ``calibration_ranges``
+    ({tensor: (lo, hi)}, as saved from a previous run's report) replaces running calibration. ``on_step`` gets
+    each step's report row as the step finishes. Raises ``ValidationFailed`` (carrying model and report) when the
     result fails validation, unless ``force``.
     """
     path = None
@@ -89,7 +92,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
     shapes = _input_shapes(model, input_shapes)
     report = Report(input=path or "<model>", output=None)
     ref_session = make_session(model, "input model")
-    calib, val = _open_data(model, calib_data, val_data, calib_samples, shapes, seed)
+    calib, val = _open_data(model, calib_data, val_data, calib_samples, shapes, seed, preprocess)
     ranges = {k: (float(v[0]), float(v[1])) for k, v in calibration_ranges.items()} if calibration_ranges else None
     ctx = PassContext(original=model, calib=calib, input_shapes=shapes, seed=seed, calibration_ranges=ranges)
     dump = Path(dump_dir) if dump_dir is not None else None
@@ -139,13 +142,16 @@ def _input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[in
 
 
 def _open_data(model: onnx.ModelProto, calib_data: Any, val_data: Any, calib_samples: int | None,
-               shapes: dict[str, list[int]], seed: int) -> tuple[DataSource | None, DataSource]:
+               shapes: dict[str, list[int]], seed: int, preprocess: Any = None
+               ) -> tuple[DataSource | None, DataSource]:
     """The calibration source (None without data) and the validation source: the validation data, else the
-    calibration data, else seeded random inputs. Each source checks its data as it opens (and keeps warnings)."""
-    calib = (open_source(calib_data, model, max_samples=calib_samples, purpose="calibration")
+    calibration data, else seeded random inputs. Each source checks its data as it opens (and keeps warnings);
+    ``preprocess`` applies to folders of images, and is refused when neither data is one."""
+    check_preprocess_used(preprocess, calib_data, val_data)
+    calib = (open_source(calib_data, model, max_samples=calib_samples, purpose="calibration", preprocess=preprocess)
              if calib_data is not None else None)
     if val_data is not None:
-        return calib, open_source(val_data, model, purpose="validation")
+        return calib, open_source(val_data, model, purpose="validation", preprocess=preprocess)
     if calib is not None:
         return calib, calib
     return calib, RandomSource(model_inputs(model), shapes, seed)

@@ -14,13 +14,14 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
-from graphopt.calibration.readers import RandomSource, model_inputs, open_source, parse_shape
+from graphopt.calibration.preprocess import parse_preprocess
+from graphopt.calibration.readers import RandomSource, check_preprocess_used, model_inputs, open_source, parse_shape
 
 from . import __version__, io
 from .api import one_row, optimize, resolve_passes
 from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_VALIDATION, GraphoptError, InputError,
                      InternalError, UsageError, ValidationFailed, one_line)
-from .pipeline import default_pipeline, parse_recipe, registry
+from .pipeline import default_pipeline, parse_recipe, recipe_preprocess, registry
 from .report import environment, format_header, format_step, summary
 
 log = logging.getLogger("graphopt")
@@ -64,10 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run this pass (repeatable, in order); list options repeat the key. Default pipeline "
                    "when none is given: the exact passes fold-constants, fold-bn")
     p.add_argument("--recipe", metavar="FILE.toml", help="passes from a TOML file: [[pass]] name = ... options")
-    p.add_argument("--calib-data", metavar="PATH", help=".npz (arrays stacked on axis 0) or folder of .npz files")
+    p.add_argument("--calib-data", metavar="PATH", help=".npz (arrays stacked on axis 0), folder of .npz files, or "
+                   "folder of images (with --preprocess)")
     p.add_argument("--val-data", metavar="PATH", help="validation data (default: calibration data, else random)")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1xD2x...",
                    help="concrete shape for an input with dynamic dims (for random validation inputs)")
+    _preprocess_arg(p)
     p.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
     p.add_argument("--min-cosine", type=_fraction, metavar="X", help="lossy passes: fail below this output cosine")
     p.add_argument("--min-top1", type=_fraction, metavar="X", help="lossy passes: fail below this top-1 agreement")
@@ -104,8 +107,15 @@ def build_info_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1xD2x...",
                    help="concrete shape for an input with dynamic dims (for the random sample)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random sample (default 0)")
+    _preprocess_arg(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+def _preprocess_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preprocess", metavar="KEY=VALUE,...",
+                   help="for a folder of images: resize=N|WxH, crop=N|WxH, scale=1/255, mean=a/b/c, std=a/b/c, "
+                   "layout=nchw|nhwc, color=rgb|bgr|gray, dtype=..., labels=folders")
 
 
 def list_passes() -> str:
@@ -148,8 +158,10 @@ def _shapes(items: list[str]) -> dict[str, list[int]]:
 
 
 def _info(args: argparse.Namespace) -> int:
+    preprocess = parse_preprocess(args.preprocess) if args.preprocess else None
+    check_preprocess_used(preprocess, args.data)
     model = io.load_model(args.model)
-    source = open_source(args.data, model) if args.data else RandomSource(model_inputs(model),
+    source = open_source(args.data, model, preprocess=preprocess) if args.data else RandomSource(model_inputs(model),
                                                                           _shapes(args.input_shape), args.seed,
                                                                           n_feeds=1)
     first = next(iter(source), None)
@@ -163,6 +175,11 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.recipe and args.passes:
         raise UsageError("give passes with --pass or with --recipe, not both")
     passes = resolve_passes(parse_recipe(args.recipe) if args.recipe else (args.passes or None))
+    preprocess = parse_preprocess(args.preprocess) if args.preprocess else None
+    if args.recipe and (from_recipe := recipe_preprocess(args.recipe)) is not None:
+        if preprocess is not None:
+            raise UsageError("give the preprocessing with --preprocess or in the recipe's [preprocess], not both")
+        preprocess = from_recipe
     if args.save_calibration and not any(registry()[s.name].calibrates for s in passes):
         raise UsageError(f"--save-calibration: no pass in this pipeline calibrates ranges (passes that do: "
                          f"{', '.join(n for n, c in sorted(registry().items()) if c.calibrates)})")
@@ -180,7 +197,8 @@ def _optimize(args: argparse.Namespace) -> int:
                                min_cosine=args.min_cosine, min_top1=args.min_top1,
                                max_rel_error=args.max_rel_error, force=args.force, seed=args.seed,
                                verify=not args.no_verify, dump_dir=args.dump_dir, latency_runs=args.latency_runs,
-                               threads=args.threads, calib_samples=args.calib_samples, calibration_ranges=ranges)
+                               threads=args.threads, calib_samples=args.calib_samples, calibration_ranges=ranges,
+                               preprocess=preprocess)
     except ValidationFailed as e:
         report = e.report
         report.input = str(in_path)

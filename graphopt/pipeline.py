@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import onnx
 
+from graphopt.calibration.preprocess import Preprocess, preprocess_from_table
 from graphopt.passes import catalog  # noqa: F401  (registers the built-in passes)
 from graphopt.passes.base import Pass, PassContext, PassResult, registered
 
@@ -120,11 +121,14 @@ def parse_pass_arg(text: str) -> PassSpec:
 
 
 def parse_recipe(path: str | Path) -> list[PassSpec]:
-    """Read a TOML recipe: ``[[pass]]`` tables with ``name`` and the pass's options."""
+    """Read a TOML recipe: ``[[pass]]`` tables with ``name`` and the pass's options (and an optional
+    ``[preprocess]`` table for images, which ``recipe_preprocess`` reads)."""
     data = io.read_toml(path)
-    unknown = set(data) - {"pass"}
+    unknown = set(data) - {"pass", "preprocess"}
     if unknown:
-        raise InputError(f"{path}: unknown recipe key(s) {', '.join(sorted(unknown))}; a recipe holds [[pass]] tables")
+        raise InputError(f"{path}: unknown recipe key(s) {', '.join(sorted(unknown))}; a recipe holds [[pass]] tables "
+                         "and an optional [preprocess] table")
+    recipe_preprocess(path, data)
     tables = data.get("pass", [])
     if not isinstance(tables, list) or not tables:
         raise InputError(f"{path}: a recipe needs at least one [[pass]] table with a name")
@@ -135,6 +139,16 @@ def parse_recipe(path: str | Path) -> list[PassSpec]:
         opts = {k: v for k, v in table.items() if k != "name"}
         specs.append(make_spec(str(table["name"]), opts))
     return specs
+
+
+def recipe_preprocess(path: str | Path, data: Mapping[str, Any] | None = None) -> Preprocess | None:
+    """The recipe's ``[preprocess]`` table (the keys of ``--preprocess``) as a Preprocess, or None."""
+    table = (io.read_toml(path) if data is None else data).get("preprocess")
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise InputError(f"{path}: 'preprocess' must be a table: [preprocess] with keys such as resize = 256")
+    return preprocess_from_table(table, f"{path} [preprocess]")
 
 
 def check_calibration(specs: Sequence[PassSpec], have_calib: bool) -> None:

@@ -21,7 +21,7 @@ LAYERS = [
     {"graphopt", "graphopt.errors", "graphopt.io", "graphopt.graph"},
     {"graphopt.runtime", "graphopt.metrics", "graphopt.validate"},
     {"graphopt.calibration", "graphopt.calibration.feeds", "graphopt.calibration.checks", "graphopt.calibration.npz",
-     "graphopt.calibration.readers"},
+     "graphopt.calibration.readers", "graphopt.calibration.images", "graphopt.calibration.preprocess"},
     {"graphopt.calibration.*"},
     {"graphopt.passes", "graphopt.passes.*"},
     {"graphopt.pipeline", "graphopt.attribution", "graphopt.report", "graphopt.api", "graphopt.cli",
