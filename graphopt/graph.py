@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import __version__
+from . import __version__, io
 from .errors import InputError, one_line
 
 STANDARD = ("", "ai.onnx", None)   # the default domain, as onnx and onnx-graphsurgeon spell it
@@ -85,9 +85,11 @@ def _input_defaults(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 
 def infer_model(model: onnx.ModelProto, *, data_prop: bool = False) -> onnx.ModelProto | None:
     """onnx shape inference on a copy of ``model`` (``data_prop`` also propagates Shape-computed values); None
-    when inference fails."""
+    when inference fails. A model over the protobuf limit is inferred without its weights' data (dims and the
+    small constants are kept): the copy returned holds types and shapes, not weights."""
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=data_prop)
+        source = io.data_free_copy(model) if io.is_big(model) else model
+        return onnx.shape_inference.infer_shapes(source, data_prop=data_prop)
     except Exception:
         return None
 
@@ -95,10 +97,16 @@ def infer_model(model: onnx.ModelProto, *, data_prop: bool = False) -> onnx.Mode
 def infer_shapes(graph: gs.Graph, template: onnx.ModelProto) -> bool:
     """Give the graph's tensors the dtypes and shapes onnx shape inference finds; False (graph untouched) when
     inference fails."""
-    model = infer_model(export(graph, template))
-    if model is None:
+    model = export(graph, template)
+    inferred = infer_model(model)
+    if inferred is None:
         return False
-    replace_graph(graph, import_graph(model))
+    if io.is_big(model):    # the inferred copy has no weights: its types go into the exported model
+        for field in ("value_info", "output"):
+            del getattr(model.graph, field)[:]
+            getattr(model.graph, field).extend(getattr(inferred.graph, field))
+        inferred = model
+    replace_graph(graph, import_graph(inferred))
     return True
 
 

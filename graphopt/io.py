@@ -8,6 +8,12 @@ Loading refuses what would be unsafe or unsupported, with a one-line reason:
 Saving is atomic: the bytes go to a temporary file in OUT's folder which is renamed over OUT only when complete, so
 an error or Ctrl-C never leaves a partial OUT. Models whose protobuf would exceed 2 GB are saved with their tensors
 in one external-data file beside OUT (``OUT.data``), moved into place before OUT itself.
+
+Models over the protobuf limit (``PROTOBUF_LIMIT``, read at call time so tests can lower it) are never serialized
+whole: ``is_big`` tells one from its tensors' dims and types; it is checked by path (``onnx.checker`` on the file);
+``write_external`` writes it with its tensors of 1 KiB or more in one data file, without copying its data in memory
+(``graphopt.tensor_data``); ``temporary_external`` does so in a temporary folder (sessions, checks);
+``model_size_bytes`` counts what ``save_model`` writes without writing it.
 """
 
 from __future__ import annotations
@@ -17,14 +23,16 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
 from onnx import external_data_helper
 
 from .errors import InputError, OutputError, one_line
+from .tensor_data import DataFile, all_tensors, data_bytes, detached
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,20 +41,16 @@ else:  # Python 3.10
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Stay clear of the hard limit: serialisation also needs room for the graph structure and field headers.
+HEADROOM = 2**24
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24
 MIN_OPSET = 7
-
-
-def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto in the model: initializers and tensor attributes, in subgraphs and functions too."""
-    yield from external_data_helper._get_all_tensors(model)
 
 
 def external_data_files(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
     """Resolved paths of the external-data files a model refers to, after checking each location is safe."""
     base = base_dir.resolve()
     files: list[Path] = []
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
             continue
         info = external_data_helper.ExternalDataInfo(tensor)
@@ -110,26 +114,63 @@ def load_model_and_files(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto,
         raise InputError(f"{p}: not a usable ONNX model (no opset_import; is it truncated?)")
     _check_versions(model, str(p))
     files = [p, *external_data_files(model, p.parent)]
+    big = len(files) > 1 and tensor_bytes(model, external=True) >= _big_threshold()
+    if big:     # checked as it is on disk, before its data is loaded: a big model is never serialized whole
+        _check_path(p, str(p))
     try:
         external_data_helper.load_external_data_for_model(model, str(p.parent))
     except Exception as e:
         raise InputError(f"{p}: cannot load external data: {one_line(e)}") from e
-    check_model(model, str(p))
+    if not big:
+        check_model(model, str(p))
     return model, files
 
 
+def _big_threshold() -> int:
+    """Size from which a model's protobuf is treated as over the limit (read at call time: tests lower it)."""
+    return min(EXTERNAL_DATA_THRESHOLD, PROTOBUF_LIMIT - min(HEADROOM, PROTOBUF_LIMIT // 8))
+
+
+def tensor_bytes(model: onnx.ModelProto, *, external: bool = False) -> int:
+    """Bytes of the tensor data the model holds in its protobuf (with ``external``, in external files too)."""
+    return sum(data_bytes(t) for t in all_tensors(model)
+               if external or not external_data_helper.uses_external_data(t))
+
+
+def is_big(model: onnx.ModelProto) -> bool:
+    """Would the model's protobuf reach the limit? Told from its tensors, serializing it only when they leave room
+    for the rest (then it is safe)."""
+    limit = _big_threshold()
+    data = tensor_bytes(model)
+    return data >= limit or (data >= limit // 2 and model.ByteSize() >= limit)
+
+
 def check_model(model: onnx.ModelProto, where: str) -> None:
-    """``onnx.checker`` on a model, turning failures into a one-line InputError."""
+    """``onnx.checker`` on a model, turning failures into a one-line InputError. A model over the protobuf limit is
+    written with its tensors external to a temporary folder and checked by path."""
+    if is_big(model):
+        with temporary_external(model) as path:
+            _check_path(path, where)
+        return
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
-            onnx.checker.check_model(model)
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise InputError(f"{where}: invalid ONNX model: {one_line(e)}") from e
+
+
+def _check_path(path: Path, where: str) -> None:
+    try:
+        onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:
         raise InputError(f"{where}: invalid ONNX model: {one_line(e)}") from e
 
 
 def model_size_bytes(model: onnx.ModelProto) -> int:
-    """Size of the model as saved (protobuf plus any external data)."""
-    return model.ByteSize()
+    """Size of the model as ``save_model`` writes it (protobuf plus any external data), without writing it."""
+    if not is_big(model):
+        return model.ByteSize()
+    data = DataFile(None)
+    return detached(model, data).ByteSize() + data.size
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -194,7 +235,7 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike[str]) -> list[Path
     """Atomically write ``model`` to ``out`` (with ``out.data`` when over 2 GB); return the paths written."""
     o = Path(out)
     try:
-        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        if not is_big(model):
             data = model.SerializeToString()
             _write_atomic(o, lambda tmp: tmp.write_bytes(data))
             return [o]
@@ -207,16 +248,43 @@ def _save_external(model: onnx.ModelProto, o: Path) -> list[Path]:
     data_name = o.name + ".data"
     work = Path(tempfile.mkdtemp(prefix=f".{o.name}.", dir=o.parent))
     try:
-        big = onnx.ModelProto()
-        big.CopyFrom(model)
-        onnx.save_model(big, str(work / o.name), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        del big
+        write_external(model, work / o.name, data_name)
         os.replace(work / data_name, o.parent / data_name)
         os.replace(work / o.name, o)
         return [o, o.parent / data_name]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def data_free_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every tensor of 1 KiB or more marked external and no data (nothing is written): for
+    what needs the graph, types and dims but not the weights, such as shape inference of a big model."""
+    return detached(model, DataFile(None))
+
+
+def write_external(model: onnx.ModelProto, path: Path, data_name: str | None = None,
+                   edit: Callable[[onnx.ModelProto], None] | None = None) -> list[Path]:
+    """Write ``model`` to ``path`` with its tensors in ``data_name`` beside it (``PATH.data`` by default), not
+    atomically (see ``save_model``); ``edit`` may change the written copy (not the model) before it is saved."""
+    data_name = data_name or path.name + ".data"
+    with open(path.parent / data_name, "wb") as f:
+        skeleton = detached(model, DataFile(f, data_name))
+    if edit is not None:
+        edit(skeleton)
+    path.write_bytes(skeleton.SerializeToString())
+    return [path, path.parent / data_name]
+
+
+@contextmanager
+def temporary_external(model: onnx.ModelProto, edit: Callable[[onnx.ModelProto], None] | None = None
+                       ) -> Iterator[Path]:
+    """The model written with external data (``write_external``) in a temporary folder, removed afterwards; yields
+    the model's path (for onnxruntime or ``onnx.checker``)."""
+    folder = Path(tempfile.mkdtemp(prefix="graphopt-"))
+    try:
+        yield write_external(model, folder / "model.onnx", edit=edit)[0]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from . import __version__
+from . import __version__, io
 from .graph import STANDARD, graph_protos
 from .attribution import StepLoss
 from .runtime import count_macs, cpu_info
@@ -62,7 +62,7 @@ def _stored_bytes(t: onnx.TensorProto, n: int) -> int:
 def model_stats(model: onnx.ModelProto, feed: dict[str, np.ndarray] | None) -> ModelStats:
     ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node)
     parameters, parameter_bytes = count_parameters(model)
-    return ModelStats(size_bytes=model.ByteSize(), parameters=parameters, parameter_bytes=parameter_bytes,
+    return ModelStats(size_bytes=io.model_size_bytes(model), parameters=parameters, parameter_bytes=parameter_bytes,
                       macs=count_macs(model, feed) if feed is not None else None,
                       nodes=len(model.graph.node), op_counts=dict(sorted(ops.items())))
 

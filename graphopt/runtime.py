@@ -1,4 +1,4 @@
-"""onnxruntime on the CPU: sessions for in-memory models, running a model with extra outputs, MAC counting,
+"""onnxruntime on the CPU: sessions for in-memory models (from a temporary file for those over 2 GB), running a model with extra outputs, MAC counting,
 latency measurement and what the CPU offers. Every session graphopt makes comes from ``make_session``.
 
 MACs are counted from the shapes each tensor really has when the model runs on one feed: onnxruntime runs the
@@ -25,6 +25,7 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
+from . import io
 from .errors import InputError, one_line
 
 _CONV = {"Conv", "FusedConv", "QLinearConv", "ConvInteger", "NhwcConv"}
@@ -49,13 +50,32 @@ def session_options(threads: int | None = None, level: ort.GraphOptimizationLeve
     return so
 
 
+def session_for(model: onnx.ModelProto, options: ort.SessionOptions, extra_outputs: Sequence[str] = ()
+                ) -> ort.InferenceSession:
+    """An onnxruntime CPU session for an in-memory model, with ``extra_outputs`` (tensor names) added as outputs
+    of a copy; onnxruntime's errors as they are. A model over the protobuf limit is never serialized whole: it is
+    written with its tensors external to a temporary folder and onnxruntime loads it from there."""
+    def add_outputs(m: onnx.ModelProto) -> None:
+        existing = {o.name for o in m.graph.output}
+        m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(extra_outputs) if n not in existing)
+
+    if io.is_big(model):
+        with io.temporary_external(model, edit=add_outputs if extra_outputs else None) as path:
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if extra_outputs:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        add_outputs(probe)
+        model = probe
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def make_session(model: onnx.ModelProto, what: str, threads: int | None = None,
-                 level: ort.GraphOptimizationLevel | None = None, mem_pattern: bool = False
-                 ) -> ort.InferenceSession:
-    """An onnxruntime CPU session for an in-memory model; failures name ``what`` in one line."""
+                 level: ort.GraphOptimizationLevel | None = None, mem_pattern: bool = False,
+                 extra_outputs: Sequence[str] = ()) -> ort.InferenceSession:
+    """An onnxruntime CPU session for an in-memory model (``session_for``); failures name ``what`` in one line."""
     try:
-        return ort.InferenceSession(model.SerializeToString(), session_options(threads, level, mem_pattern),
-                                    providers=["CPUExecutionProvider"])
+        return session_for(model, session_options(threads, level, mem_pattern), extra_outputs)
     except Exception as e:
         raise InputError(f"onnxruntime cannot load the {what}: {ort_message(e)}") from e
 
@@ -108,11 +128,7 @@ def run_with_outputs(model: onnx.ModelProto, names: Sequence[str], feed: Mapping
                      level: ort.GraphOptimizationLevel | None = None) -> dict[str, Any]:
     """Run ``model`` once on ``feed`` with the tensors ``names`` exposed as extra outputs (on a copy); their values
     by name. Graph outputs among ``names`` are returned too."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in existing)
-    sess = make_session(probe, what, level=level)
+    sess = make_session(model, what, level=level, extra_outputs=names)
     wanted = list(dict.fromkeys(names))
     return dict(zip(wanted, sess.run(wanted, dict(feed))))
 

@@ -10,7 +10,9 @@ Cases:
     become initializers. Declined: random ops, QuantizeLinear/DequantizeLinear (a quantized model stays quantized),
     ops with subgraphs, non-ai.onnx domains, nodes producing a graph
     output, string results, and results over 1 MiB that are more than twice the size of their inputs (folding an
-    Expand or ConstantOfShape would grow the file rather than shrink the work).
+    Expand or ConstantOfShape would grow the file rather than shrink the work). Only the constant subgraph is
+    evaluated, not the model; when it is itself over the protobuf limit (a Transpose of big weights) onnxruntime
+    loads it from a temporary file (``graphopt.runtime.session_for``).
 Exact: the rewritten model computes the same values. Dead nodes and unused initializers are removed by the
 pipeline's cleanup after the pass.
 """
@@ -25,7 +27,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from graphopt.graph import describe, is_std
-from graphopt.runtime import session_options
+from graphopt.runtime import session_for, session_options
 
 from .base import Pass, PassContext, PassResult, as_values, register
 
@@ -175,9 +177,7 @@ class FoldConstants(Pass):
         clone.cleanup(remove_unused_graph_inputs=True, recurse_functions=False)
         try:
             model = gs.export_onnx(clone, do_type_check=False)
-            sess = ort.InferenceSession(model.SerializeToString(),
-                                        session_options(level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
-                                        providers=["CPUExecutionProvider"])
+            sess = session_for(model, session_options(level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL))
             out_names = [o.name for o in sess.get_outputs()]
             return dict(zip(out_names, sess.run(out_names, {})))
         except Exception as e:

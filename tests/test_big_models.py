@@ -1,0 +1,191 @@
+"""Models over the 2 GB protobuf limit, without 2 GB files: ``graphopt.io.PROTOBUF_LIMIT`` is lowered to 100 kB so
+a model with a few 100 kB weights takes the big-model path everywhere (loaded and checked by path, sessions from
+files, saved with external data, its size counted without serializing). The ``limit`` fixture also makes the entry
+points that would serialize a model whole (onnxruntime from bytes, ``onnx.checker`` and shape inference in memory)
+fail on such a model, as protobuf does on a real one: a code path that forgets the limit fails here too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from graphopt import io, tensor_data
+from graphs import assert_one_line_error, make_model, node, rand
+
+LIMIT = 100_000
+K = 160          # a [K, K] float weight is 102 kB, over the lowered limit alone
+
+
+@pytest.fixture
+def limit(monkeypatch):
+    """Lower the limit; the in-memory entry points refuse models over it, as protobuf refuses models over 2 GB."""
+    monkeypatch.setattr(io, "PROTOBUF_LIMIT", LIMIT)
+
+    def over(model) -> bool:
+        return isinstance(model, onnx.ModelProto) and io.tensor_bytes(model) > LIMIT
+
+    def guard(real, arg_index=0):
+        def wrapped(*args, **kwargs):
+            arg = args[arg_index]
+            if over(arg) or (isinstance(arg, bytes) and len(arg) > LIMIT):
+                raise ValueError("Message onnx.ModelProto exceeds maximum protobuf size of 2GB (test limit)")
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(ort, "InferenceSession", guard(ort.InferenceSession))
+    monkeypatch.setattr(onnx.checker, "check_model", guard(onnx.checker.check_model))
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", guard(onnx.shape_inference.infer_shapes))
+
+
+def big_model() -> onnx.ModelProto:
+    """A fresh copy of ``_big_model()`` (built before any test lowers the limit: make_model runs the checker)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(_BIG)
+    return model
+
+
+def _big_model() -> onnx.ModelProto:
+    """x[1, K] -> MatMul W1 -> Relu -> MatMul W2 -> MatMul W3 -> Mul(Add(c, one)) -> y: 307 kB of weights, a small
+    constant subgraph for fold-constants and a per-channel Mul after a rank-2 MatMul for fold-bn."""
+    nodes = [node("Constant", [], ["c"], value=onnx.numpy_helper.from_array(np.full(K, 0.5, np.float32))),
+             node("Add", ["c", "one"], ["scale"]),
+             node("MatMul", ["x", "W1"], ["h1"]), node("Relu", ["h1"], ["r1"]),
+             node("MatMul", ["r1", "W2"], ["h2"]), node("MatMul", ["h2", "W3"], ["h3"]),
+             node("Mul", ["h3", "scale"], ["y"])]
+    weights = {f"W{i}": rand(K, K, seed=i, lo=-0.08, hi=0.08) for i in (1, 2, 3)}
+    return make_model(nodes, inputs=[("x", [1, K])], outputs=[("y", [1, K])],
+                      initializers={**weights, "one": np.ones(K, np.float32)})
+
+
+_BIG = _big_model()
+
+
+@pytest.fixture
+def big_path(tmp_path: Path) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    p = folder / "big.onnx"
+    onnx.save_model(big_model(), p, save_as_external_data=True, location="big.onnx.data")
+    return p
+
+
+def outputs_of(path: Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def assert_saved_external(out: Path) -> None:
+    """OUT and OUT.data are there, OUT is checker-valid by path and holds no tensor of 1 KiB or more itself."""
+    assert out.is_file() and (out.parent / (out.name + ".data")).is_file()
+    onnx.checker.check_model(str(out))
+    skeleton = onnx.load(out, load_external_data=False)
+    assert out.stat().st_size < LIMIT
+    for t in skeleton.graph.initializer:
+        if int(np.prod(t.dims)) * 4 >= tensor_data.EXTERNAL_MIN_BYTES:
+            assert onnx.external_data_helper.uses_external_data(t), t.name
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_default_pipeline_runs_end_to_end(cli, limit, big_path, tmp_path):
+    out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
+    res = cli(big_path, out, "--report", rep, "--latency-runs", "2")
+    assert res.code == 0, res.err
+    assert_saved_external(out)
+    feed = {"x": rand(1, K, seed=9)}
+    np.testing.assert_allclose(outputs_of(out, feed)[0], outputs_of(big_path, feed)[0], rtol=1e-5, atol=1e-6)
+    report = json.loads(rep.read_text())
+    steps = {s["pass"]: s for s in report["passes"]}
+    assert steps["fold-constants"]["counts"] == {"Constant nodes lowered": 1, "nodes folded": 1}
+    assert steps["fold-bn"]["counts"] == {"Mul folded into MatMul": 1}
+    written = out.stat().st_size + (tmp_path / "out.onnx.data").stat().st_size
+    assert abs(report["after"]["size_bytes"] - written) < 100   # the data file's name is the one difference
+    assert report["validation"]["passed"]
+
+
+def test_fold_constants_evaluates_a_big_constant_subgraph_from_a_file(cli, limit, tmp_path):
+    """A Transpose of a big weight is folded: the constant subgraph alone is over the limit."""
+    model = make_model([node("Transpose", ["W"], ["Wt"], perm=[1, 0]), node("MatMul", ["x", "Wt"], ["y"])],
+                       inputs=[("x", [1, K])], outputs=[("y", [1, K])],
+                       initializers={"W": rand(K, K), "V": rand(K, K, seed=2)}, check=False)
+    p = tmp_path / "t.onnx"
+    onnx.save_model(model, p, save_as_external_data=True)
+    out = tmp_path / "o.onnx"
+    assert cli(p, out, "--latency-runs", "0").code == 0
+    folded = onnx.load(out)
+    assert [n.op_type for n in folded.graph.node] == ["MatMul"]
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(folded.graph.initializer[0]), rand(K, K).T)
+
+
+@pytest.mark.parametrize("spec", ["svd", "quantize"])
+def test_lossy_passes_run_or_refuse_in_one_line(cli, limit, big_path, tmp_path, spec):
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=rand(32, K, seed=4))
+    out = tmp_path / "o.onnx"
+    res = cli(big_path, out, "--pass", spec, "--calib-data", calib, "--latency-runs", "0", "--force")
+    if res.code == 0:
+        assert_saved_external(out)
+    else:
+        assert_one_line_error(res, 2, "over the 2 GB protobuf limit")
+        assert not out.exists()
+
+
+def test_big_model_is_checked_by_path_at_load(limit, big_path, monkeypatch):
+    seen = []
+    real = onnx.checker.check_model
+    monkeypatch.setattr(onnx.checker, "check_model", lambda m, *a, **k: (seen.append(type(m)), real(m, *a, **k)))
+    model = io.load_model(big_path)
+    assert seen == [str] and io.is_big(model)
+    assert {t.name for t in model.graph.initializer} == {"W1", "W2", "W3", "one"}
+
+
+def test_an_invalid_big_model_is_refused_in_one_line(limit):
+    model = big_model()
+    model.graph.node[2].op_type = "NoSuchOp"
+    with pytest.raises(io.InputError, match="after pass 'x': invalid ONNX model: .*NoSuchOp"):
+        io.check_model(model, "after pass 'x'")
+
+
+def test_write_external_keeps_every_tensor_and_leaves_the_model_alone(tmp_path, monkeypatch):
+    """Initializers, Constant-node tensors and subgraph tensors go external and read back the same; the model is
+    unchanged; model_size_bytes counts the files written."""
+    model = big_model()
+    model.graph.node.append(node("If", ["cond"], ["z"], then_branch=onnx.helper.make_graph(
+        [node("Identity", ["T"], ["z1"])], "then", [], [onnx.helper.make_tensor_value_info("z1", 1, [K, K])],
+        [onnx.numpy_helper.from_array(rand(K, K, seed=7), "T")]), else_branch=onnx.helper.make_graph(
+        [node("Identity", ["W1"], ["z2"])], "else", [], [onnx.helper.make_tensor_value_info("z2", 1, [K, K])])))
+    monkeypatch.setattr(tensor_data, "ALIGN_MIN_BYTES", 50_000)
+    before = model.SerializeToString()
+    written = io.write_external(model, tmp_path / "m.onnx")
+    assert model.SerializeToString() == before
+    assert [p.name for p in written] == ["m.onnx", "m.onnx.data"]
+    skeleton = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    assert all(onnx.external_data_helper.uses_external_data(t) for t in
+               onnx.external_data_helper._get_all_tensors(skeleton) if int(np.prod(t.dims)) * 4 >= 1024)
+    back = onnx.load(tmp_path / "m.onnx")
+    for a, b in zip(onnx.external_data_helper._get_all_tensors(model),
+                    onnx.external_data_helper._get_all_tensors(back)):
+        assert a.name == b.name
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+    offsets = [int(e.value) for t in skeleton.graph.initializer if t.name.startswith("W")
+               for e in t.external_data if e.key == "offset"]
+    assert len(offsets) == 3 and all(o % tensor_data.ALIGN == 0 for o in offsets)
+
+
+def test_model_size_counts_what_is_saved(limit, tmp_path):
+    model = big_model()
+    written = io.save_model(model, tmp_path / "model.onnx")   # the data file's name as model_size_bytes counts it
+    assert len(written) == 2
+    assert io.model_size_bytes(model) == sum(p.stat().st_size for p in written)
+
+
+def test_normal_models_are_not_big():
+    model = big_model()
+    assert not io.is_big(model)
+    assert io.model_size_bytes(model) == model.ByteSize()
