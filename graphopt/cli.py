@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -19,8 +20,8 @@ from graphopt.calibration.readers import RandomSource, check_preprocess_used, mo
 
 from . import __version__, io
 from .api import one_row, optimize, resolve_passes
-from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_VALIDATION, GraphoptError, InputError,
-                     InternalError, UsageError, ValidationFailed, one_line)
+from .errors import (EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_VALIDATION,
+                     GraphoptError, InputError, InternalError, UsageError, ValidationFailed, one_line)
 from .pipeline import default_pipeline, parse_recipe, recipe_preprocess, registry
 from .report import environment, format_header, format_step, summary
 
@@ -203,7 +204,7 @@ def _optimize(args: argparse.Namespace) -> int:
         report = e.report
         report.input = str(in_path)
         if not args.quiet:
-            print(report.format(header=False, steps=False))
+            _say(report.format(header=False, steps=False))
         if args.report:
             io.write_json(args.report, report.to_dict())
         raise
@@ -221,8 +222,7 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.report:
         io.write_json(args.report, report.to_dict())
     if not args.quiet:
-        print(report.format(header=False, steps=False))
-        print(f"wrote {', '.join(str(p) for p in written)}")
+        _say(report.format(header=False, steps=False), f"wrote {', '.join(str(p) for p in written)}")
     if status == EXIT_VALIDATION:
         print(f"error: validation failed: {report.validation.failures[0]} (written anyway: --force)",  # type: ignore[union-attr]
               file=sys.stderr)
@@ -230,14 +230,25 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _stream_steps() -> Callable[[dict[str, Any]], None]:
-    """Print the report's header now, then each pipeline step as it finishes: a long pipeline shows its progress,
-    and the rest of the report follows at the end."""
-    print(format_header(environment()), "pipeline:", sep="\n", flush=True)
+    """Print each pipeline step as it finishes, after the report's header before the first: a long pipeline shows
+    its progress, the rest of the report follows at the end, and a refusal before any pass prints no half report."""
+    printed: list[dict[str, Any]] = []
 
     def show(row: dict[str, Any]) -> None:
-        print("\n".join(format_step(row)), flush=True)
+        lines = [format_header(environment()), "pipeline:"] if not printed else []
+        printed.append(row)
+        _say(*lines, *format_step(row))
 
     return show
+
+
+def _say(*lines: str) -> None:
+    """Print the report's lines on stdout. The report is a by-product: when its reader has gone away
+    (``graphopt ... | head``), stdout goes to /dev/null and the run goes on to write its model."""
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _load_calibration(path: str) -> dict[str, list[float]]:
@@ -267,6 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:   # stdout's reader went away (| head): stop printing quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except MemoryError:
         print("error: out of memory", file=sys.stderr)
         return EXIT_USAGE

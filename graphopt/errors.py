@@ -13,6 +13,7 @@ EXIT_VALIDATION = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE, as a shell reports a reader that stopped reading (`| head`)
 
 
 class GraphoptError(Exception):

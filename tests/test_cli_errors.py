@@ -316,3 +316,18 @@ def test_save_calibration_without_a_calibrating_pass_is_refused_before_any_work(
     res = cli(model_path, out, "--pass", "svd", "--save-calibration", ranges)
     assert_one_line_error(res, 2, "--save-calibration: no pass in this pipeline calibrates ranges", "quantize")
     assert not out.exists() and not ranges.exists()
+
+
+def test_a_reader_that_stops_reading_is_no_internal_error(tmp_path):
+    """`graphopt ... | head -1`: the pipe closes under the report; the run goes on and writes its model (the report
+    is a by-product), exit 0, no traceback, no 'internal error' line."""
+    out = tmp_path / "o.onnx"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "graphopt", str(Path(__file__).resolve().parents[1] / "models" / "mnist_mlp.onnx"),
+           str(out), "--latency-runs", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    proc.stdout.readline()
+    proc.stdout.close()          # the reader goes away after the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0 and err == "", err
+    assert out.exists()
