@@ -22,12 +22,13 @@ from graphopt.passes.base import PassContext
 
 from . import io
 from .attribution import advice, step_losses
+from .targets import pipeline_targets, validation_targets
 from .errors import UsageError, ValidationFailed
 from .pipeline import (PassSpec, StepRecord, check_calibration, check_order, default_pipeline, make_spec,
                        parse_pass_arg, run_pipeline, with_prerequisites)
 from .report import Report, model_stats
 from .runtime import make_session, measure_latency
-from .validate import Thresholds, class_score_outputs, validate
+from .validate import Thresholds, validate
 
 log = logging.getLogger("graphopt")
 
@@ -67,7 +68,8 @@ def one_row(batch: Batch, model: onnx.ModelProto) -> dict[str, np.ndarray]:
 def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[PassArg] | None = None, *,
              calib_data: Any = None, val_data: Any = None, input_shapes: Mapping[str, Sequence[int]] | None = None,
              validate_output: bool = True, min_cosine: float | None = None, min_top1: float | None = None,
-             max_rel_error: float | None = None, force: bool = False, seed: int = 0, verify: bool = True,
+             max_rel_error: float | None = None, max_accuracy_drop: float | None = None, gate: bool = True,
+             force: bool = False, seed: int = 0, verify: bool = True,
              dump_dir: str | os.PathLike[str] | None = None, latency_runs: int = 20, threads: int = 1,
              calib_samples: int | None = None, on_dump: Callable[[onnx.ModelProto, Path], None] | None = None,
              calibration_ranges: Mapping[str, Sequence[float]] | None = None,
@@ -80,7 +82,9 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
     ``--preprocess`` text ``"resize=256,crop=224,..."`` or a dict of its keys). ``calibration_ranges``
     ({tensor: (lo, hi)}, as saved from a previous run's report) replaces running calibration. ``on_step`` gets
     each step's report row as the step finishes. Raises ``ValidationFailed`` (carrying model and report) when the
-    result fails validation, unless ``force``.
+    result fails validation, unless ``force``. A lossy pipeline is held to the pipeline's targets (graphopt.targets:
+    ``min_cosine`` 0.98, ``min_top1`` 0.95, ``max_accuracy_drop`` 1.0 point by default; ``gate=False`` drops
+    them), which quantize's fallback also searches against.
     """
     path = None
     if not isinstance(model, onnx.ModelProto):
@@ -94,7 +98,10 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
     ref_session = make_session(model, "input model")
     calib, val = _open_data(model, calib_data, val_data, calib_samples, shapes, seed, preprocess)
     ranges = {k: (float(v[0]), float(v[1])) for k, v in calibration_ranges.items()} if calibration_ranges else None
-    ctx = PassContext(original=model, calib=calib, input_shapes=shapes, seed=seed, calibration_ranges=ranges)
+    targets = pipeline_targets(gate=gate, min_cosine=min_cosine, min_top1=min_top1,
+                               max_accuracy_drop=max_accuracy_drop, max_rel_error=max_rel_error)
+    ctx = PassContext(original=model, calib=calib, input_shapes=shapes, seed=seed, calibration_ranges=ranges,
+                      targets=targets)
     dump = Path(dump_dir) if dump_dir is not None else None
     if dump is not None:
         dump.mkdir(parents=True, exist_ok=True)
@@ -109,9 +116,11 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
 
     first = next(iter(val), None)
     feed = one_row(first, model) if first is not None else None
-    thresholds = Thresholds(min_cosine, min_top1, max_rel_error)
-    if min_cosine is None and min_top1 is None and not isinstance(val, RandomSource):
-        thresholds = pass_targets(specs, model, max_rel_error)
+    thresholds = _checked_targets(targets, specs, model, synthetic=isinstance(val, RandomSource), user=(
+        min_cosine, min_top1, max_accuracy_drop)) if gate else targets
+    if gate and lossy and isinstance(val, RandomSource) and validate_output:
+        report.warnings.append("the lossy pipeline's default targets were not checked on synthetic data: give "
+                               "--val-data (or set --min-cosine/--min-top1 to check them on random inputs)")
     if validate_output:
         new_session = make_session(out, "rewritten model")
         report.validation = validate(model, out, val, exact=all(s.build().exact for s in specs),
@@ -125,10 +134,23 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
     if validate_output and len(lossy) > 1:
         report.losses = step_losses(model, [(r.spec, *r.models) for r in records if r.models], val)
     if report.validation is not None and not report.validation.passed and not force:
-        what = advice(report.losses, thresholds.source_pass)
+        what = advice(report.losses, searched=any(s.build().targets() is not None for s in specs))
         raise ValidationFailed(f"validation failed: {report.validation.failures[0]}" + (f": {what}" if what else ""),
                                model=out, report=report)
     return out, report
+
+
+def _checked_targets(targets: Thresholds, specs: Sequence[PassSpec], model: onnx.ModelProto, *, synthetic: bool,
+                     user: tuple[float | None, float | None, float | None]) -> Thresholds:
+    """What validation checks: the pipeline's targets with the passes' own; on synthetic data only what the user
+    set (random inputs say nothing of accuracy)."""
+    min_cosine, min_top1, max_accuracy_drop = user
+    if synthetic:
+        targets = pipeline_targets(gate=True, min_cosine=min_cosine, min_top1=min_top1, defaults=False,
+                                   max_accuracy_drop=max_accuracy_drop, max_rel_error=targets.max_rel_error)
+        specs = []   # nor the passes' own targets, as before: they were reached on calibration data
+    given = frozenset(k for k, v in (("min_cosine", min_cosine), ("min_top1", min_top1)) if v is not None)
+    return validation_targets(targets, specs, model, given)
 
 
 def _input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
@@ -179,21 +201,6 @@ def _measure_latency(report: Report, model: onnx.ModelProto, out: onnx.ModelProt
     slower = slowdown_warning(*report.latency_ms, pass_names)
     if slower:
         report.warnings.append(slower)
-
-
-def pass_targets(specs: Sequence[PassSpec], model: onnx.ModelProto, max_rel_error: float | None) -> Thresholds:
-    """Validation thresholds when the user set neither --min-cosine nor --min-top1: the strictest targets the
-    pipeline's passes searched against (``Pass.targets``: quantize's fallback reaches them on calibration data),
-    checked again on the validation data, so that a model which meets them only on its calibration samples is not
-    written. A pass's min-top1 covers class-score outputs only, as in the pass."""
-    declared = [(s.name, t) for s in specs if (t := s.build().targets()) is not None]
-    cos = [t.min_cosine for _, t in declared if t.min_cosine]
-    top = [t.min_top1 for _, t in declared if t.min_top1]
-    if not cos and not top:
-        return Thresholds(max_rel_error=max_rel_error)
-    name = [n for n, t in declared if t.min_cosine or t.min_top1][-1]
-    return Thresholds(max(cos) if cos else None, max(top) if top else None, max_rel_error,
-                      source_pass=name, top1_outputs=frozenset(class_score_outputs(model)))
 
 
 SLOWER_MARGIN = 1.10   # a 20-run median moves by a few percent between runs: flag only a clear slowdown

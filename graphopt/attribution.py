@@ -56,12 +56,15 @@ def step_losses(original: onnx.ModelProto, steps: Iterable[tuple[str, onnx.Model
     return [StepLoss(step, fidelity(before, after), fidelity(original, after)) for step, before, after in steps]
 
 
-def advice(losses: list[StepLoss], target_pass: str | None) -> str:
+def advice(losses: list[StepLoss], searched: bool) -> str:
     """What to do about a target missed on the validation data, for the one-line error: which pass lost what (when
-    several lossy passes ran), and where the loss came from (the pass whose output is furthest from its own input)."""
-    if not losses:
-        return ("calibrate on more samples like these, or set --min-cosine/--min-top1 to accept it" if target_pass
-                else "")
-    worst = min(losses, key=lambda s: s.vs_input.cosine if s.vs_input.cosine is not None else 1.0)
-    by_pass = "; ".join(f"{s.step} {s.vs_input} vs its input" for s in losses)
-    return f"by pass: {by_pass}; most was lost by {worst.step}"
+    several lossy passes ran) and where most was lost (the pass whose output is furthest from its own input); else,
+    where a pass ``searched`` against the targets on the calibration data, that these samples differ from those."""
+    if losses:
+        worst = min(losses, key=lambda s: s.vs_input.cosine if s.vs_input.cosine is not None else 1.0)
+        by_pass = "; ".join(f"{s.step} {s.vs_input} vs its input" for s in losses)
+        return f"by pass: {by_pass}; most was lost by {worst.step}"
+    if searched:
+        return ("the pass met the targets on the calibration data: calibrate on more samples like these, or set "
+                "--min-cosine/--min-top1 to accept it")
+    return "a milder setting keeps more; --min-cosine, --min-top1, --max-accuracy-drop set the targets, --no-gate drops them"

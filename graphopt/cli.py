@@ -73,8 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concrete shape for an input with dynamic dims (for random validation inputs)")
     _preprocess_arg(p)
     p.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
-    p.add_argument("--min-cosine", type=_fraction, metavar="X", help="lossy passes: fail below this output cosine")
-    p.add_argument("--min-top1", type=_fraction, metavar="X", help="lossy passes: fail below this top-1 agreement")
+    p.add_argument("--min-cosine", type=_fraction, metavar="X",
+                   help="lossy pipelines: fail below this output cosine (default 0.98; 0: off)")
+    p.add_argument("--min-top1", type=_fraction, metavar="X",
+                   help="lossy pipelines: fail below this top-1 agreement on class scores (default 0.95; 0: off)")
+    p.add_argument("--max-accuracy-drop", type=_non_negative, metavar="POINTS",
+                   help="lossy pipelines: fail when accuracy on the data's __labels__ drops more (default 1.0)")
+    p.add_argument("--no-gate", action="store_true",
+                   help="lossy pipelines: no targets (write whatever the passes make, still checked for NaN/shape)")
     p.add_argument("--max-rel-error", type=_non_negative, metavar="X",
                    help="lossy passes: fail above this max|y-x|/max|x| per output")
     p.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
@@ -196,7 +202,8 @@ def _optimize(args: argparse.Namespace) -> int:
                                calib_data=args.calib_data, val_data=args.val_data,
                                input_shapes=_shapes(args.input_shape), validate_output=not args.no_validate,
                                min_cosine=args.min_cosine, min_top1=args.min_top1,
-                               max_rel_error=args.max_rel_error, force=args.force, seed=args.seed,
+                               max_rel_error=args.max_rel_error, max_accuracy_drop=args.max_accuracy_drop,
+                               gate=not args.no_gate, force=args.force, seed=args.seed,
                                verify=not args.no_verify, dump_dir=args.dump_dir, latency_runs=args.latency_runs,
                                threads=args.threads, calib_samples=args.calib_samples, calibration_ranges=ranges,
                                preprocess=preprocess)

@@ -34,11 +34,14 @@ EXACT_REL_TOL = {np.dtype(np.float64): 1e-9, np.dtype(np.float32): 1e-4, np.dtyp
 DEFAULT_REL_TOL = 1e-2  # bfloat16 and other low-precision floats
 
 
-@dataclass
+@dataclass(frozen=True)
 class Thresholds:
+    """What a lossy pipeline must keep on the validation data (None: not checked)."""
+
     min_cosine: float | None = None
     min_top1: float | None = None
     max_rel_error: float | None = None
+    max_accuracy_drop: float | None = None     # points of accuracy on labels (when the data has them)
     # The pass whose own targets these are (None: the user's flags), for the failure message. A pass's min-top1
     # holds for class-score outputs only (class_score_outputs), as it did in the pass, so ``top1_outputs`` then
     # names those output indices (None: every output with a top-1 figure).
@@ -48,6 +51,11 @@ class Thresholds:
     @property
     def origin(self) -> str:
         return f"{self.source_pass}'s " if self.source_pass else "--"
+
+
+# The pipeline's targets unless the user sets them (--min-cosine, --min-top1, --max-accuracy-drop) or turns them off
+# (--no-gate): every lossy pipeline is held to them on the validation data.
+DEFAULT_TARGETS = Thresholds(min_cosine=0.98, min_top1=0.95, max_accuracy_drop=1.0)
 
 
 @dataclass
@@ -180,6 +188,10 @@ def _judge(res: ValidationResult, t: Thresholds) -> None:
         if t.max_rel_error is not None and s.rel_error > t.max_rel_error:
             res.failures.append(f"output '{s.name}': rel error {s.rel_error:.3g} above --max-rel-error "
                                 f"{t.max_rel_error}")
+    acc = res.accuracy
+    if not res.exact and acc and t.max_accuracy_drop is not None and (acc[0] - acc[1]) * 100 > t.max_accuracy_drop:
+        res.failures.append(f"accuracy on labels dropped {(acc[0] - acc[1]) * 100:.2f} points ({acc[0] * 100:.2f}% "
+                            f"-> {acc[1] * 100:.2f}%), more than --max-accuracy-drop {t.max_accuracy_drop}")
 
 
 def _on_validation(t: Thresholds) -> str:

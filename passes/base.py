@@ -31,7 +31,7 @@ from graphopt.calibration.readers import DataSource
 
 from graphopt.errors import UsageError
 from graphopt.graph import export
-from graphopt.validate import Thresholds
+from graphopt.validate import DEFAULT_TARGETS, Thresholds
 
 from .options import OptionSpec, option_specs
 
@@ -82,6 +82,9 @@ class PassContext:
     calibration_ranges: dict[str, tuple[float, float]] | None = None
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     seed: int = 0
+    # The pipeline's targets (--min-cosine, --min-top1, ...): what a pass that searches (quantize's fallback)
+    # searches against unless the pass is given its own. No targets: the user turned the gates off.
+    targets: Thresholds = DEFAULT_TARGETS
 
     def require_calib(self, pass_name: str) -> DataSource:
         if self.calib is None:

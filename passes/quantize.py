@@ -24,9 +24,10 @@ Declined: models already quantized (QDQ, QLinear*, *Integer ops); opset < 10 tha
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -81,12 +82,14 @@ class Quantize(Pass):
         bias_correction: bool = option(
             True, "correct the int8 layers' biases for their mean output error on calibration data: the weights' "
             "rounding ΔW·E[x], then each layer's output mean matched to float's, layer by layer")
-        min_cosine: float = option(0.98, "fallback target: output cosine vs float on calibration data (0: off)",
-                                   lo=0, hi=1)
-        min_top1: float = option(0.95, "fallback target: top-1 agreement with float of class-score outputs "
-                                 "([N, C] from Softmax/LogSoftmax, [N, T, C]: per position; without those, a final "
-                                 "Gemm/MatMul's [N, C] logits) on calibration data, with a one-sided 95% margin for "
-                                 "the rows checked (0: off, e.g. for a regression or embedding head)", lo=0, hi=1)
+        min_cosine: float | None = option(
+            None, "fallback target: output cosine vs float on calibration data; none: the pipeline's --min-cosine "
+            "(default 0.98); 0: off", lo=0, hi=1)
+        min_top1: float | None = option(
+            None, "fallback target: top-1 agreement with float of class-score outputs ([N, C] from Softmax/"
+            "LogSoftmax, [N, T, C]: per position; without those, a final Gemm/MatMul's [N, C] logits) on calibration "
+            "data, with a one-sided 95% margin for the rows checked; none: the pipeline's --min-top1 (default 0.95); "
+            "0: off, e.g. for a regression or embedding head", lo=0, hi=1)
 
         def __post_init__(self) -> None:
             if self.bins & (self.bins - 1):
@@ -101,7 +104,16 @@ class Quantize(Pass):
         return True
 
     def targets(self) -> Thresholds:
-        return Thresholds(self.options.min_cosine or None, self.options.min_top1 or None)
+        """The targets the fallback searches against when set on the pass itself (0: off), checked on the
+        validation data too; None where it takes the pipeline's."""
+        return Thresholds(self.options.min_cosine, self.options.min_top1)
+
+    def searched(self, ctx: PassContext) -> Any:
+        """The options with the targets the fallback searches against: the pass's own, else the pipeline's."""
+        o = self.options
+        return dataclasses.replace(
+            o, min_cosine=o.min_cosine if o.min_cosine is not None else ctx.targets.min_cosine or 0.0,
+            min_top1=o.min_top1 if o.min_top1 is not None else ctx.targets.min_top1 or 0.0)
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> str | None:
         already = quantized_ops(graph)
@@ -112,12 +124,11 @@ class Quantize(Pass):
         weighted = [n.name for n in graph.nodes if n.op in WEIGHTED]
         notes = unmatched(self.name, "exclude", self.options.exclude, weighted + [n.name for n in graph.nodes],
                           ops={n.op for n in graph.nodes})
-        res = self._quantize(graph, ctx)
+        res = self._quantize(graph, ctx, self.searched(ctx))
         res.notes[:0] = notes
         return res
 
-    def _quantize(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        o = self.options
+    def _quantize(self, graph: gs.Graph, ctx: PassContext, o: Any) -> PassResult:
         upgrade = self._upgrade(graph, ctx, 13 if o.per_channel else 10) if graph.opset < 13 else None
         failed = upgrade is not None and upgrade.error is not None
         reduce = reduce_range_auto() if o.reduce_range == "auto" else o.reduce_range == "true"
@@ -142,7 +153,7 @@ class Quantize(Pass):
         """Each candidate set of ranges (in order of preference) built and, if the fallback runs, brought to the
         targets; the best (most units int8, then fewest tensors float) and all those tried. A candidate that meets
         the targets with every tensor int8 cannot be beaten, so the search stops there."""
-        o = self.options
+        o = setup.options
         # The full mean correction of every real build runs on the first calibration samples, as many as fit its
         # budget in modelled seconds (taken once, when a build first has a bias to correct).
         refit = (float_model, functools.cache(lambda: refit_feeds(float_model, ctx.calib))) \

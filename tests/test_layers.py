@@ -24,7 +24,7 @@ LAYERS = [
      "graphopt.calibration.readers", "graphopt.calibration.images", "graphopt.calibration.preprocess"},
     {"graphopt.calibration.*"},
     {"graphopt.passes", "graphopt.passes.*"},
-    {"graphopt.pipeline", "graphopt.attribution", "graphopt.report", "graphopt.api", "graphopt.cli",
+    {"graphopt.pipeline", "graphopt.attribution", "graphopt.targets", "graphopt.report", "graphopt.api", "graphopt.cli",
      "graphopt.__main__"},
 ]
 

@@ -12,8 +12,8 @@ import onnx_graphsurgeon as gs
 import pytest
 
 import graphopt.passes.base as base
-from graphopt.api import pass_targets
 from graphopt.pipeline import make_spec, run_pipeline, with_prerequisites
+from graphopt.targets import pipeline_targets, validation_targets
 from graphopt.validate import Thresholds
 from graphs import ops, parse_model, same_graph
 
@@ -104,10 +104,22 @@ def test_prerequisites_run_right_before_unless_already_earlier():
     assert [s.name for s in with_prerequisites(given)] == ["fold-constants", "fold-bn", "test-needs-folding"]
 
 
-def test_validation_thresholds_come_from_the_passes_targets():
+def test_validation_thresholds_are_the_pipelines_made_as_strict_as_the_passes_own():
     model = _relu_model()
-    t = pass_targets([make_spec("fold-bn", {}), make_spec("test-targets", {})], model, max_rel_error=None)
-    assert (t.min_cosine, t.min_top1, t.origin) == (0.99, 0.9, "test-targets's ")
-    none = pass_targets([make_spec("fold-bn", {})], model, max_rel_error=0.5)
-    assert (none.min_cosine, none.min_top1, none.max_rel_error) == (None, None, 0.5)
-    assert np.isclose(pass_targets([make_spec("quantize", {})], model, None).min_cosine, 0.98)
+    base = pipeline_targets(gate=True, min_cosine=None, min_top1=None, max_accuracy_drop=None, max_rel_error=None)
+    assert (base.min_cosine, base.min_top1, base.max_accuracy_drop) == (0.98, 0.95, 1.0)   # the defaults
+    t = validation_targets(base, [make_spec("fold-bn", {}), make_spec("test-targets", {})], model, given=frozenset())
+    assert (t.min_cosine, t.min_top1, t.origin) == (0.99, 0.9, "test-targets's ")   # a pass's own replaces defaults
+    same = validation_targets(base, [make_spec("quantize", {})], model, given=frozenset())
+    assert (same.min_cosine, same.source_pass) == (0.98, None)      # quantize searches the pipeline's targets
+    strict = validation_targets(base, [make_spec("quantize", {"min-cosine": 0.995})], model, given=frozenset())
+    assert (strict.min_cosine, strict.source_pass) == (0.995, "quantize")
+    weaker = validation_targets(base, [make_spec("quantize", {"min-cosine": 0.9})], model, given=frozenset())
+    assert (weaker.min_cosine, weaker.source_pass) == (0.9, "quantize")   # the pass's own beats a default
+    user = validation_targets(base, [make_spec("quantize", {"min-cosine": 0.9})], model,
+                              given=frozenset({"min_cosine"}))
+    assert (user.min_cosine, user.source_pass) == (0.98, None)          # ... not a target the user set
+    off = pipeline_targets(gate=False, min_cosine=None, min_top1=None, max_accuracy_drop=None, max_rel_error=0.5)
+    assert (off.min_cosine, off.min_top1, off.max_accuracy_drop, off.max_rel_error) == (None, None, None, 0.5)
+    zero = pipeline_targets(gate=True, min_cosine=0, min_top1=0, max_accuracy_drop=2.0, max_rel_error=None)
+    assert (zero.min_cosine, zero.min_top1, zero.max_accuracy_drop) == (None, None, 2.0)
