@@ -45,7 +45,7 @@ class PruneChannels(Pass):
     Options = config.Options
 
     def needs_calibration(self) -> bool:
-        return self.options.reconstruct
+        return self.options.reconstruct is True
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> str | None:
         quantized = quantized_ops(graph)
@@ -82,6 +82,9 @@ class PruneChannels(Pass):
         apply(plan.edits, plan.keep, names)
         res.changed = True
         reinfer(graph, ctx)
-        if o.reconstruct:
+        if o.reconstruct is True or (o.reconstruct == "auto" and ctx.calib is not None):
             reconstruct(graph, ctx, plan, before, names, o, res)
+        elif o.reconstruct == "auto":
+            res.notes.append("reconstruct=auto: no calibration data, so the layers after pruned channels are not "
+                             "refitted (give --calib-data: it usually keeps most of the accuracy)")
         return res

@@ -44,7 +44,8 @@ class Options:
     min_channels: int = option(1, "keep at least this many channels per group", lo=1)
     exclude: tuple[str, ...] = option((), "node names (glob patterns) whose output channels stay (repeat)")
     layers: tuple[str, ...] = option((), "per-layer ratio NAME:RATIO, NAME a node name or glob (repeat)")
-    reconstruct: bool = option(False, "refit consumer layers by least squares on calibration data")
+    reconstruct: bool | Literal["auto"] = option(
+        "auto", "refit consumer layers by least squares on calibration data; auto: whenever --calib-data is given")
     samples: int = option(512, "reconstruction: calibration samples used", lo=1)
     damping: float = option(1e-3, "reconstruction: ridge strength relative to mean diag(AᵀA), towards the pruned "
                             "weights", lo=0)
@@ -53,8 +54,8 @@ class Options:
     def __post_init__(self) -> None:
         for item in self.layers:
             parse_layer_ratio(item)
-        if not self.reconstruct:    # an option that would change nothing is a usage error, as quantize's percentile
+        if self.reconstruct is False:    # an option that would change nothing is a usage error, as quantize's percentile
             for f in dataclasses.fields(self):
                 if f.name in RECONSTRUCTION and getattr(self, f.name) != f.default:
-                    raise ValueError(f"option '{f.name.replace('_', '-')}' is read by reconstruct=true only; add "
-                                     "reconstruct=true (and --calib-data)")
+                    raise ValueError(f"option '{f.name.replace('_', '-')}' is read by the reconstruction only, which "
+                                     "reconstruct=false turns off")
