@@ -206,7 +206,7 @@ def test_top1_target_is_checked_with_a_margin_for_other_data():
     agreement measured at 0.969 on 256 rows is too close to 0.95 to hold on other data, so the fallback asks for
     top1_required(0.95, 256) = 0.9724 and leaves the input float. With min-top1 0.93 (asked: 0.956) it stays int8:
     the margin made the difference."""
-    from graphopt.passes.quantization.fallback import top1_required
+    from graphopt.passes.judge import top1_required
     m, data = near_tie_classifier(20)
     _, broken = graphopt.optimize(m, ["quantize:method=minmax,min-cosine=0,min-top1=0"], calib_data=data,
                                   latency_runs=0)
@@ -226,7 +226,7 @@ def test_per_position_top1_target_survives_the_opset_upgrade():
     cannot tell (a Reshape to a computed shape, as in PP-OCRv4 rec): quantize upgrades it to opset 13, where the
     converter writes Flatten -> Softmax -> Reshape. The fallback still takes the output's role from the user's
     model, so it measures top-1 per position (here 64 samples x 4 positions) and acts on it."""
-    from graphopt.passes.quantization.fallback import top1_required
+    from graphopt.passes.judge import top1_required
     m2, data2 = near_tie_classifier(20)
     w = next(t for t in m2.graph.initializer if t.name == "w")
     nodes = [helper.make_node("MatMul", ["x", "w"], ["l0"], name="fc"), helper.make_node("Shape", ["l0"], ["s"]),
@@ -247,7 +247,7 @@ def test_per_position_top1_target_survives_the_opset_upgrade():
 def test_top1_required_between_target_and_one_disagreement(target, rows):
     """The check asks at least the target, never more than (n-1)/n unless the target is, and, where that cap does
     not bind, less as rows grow."""
-    from graphopt.passes.quantization.fallback import top1_required
+    from graphopt.passes.judge import top1_required
     asked = top1_required(target, rows)
     cap = max(target, (rows - 1) / rows)
     assert target <= asked <= cap
@@ -657,7 +657,8 @@ def test_harm_order_follows_the_target_that_fails():
     """Sensitivities are (cosine, top-1) with only that tensor int8. Where top-1 fails, the tensor that flips the
     most classes goes first even if it costs little cosine; where only cosine fails, the cosine lost decides and a
     tensor that flips one class on one line does not jump the queue."""
-    from graphopt.passes.quantization.fallback import Quality, harm_order
+    from graphopt.passes.judge import Quality
+    from graphopt.passes.quantization.fallback import harm_order
     sens = {t: Quality(cos, top1, 0.0, cos) for t, (cos, top1) in
             {"flips": (0.999, 0.96), "noisy": (0.95, 1.0), "mild": (0.99, 1.0), "both": (0.97, 0.99)}.items()}
     sites = list(sens)

@@ -1,12 +1,8 @@
 """The quantize pass's fallback: leave the most harmful activation tensors float until the fidelity targets hold.
 
-Yardstick (``Quality``, ``Judge``): against the float model on up to FALLBACK_SAMPLES calibration samples, the worst
-output cosine and, for class-score outputs (``validate.class_score_outputs``; per position for [N, T, C]), the
-worst top-1 agreement. Both targets are checked with a margin, since a model stopped at a target on calibration data
-is as likely below it as above on other data: n rows must agree on top-1 at least t + z·√(t(1−t)/n), z = 1.645 (a
-one-sided 95% test that the agreement on other data is above t; at most (n−1)/n, ``top1_required``), and the output
-cosine less z standard errors over the samples (jackknife, ``OutputStats.cosine_se``) must reach min-cosine. The
-search, on fewer samples, steers by the targets themselves and the chosen model is confirmed with the margins.
+Yardstick: passes/judge.py (``Quality``, ``Judge``) against the float model on up to FALLBACK_SAMPLES calibration
+samples, the targets checked with a one-sided 95% margin. The search, on fewer samples, steers by the targets
+themselves and the chosen model is confirmed with the margins.
 
 Search (``Fallback``): one switchable build (``build``) evaluates any subset of tensors quantized in one session.
 Each tensor's sensitivity, the outputs with only that tensor quantized, is measured from the outputs backwards
@@ -23,16 +19,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping
 
-import numpy as np
 from tqdm import tqdm
 import onnx
 from graphopt.calibration.readers import Batch
 
 from graphopt.runtime import make_session
-from graphopt.validate import Thresholds, class_score_outputs, sequence_score_outputs, top1_counts, validate
 
+from ..judge import Judge, Quality
 from .build import Builder, Built
 from .samples import FALLBACK_INPUT_BYTES, FALLBACK_SAMPLES, first_row, first_rows, sample_cost, take
 
@@ -41,36 +36,6 @@ SENSITIVITY_SAMPLES = 8
 SENSITIVITY_BUDGET_S = 30.0
 SEARCH_BUDGET_S = 15.0      # for the binary search over how many tensors stay float
 RESEARCH_BUDGET_S = 120.0   # for searching again on the check's samples when the check disagrees with the search
-# The check asks for what a one-sided 95% test needs to put the targets' true values above them, on other data
-# drawn like the calibration samples: stopping exactly at min-top1 on 256 calibration crops left EfficientNet-Lite0
-# at 0.941 on other photos (``top1_required``), and PP-OCRv4 det stopped at cosine 0.9832 on its 47 calibration
-# windows (standard error 0.0044) read 0.9795 on the other documents' windows.
-MARGIN_Z = 1.645
-
-
-class Quality(NamedTuple):
-    """How a quantized model's outputs agree with float's on calibration samples: the worst output cosine, the
-    worst top-1 agreement of class-score outputs, the worst margin of an agreement over what the check asks of its
-    rows (``top1_required``), and the worst cosine less 1.645 of its standard error over the samples (a one-sided
-    95% lower bound for other data drawn like these)."""
-
-    cosine: float
-    top1: float
-    top1_margin: float
-    cosine_low: float
-
-
-def top1_required(target: float, rows: int, z: float = MARGIN_Z) -> float:
-    """Top-1 agreement the check asks of ``rows`` calibration rows for a target ``target``: the target plus z
-    standard errors of an agreement at the target, t + z·√(t(1−t)/n) (a one-sided test at 95% for z = 1.645: an
-    agreement measured at the target itself is as likely below it as above on other data), but never more than
-    (n−1)/n, so that one disagreement is always allowed and small calibration sets are judged on the target alone.
-    """
-    if rows <= 0 or target <= 0:
-        return target
-    return max(target, min(target + z * math.sqrt(target * (1 - target) / rows), (rows - 1) / rows))
-
-
 def harm_order(sites: list[str], sens: Mapping[str, Quality], top1_misses: bool) -> list[str]:
     """``sites`` most harmful first, by their sensitivity (cosine, top-1 with only that tensor int8), for the target
     that fails: top-1 first (then cosine) when every tensor int8 misses the top-1 check, else cosine first (then
@@ -95,76 +60,6 @@ def sensitivity_sweep(sites: list[str], measure: Callable[[str, bool], Any], bud
         quick += late
         sens[t] = measure(t, late)
     return sens, quick
-
-
-class Judge:
-    """Measures models against the float model on the fallback's samples, and says whether the targets hold."""
-
-    def __init__(self, float_model: onnx.ModelProto, roles: onnx.ModelProto, batches: list[Batch],
-                 min_cosine: float, min_top1: float) -> None:
-        self.float_model = float_model
-        self.roles = roles          # output roles from the user's model (an opset upgrade may have hidden them)
-        self.batches = batches
-        self.min_cosine = min_cosine
-        self.min_top1 = min_top1
-        self.scores = class_score_outputs(roles)
-        self.sequences = sequence_score_outputs(roles)
-        self.ref = make_session(float_model, "float model")   # one float session for every check
-        self.checked: dict[str, int] = {}    # class-score output -> rows its top-1 agreement is checked on
-        self._ref_outputs: dict[int, list[Any]] = {}
-
-    def judged(self, cosines: Iterable[tuple[float, float]], agree: Iterable[tuple[int, int]]) -> Quality:
-        """``Quality`` from per-output (cosine, its standard error) and (agreeing, rows) of class-score outputs."""
-        cosines, agree = list(cosines), list(agree)
-        return Quality(min((c for c, _ in cosines), default=1.0), min((a / n for a, n in agree if n), default=1.0),
-                       min((a / n - top1_required(self.min_top1, n) for a, n in agree if n), default=1.0),
-                       min((c - MARGIN_Z * se for c, se in cosines), default=1.0))
-
-    def meets(self, q: Quality, confident: bool = True) -> bool:
-        """The targets hold with the check's margins (``confident``), or at the targets alone (the search's guide
-        on fewer samples, confirmed by a confident check)."""
-        if confident:
-            return q.cosine_low >= self.min_cosine and q.top1_margin >= 0
-        return q.cosine >= self.min_cosine and q.top1 >= self.min_top1
-
-    def quality(self, model: onnx.ModelProto) -> Quality:
-        """``judged`` for ``model`` against float on every fallback sample."""
-        v = validate(self.float_model, model, self.batches, exact=False, thresholds=Thresholds(),
-                     sessions=(self.ref, make_session(model, "quantized model")), roles=self.roles)
-        scored = [s for i, s in enumerate(v.outputs) if s.top1 is not None and i in self.scores]
-        self.checked.update({s.name: s.top1_rows for s in scored})
-        return self.judged([(s.cosine, s.cosine_se) for s in v.outputs if s.cosine is not None],
-                           [(s.top1_agree, s.top1_rows) for s in scored])
-
-    def reference(self, b: Batch) -> list[Any]:
-        """The float model's outputs on ``b`` (cached)."""
-        if id(b) not in self._ref_outputs:
-            self._ref_outputs[id(b)] = self.ref.run(None, b.feed)
-        return self._ref_outputs[id(b)]
-
-    def switched_quality(self, sess: Any, switches: Mapping[str, str], quantized: set[str], feeds: list[Batch]
-                         ) -> Quality:
-        """``judged`` for the switchable model's session with the tensors in ``quantized`` switched to int8 (the
-        cosine over all rows of ``feeds``, standard error 0)."""
-        flags = {name: np.array(t in quantized) for t, name in switches.items()}
-        dots: dict[int, list[float]] = {}
-        agree: dict[int, list[int]] = {}
-        for b in feeds:
-            outs = sess.run(None, {**b.feed, **flags})
-            for i, (r, out) in enumerate(zip(self.reference(b), outs)):
-                if isinstance(r, np.ndarray) and r.dtype.kind == "f":
-                    r64, o64 = r.astype(np.float64).ravel(), out.astype(np.float64).ravel()
-                    acc = dots.setdefault(i, [0.0, 0.0, 0.0])
-                    acc[0] += float(r64 @ o64)
-                    acc[1] += float(r64 @ r64)
-                    acc[2] += float(o64 @ o64)
-                    counts = top1_counts(r, out, i in self.sequences) if i in self.scores else None
-                    if counts is not None:
-                        a = agree.setdefault(i, [0, 0])
-                        a[0] += counts[0]
-                        a[1] += counts[1]
-        cosines = [(float(d / np.sqrt(a * b)) if a > 0 and b > 0 else float(a == b), 0.0) for d, a, b in dots.values()]
-        return self.judged(cosines, [(a, n) for a, n in agree.values()])
 
 
 class Fallback:

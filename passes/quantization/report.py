@@ -12,7 +12,8 @@ from graphopt.passes.base import PassResult
 
 from .build import Built
 from .calibrate import Calibration, Ranges
-from .fallback import SENSITIVITY_BUDGET_S, FallbackResult, Quality, top1_required
+from ..judge import Quality, top1_required
+from .fallback import SENSITIVITY_BUDGET_S, FallbackResult
 from .plan import Plan
 
 CALIBRATION_SAMPLES = "calibration samples"
