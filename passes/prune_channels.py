@@ -11,6 +11,7 @@ refit of the layers whose inputs shrank (``reconstruct``). A quantized model is 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import onnx
@@ -26,6 +27,7 @@ from .pruning.config import (CHANNELS_IN_PRUNABLE_GROUPS, CHANNELS_REMOVED, GROU
 from .pruning.analysis import analyze
 from .pruning.edits import Names, Plan, apply
 from .pruning.reconstruct import reconstruct
+from .pruning.search import search_ratio
 from .pruning.selection import conv_block, make_plan, select
 from .pruning.shapes import analysis_shapes, reinfer
 
@@ -45,20 +47,21 @@ class PruneChannels(Pass):
     Options = config.Options
 
     def needs_calibration(self) -> bool:
-        return self.options.reconstruct is True
+        return self.options.reconstruct is True or self.options.ratio == "auto"
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> str | None:
         quantized = quantized_ops(graph)
         return f"quantized ({', '.join(quantized)}); prune before quantizing" if quantized else None
 
-    def plan(self, graph: gs.Graph, before: onnx.ModelProto, ctx: PassContext, res: PassResult) -> Plan:
-        """The pruning plan for ``graph`` (topologically sorted; ``before`` is its export); fills the report's
-        rows, declines, notes and counts. The graph is not changed."""
+    def plan(self, graph: gs.Graph, before: onnx.ModelProto, ctx: PassContext, res: PassResult,
+             o: config.Options | None = None) -> Plan:
+        """The pruning plan for ``graph`` (topologically sorted; ``before`` is its export) with options ``o`` (the
+        pass's by default); fills the report's rows, declines, notes and counts. The graph is not changed."""
         shapes = analysis_shapes(before, ctx, res)
         an = analyze(graph, shapes)
         # an exclude or layers entry that names no layer (likely a typo) is said first
         layers = [s.node.name for g in an.groups for s in g.sources if s.node is not None]
-        o = self.options
+        o = o or self.options
         for key, patterns in (("exclude", o.exclude), ("layers", [parse_layer_ratio(x)[0] for x in o.layers])):
             res.notes.extend(unmatched(self.name, key, patterns, layers, glob=True, what="prunable layer"))
         if o.round_to == "auto":
@@ -68,13 +71,24 @@ class PruneChannels(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         res = PassResult()
         o = self.options
+        if o.ratio == "auto":
+            ratio = search_ratio(lambda g, r, c: self.prune(g, c, dataclasses.replace(o, ratio=r), PassResult()),
+                                 graph, ctx, res)
+            if ratio is None:
+                return res
+            o = dataclasses.replace(o, ratio=ratio)
+        self.prune(graph, ctx, o, res)
+        return res
+
+    def prune(self, graph: gs.Graph, ctx: PassContext, o: config.Options, res: PassResult) -> None:
+        """Prune ``graph`` in place with options ``o`` (a numeric ratio), reporting into ``res``."""
         graph.toposort()
         before = export(graph, ctx.original)
-        plan = self.plan(graph, before, ctx, res)
+        plan = self.plan(graph, before, ctx, res, o)
         if not plan.keep:
             res.notes.append("nothing to prune" if o.ratio == 0 and not o.layers else
                              "no channel selected for removal")
-            return res
+            return
         log.info("  plan:")
         for line in plan.lines():
             log.info("    %s", line)
@@ -87,4 +101,3 @@ class PruneChannels(Pass):
         elif o.reconstruct == "auto":
             res.notes.append("reconstruct=auto: no calibration data, so the layers after pruned channels are not "
                              "refitted (give --calib-data: it usually keeps most of the accuracy)")
-        return res

@@ -10,6 +10,7 @@ importance criterion must pick exactly the zero ones.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from graphopt.passes.base import PassContext, PassResult
 from graphopt.passes.prune_channels import CHANNELS_IN_PRUNABLE_GROUPS, CHANNELS_REMOVED, GROUPS, GROUPS_PRUNED
 from graphopt.passes.pruning import selection
 from graphopt.passes.pruning.edits import Names, SetCount, SetSplit, SliceConst, apply
+from graphopt.passes.pruning.search import RATIO_CHOSEN
 from graphopt.pipeline import make_spec, parse_pass_arg
 from graphs import (assert_one_line_error, assert_same_outputs, attrs, declined, initializer, make_model, node, ops,
                     rand, rel_error, run, run_passes, same_graph)
@@ -659,3 +661,32 @@ def test_the_default_gate_refuses_a_pruned_model_that_lost_accuracy(cli, tmp_pat
     assert_one_line_error(res, 1, "validation failed", "below --min-cosine 0.98", "--no-gate drops them")
     assert "accuracy on labels dropped" in res.out and not out.exists()
 
+
+
+@needs_cnn
+def test_ratio_auto_prunes_as_far_as_the_targets_allow(cli, tmp_path):
+    """ratio=auto: the largest ratio whose model, refitted on half the calibration samples and judged on the other
+    half with the one-sided margins, keeps the pipeline's targets; the held-out eval data then agrees."""
+    out, rep = tmp_path / "auto.onnx", tmp_path / "r.json"
+    res = cli(MODELS / "mnist_cnn.onnx", out, "--pass", "prune-channels:ratio=auto", "--calib-data",
+              MODELS / "mnist_calib.npz", "--calib-samples", "128", "--val-data", MODELS / "mnist_eval.npz",
+              "--report", rep, "--latency-runs", "0")
+    assert res.code == 0, res.err
+    step = json.loads(rep.read_text())["passes"][-1]
+    chosen = step["counts"][RATIO_CHOSEN]
+    assert 0 < chosen < 1 and step["counts"][CHANNELS_REMOVED] > 0
+    note = next(n for n in step["notes"] if n.startswith("ratio=auto:"))
+    tried = dict(re.findall(r"(\d\.\d\d): cosine [^;]*? (meets|misses)", note))
+    assert tried[f"{chosen:.2f}"] == "meets" and all(v == "misses" for r, v in tried.items() if float(r) > chosen)
+    report = json.loads(rep.read_text())
+    assert report["validation"]["passed"] and report["after"]["macs"] < report["before"]["macs"]
+
+
+def test_ratio_auto_needs_data_and_targets(cli, tmp_path, model_path):
+    assert_one_line_error(cli(model_path, tmp_path / "o.onnx", "--pass", "prune-channels:ratio=auto"), 2,
+                          "needs calibration data")
+    data = tmp_path / "c.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    res = cli(model_path, tmp_path / "o.onnx", "--pass", "prune-channels:ratio=auto", "--calib-data", data,
+              "--no-gate", "--latency-runs", "0")
+    assert res.code == 0 and "ratio=auto: the pipeline has no target to search against" in res.out, res.err

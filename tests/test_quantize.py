@@ -643,7 +643,7 @@ def test_fallback_check_samples_are_capped_by_count_and_by_input_bytes():
     """The fallback checks its targets on up to FALLBACK_SAMPLES calibration samples, holding at most
     FALLBACK_INPUT_BYTES of their inputs (at least one batch, however large)."""
     from graphopt.calibration.readers import Batch
-    from graphopt.passes.quantization.samples import FALLBACK_INPUT_BYTES, FALLBACK_SAMPLES, take
+    from graphopt.passes.judge import FALLBACK_INPUT_BYTES, FALLBACK_SAMPLES, take
     small = [Batch({"x": np.zeros((16, 8), np.float32)}, None) for _ in range(40)]
     assert sum(b.rows for b in take(small, FALLBACK_SAMPLES, FALLBACK_INPUT_BYTES)) == FALLBACK_SAMPLES == 256
     big = [Batch({"x": np.zeros((16, 3, 224, 224), np.float32)}, None) for _ in range(40)]   # 9.6 MB a batch

@@ -35,7 +35,9 @@ def parse_layer_ratio(text: str) -> tuple[str, float]:
 
 @dataclass(frozen=True)
 class Options:
-    ratio: float = option(0.25, "fraction of channels to remove", lo=0, hi=1, hi_open=True)
+    ratio: float | Literal["auto"] = option(
+        0.25, "fraction of channels to remove; auto: the largest that keeps the pipeline's targets on the "
+        "calibration data, with a one-sided margin (needs --calib-data)", lo=0, hi=1, hi_open=True)
     scope: Literal["layer", "global"] = option("layer", "ratio per group (layer) or over all groups (global)")
     criterion: Literal["l1", "l2", "bn-gamma"] = option("l1", "channel importance")
     round_to: int | Literal["auto"] = option(

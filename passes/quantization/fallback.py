@@ -1,6 +1,6 @@
 """The quantize pass's fallback: leave the most harmful activation tensors float until the fidelity targets hold.
 
-Yardstick: passes/judge.py (``Quality``, ``Judge``) against the float model on up to FALLBACK_SAMPLES calibration
+Yardstick: passes/judge.py (``Quality``, ``Judge``) against the float model on up to 256 calibration
 samples, the targets checked with a one-sided 95% margin. The search, on fewer samples, steers by the targets
 themselves and the chosen model is confirmed with the margins.
 
@@ -27,9 +27,9 @@ from graphopt.calibration.readers import Batch
 
 from graphopt.runtime import make_session
 
-from ..judge import Judge, Quality
+from ..judge import Judge, Quality, judge_samples
 from .build import Builder, Built
-from .samples import FALLBACK_INPUT_BYTES, FALLBACK_SAMPLES, first_row, first_rows, sample_cost, take
+from .samples import first_row, first_rows, sample_cost
 
 SEARCH_SAMPLES = 64         # the binary search itself, on at most this many (as its time budget allows)
 SENSITIVITY_SAMPLES = 8
@@ -174,7 +174,7 @@ class FallbackResult:
 def fall_back(builder: Builder, built: Built, float_model: onnx.ModelProto, roles: onnx.ModelProto,
               calib: Iterable[Batch], min_cosine: float, min_top1: float) -> FallbackResult:
     """``built`` (every tensor int8) if it meets the targets, else the build the search chooses."""
-    judge = Judge(float_model, roles, take(calib, FALLBACK_SAMPLES, FALLBACK_INPUT_BYTES), min_cosine, min_top1)
+    judge = Judge(float_model, roles, judge_samples(calib), min_cosine, min_top1)
     full = judge.quality(built.model)
     check_rows = min(judge.checked.values()) if judge.checked else None
     if judge.meets(full):

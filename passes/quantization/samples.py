@@ -19,10 +19,8 @@ from graphopt.calibration.readers import Batch
 
 from graphopt.runtime import count_macs
 
-# The fallback checks its targets on up to 256 calibration samples (at most 256 MB of inputs held): with 64, the
-# top-1 agreement of a 1000-class head that the search stopped at (EfficientNet-Lite0: 0.953) was 0.938 on all 256.
-FALLBACK_SAMPLES = 256
-FALLBACK_INPUT_BYTES = 256 << 20
+from ..judge import FALLBACK_SAMPLES, judge_samples
+
 # The cost model: the switchable model measured 6-10 GMAC/s on an AMD EPYC Zen 2 core pair (PP-OCRv4 det 8.3,
 # rec 9.3, MiniLM 10.5; MNIST 6, where the ~0.5 ms per run dominates).
 RUN_MACS_PER_S = 8e9
@@ -30,23 +28,6 @@ RUN_OVERHEAD_S = 5e-4
 REFIT_BUDGET_S = 4.0        # for the full mean correction of each real build (bias-correction)
 REFIT_RUNS = 2.5            # ... which runs the float model and the quantized one (fake quantization, ~1.5x)
 REFIT_FEED_BYTES = 16 << 20  # ... on feeds of at most this many input bytes (one row at least)
-
-
-def take(source: Iterable[Batch], n: int, max_bytes: int | None = None) -> list[Batch]:
-    """The first batches of ``source`` up to ``n`` samples (and, given ``max_bytes``, up to that many bytes of
-    inputs; always at least one batch)."""
-    out: list[Batch] = []
-    seen = held = 0
-    for b in source:
-        size = sum(v.nbytes for v in b.feed.values() if isinstance(v, np.ndarray))
-        if out and max_bytes is not None and held + size > max_bytes:
-            break
-        out.append(b)
-        seen += b.rows
-        held += size
-        if seen >= n:
-            break
-    return out
 
 
 def first_rows(batches: list[Batch], n: int) -> list[Batch]:
@@ -94,7 +75,7 @@ def refit_feeds(float_model: onnx.ModelProto, calib: Iterable[Batch]) -> list[di
     """The first calibration samples, as many as the full mean correction can run in REFIT_BUDGET_S modelled
     seconds (it runs the float and the quantized model: REFIT_RUNS runs), in feeds of at most REFIT_FEED_BYTES of
     inputs (at least one row), since it holds a feed's live tensors at every cut."""
-    batches = take(calib, FALLBACK_SAMPLES, FALLBACK_INPUT_BYTES)
+    batches = judge_samples(calib)
     per_sample = modelled_cost(float_model, first_row(batches)) or 1.0
     feeds = []
     for b in first_rows(batches, int(min(FALLBACK_SAMPLES, max(1, REFIT_BUDGET_S / (REFIT_RUNS * per_sample))))):
