@@ -67,6 +67,8 @@ class Quality(NamedTuple):
     top1: float
     top1_margin: float
     cosine_low: float
+    accuracy_drop: float = 0.0     # points of accuracy on the samples' labels lost (0 without labels)
+    labelled: int = 0              # ... over this many labelled samples
 
 
 def top1_required(target: float, rows: int, z: float = MARGIN_Z) -> float:
@@ -84,12 +86,13 @@ class Judge:
     """Measures models against the float model on the fallback's samples, and says whether the targets hold."""
 
     def __init__(self, float_model: onnx.ModelProto, roles: onnx.ModelProto, batches: list[Batch],
-                 min_cosine: float, min_top1: float) -> None:
+                 min_cosine: float, min_top1: float, max_accuracy_drop: float | None = None) -> None:
         self.float_model = float_model
         self.roles = roles          # output roles from the user's model (an opset upgrade may have hidden them)
         self.batches = batches
         self.min_cosine = min_cosine
         self.min_top1 = min_top1
+        self.max_accuracy_drop = max_accuracy_drop   # points, on the samples' labels where they have them
         self.scores = class_score_outputs(roles)
         self.sequences = sequence_score_outputs(roles)
         self.ref = make_session(float_model, "float model")   # one float session for every check
@@ -106,9 +109,15 @@ class Judge:
     def meets(self, q: Quality, confident: bool = True) -> bool:
         """The targets hold with the check's margins (``confident``), or at the targets alone (the search's guide
         on fewer samples, confirmed by a confident check)."""
+        kept = not self.judges_accuracy(q) or q.accuracy_drop <= self.max_accuracy_drop
         if confident:
-            return q.cosine_low >= self.min_cosine and q.top1_margin >= 0
-        return q.cosine >= self.min_cosine and q.top1 >= self.min_top1
+            return q.cosine_low >= self.min_cosine and q.top1_margin >= 0 and kept
+        return q.cosine >= self.min_cosine and q.top1 >= self.min_top1 and kept
+
+    def judges_accuracy(self, q: Quality) -> bool:
+        """Whether the accuracy drop is checked: a target is set and the labelled samples are enough that one of
+        them weighs at most half the allowed drop (on fewer, one sample decides; validation checks it anyway)."""
+        return self.max_accuracy_drop is not None and q.labelled * self.max_accuracy_drop >= 200
 
     def quality(self, model: onnx.ModelProto) -> Quality:
         """``judged`` for ``model`` against float on every fallback sample."""
@@ -116,8 +125,10 @@ class Judge:
                      sessions=(self.ref, make_session(model, "quantized model")), roles=self.roles)
         scored = [s for i, s in enumerate(v.outputs) if s.top1 is not None and i in self.scores]
         self.checked.update({s.name: s.top1_rows for s in scored})
-        return self.judged([(s.cosine, s.cosine_se) for s in v.outputs if s.cosine is not None],
-                           [(s.top1_agree, s.top1_rows) for s in scored])
+        q = self.judged([(s.cosine, s.cosine_se) for s in v.outputs if s.cosine is not None],
+                        [(s.top1_agree, s.top1_rows) for s in scored])
+        acc = v.accuracy
+        return q._replace(accuracy_drop=(acc[0] - acc[1]) * 100, labelled=v.labelled) if acc else q
 
     def reference(self, b: Batch) -> list[Any]:
         """The float model's outputs on ``b`` (cached)."""

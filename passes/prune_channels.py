@@ -26,14 +26,17 @@ from .pruning.config import (CHANNELS_IN_PRUNABLE_GROUPS, CHANNELS_REMOVED, GROU
                              LAYERS_RECONSTRUCTED, parse_layer_ratio)
 from .pruning.analysis import analyze
 from .pruning.edits import Names, Plan, apply
+from .autosearch import no_targets, search
 from .pruning.reconstruct import reconstruct
-from .pruning.search import search_ratio
 from .pruning.selection import conv_block, make_plan, select
 from .pruning.shapes import analysis_shapes, reinfer
 
 log = logging.getLogger("graphopt")
 
-__all__ = ["PruneChannels", "GROUPS", "GROUPS_PRUNED", "CHANNELS_REMOVED", "CHANNELS_IN_PRUNABLE_GROUPS",
+RATIOS = tuple(k / 20 for k in range(20))     # ratio=auto's candidates: 0 (no change), 0.05, ..., 0.95
+RATIO_CHOSEN = "ratio chosen"                  # PassResult.counts key
+
+__all__ = ["PruneChannels", "RATIO_CHOSEN", "GROUPS", "GROUPS_PRUNED", "CHANNELS_REMOVED", "CHANNELS_IN_PRUNABLE_GROUPS",
            "LAYERS_RECONSTRUCTED"]
 
 
@@ -72,11 +75,15 @@ class PruneChannels(Pass):
         res = PassResult()
         o = self.options
         if o.ratio == "auto":
-            ratio = search_ratio(lambda g, r, c: self.prune(g, c, dataclasses.replace(o, ratio=r), PassResult()),
-                                 graph, ctx, res)
-            if ratio is None:
+            if no_targets(ctx):
+                res.decline("model", "ratio=auto: the pipeline has no target to search against (--no-gate or "
+                                     "targets 0); give a ratio")
                 return res
-            o = dataclasses.replace(o, ratio=ratio)
+            found = search(RATIOS, lambda g, r, c: self.prune(g, c, dataclasses.replace(o, ratio=r), PassResult()),
+                           graph, ctx, self.name)
+            o = dataclasses.replace(o, ratio=RATIOS[found.index])
+            res.counts[RATIO_CHOSEN] = o.ratio
+            res.notes.append(found.note("ratio", f"{o.ratio:.2f}", ctx.targets))
         self.prune(graph, ctx, o, res)
         return res
 

@@ -42,9 +42,10 @@ data the relative output error ``‖X(W−AB)‖/‖XW‖`` on it, computed exac
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -53,6 +54,7 @@ from graphopt.calibration.collector import collect
 from graphopt.calibration.readers import DataSource
 from graphopt.graph import export, is_std
 
+from .autosearch import no_targets, search
 from .base import Pass, PassContext, PassResult, register
 from .options import option, unmatched
 from .lowrank.factor import (DEFAULT_DAMPING, Decomposition, SecondMoment, TensorMoments, decompose, rank_for_error,
@@ -63,6 +65,8 @@ WEIGHTED = ("Gemm", "MatMul", "Conv")
 DEFAULT_ENERGY = 0.99
 DEFAULT_ALIGN = 16
 MAX_NOTES = 12
+# rank=auto's candidates: no change, then data-aware relative output error bounds per layer, mildest first.
+MAX_ERRORS: tuple[float | None, ...] = (None, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
 
 # Result count keys.
 LAYERS_FACTORIZED = "layers factorized"
@@ -82,7 +86,10 @@ class SVD(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        rank: int | None = option(None, "absolute rank of every factorized layer (capped at min(K, N))", lo=1)
+        rank: int | Literal["auto"] | None = option(
+            None, "absolute rank of every factorized layer (capped at min(K, N)); auto: per layer the smallest "
+            "rank within the largest output error that keeps the pipeline's targets (data-aware, needs "
+            "--calib-data)", lo=1)
         ratio: float | None = option(None, "keep this fraction of each layer's weight parameters", lo=0, hi=1,
                                      lo_open=True, hi_open=True)
         energy: float | None = option(None, f"keep this fraction of sum(sigma^2) (default {DEFAULT_ENERGY} when no "
@@ -104,10 +111,10 @@ class SVD(Pass):
             if len(given) > 1:
                 raise ValueError("give at most one of rank, ratio, energy, max-error (got "
                                  + ", ".join(g.replace("_", "-") for g in given) + ")")
-            if self.align != DEFAULT_ALIGN and self.rank is not None:
+            if self.align != DEFAULT_ALIGN and isinstance(self.rank, int):
                 raise ValueError("option 'align' rounds the ranks chosen by ratio, energy or max-error; rank is "
                                  "taken as given")
-            if self.damping != DEFAULT_DAMPING and not self.data_aware:
+            if self.damping != DEFAULT_DAMPING and not self.data_aware and self.rank != "auto":
                 raise ValueError("option 'damping' is read by data-aware=true only; add data-aware=true (and "
                                  "--calib-data)")
 
@@ -123,9 +130,11 @@ class SVD(Pass):
         self.require_gain = True
 
     def needs_calibration(self) -> bool:
-        return bool(self.options.data_aware)
+        return bool(self.options.data_aware) or self.options.rank == "auto"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        if self.options.rank == "auto":
+            return self._auto(graph, ctx)
         res = PassResult()
         o = self.options
         weighted = [n for n in graph.nodes if is_std(n, *WEIGHTED)]
@@ -152,6 +161,28 @@ class SVD(Pass):
             res.notes.insert(1, "hint: trained weights have flat spectra; data-aware=true (with --calib-data) "
                                 "reaches the same output error at far lower ranks")
         res.notes[1:1] = typos
+        return res
+
+    def _auto(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        """rank=auto: the largest data-aware output error bound (MAX_ERRORS) that keeps the pipeline's targets
+        (passes/autosearch.py); each layer then takes the smallest rank (a multiple of ``align``) within it, where
+        that cuts its MACs."""
+        res = PassResult()
+        if no_targets(ctx):
+            res.decline("model", "rank=auto: the pipeline has no target to search against (--no-gate or targets 0); "
+                                 "give a rank, ratio, energy or max-error")
+            return res
+        def with_error(e: float | None) -> SVD:
+            return SVD(dataclasses.replace(self.options, rank=None, max_error=e, data_aware=True))
+
+        found = search(MAX_ERRORS, lambda g, e, c: with_error(e).run(g, c), graph, ctx, self.name)
+        error = MAX_ERRORS[found.index]
+        note = found.note("rank", f"max-error={error}" if error is not None else "no layer changed", ctx.targets)
+        if error is None:
+            res.notes.append(note)
+            return res
+        res = with_error(error).run(graph, ctx)
+        res.notes.insert(0, note)
         return res
 
     def _sites(self, graph: gs.Graph, res: PassResult) -> list[Site]:

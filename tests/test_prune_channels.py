@@ -21,10 +21,9 @@ import graphopt
 from graphopt.errors import UsageError
 from graphopt.graph import import_graph
 from graphopt.passes.base import PassContext, PassResult
-from graphopt.passes.prune_channels import CHANNELS_IN_PRUNABLE_GROUPS, CHANNELS_REMOVED, GROUPS, GROUPS_PRUNED
+from graphopt.passes.prune_channels import RATIO_CHOSEN, CHANNELS_IN_PRUNABLE_GROUPS, CHANNELS_REMOVED, GROUPS, GROUPS_PRUNED
 from graphopt.passes.pruning import selection
 from graphopt.passes.pruning.edits import Names, SetCount, SetSplit, SliceConst, apply
-from graphopt.passes.pruning.search import RATIO_CHOSEN
 from graphopt.pipeline import make_spec, parse_pass_arg
 from graphs import (assert_one_line_error, assert_same_outputs, attrs, declined, initializer, make_model, node, ops,
                     rand, rel_error, run, run_passes, same_graph)
@@ -676,8 +675,8 @@ def test_ratio_auto_prunes_as_far_as_the_targets_allow(cli, tmp_path):
     chosen = step["counts"][RATIO_CHOSEN]
     assert 0 < chosen < 1 and step["counts"][CHANNELS_REMOVED] > 0
     note = next(n for n in step["notes"] if n.startswith("ratio=auto:"))
-    tried = dict(re.findall(r"(\d\.\d\d): cosine [^;]*? (meets|misses)", note))
-    assert tried[f"{chosen:.2f}"] == "meets" and all(v == "misses" for r, v in tried.items() if float(r) > chosen)
+    tried = {float(r): v for r, v in re.findall(r"(\d\.\d+): cosine [^;]*? (meets|misses)", note)}
+    assert tried[chosen] == "meets" and all(v == "misses" for r, v in tried.items() if r > chosen)
     report = json.loads(rep.read_text())
     assert report["validation"]["passed"] and report["after"]["macs"] < report["before"]["macs"]
 

@@ -9,6 +9,7 @@ plain SVD on its real calibration and evaluation data.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -385,3 +386,29 @@ def test_idempotent_gemm_below_opset_11():
     once, _, _ = svd(gemm_model(0, 1, 1.0, 1.0, "vector", opset=10), ratio=0.3)
     twice, records, reasons = svd(once, ratio=0.3)
     assert ops(once) == ["Gemm", "Gemm"] and same_graph(once, twice) and len(reasons) == 2
+
+
+def test_rank_auto_factorizes_as_far_as_the_targets_allow(cli, tmp_path):
+    """rank=auto: the largest data-aware output error bound whose model keeps the pipeline's targets (judged on
+    calibration samples its statistics did not see, with the margins), each layer at the smallest rank within it."""
+    out, rep = tmp_path / "auto.onnx", tmp_path / "r.json"
+    res = cli(MODELS / "mnist_mlp.onnx", out, "--pass", "svd:rank=auto", "--calib-data", MODELS / "mnist_calib.npz",
+              "--val-data", MODELS / "mnist_eval.npz", "--report", rep, "--latency-runs", "0")
+    assert res.code == 0, res.err
+    report = json.loads(rep.read_text())
+    step = report["passes"][-1]
+    assert step["counts"][LAYERS_FACTORIZED] >= 1 and report["after"]["macs"] < 0.5 * report["before"]["macs"]
+    note = next(n for n in step["notes"] if n.startswith("rank=auto:"))
+    chosen = float(re.search(r"max-error=([\d.]+)", note).group(1))
+    tried = {float(e): v for e, v in re.findall(r"(\d\.\d+): cosine [^;]*? (meets|misses)", note)}
+    assert tried[chosen] == "meets" and all(v == "misses" for e, v in tried.items() if e > chosen)
+    assert report["validation"]["passed"]
+
+
+def test_rank_auto_needs_data_and_targets(cli, tmp_path, model_path):
+    assert_one_line_error(cli(model_path, tmp_path / "o.onnx", "--pass", "svd:rank=auto"), 2, "needs calibration data")
+    data = tmp_path / "c.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    res = cli(model_path, tmp_path / "o.onnx", "--pass", "svd:rank=auto", "--calib-data", data, "--no-gate",
+              "--latency-runs", "0")
+    assert res.code == 0 and "rank=auto: the pipeline has no target to search against" in res.out, res.err
