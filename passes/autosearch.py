@@ -55,9 +55,11 @@ class Searched:
                 f"{self.fitted_rows} others: {steps})")
 
 
-def no_targets(ctx: PassContext) -> bool:
-    """The pipeline has no target to search against (--no-gate, or targets set to 0)."""
-    return not (ctx.targets.min_cosine or ctx.targets.min_top1)
+def no_targets(ctx: PassContext, setting: str) -> str | None:
+    """Why ``setting=auto`` cannot search (the pipeline has no target: --no-gate, or targets set to 0), or None."""
+    if ctx.targets.min_cosine or ctx.targets.min_top1:
+        return None
+    return f"{setting}=auto: the pipeline has no target to search against (--no-gate or targets 0)"
 
 
 def search(settings: Sequence[Any], build: Callable[[gs.Graph, Any, PassContext], None], graph: gs.Graph,

@@ -75,9 +75,9 @@ class PruneChannels(Pass):
         res = PassResult()
         o = self.options
         if o.ratio == "auto":
-            if no_targets(ctx):
-                res.decline("model", "ratio=auto: the pipeline has no target to search against (--no-gate or "
-                                     "targets 0); give a ratio")
+            reason = no_targets(ctx, "ratio")
+            if reason:
+                res.decline("model", f"{reason}; give a ratio")
                 return res
             found = search(RATIOS, lambda g, r, c: self.prune(g, c, dataclasses.replace(o, ratio=r), PassResult()),
                            graph, ctx, self.name)

@@ -168,10 +168,11 @@ class SVD(Pass):
         (passes/autosearch.py); each layer then takes the smallest rank (a multiple of ``align``) within it, where
         that cuts its MACs."""
         res = PassResult()
-        if no_targets(ctx):
-            res.decline("model", "rank=auto: the pipeline has no target to search against (--no-gate or targets 0); "
-                                 "give a rank, ratio, energy or max-error")
+        reason = no_targets(ctx, "rank")
+        if reason:
+            res.decline("model", f"{reason}; give a rank, ratio, energy or max-error")
             return res
+
         def with_error(e: float | None) -> SVD:
             return SVD(dataclasses.replace(self.options, rank=None, max_error=e, data_aware=True))
 
