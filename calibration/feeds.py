@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from graphopt.graph import graph_protos
+
 LABELS_KEY = "__labels__"
 DEFAULT_BATCH = 16   # rows per .npz batch: calibration, fallback and validation runs hold at most this many
 
@@ -84,30 +86,13 @@ _CARRY = {"Cast", "CastLike", "Identity", "Reshape", "Flatten", "Squeeze", "Unsq
 _INDEXING = {("", "Gather"): {1: 0}, ("com.microsoft", "EmbedLayerNormalization"): {0: 2, 1: 4}}
 
 
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for n in graph.node:
-        yield n
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(a.g)
-            for g in a.graphs:
-                yield from _all_nodes(g)
-
-
-def _all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for n in graph.node:
-        for a in n.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                yield from _all_initializers(g)
-
-
 def index_tables(model: onnx.ModelProto) -> dict[str, tuple[int, str]]:
     """{graph input: (rows, table)} for the integer inputs that index a constant table (a Gather's constant data on
     its axis, an embedding), directly or through ops that carry their values on: the smallest such table. Random
     inputs draw these in [0, rows), so that an embedding lookup does not fail (a BERT's token_type_ids has 2 rows)."""
-    nodes = list(_all_nodes(model.graph))
-    shapes = {t.name: tuple(t.dims) for t in _all_initializers(model.graph)}
+    graphs = list(graph_protos(model.graph))   # subgraphs too
+    nodes = [n for g in graphs for n in g.node]
+    shapes = {t.name: tuple(t.dims) for g in graphs for t in g.initializer}
     for n in nodes:
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
             for a in n.attribute:
@@ -163,3 +148,9 @@ def show_shape(shape: Sequence[Dim] | None) -> str:
     if shape is None:
         return "[unknown]"
     return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def first_row_feed(feed: dict[str, Any]) -> dict[str, Any]:
+    """Each array cut to its first row (0-d values as they are): a one-sample feed, for a probe run."""
+    return {k: v[:1] if getattr(v, "ndim", 0) else v for k, v in feed.items()}
+

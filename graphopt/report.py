@@ -14,12 +14,10 @@ import onnxruntime as ort
 
 from . import __version__, io
 from .graph import STANDARD, graph_protos
+from .tensor_data import data_bytes
 from .attribution import StepLoss
 from .runtime import count_macs, cpu_info
 from .validate import ValidationResult
-
-
-_FOUR_BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
 
 
 @dataclass
@@ -45,18 +43,9 @@ def count_parameters(model: onnx.ModelProto) -> tuple[int, int]:
         tensors = list(g.initializer) + [a.t for n in g.node if n.op_type == "Constant" and n.domain in STANDARD
                                          for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
         for t in tensors:
-            n = int(np.prod(t.dims, dtype=np.int64))
-            elements += n
-            stored += _stored_bytes(t, n)
+            elements += int(np.prod(t.dims, dtype=np.int64))
+            stored += data_bytes(t)
     return elements, stored
-
-
-def _stored_bytes(t: onnx.TensorProto, n: int) -> int:
-    if t.data_type == onnx.TensorProto.STRING:
-        return sum(len(s) for s in t.string_data)
-    if t.data_type in _FOUR_BIT:
-        return (n + 1) // 2
-    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
 def model_stats(model: onnx.ModelProto, feed: dict[str, np.ndarray] | None) -> ModelStats:

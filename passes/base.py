@@ -30,7 +30,6 @@ import onnx_graphsurgeon as gs
 from graphopt.calibration.readers import DataSource
 
 from graphopt.errors import UsageError
-from graphopt.graph import export
 from graphopt.validate import DEFAULT_TARGETS, Thresholds
 
 from .options import OptionSpec, option_specs
@@ -90,9 +89,6 @@ class PassContext:
         if self.calib is None:
             raise UsageError(f"pass '{pass_name}' needs calibration data: give --calib-data")
         return self.calib
-
-    def to_model(self, graph: gs.Graph) -> onnx.ModelProto:
-        return export(graph, self.original)
 
 
 class Pass:

@@ -105,7 +105,7 @@ def test_the_graph_sees_the_real_edges():
     g = graph()
     assert "graphopt.passes.base" in g["graphopt.pipeline"]
     assert "graphopt.passes.catalog" in g["graphopt.pipeline"]
-    assert "graphopt.graph" in g["graphopt.passes.base"]
+    assert "graphopt.validate" in g["graphopt.passes.base"] and "graphopt.graph" in g["graphopt.calibration.feeds"]
     for name in g:
         layer(name)
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
+from graphopt.calibration.feeds import first_row_feed
 from graphopt.calibration.readers import DataSource
 from graphopt.passes.base import PassContext, PassResult
 
@@ -119,7 +120,7 @@ def _teachers(ctx: PassContext, before: onnx.ModelProto, names: list[str], calib
             res.notes.append("reconstruction teacher: the model before this pass (names differ from the original)")
             return out
         feed = next(iter(calib)).feed
-        one = {k: v[:1] if getattr(v, "ndim", 0) else v for k, v in feed.items()}   # one row: little memory
+        one = first_row_feed(feed)   # one row: little memory
         try:
             a = run_with_outputs(ctx.original, common, one, WHAT)
             b = run_with_outputs(before, common, one, WHAT)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from graphopt.calibration.feeds import first_row_feed
 from graphopt.calibration.readers import RandomSource, model_inputs
 from graphopt.passes.base import PassContext, PassResult
 
@@ -49,7 +50,7 @@ def _observe_missing(model: onnx.ModelProto, shapes: Shapes, ctx: PassContext, r
         else:
             feed = next(iter(RandomSource(model_inputs(model), ctx.input_shapes, ctx.seed, n_feeds=1))).feed
         try:   # one row is enough and keeps memory small; a fixed batch size needs the whole feed
-            one = {k: v[:1] if getattr(v, "ndim", 0) else v for k, v in feed.items()}
+            one = first_row_feed(feed)
             values = run_with_outputs(model, missing, one, what)
         except Exception:
             values = run_with_outputs(model, missing, feed, what)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
+from graphopt.calibration.feeds import first_row_feed
 from graphopt.calibration.readers import Batch
 
 from graphopt.runtime import count_macs
@@ -49,7 +50,7 @@ def first_rows(batches: list[Batch], n: int) -> list[Batch]:
 def first_row(batches: list[Batch]) -> list[Batch]:
     """The first sample of ``batches`` as a one-row batch without labels ([] when there is none)."""
     first = first_rows(batches, 1)
-    return [Batch({k: v[:1] if v.ndim else v for k, v in first[0].feed.items()}, None)] if first else []
+    return [Batch(first_row_feed(first[0].feed), None)] if first else []
 
 
 def modelled_cost(float_model: onnx.ModelProto, one: list[Batch]) -> float | None:
