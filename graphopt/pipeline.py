@@ -25,6 +25,7 @@ from graphopt.passes.base import Pass, PassContext, PassResult, registered
 from . import io
 from .errors import GraphoptError, InputError, InternalError, UsageError, one_line
 from .graph import export, import_graph
+from .validate import Thresholds
 
 log = logging.getLogger("graphopt")
 
@@ -186,6 +187,26 @@ def with_prerequisites(specs: Sequence[PassSpec]) -> list[PassSpec]:
     return out
 
 
+def share(t: Thresholds, n: int) -> Thresholds:
+    """The targets each of ``n`` lossy passes searches against, so that the pipeline ends within ``t``: each pass is
+    judged against its own input, and losses add up roughly (1 − cosine, top-1 disagreements and accuracy points of
+    small independent errors add; at most, for disagreements), so each gets 1/n of the room below perfect."""
+    if n < 2:
+        return t
+    return dataclasses.replace(t, min_cosine=1 - (1 - t.min_cosine) / n if t.min_cosine else t.min_cosine,
+                               min_top1=1 - (1 - t.min_top1) / n if t.min_top1 else t.min_top1,
+                               max_accuracy_drop=(t.max_accuracy_drop / n if t.max_accuracy_drop is not None
+                                                  else None))
+
+
+def share_note(t: Thresholds, n: int) -> str:
+    parts = [f"min-cosine {t.min_cosine:.4g}" if t.min_cosine else "",
+             f"min-top1 {t.min_top1:.4g}" if t.min_top1 else "",
+             f"max-accuracy-drop {t.max_accuracy_drop:.3g}" if t.max_accuracy_drop is not None else ""]
+    return (f"targets shared by the pipeline's {n} lossy passes: this pass searched against 1/{n} of the room "
+            f"below perfect ({', '.join(p for p in parts if p)}), so that the pipeline ends within its targets")
+
+
 def _run_pass(p: Pass, graph: Any, ctx: PassContext) -> PassResult:
     """The pass's precondition, then the pass: a graph that does not qualify is left as it is, with the reason."""
     reason = p.requires(graph, ctx)
@@ -235,12 +256,14 @@ def run_pipeline(model: onnx.ModelProto, specs: Sequence[PassSpec], ctx: PassCon
     graph = import_graph(model)
     records: list[StepRecord] = []
     current = model
+    lossy = sum(1 for s in specs if not s.build().exact)
+    shared = dataclasses.replace(ctx, targets=share(ctx.targets, lossy))
     for i, spec in enumerate(specs, 1):
         p = spec.build()
         log.info("pass %d/%d: %s", i, len(specs), spec)
         t0 = time.perf_counter()
         try:
-            result = _run_pass(p, graph, ctx)
+            result = _run_pass(p, graph, ctx if p.exact or lossy < 2 else shared)
         except (GraphoptError, KeyboardInterrupt):
             raise
         except Exception as e:
@@ -255,6 +278,8 @@ def run_pipeline(model: onnx.ModelProto, specs: Sequence[PassSpec], ctx: PassCon
             except InputError as e:
                 raise InternalError(f"pass '{spec.name}' produced an invalid model: {e}") from e
         seconds = time.perf_counter() - t0
+        if p.searches() and lossy > 1 and shared.targets != ctx.targets:
+            result.notes.insert(0, share_note(shared.targets, lossy))
         kept = (previous, current) if keep_lossy and not p.exact else None
         records.append(StepRecord(str(spec), spec.effective_options(), result, seconds, removed, len(graph.nodes),
                                   kept))

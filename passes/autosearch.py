@@ -62,14 +62,22 @@ def no_targets(ctx: PassContext, setting: str) -> str | None:
     return f"{setting}=auto: the pipeline has no target to search against (--no-gate or targets 0)"
 
 
-def search(settings: Sequence[Any], build: Callable[[gs.Graph, Any, PassContext], None], graph: gs.Graph,
-           ctx: PassContext, pass_name: str) -> Searched:
-    """The strongest of ``settings`` (``settings[0]``: no change) whose model, made by ``build(copy, setting,
-    fit_ctx)``, keeps the pipeline's targets; see the module docstring."""
+def halves(ctx: PassContext, pass_name: str) -> tuple[PassContext, list[Batch]]:
+    """The context a candidate is built with (its calibration data: the first half of the batches) and the other
+    half, which judges it (one batch: fitted and judged on the same)."""
     batches = take(ctx.require_calib(pass_name), 2 * FALLBACK_SAMPLES, 2 * FALLBACK_INPUT_BYTES)
     half = max(1, len(batches) // 2)
-    fit, held = batches[:half], batches[half:] or batches     # one batch: fitted and judged on the same
-    fit_ctx = dataclasses.replace(ctx, calib=_Batches(fit, "the first half of the calibration batches"))
+    fit, held = batches[:half], batches[half:] or batches
+    return dataclasses.replace(ctx, calib=_Batches(fit, "the first half of the calibration batches")), held
+
+
+def search(settings: Sequence[Any], build: Callable[[gs.Graph, Any, PassContext], None], graph: gs.Graph,
+           ctx: PassContext, pass_name: str, split: tuple[PassContext, list[Batch]] | None = None) -> Searched:
+    """The strongest of ``settings`` (``settings[0]``: no change) whose model, made by ``build(copy, setting,
+    fit_ctx)``, keeps the pipeline's targets; see the module docstring. ``split``: ``halves(ctx, pass_name)`` when
+    the caller has it already."""
+    fit_ctx, held = split or halves(ctx, pass_name)
+    fit = list(fit_ctx.calib)
     judge = Judge(ctx.original, ctx.original, held, ctx.targets.min_cosine or 0.0, ctx.targets.min_top1 or 0.0,
                   ctx.targets.max_accuracy_drop)
     tried: list[tuple[Any, Quality, bool]] = []

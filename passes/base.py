@@ -10,6 +10,8 @@ options, see passes.options), and:
   * ``needs_calibration()``: whether these options need calibration data (refused before any work without it);
     ``calibrates``: whether it records activation ranges (``--save-calibration`` is refused before any work
     without such a pass);
+  * ``searches()``: whether these options search against the pipeline's targets (``ctx.targets``; with several
+    lossy passes, each gets a share of them: pipeline.share);
   * ``targets()``: the fidelity targets the pass itself searches against (quantize's fallback), which validation
     checks again on held-out data; None for passes that do not search;
   * ``run(graph, ctx) -> PassResult``: rewrites the onnx-graphsurgeon graph in place. A site that does not qualify
@@ -114,6 +116,11 @@ class Pass:
 
     def needs_calibration(self) -> bool:
         """Whether these options need calibration data (checked before the pipeline starts)."""
+        return False
+
+    def searches(self) -> bool:
+        """Whether these options make the pass search against the pipeline's targets (``PassContext.targets``:
+        an ``auto`` setting, quantize's fallback); the pipeline shares the targets among its lossy passes."""
         return False
 
     def targets(self) -> Thresholds | None:

@@ -103,6 +103,9 @@ class Quantize(Pass):
     def needs_calibration(self) -> bool:
         return True
 
+    def searches(self) -> bool:
+        return self.options.min_cosine is None or self.options.min_top1 is None   # the fallback, on the pipeline's
+
     def targets(self) -> Thresholds:
         """The targets the fallback searches against when set on the pass itself (0: off), checked on the
         validation data too; None where it takes the pipeline's."""

@@ -132,6 +132,9 @@ class SVD(Pass):
     def needs_calibration(self) -> bool:
         return bool(self.options.data_aware) or self.options.rank == "auto"
 
+    def searches(self) -> bool:
+        return self.options.rank == "auto"
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         if self.options.rank == "auto":
             return self._auto(graph, ctx)

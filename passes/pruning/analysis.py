@@ -40,6 +40,7 @@ class Analysis:
     edits: list[Edit]
     terms: list[Term]
     consumers: list[Consumer]
+    unpruned: list[tuple[str, str]]     # weighted layers whose output channels are no source, and why
 
 
 def analyze(graph: gs.Graph, shapes: dict[str, list[Any] | None]) -> Analysis:
@@ -53,7 +54,7 @@ def analyze(graph: gs.Graph, shapes: dict[str, list[Any] | None]) -> Analysis:
         if t.name in cg.fmaps:
             cg.block(cg.fmaps[t.name], f"'{t.name}' is a graph output")
     root = cg.atoms.roots()
-    return Analysis(cg.ids, root, _groups(cg, root), cg.edits, cg.terms, cg.consumers)
+    return Analysis(cg.ids, root, _groups(cg, root), cg.edits, cg.terms, cg.consumers, cg.unpruned)
 
 
 def _subgraph_names(node: gs.Node) -> set[str]:

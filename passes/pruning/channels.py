@@ -129,6 +129,7 @@ class ChannelGraph:
         self.edits: list[Edit] = []
         self.terms: list[Term] = []
         self.consumers: list[Consumer] = []
+        self.unpruned: list[tuple[str, str]] = []
 
     def new_source(self, node: gs.Node | None, tensor: str, size: int, fixed: str | None = None) -> np.ndarray:
         start = len(self.atoms)

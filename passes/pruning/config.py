@@ -15,6 +15,8 @@ CHANNELS_REMOVED = "channels removed"
 CHANNELS_IN_PRUNABLE_GROUPS = "channels in prunable groups"
 LAYERS_RECONSTRUCTED = "layers reconstructed"
 
+# The options read by ratio=auto only.
+AUTO_ONLY = ("objective",)
 # The options read by reconstruct=true only.
 RECONSTRUCTION = ("samples", "damping", "rows_per_sample")
 
@@ -38,6 +40,8 @@ class Options:
     ratio: float | Literal["auto"] = option(
         0.25, "fraction of channels to remove; auto: the largest that keeps the pipeline's targets on the "
         "calibration data, with a one-sided margin (needs --calib-data)", lo=0, hi=1, hi_open=True)
+    objective: Literal["latency", "macs", "size"] = option(
+        "latency", "ratio=auto: what the allocation across groups reduces (latency measured on this CPU)")
     scope: Literal["layer", "global"] = option("layer", "ratio per group (layer) or over all groups (global)")
     criterion: Literal["l1", "l2", "bn-gamma"] = option("l1", "channel importance")
     round_to: int | Literal["auto"] = option(
@@ -54,6 +58,10 @@ class Options:
     rows_per_sample: int = option(1024, "reconstruction: output positions sampled per sample per layer", lo=1)
 
     def __post_init__(self) -> None:
+        if self.ratio != "auto":
+            for name in AUTO_ONLY:
+                if getattr(self, name) != self.__dataclass_fields__[name].default:
+                    raise ValueError(f"option '{name}' is read by ratio=auto only")
         for item in self.layers:
             parse_layer_ratio(item)
         if self.reconstruct is False:    # an option that would change nothing is a usage error, as quantize's percentile

@@ -26,6 +26,7 @@ def _refuse(cg: ChannelGraph, node: gs.Node, reason: str) -> set[int]:
     xid = cg.ids.get(node.inputs[0].name)
     if xid is not None:
         cg.block(xid, f"{describe(node)}: {reason}")
+    cg.unpruned.append((describe(node), reason))
     return {0}
 
 
@@ -106,6 +107,8 @@ def _dense(cg: ChannelGraph, node: gs.Node, wv: np.ndarray, b: gs.Tensor | None)
         if xr >= 3:
             if xid is not None:   # contracts the last axis: channels (axis 1) pass through
                 cg.ids[out.name] = xid
+            cg.unpruned.append((describe(node), f"its output features are the last axis of a rank-{xr} tensor "
+                                "(a transformer's tokens x features): the analysis follows channels on axis 1 only"))
             return {0}
         if xr != 2:
             return _refuse(cg, node, f"input of rank {xr}")
@@ -116,6 +119,7 @@ def _dense(cg: ChannelGraph, node: gs.Node, wv: np.ndarray, b: gs.Tensor | None)
             return _refuse(cg, node, f"input has {len(xid)} features, weight expects {k}")
         cg.add_reader(node, x, xid, wv, in_axis)
     if cg.rank(out) not in (2, None):
+        cg.unpruned.append((describe(node), f"output of rank {cg.rank(out)}"))
         return {0}
     ids = _source(cg, node, wv, out_axis, n)
     if b is not None:

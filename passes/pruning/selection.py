@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -70,9 +70,11 @@ def _lowest(g: Group, scores: np.ndarray, n: int) -> np.ndarray:
     return g.classes[order[:n]]
 
 
-def _candidates(an: Analysis, o: Options, res: PassResult) -> list[tuple[Group, float | None]]:
+def find_candidates(an: Analysis, o: Options, res: PassResult) -> list[tuple[Group, float | None]]:
     """The groups that may be pruned, each with its per-layer ratio (None: the pass's); declines the others."""
     per_layer = [parse_layer_ratio(x) for x in o.layers]
+    for layer, reason in an.unpruned:
+        res.decline(layer, f"output channels not prunable: {reason}")
     candidates: list[tuple[Group, float | None]] = []
     for g in an.groups:
         site = f"group '{g.name}'" + (f" (+{len(g.sources) - 1} coupled)" if len(g.sources) > 1 else "")
@@ -114,10 +116,12 @@ def _global(o: Options, pool: list[Group], scores: dict[int, np.ndarray]) -> dic
     return chosen
 
 
-def select(an: Analysis, o: Options, res: PassResult) -> dict[int, np.ndarray]:
+def select(an: Analysis, o: Options, res: PassResult, ratios: Mapping[str, float] | None = None
+           ) -> dict[int, np.ndarray]:
     """Per candidate group index, the union-find roots of the channels to remove; fills the report's layers,
-    declines, notes and counts."""
-    candidates = _candidates(an, o, res)
+    declines, notes and counts. ``ratios`` (group name -> ratio, 0 for a group it does not name) replaces the
+    options' ratios: ratio=auto's allocation."""
+    candidates = [(g, ratios.get(g.name, 0.0) if ratios is not None else r) for g, r in find_candidates(an, o, res)]
     scores, fallback = importance(an, [g for g, _ in candidates], o.criterion)
     if fallback:
         res.notes.append(f"criterion bn-gamma: {len(fallback)} group(s) without BatchNormalization use l2 "
