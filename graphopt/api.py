@@ -22,7 +22,8 @@ from graphopt.passes.base import PassContext
 
 from . import io
 from .attribution import advice, step_losses
-from .targets import pipeline_targets, validation_targets
+from .slices import SliceSpec
+from .targets import check_metric, fidelity_targets, pipeline_targets, validation_targets
 from .errors import UsageError, ValidationFailed
 from .pipeline import (PassSpec, StepRecord, check_calibration, check_order, default_pipeline, make_spec,
                        parse_pass_arg, run_pipeline, with_prerequisites)
@@ -74,7 +75,10 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
              calib_samples: int | None = None, on_dump: Callable[[onnx.ModelProto, Path], None] | None = None,
              calibration_ranges: Mapping[str, Sequence[float]] | None = None,
              on_step: Callable[[dict[str, Any]], None] | None = None,
-             preprocess: Preprocess | str | Mapping[str, Any] | None = None) -> tuple[onnx.ModelProto, Report]:
+             preprocess: Preprocess | str | Mapping[str, Any] | None = None,
+             slices: Sequence[str | SliceSpec] = (), scores: Sequence[str | tuple[str, int]] = (),
+             metric: Callable[..., float] | str | None = None, min_metric: float | None = None,
+             max_metric_drop: float | None = None) -> tuple[onnx.ModelProto, Report]:
     """Rewrite ``model`` with ``passes`` and validate it; return the rewritten model and the report.
 
     ``calib_data``/``val_data``: an ``.npz`` path, a folder of ``.npz``, an iterable of ``{input: array}`` dicts, or
@@ -85,11 +89,14 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
     result fails validation, unless ``force``. A lossy pipeline is held to the pipeline's targets (graphopt.targets:
     ``min_cosine`` 0.98, ``min_top1`` 0.95, ``max_accuracy_drop`` 1.0 point by default; ``gate=False`` drops
     them), which quantize's fallback also searches against.
-    """
+    ``slices``, ``scores``, ``metric`` (f(ref_outputs, candidate_outputs, labels) -> float), ``min_metric``,
+    ``max_metric_drop``: as the CLI's options (docs/fidelity.md)."""
     path = None
     if not isinstance(model, onnx.ModelProto):
         path = str(model)
         model = io.load_model(model)
+    fidelity = fidelity_targets(model, slices=slices, scores=scores, metric=metric, min_metric=min_metric,
+                                max_metric_drop=max_metric_drop)
     specs = resolve_passes(passes)
     check_order(specs)
     check_calibration(specs, calib_data is not None or calibration_ranges is not None)
@@ -98,7 +105,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
     ref_session = make_session(model, "input model")
     calib, val = _open_data(model, calib_data, val_data, calib_samples, shapes, seed, preprocess)
     ranges = {k: (float(v[0]), float(v[1])) for k, v in calibration_ranges.items()} if calibration_ranges else None
-    targets = pipeline_targets(gate=gate, min_cosine=min_cosine, min_top1=min_top1,
+    check_metric(fidelity, ref_session, next(iter(val), None))
+    targets = pipeline_targets(gate=gate, min_cosine=min_cosine, min_top1=min_top1, fidelity=fidelity,
                                max_accuracy_drop=max_accuracy_drop, max_rel_error=max_rel_error)
     ctx = PassContext(original=model, calib=calib, input_shapes=shapes, seed=seed, calibration_ranges=ranges,
                       targets=targets)
@@ -147,7 +155,8 @@ def _checked_targets(targets: Thresholds, specs: Sequence[PassSpec], model: onnx
     min_cosine, min_top1, max_accuracy_drop = user
     if synthetic:
         targets = pipeline_targets(gate=True, min_cosine=min_cosine, min_top1=min_top1, defaults=False,
-                                   max_accuracy_drop=max_accuracy_drop, max_rel_error=targets.max_rel_error)
+                                   max_accuracy_drop=max_accuracy_drop, max_rel_error=targets.max_rel_error,
+                                   fidelity=targets)
         specs = []   # nor the passes' own targets, as before: they were reached on calibration data
     given = frozenset(k for k, v in (("min_cosine", min_cosine), ("min_top1", min_top1)) if v is not None)
     return validation_targets(targets, specs, model, given)

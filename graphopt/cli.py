@@ -23,6 +23,7 @@ from .api import one_row, optimize, resolve_passes
 from .errors import (EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_VALIDATION,
                      GraphoptError, InputError, InternalError, UsageError, ValidationFailed, one_line)
 from .pipeline import default_pipeline, parse_recipe, recipe_preprocess, registry
+from .taskmetric import load_metric
 from .report import environment, format_header, format_step, summary
 
 log = logging.getLogger("graphopt")
@@ -79,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lossy pipelines: fail below this top-1 agreement on class scores (default 0.95; 0: off)")
     p.add_argument("--max-accuracy-drop", type=_non_negative, metavar="POINTS",
                    help="lossy pipelines: fail when accuracy on the data's __labels__ drops more (default 1.0)")
+    p.add_argument("--slices", action="append", default=[], metavar="OUTPUT:AXIS[:a-b,...]",
+                   help="cosine per slice of OUTPUT along AXIS (per entry, or per group of entries; OUTPUT:none: "
+                   "not sliced), the worst held to min-cosine (default: rank >= 3 outputs with a last axis of "
+                   "2..128, per entry; see docs/fidelity.md)")
+    p.add_argument("--scores", action="append", default=[], metavar="OUTPUT[:AXIS]",
+                   help="OUTPUT holds class scores along AXIS (default: last): top-1 per position, held to min-top1")
+    p.add_argument("--metric", metavar="FILE.py:FUNCTION",
+                   help="task metric f(reference_outputs, candidate_outputs, labels) -> float, higher is better; "
+                   "used by validation and by every search")
+    p.add_argument("--min-metric", type=_number, metavar="X", help="fail when the --metric value is below X")
+    p.add_argument("--max-metric-drop", type=_non_negative, metavar="X",
+                   help="fail when the --metric value is more than X below the float model's own")
     p.add_argument("--no-gate", action="store_true",
                    help="lossy pipelines: no targets (write whatever the passes make, still checked for NaN/shape)")
     p.add_argument("--max-rel-error", type=_non_negative, metavar="X",
@@ -206,7 +219,9 @@ def _optimize(args: argparse.Namespace) -> int:
                                gate=not args.no_gate, force=args.force, seed=args.seed,
                                verify=not args.no_verify, dump_dir=args.dump_dir, latency_runs=args.latency_runs,
                                threads=args.threads, calib_samples=args.calib_samples, calibration_ranges=ranges,
-                               preprocess=preprocess)
+                               preprocess=preprocess, slices=args.slices, scores=args.scores,
+                               metric=load_metric(args.metric) if args.metric else None,
+                               min_metric=args.min_metric, max_metric_drop=args.max_metric_drop)
     except ValidationFailed as e:
         report = e.report
         report.input = str(in_path)

@@ -9,7 +9,10 @@ Per output, over all feeds (memory holds one feed's outputs at a time), x the or
     c₋ᵢ the cosine without sample i, from the per-sample terms <xᵢ, yᵢ>, |xᵢ|², |yᵢ|²
   * top-1          = fraction of rows whose argmax agrees, for class-score-shaped outputs ([N, C], C >= 2, float);
                      for a Softmax/LogSoftmax output of rank >= 3 over its last axis ([N, T, C]: a CTC recogniser's
-                     classes per step), the fraction of positions whose argmax agrees
+                     classes per step), the fraction of positions whose argmax agrees; for an output the user names
+                     (--scores OUTPUT:AXIS, ``score_axis``: logits [T, N, C] without a Softmax), per position over
+                     that axis
+  * cosine per slice along a channel axis, and the worst slice (graphopt.slices: ``slices``)
   * integer, bool and string outputs: the count of differing elements; NaN/Inf of the original must be reproduced
     at the same positions, and a value that becomes NaN/Inf is counted.
 Which outputs are class scores is read from the graph (``class_score_outputs``, ``sequence_score_outputs``); which
@@ -27,6 +30,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError
+from .slices import SliceStats
 
 _RESHAPING = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 
@@ -51,6 +55,8 @@ class OutputStats:
     problems: list[str] = field(default_factory=list)
     # per sample (row of axis 0): <x, y>, |x|², |y|², for the cosine's standard error (``cosine_se``)
     row_terms: list[tuple[float, float, float]] = field(default_factory=list)
+    slices: SliceStats | None = None     # cosine per slice along a channel axis (graphopt.slices)
+    score_axis: int | None = None        # the class axis the user named (--scores): top-1 per position over it
 
     def _relative(self, abs_error: float) -> float:
         if abs_error == 0:
@@ -145,6 +151,11 @@ class OutputStats:
                 xr, yr = np.where(both, x, 0.0).reshape(x.shape[0], -1), np.where(both, y, 0.0).reshape(x.shape[0], -1)
                 self.row_terms += zip(np.einsum("ij,ij->i", xr, yr).tolist(), np.einsum("ij,ij->i", xr, xr).tolist(),
                                        np.einsum("ij,ij->i", yr, yr).tolist())
+                if self.slices is not None and x.ndim > 1:
+                    self.slices.update(np.where(both, x, 0.0), np.where(both, y, 0.0))
+        if self.score_axis is not None and ref.ndim > 1:
+            ref, out, top1, sequence = np.moveaxis(ref, self.score_axis, -1), np.moveaxis(out, self.score_axis, -1), \
+                True, True
         counts = top1_counts(ref, out, sequence) if top1 else None
         if counts is not None:
             self.top1_agree += counts[0]
@@ -160,8 +171,9 @@ class OutputStats:
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k not in ("sum_ref2", "sum_out2", "sum_err2", "dot",
-                                                                 "top1_agree", "row_terms")}
-        d.update(rel_error=self.rel_error, cosine=self.cosine, sqnr_db=self.sqnr_db, top1=self.top1)
+                                                                 "top1_agree", "row_terms", "slices")}
+        d.update(rel_error=self.rel_error, cosine=self.cosine, sqnr_db=self.sqnr_db, top1=self.top1,
+                 slices=self.slices.to_dict() if self.slices is not None else None)
         return d
 
 

@@ -189,14 +189,16 @@ def with_prerequisites(specs: Sequence[PassSpec]) -> list[PassSpec]:
 
 def share(t: Thresholds, n: int) -> Thresholds:
     """The targets each of ``n`` lossy passes searches against, so that the pipeline ends within ``t``: each pass is
-    judged against its own input, and losses add up roughly (1 − cosine, top-1 disagreements and accuracy points of
-    small independent errors add; at most, for disagreements), so each gets 1/n of the room below perfect."""
+    judged against its own input, and losses add up roughly (1 − cosine, top-1 disagreements and accuracy or metric
+    points of small independent errors add; at most, for disagreements), so each gets 1/n of the room below
+    perfect. A floor on the task metric (--min-metric) is absolute, so it is kept as it is."""
     if n < 2:
         return t
     return dataclasses.replace(t, min_cosine=1 - (1 - t.min_cosine) / n if t.min_cosine else t.min_cosine,
                                min_top1=1 - (1 - t.min_top1) / n if t.min_top1 else t.min_top1,
                                max_accuracy_drop=(t.max_accuracy_drop / n if t.max_accuracy_drop is not None
-                                                  else None))
+                                                  else None),
+                               max_metric_drop=t.max_metric_drop / n if t.max_metric_drop is not None else None)
 
 
 def share_note(t: Thresholds, n: int) -> str:

@@ -187,6 +187,7 @@ def format_report(r: Report, *, header: bool = True, steps: bool = True) -> str:
             lines.append(f"  {o.name[:20]:<20}{_num(o.max_abs_error, '.3g'):>11}{_num(o.rel_error, '.3g'):>11}"
                          f"{_num(o.cosine, '.6f'):>10}{_num(o.sqnr_db, '.1f'):>9}"
                          f"{_num(None if o.top1 is None else o.top1 * 100, '.2f'):>9}")
+        lines += _fidelity_lines(v)
         acc = v.accuracy
         if acc:
             lines.append(f"  accuracy on labels ({v.labelled} samples): {acc[0] * 100:.2f}% -> {acc[1] * 100:.2f}% "
@@ -197,6 +198,25 @@ def format_report(r: Report, *, header: bool = True, steps: bool = True) -> str:
         for f in v.failures:
             lines.append(f"  FAIL: {f}")
     return "\n".join(lines)
+
+
+def _fidelity_lines(v: ValidationResult) -> list[str]:
+    """The worst slice of each sliced output, what the top-1 of a --scores output is taken over, the task metric."""
+    lines = []
+    for o in v.outputs:
+        worst = o.slices.worst() if o.slices is not None else None
+        if o.slices is not None and o.slices.terms is not None:
+            flat = int(o.slices.flat().sum())
+            what = (f"worst slice {worst[0]}: cosine {worst[1]:.6f}" if worst is not None else "every slice flat")
+            lines.append(f"  {o.name}: {what} ({len(o.slices.labels)} slices along axis {o.slices.spec.axis}"
+                         f"{f', {flat} flat, not gated' if flat else ''})")
+        if o.score_axis is not None and o.top1 is not None:
+            lines.append(f"  {o.name}: top-1 per position over axis {o.score_axis}: {o.top1 * 100:.2f}% of "
+                         f"{o.top1_rows} positions agree")
+    if v.metric is not None:
+        name, reference, value = v.metric
+        lines.append(f"  metric {name}: {value:.6g} (float's own: {reference:.6g}, {value - reference:+.6g})")
+    return lines
 
 
 def summary(model: onnx.ModelProto, feed: dict[str, np.ndarray] | None, path: str, data: str) -> str:

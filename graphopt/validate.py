@@ -14,6 +14,10 @@ input, 2.3e-4 for its fold-bn rewrite, which is 4.1e-4 from the input), and acce
 larger: a rewrite is as exact as onnxruntime's own graph rewrites. Lossy pipelines are
 gated by the user's thresholds (min cosine, min top-1, max rel error), else by the targets of the lossy pass
 (quantize's min-cosine / min-top1, which it reached on calibration data) checked again on the validation data.
+Min-cosine holds for each output and for the worst slice of each sliced output (graphopt.slices); min-top1 for the
+class-score outputs and the score outputs the user names (--scores OUTPUT:AXIS, per position); the user's task
+metric (graphopt.taskmetric) for --min-metric and --max-metric-drop. ``Comparison`` accumulates all of it feed by
+feed, for validation and for the passes' judge alike.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import onnx
 import onnxruntime as ort
 
 from .errors import InputError
+from .slices import SliceSpec, SliceStats, default_slicing
+from .taskmetric import MetricInputs, TaskMetric
 from .metrics import OutputStats, class_indices, class_score_outputs, label_output, sequence_score_outputs
 from .metrics import top1_counts  # noqa: F401  (re-exported: passes.quantize imports it from here)
 from .runtime import make_session, numpy_exchange_problem, ort_message
@@ -47,6 +53,26 @@ class Thresholds:
     # names those output indices (None: every output with a top-1 figure).
     source_pass: str | None = None
     top1_outputs: frozenset[int] | None = None
+    # What is measured besides each output's figures (graphopt.slices, --scores, graphopt.taskmetric).
+    slices: tuple[SliceSpec, ...] = ()
+    scores: tuple[tuple[str, int], ...] = ()       # (output, class axis): top-1 per position, gated by min_top1
+    metric: TaskMetric | None = None
+    min_metric: float | None = None
+    max_metric_drop: float | None = None
+
+    def measures(self) -> Thresholds:
+        """What these targets measure, with no target: a judge's or an attribution's comparison."""
+        return Thresholds(slices=self.slices, scores=self.scores, metric=self.metric)
+
+    @property
+    def metric_targets(self) -> bool:
+        """Whether the task metric has a target (--min-metric, --max-metric-drop)."""
+        return self.metric is not None and (self.min_metric is not None or self.max_metric_drop is not None)
+
+    @property
+    def searchable(self) -> bool:
+        """Whether a search has a target to search against."""
+        return bool(self.min_cosine or self.min_top1 or self.metric_targets)
 
     @property
     def origin(self) -> str:
@@ -69,6 +95,7 @@ class ValidationResult:
     correct_before: int = 0
     correct_after: int = 0
     failures: list[str] = field(default_factory=list)
+    metric: tuple[str, float, float] | None = None     # (name, float's own value, the rewritten model's)
 
     @property
     def passed(self) -> bool:
@@ -85,6 +112,7 @@ class ValidationResult:
         return {"data": self.data, "feeds": self.feeds, "samples": self.samples, "exact": self.exact,
                 "passed": self.passed, "failures": self.failures,
                 "accuracy_before": acc[0] if acc else None, "accuracy_after": acc[1] if acc else None,
+                "metric": None if self.metric is None else dict(zip(("name", "reference", "value"), self.metric)),
                 "outputs": [o.to_dict() for o in self.outputs]}
 
 
@@ -104,7 +132,7 @@ def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Ite
     if ref_names != new_names:
         res.failures.append(f"outputs changed from {ref_names} to {new_names}")
         return res
-    stats = [OutputStats(n) for n in ref_names]
+    comparison = Comparison(roles or original, ref_names, thresholds)
     # Exact pipelines: each model run with onnxruntime's optimizations off, against itself with them on, measures how
     # far onnxruntime's own rewrites move it (its rounding spread); (session, True for the input model).
     floor_sessions: list[tuple[Any, bool]] = []
@@ -115,11 +143,6 @@ def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Ite
                                        is_input))
             except InputError:
                 pass   # no spread from this model: the other's, or only EXACT_REL_TOL, applies
-    # Top-1 agreement for the class scores: the Softmax/LogSoftmax outputs if the model has any (MTCNN's box
-    # offsets beside its face score have an argmax that means nothing), else every [N, C] output (logits).
-    scored = class_score_outputs(roles or original) or set(range(len(stats)))
-    sequences = sequence_score_outputs(roles or original)
-    score_index: int | None = None
     for batch in batches:
         try:
             ref = ref_sess.run(None, batch.feed)
@@ -133,8 +156,7 @@ def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Ite
             return res
         res.feeds += 1
         res.samples += batch.rows
-        for i, (s, r, o) in enumerate(zip(stats, ref, out)):
-            s.update(r, o, top1=i in scored, sequence=i in sequences)
+        comparison.add(ref, out, batch.labels, batch.rows)
         for floor_sess, is_input in list(floor_sessions):
             got = ref if is_input else out
             try:
@@ -142,19 +164,63 @@ def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Ite
             except Exception:   # runs only optimized: no spread from it (the other's, or EXACT_REL_TOL, applies)
                 floor_sessions.remove((floor_sess, is_input))
                 continue
-            for s, r, o in zip(stats, got, unoptimized):
+            for s, r, o in zip(comparison.stats, got, unoptimized):
                 s.add_noise(r, o)
-        if batch.labels is not None:
-            labels = class_indices(batch.labels)   # one-hot rows become class indices; other shapes are refused
-            if score_index is None:
-                score_index = label_output(ref, labels)
-            if score_index >= 0 and ref[score_index].shape[0] == labels.shape[0]:
-                res.labelled += labels.shape[0]
-                res.correct_before += int(np.count_nonzero(ref[score_index].argmax(1) == labels))
-                res.correct_after += int(np.count_nonzero(out[score_index].argmax(1) == labels))
-    res.outputs = stats
+    comparison.finish(res)
     _judge(res, thresholds)
     return res
+
+
+class Comparison:
+    """One pair of models' outputs compared feed by feed: ``OutputStats`` per output (with the slices and score
+    axes ``t`` asks for), accuracy on the labels, and what the task metric is called with."""
+
+    def __init__(self, roles: onnx.ModelProto, names: list[str], t: Thresholds) -> None:
+        self.stats = [OutputStats(n, score_axis=dict(t.scores).get(n)) for n in names]
+        # Top-1 agreement for the class scores: the Softmax/LogSoftmax outputs if the model has any (MTCNN's box
+        # offsets beside its face score have an argmax that means nothing), else every [N, C] output (logits).
+        self.scored = class_score_outputs(roles) or set(range(len(names)))
+        self.sequences = sequence_score_outputs(roles)
+        self.slicing = {s.output: s for s in t.slices}
+        self.metric = t.metric
+        self.inputs = MetricInputs(names) if t.metric is not None else None
+        self.feeds = self.labelled = self.correct_before = self.correct_after = 0
+        self.score_index: int | None = None
+
+    def add(self, ref: list[Any], out: list[Any], labels: np.ndarray | None, rows: int) -> None:
+        if not self.feeds:
+            self._slice(ref)
+        self.feeds += 1
+        for i, (s, r, o) in enumerate(zip(self.stats, ref, out)):
+            s.update(r, o, top1=i in self.scored or s.score_axis is not None, sequence=i in self.sequences)
+        if self.inputs is not None:
+            self.inputs.add(ref, out, labels, rows)
+        if labels is not None:
+            labels = class_indices(labels)   # one-hot rows become class indices; other shapes are refused
+            if self.score_index is None:
+                self.score_index = label_output(ref, labels)
+            if self.score_index >= 0 and ref[self.score_index].shape[0] == labels.shape[0]:
+                self.labelled += labels.shape[0]
+                self.correct_before += int(np.count_nonzero(ref[self.score_index].argmax(1) == labels))
+                self.correct_after += int(np.count_nonzero(out[self.score_index].argmax(1) == labels))
+
+    def _slice(self, ref: list[Any]) -> None:
+        """Each float output's slicing: the user's, else the default rule (graphopt.slices) for its shape."""
+        for i, (s, r) in enumerate(zip(self.stats, ref)):
+            if isinstance(r, np.ndarray) and r.dtype.kind == "f":
+                spec = self.slicing.get(s.name) or default_slicing(s.name, r.shape, i in self.sequences)
+                s.slices = SliceStats(spec) if spec is not None and spec.axis is not None else None
+
+    def metric_values(self) -> tuple[float, float] | None:
+        """(float's own value, the candidate's) of the task metric; None without one."""
+        return self.inputs.values(self.metric) if self.inputs is not None and self.metric is not None else None
+
+    def finish(self, res: ValidationResult) -> None:
+        res.outputs = self.stats
+        res.labelled, res.correct_before, res.correct_after = self.labelled, self.correct_before, self.correct_after
+        values = self.metric_values()
+        if values is not None and self.metric is not None:
+            res.metric = (self.metric.name, *values)
 
 
 def _judge(res: ValidationResult, t: Thresholds) -> None:
@@ -181,17 +247,34 @@ def _judge(res: ValidationResult, t: Thresholds) -> None:
         if t.min_cosine is not None and cos is not None and cos < t.min_cosine:
             res.failures.append(f"output '{s.name}': cosine {cos:.5f} below {t.origin}min-cosine {t.min_cosine}"
                                 + _on_validation(t))
+        worst = s.slices.worst() if s.slices is not None else None
+        if t.min_cosine is not None and worst is not None and worst[1] < t.min_cosine:
+            res.failures.append(f"output '{s.name}': slice {worst[0]} of axis {s.slices.spec.axis} has cosine "  # type: ignore[union-attr]
+                                f"{worst[1]:.5f} below {t.origin}min-cosine {t.min_cosine} (the whole output "
+                                f"{_num(cos)})" + _on_validation(t))
         if (t.min_top1 is not None and s.top1 is not None and s.top1 < t.min_top1
-                and (t.top1_outputs is None or i in t.top1_outputs)):
-            res.failures.append(f"output '{s.name}': top-1 agreement {s.top1:.4f} below {t.origin}min-top1 "
+                and (t.top1_outputs is None or i in t.top1_outputs or s.score_axis is not None)):
+            per = f" per position over axis {s.score_axis}" if s.score_axis is not None else ""
+            res.failures.append(f"output '{s.name}': top-1 agreement{per} {s.top1:.4f} below {t.origin}min-top1 "
                                 f"{t.min_top1}" + _on_validation(t))
         if t.max_rel_error is not None and s.rel_error > t.max_rel_error:
             res.failures.append(f"output '{s.name}': rel error {s.rel_error:.3g} above --max-rel-error "
                                 f"{t.max_rel_error}")
+    if res.metric is not None and not res.exact:
+        name, reference, value = res.metric
+        if t.min_metric is not None and value < t.min_metric:
+            res.failures.append(f"metric {name} {value:.6g} below --min-metric {t.min_metric:g}")
+        if t.max_metric_drop is not None and reference - value > t.max_metric_drop:
+            res.failures.append(f"metric {name} {value:.6g} is {reference - value:.6g} below float's "
+                                f"{reference:.6g}, more than --max-metric-drop {t.max_metric_drop:g}")
     acc = res.accuracy
     if not res.exact and acc and t.max_accuracy_drop is not None and (acc[0] - acc[1]) * 100 > t.max_accuracy_drop:
         res.failures.append(f"accuracy on labels dropped {(acc[0] - acc[1]) * 100:.2f} points ({acc[0] * 100:.2f}% "
                             f"-> {acc[1] * 100:.2f}%), more than --max-accuracy-drop {t.max_accuracy_drop}")
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.5f}"
 
 
 def _on_validation(t: Thresholds) -> str:

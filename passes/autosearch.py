@@ -48,16 +48,23 @@ class Searched:
 
     def note(self, setting: str, chosen: str, targets: Thresholds) -> str:
         steps = "; ".join(f"{v}: cosine {q.cosine:.4f} (95% low {q.cosine_low:.4f}), top-1 {q.top1:.4f}, accuracy "
-                          f"{-q.accuracy_drop:+.2f} points {'meets' if ok else 'misses'}" for v, q, ok in self.tried)
+                          f"{-q.accuracy_drop:+.2f} points{_metric(q)} {'meets' if ok else 'misses'}"
+                          for v, q, ok in self.tried)
+        metric = "" if targets.metric is None else (f", the metric {targets.metric.name} (min {targets.min_metric}, "
+                                                     f"max drop {targets.max_metric_drop})")
         return (f"{setting}=auto: {chosen}, the strongest that keeps min-cosine {targets.min_cosine} and min-top1 "
                 f"{targets.min_top1} with a one-sided 95% margin, and max-accuracy-drop {targets.max_accuracy_drop} "
-                f"where the samples have labels, on {self.judged_rows} calibration samples (each candidate fitted on "
+                f"where the samples have labels{metric}, on {self.judged_rows} calibration samples (each candidate fitted on "
                 f"{self.fitted_rows} others: {steps})")
+
+
+def _metric(q: Quality) -> str:
+    return "" if q.metric is None else f", metric {q.metric:.4g}"
 
 
 def no_targets(ctx: PassContext, setting: str) -> str | None:
     """Why ``setting=auto`` cannot search (the pipeline has no target: --no-gate, or targets set to 0), or None."""
-    if ctx.targets.min_cosine or ctx.targets.min_top1:
+    if ctx.targets.searchable:
         return None
     return f"{setting}=auto: the pipeline has no target to search against (--no-gate or targets 0)"
 
@@ -78,8 +85,7 @@ def search(settings: Sequence[Any], build: Callable[[gs.Graph, Any, PassContext]
     the caller has it already."""
     fit_ctx, held = split or halves(ctx, pass_name)
     fit = list(fit_ctx.calib)
-    judge = Judge(ctx.original, ctx.original, held, ctx.targets.min_cosine or 0.0, ctx.targets.min_top1 or 0.0,
-                  ctx.targets.max_accuracy_drop)
+    judge = Judge(ctx.original, ctx.original, held, ctx.targets)
     tried: list[tuple[Any, Quality, bool]] = []
     lo, hi = 0, len(settings) - 1
     while lo < hi:

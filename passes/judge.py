@@ -2,8 +2,10 @@
 there hold on other data drawn like them: what a pass that searches (quantize's fallback, prune-channels'
 ratio=auto) asks of each candidate.
 
-Yardstick (``Quality``): the worst output cosine and, for class-score outputs (``validate.class_score_outputs``;
-per position for [N, T, C]), the worst top-1 agreement. Both targets are checked with a margin, since a model
+Yardstick (``Quality``): the worst cosine of an output or of one of its slices (graphopt.slices) and, for
+class-score outputs (``validate.class_score_outputs``; per position for [N, T, C]) and the score outputs the user
+names (--scores), the worst top-1 agreement; the user's task metric where one is given (graphopt.taskmetric: its
+--min-metric / --max-metric-drop, checked as they are, no margin). Both targets are checked with a margin, since a model
 stopped at a target on calibration data is as likely below it as above on other data: n rows must agree on top-1 at
 least t + z·√(t(1−t)/n), z = 1.645 (a one-sided 95% test that the agreement on other data is above t; at most
 (n−1)/n, ``top1_required``), and the output cosine less z standard errors over the samples (jackknife,
@@ -21,7 +23,8 @@ import onnx
 
 from graphopt.calibration.readers import Batch
 from graphopt.runtime import make_session
-from graphopt.validate import Thresholds, class_score_outputs, sequence_score_outputs, top1_counts, validate
+from graphopt.metrics import OutputStats
+from graphopt.validate import Comparison, Thresholds, class_score_outputs, validate
 
 # A judge checks its targets on up to 256 calibration samples (at most 256 MB of inputs held): with 64, the
 # top-1 agreement of a 1000-class head that the search stopped at (EfficientNet-Lite0: 0.953) was 0.938 on all 256.
@@ -58,10 +61,11 @@ MARGIN_Z = 1.645
 
 
 class Quality(NamedTuple):
-    """How a quantized model's outputs agree with float's on calibration samples: the worst output cosine, the
-    worst top-1 agreement of class-score outputs, the worst margin of an agreement over what the check asks of its
-    rows (``top1_required``), and the worst cosine less 1.645 of its standard error over the samples (a one-sided
-    95% lower bound for other data drawn like these)."""
+    """How a candidate's outputs agree with float's on calibration samples: the worst cosine of an output or of a
+    slice of one (graphopt.slices), the worst top-1 agreement of class-score outputs (and of the score outputs the
+    user names), the worst margin of an agreement over what the check asks of its rows (``top1_required``), and the
+    worst cosine less 1.645 of its standard error over the samples (a one-sided 95% lower bound for other data
+    drawn like these); the task metric's value and float's own (None without a metric)."""
 
     cosine: float
     top1: float
@@ -69,6 +73,8 @@ class Quality(NamedTuple):
     cosine_low: float
     accuracy_drop: float = 0.0     # points of accuracy on the samples' labels lost (0 without labels)
     labelled: int = 0              # ... over this many labelled samples
+    metric: float | None = None
+    metric_reference: float | None = None
 
 
 def top1_required(target: float, rows: int, z: float = MARGIN_Z) -> float:
@@ -83,33 +89,46 @@ def top1_required(target: float, rows: int, z: float = MARGIN_Z) -> float:
 
 
 class Judge:
-    """Measures models against the float model on the fallback's samples, and says whether the targets hold."""
+    """Measures models against the float model on the judge's samples, and says whether ``targets`` hold (the
+    pipeline's, or a pass's own min-cosine/min-top1 in their place; 0 or None: not checked)."""
 
     def __init__(self, float_model: onnx.ModelProto, roles: onnx.ModelProto, batches: list[Batch],
-                 min_cosine: float, min_top1: float, max_accuracy_drop: float | None = None) -> None:
+                 targets: Thresholds) -> None:
         self.float_model = float_model
         self.roles = roles          # output roles from the user's model (an opset upgrade may have hidden them)
         self.batches = batches
-        self.min_cosine = min_cosine
-        self.min_top1 = min_top1
-        self.max_accuracy_drop = max_accuracy_drop   # points, on the samples' labels where they have them
+        self.targets = targets
+        self.min_cosine = targets.min_cosine or 0.0
+        self.min_top1 = targets.min_top1 or 0.0
+        self.max_accuracy_drop = targets.max_accuracy_drop   # points, on the samples' labels where they have them
         self.scores = class_score_outputs(roles)
-        self.sequences = sequence_score_outputs(roles)
         self.ref = make_session(float_model, "float model")   # one float session for every check
+        self.names = [o.name for o in self.ref.get_outputs()]
         self.checked: dict[str, int] = {}    # class-score output -> rows its top-1 agreement is checked on
         self._ref_outputs: dict[int, list[Any]] = {}
 
-    def judged(self, cosines: Iterable[tuple[float, float]], agree: Iterable[tuple[int, int]]) -> Quality:
-        """``Quality`` from per-output (cosine, its standard error) and (agreeing, rows) of class-score outputs."""
-        cosines, agree = list(cosines), list(agree)
-        return Quality(min((c for c, _ in cosines), default=1.0), min((a / n for a, n in agree if n), default=1.0),
-                       min((a / n - top1_required(self.min_top1, n) for a, n in agree if n), default=1.0),
-                       min((c - MARGIN_Z * se for c, se in cosines), default=1.0))
+    def judged(self, stats: list[OutputStats], metric: tuple[float, float] | None, spread: bool = True) -> Quality:
+        """``Quality`` from the outputs' figures (``spread``: with the cosines' standard errors, else none) and the
+        task metric's (float's own value, the candidate's)."""
+        cosines = [(s.cosine, s.cosine_se if spread else 0.0) for s in stats if s.cosine is not None]
+        worst = [w for s in stats if s.slices is not None and (w := s.slices.worst()) is not None]
+        cosines += [(c, se if spread else 0.0) for _, c, se in worst]
+        agree = [(s.top1_agree, s.top1_rows) for i, s in enumerate(stats)
+                 if s.top1_rows and (i in self.scores or s.score_axis is not None)]
+        return Quality(min((c for c, _ in cosines), default=1.0), min((a / n for a, n in agree), default=1.0),
+                       min((a / n - top1_required(self.min_top1, n) for a, n in agree), default=1.0),
+                       min((c - MARGIN_Z * se for c, se in cosines), default=1.0),
+                       metric=None if metric is None else metric[1],
+                       metric_reference=None if metric is None else metric[0])
 
     def meets(self, q: Quality, confident: bool = True) -> bool:
         """The targets hold with the check's margins (``confident``), or at the targets alone (the search's guide
-        on fewer samples, confirmed by a confident check)."""
+        on fewer samples, confirmed by a confident check). The task metric has no margin: it is the user's."""
         kept = not self.judges_accuracy(q) or q.accuracy_drop <= self.max_accuracy_drop
+        t = self.targets
+        if q.metric is not None and q.metric_reference is not None:
+            kept = kept and (t.min_metric is None or q.metric >= t.min_metric) and (
+                t.max_metric_drop is None or q.metric_reference - q.metric <= t.max_metric_drop)
         if confident:
             return q.cosine_low >= self.min_cosine and q.top1_margin >= 0 and kept
         return q.cosine >= self.min_cosine and q.top1 >= self.min_top1 and kept
@@ -120,13 +139,12 @@ class Judge:
         return self.max_accuracy_drop is not None and q.labelled * self.max_accuracy_drop >= 200
 
     def quality(self, model: onnx.ModelProto) -> Quality:
-        """``judged`` for ``model`` against float on every fallback sample."""
-        v = validate(self.float_model, model, self.batches, exact=False, thresholds=Thresholds(),
+        """``judged`` for ``model`` against float on every judge sample."""
+        v = validate(self.float_model, model, self.batches, exact=False, thresholds=self.targets.measures(),
                      sessions=(self.ref, make_session(model, "quantized model")), roles=self.roles)
-        scored = [s for i, s in enumerate(v.outputs) if s.top1 is not None and i in self.scores]
-        self.checked.update({s.name: s.top1_rows for s in scored})
-        q = self.judged([(s.cosine, s.cosine_se) for s in v.outputs if s.cosine is not None],
-                        [(s.top1_agree, s.top1_rows) for s in scored])
+        self.checked.update({s.name: s.top1_rows for i, s in enumerate(v.outputs)
+                             if s.top1 is not None and (i in self.scores or s.score_axis is not None)})
+        q = self.judged(v.outputs, None if v.metric is None else v.metric[1:])
         acc = v.accuracy
         return q._replace(accuracy_drop=(acc[0] - acc[1]) * 100, labelled=v.labelled) if acc else q
 
@@ -139,23 +157,9 @@ class Judge:
     def switched_quality(self, sess: Any, switches: Mapping[str, str], quantized: set[str], feeds: list[Batch]
                          ) -> Quality:
         """``judged`` for the switchable model's session with the tensors in ``quantized`` switched to int8 (the
-        cosine over all rows of ``feeds``, standard error 0)."""
+        cosines over all rows of ``feeds``, standard error 0)."""
         flags = {name: np.array(t in quantized) for t, name in switches.items()}
-        dots: dict[int, list[float]] = {}
-        agree: dict[int, list[int]] = {}
+        comparison = Comparison(self.roles, self.names, self.targets.measures())
         for b in feeds:
-            outs = sess.run(None, {**b.feed, **flags})
-            for i, (r, out) in enumerate(zip(self.reference(b), outs)):
-                if isinstance(r, np.ndarray) and r.dtype.kind == "f":
-                    r64, o64 = r.astype(np.float64).ravel(), out.astype(np.float64).ravel()
-                    acc = dots.setdefault(i, [0.0, 0.0, 0.0])
-                    acc[0] += float(r64 @ o64)
-                    acc[1] += float(r64 @ r64)
-                    acc[2] += float(o64 @ o64)
-                    counts = top1_counts(r, out, i in self.sequences) if i in self.scores else None
-                    if counts is not None:
-                        a = agree.setdefault(i, [0, 0])
-                        a[0] += counts[0]
-                        a[1] += counts[1]
-        cosines = [(float(d / np.sqrt(a * b)) if a > 0 and b > 0 else float(a == b), 0.0) for d, a, b in dots.values()]
-        return self.judged(cosines, [(a, n) for a, n in agree.values()])
+            comparison.add(self.reference(b), sess.run(None, {**b.feed, **flags}), b.labels, b.rows)
+        return self.judged(comparison.stats, comparison.metric_values(), spread=False)

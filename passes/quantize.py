@@ -135,7 +135,7 @@ class Quantize(Pass):
         upgrade = self._upgrade(graph, ctx, 13 if o.per_channel else 10) if graph.opset < 13 else None
         failed = upgrade is not None and upgrade.error is not None
         reduce = reduce_range_auto() if o.reduce_range == "auto" else o.reduce_range == "true"
-        targets = o.min_cosine > 0 or o.min_top1 > 0
+        targets = o.min_cosine > 0 or o.min_top1 > 0 or ctx.targets.metric_targets
         setup = Setup(o, upgrade, o.per_channel and not failed, reduce, ctx.calib is not None,
                       targets and ctx.calib is not None)
         if failed and graph.opset < 10:
@@ -168,8 +168,9 @@ class Quantize(Pass):
                               reduce_range=setup.reduce_range, activations=o.activations,
                               hessians=calibration.hessians, means=calibration.means, refit=refit)
             built = builder.build()
-            fb = fall_back(builder, built, float_model, ctx.original, ctx.require_calib(self.name), o.min_cosine,
-                           o.min_top1) if setup.fallback else None
+            fb = fall_back(builder, built, float_model, ctx.original, ctx.require_calib(self.name),
+                           dataclasses.replace(ctx.targets, min_cosine=o.min_cosine, min_top1=o.min_top1,
+                                               max_accuracy_drop=None)) if setup.fallback else None
             trial = Trial(label, ranges, fb.built if fb is not None else built, fb)
             tried.append(trial)
             if best is None or trial.rank > best.rank:

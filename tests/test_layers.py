@@ -19,7 +19,7 @@ PACKAGES = {"graphopt": "graphopt", "passes": "graphopt.passes", "calibration": 
 # Bottom to top; a module may import its own layer and those below it.
 LAYERS = [
     {"graphopt", "graphopt.errors", "graphopt.tensor_data", "graphopt.io", "graphopt.graph"},
-    {"graphopt.runtime", "graphopt.metrics", "graphopt.validate"},
+    {"graphopt.runtime", "graphopt.metrics", "graphopt.validate", "graphopt.slices", "graphopt.taskmetric"},
     {"graphopt.calibration", "graphopt.calibration.feeds", "graphopt.calibration.checks", "graphopt.calibration.npz",
      "graphopt.calibration.readers", "graphopt.calibration.images", "graphopt.calibration.preprocess"},
     {"graphopt.calibration.*"},

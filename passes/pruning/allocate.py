@@ -100,7 +100,7 @@ def measure(graph: gs.Graph, ctx: PassContext, fit_ctx: PassContext, cands: list
     """Each candidate level's loss share (judged on the fit half) and saving (see the module docstring)."""
     fit = take(fit_ctx.calib, SENSITIVITY_SAMPLES)
     t = ctx.targets
-    judge = Judge(ctx.original, ctx.original, fit, t.min_cosine or 0.0, t.min_top1 or 0.0, None)
+    judge = Judge(ctx.original, ctx.original, fit, dataclasses.replace(t, max_accuracy_drop=None))
     feed = first_row_feed(fit[0].feed)
     base = export(graph, ctx.original)
     models: dict[str, list[tuple[float, onnx.ModelProto]]] = {}

@@ -26,6 +26,7 @@ import onnx
 from graphopt.calibration.readers import Batch
 
 from graphopt.runtime import make_session
+from graphopt.validate import Thresholds
 
 from ..judge import Judge, Quality, judge_samples
 from .build import Builder, Built
@@ -172,9 +173,9 @@ class FallbackResult:
 
 
 def fall_back(builder: Builder, built: Built, float_model: onnx.ModelProto, roles: onnx.ModelProto,
-              calib: Iterable[Batch], min_cosine: float, min_top1: float) -> FallbackResult:
-    """``built`` (every tensor int8) if it meets the targets, else the build the search chooses."""
-    judge = Judge(float_model, roles, judge_samples(calib), min_cosine, min_top1)
+              calib: Iterable[Batch], targets: Thresholds) -> FallbackResult:
+    """``built`` (every tensor int8) if it meets ``targets``, else the build the search chooses."""
+    judge = Judge(float_model, roles, judge_samples(calib), targets)
     full = judge.quality(built.model)
     check_rows = min(judge.checked.values()) if judge.checked else None
     if judge.meets(full):
