@@ -218,7 +218,7 @@ def _ms(t: Any) -> str:
 
 def _latency(res: PassResult, c: Choice) -> None:
     """objective=latency's line: what was written and the timings it was decided on; its counts."""
-    chosen = f", the {sum(c.int8)} faster regions {_ms(c.chosen)}" if c.chosen is not None else ""
+    chosen = f", the {sum(c.faster)} regions faster alone {_ms(c.chosen)}" if c.chosen is not None else ""
     timed = (f"all int8 {_ms(c.all_int8)}{chosen}, float {_ms(c.all_float)}; median per run, 1 thread, noise "
              f"±{100 * c.noise:.1f}%")
     if c.written == "float":
@@ -230,8 +230,7 @@ def _latency(res: PassResult, c: Choice) -> None:
     res.counts[REGIONS_INT8] = sum(c.int8)
     if not all(c.int8):
         res.counts[REGIONS_FLOAT] = n - sum(c.int8)
-    written = c.chosen if c.written == "chosen" and c.chosen is not None else c.all_int8
-    res.counts[SPEEDUP] = round(c.all_float.median / written.median, 3)
+    res.counts[SPEEDUP] = round(c.all_float.median / c.timed.median, 3)
 
 
 def _speed_reasons(c: Choice | None) -> dict[str, tuple[int, str | None]]:
@@ -242,8 +241,9 @@ def _speed_reasons(c: Choice | None) -> dict[str, tuple[int, str | None]]:
     for i, (r, on) in enumerate(zip(c.regions, c.int8)):
         why = None
         if not on:
-            why = (f"speed: region {i + 1} int8 alone saves {c.gains[i].median:+.3g} ms (±{c.gains[i].notch:.2g})"
-                   if c.gains else "speed: int8 is not measured faster")
+            alone = f"; int8 alone saves {c.gains[i].median:+.3g} ms (±{c.gains[i].notch:.2g})" if c.gains else ""
+            why = (f"speed: region {i + 1} is faster float" if c.written == "chosen" else
+                   "speed: no int8 assignment is measured faster") + alone
         out.update({op: (i + 1, why) for op in r.ops})
     return out
 
