@@ -12,16 +12,18 @@ same model, so it is timed with its weights in the caches as a model run repeate
 MatMul timed straight after three others took 0.35 ms, 0.20 after one untimed run, 0.117 after three, as alone;
 models modelled above REWARM_ABOVE_S per run (samples.modelled_cost) outgrow the caches and get one). Each median m
 comes with its notch
-    notch = 1.57 · IQR / √n            (McGill, Tukey & Larsen 1978: non-overlapping notches ≈ medians differ at 5%)
+    notch = 1.57 · IQR / √n        (McGill, Tukey & Larsen 1978: non-overlapping notches ≈ medians differ at 5%)
 and "a is faster than b" means m_a + notch_a < m_b − notch_b. The noise reported is (notch_a + notch_b) / m_float.
 
 Choice (``choose``, ``pick``): a table built once, all float and each region int8 alone; a region's gain is
-m_float − m_region. The regions with a positive gain are int8 (gains add up: each region's time is its own), the
-rest stay float: small layers where int8's overhead exceeds its gain, islands whose boundaries cost more than they
-save. That assignment is then timed against all float and all int8 (the fidelity search's build), interleaved;
-of the two, those measured faster than float are candidates, all int8 taken over the table's choice only where
-measured faster than it; no candidate: the model stays float. The same model, data and CPU give the same assignment wherever the gains are
-larger than the noise. Time: at most TABLE_BUDGET_S + CONFIRM_BUDGET_S of running (at least 5 runs per model).
+m_float − m_region. The regions with a positive gain are int8 (taking gains as adding up), the rest stay float:
+small layers where int8's overhead exceeds its gain, islands whose boundaries cost more than they save. That
+assignment is then timed against all float and all int8 (the fidelity search's build), interleaved: of the two,
+those measured faster than float are candidates, all int8 taken over the table's choice only where measured faster
+than it (the gains need not add up: on mnist_cnn no region alone pays, all three together 1.37x); no candidate: the
+model stays float. The same model, data and CPU give the same assignment wherever the gains exceed the noise.
+Time: at most TABLE_BUDGET_S + CONFIRM_BUDGET_S of runs (at least 5 rounds per model), one build and session per
+region.
 """
 
 from __future__ import annotations
