@@ -215,11 +215,22 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
 def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, threads: int = 1, runs: int = 20,
                     warmup: int = 3, budget_s: float = 20.0, clock: Callable[[], float] = time.perf_counter
                     ) -> list[float]:
-    """Median latency in ms of each model on ``feed``, measured interleaved in this process.
+    """Median latency in ms of each model on ``feed``, measured interleaved in this process (``latency_runs``).
 
     ``clock=time.thread_time`` measures the calling thread's CPU time instead of wall time: with one intra-op
     thread onnxruntime runs every kernel on that thread, so time other processes take from a shared machine is
     left out (benchmarks report both)."""
+    times = latency_runs(models, feed, threads=threads, runs=runs, warmup=warmup, budget_s=budget_s, clock=clock)
+    return [statistics.median(t) for t in times]
+
+
+def latency_runs(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, threads: int = 1, runs: int = 20,
+                 warmup: int = 3, budget_s: float = 20.0, clock: Callable[[], float] = time.perf_counter,
+                 rewarm: int = 0) -> list[list[float]]:
+    """Every run's latency in ms of each model (``measure_latency``'s protocol): warm-up, then runs interleaved,
+    alternating which goes first, at least 5 and at most ``runs``, stopping once ``budget_s`` has passed.
+    ``rewarm``: untimed runs of a model right before each timed one, so that it is timed with its weights in the
+    caches as a model run repeatedly is, not after the other models evicted them."""
     sessions = [make_session(m, "model (latency)", threads=threads, mem_pattern=True) for m in models]
     for s in sessions:
         for _ in range(warmup):
@@ -230,12 +241,14 @@ def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], 
         for r in range(runs):
             order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
             for i in order:
+                for _ in range(rewarm):
+                    sessions[i].run(None, feed)
                 t0 = clock()
                 sessions[i].run(None, feed)
-                times[i].append(clock() - t0)
+                times[i].append((clock() - t0) * 1e3)
             bar.update()
             if r >= 4 and time.perf_counter() - start > budget_s:
                 break
-    return [statistics.median(t) * 1e3 for t in times]
+    return times
 
 

@@ -18,7 +18,11 @@ What the pass does, in order (each step's module says how, with the math):
     one-sided 95% margin for data not seen) the most harmful activation tensors, by their measured sensitivity, are
     left float, fewest first, until both targets hold. Its budgets are modelled seconds, so the result does not
     depend on the machine or its load;
-  * report (``report``): the layers that run float and why, the tensors left float with their sensitivity.
+  * objective=latency (``latency``, the default): the int8 regions of that build are timed on this CPU, alone and
+    together, and only those measured faster stay int8; where nothing is faster the model is written float (the
+    input after the exact passes). objective=size: int8 wherever the targets hold;
+  * report (``report``): the layers that run float and why (fidelity or speed), the tensors left float with their
+    sensitivity, the measured latency of the choice against all int8 and all float.
 Declined: models already quantized (QDQ, QLinear*, *Integer ops); opset < 10 that cannot be converted.
 """
 
@@ -43,8 +47,9 @@ from .quantization.build import Builder
 from .quantization.calibrate import Calibration, calibrate
 from .quantization.cpu import reduce_range_auto
 from .quantization.fallback import fall_back
+from .quantization.latency import Choice, choose, timing_feed
 from .quantization.plan import WEIGHTED, Plan, make_plan
-from .quantization.report import NO_UNITS, Setup, Trial, Upgrade, declined, opset_declined, report
+from .quantization.report import NO_UNITS, Setup, Trial, Upgrade, declined, kept_float, opset_declined, report
 from .quantization.samples import refit_feeds
 
 DEFAULT_BINS = 2048
@@ -62,6 +67,10 @@ class Quantize(Pass):
 
     @dataclass(frozen=True)
     class Options:
+        objective: Literal["latency", "size"] = option(
+            "latency", "latency: int8 only in the regions measured faster on this CPU (onnxruntime's default "
+            "optimizations), float where nothing is: never a model measured slower than the input; size: int8 "
+            "wherever the targets hold")
         method: Literal["minmax", "kl", "percentile", "mse"] = option(
             "mse", "activation range method (mse: the clip with the least expected 8-bit squared error)")
         percentile: float | Literal["auto"] = option(
@@ -132,6 +141,8 @@ class Quantize(Pass):
         return res
 
     def _quantize(self, graph: gs.Graph, ctx: PassContext, o: Any) -> PassResult:
+        # objective=latency: the input after the exact passes, the model written where int8 is not faster
+        before = export(graph, ctx.original) if o.objective == "latency" and ctx.calib is not None else None
         upgrade = self._upgrade(graph, ctx, 13 if o.per_channel else 10) if graph.opset < 13 else None
         failed = upgrade is not None and upgrade.error is not None
         reduce = reduce_range_auto() if o.reduce_range == "auto" else o.reduce_range == "true"
@@ -147,21 +158,39 @@ class Quantize(Pass):
             return declined(setup, plan, NO_UNITS)
         float_model = export(graph, ctx.original)
         calibration = calibrate(graph, float_model, plan, o, ctx, self.name)
-        best, tried = self._trials(graph, plan, calibration, float_model, setup, ctx)
+        best, tried, builder = self._trials(graph, plan, calibration, float_model, setup, ctx)
+        choice = None
+        if before is not None and best.built.int8_units:
+            best, choice = self._fastest(best, builder, before, ctx)
+            if choice.written == "float":
+                replace_graph(graph, import_graph(before))
+                return kept_float(setup, plan, best, choice)
         replace_graph(graph, import_graph(best.built.model))
-        return report(setup, plan, calibration, best, tried)
+        return report(setup, plan, calibration, best, tried, choice)
+
+    @staticmethod
+    def _fastest(best: Trial, builder: Builder, before: onnx.ModelProto, ctx: PassContext) -> tuple[Trial, Choice]:
+        """objective=latency (``latency``): the trial with the regions measured slower left float, and the choice."""
+        keep = set(best.floated)
+        choice = choose(best.built, before, lambda extra: builder.build(keep | extra, refit=False).model,
+                        timing_feed(ctx.require_calib("quantize")))
+        if choice.written == "chosen":
+            slow = {t for r, on in zip(choice.regions, choice.int8) if not on for t in r.tensors}
+            best = best._replace(built=builder.build(keep | slow))
+        return best, choice
 
     def _trials(self, graph: gs.Graph, plan: Plan, calibration: Calibration, float_model: onnx.ModelProto,
-                setup: Setup, ctx: PassContext) -> tuple[Trial, list[Trial]]:
+                setup: Setup, ctx: PassContext) -> tuple[Trial, list[Trial], Builder]:
         """Each candidate set of ranges (in order of preference) built and, if the fallback runs, brought to the
-        targets; the best (most units int8, then fewest tensors float) and all those tried. A candidate that meets
-        the targets with every tensor int8 cannot be beaten, so the search stops there."""
+        targets; the best (most units int8, then fewest tensors float), all those tried and the best's builder. A
+        candidate that meets the targets with every tensor int8 cannot be beaten, so the search stops there."""
         o = setup.options
         # The full mean correction of every real build runs on the first calibration samples, as many as fit its
         # budget in modelled seconds (taken once, when a build first has a bias to correct).
         refit = (float_model, functools.cache(lambda: refit_feeds(float_model, ctx.calib))) \
             if o.bias_correction and ctx.calib is not None else None
         best: Trial | None = None
+        best_builder: Builder | None = None
         tried: list[Trial] = []
         for label, ranges in calibration.candidates:
             builder = Builder(graph, plan, ranges, ctx.original, per_channel=setup.per_channel,
@@ -174,11 +203,11 @@ class Quantize(Pass):
             trial = Trial(label, ranges, fb.built if fb is not None else built, fb)
             tried.append(trial)
             if best is None or trial.rank > best.rank:
-                best = trial
+                best, best_builder = trial, builder
             if not trial.floated:
                 break
-        assert best is not None
-        return best, tried
+        assert best is not None and best_builder is not None
+        return best, tried, best_builder
 
     @staticmethod
     def _upgrade(graph: gs.Graph, ctx: PassContext, target: int) -> Upgrade:

@@ -15,6 +15,8 @@ from graphopt.passes.quantization.calibrate import conv_geometry
 from graphopt.passes.quantization.report import BIASES_CORRECTED
 from graphs import GEOMETRIES, conv_only_model, ort_kernels, session
 
+Q = "quantize:objective=size"   # int8 wherever the targets hold, as these tests expect (objective=latency times it)
+
 
 @pytest.mark.parametrize("xs, ws, group, strides, pads, dil", GEOMETRIES)
 def test_mean_patch_gives_onnxruntimes_mean_conv_output(xs, ws, group, strides, pads, dil):
@@ -93,7 +95,7 @@ def test_quantize_removes_the_rounding_mean_error(op, tmp_path):
     still runs onnxruntime's integer kernel (the bias it was given is int32 at the scale s_x·s_w the kernel
     needs)."""
     m, data = _highpass_model(op)
-    spec = "quantize:method=minmax,min-cosine=0,min-top1=0"
+    spec = f"{Q},method=minmax,min-cosine=0,min-top1=0"
     plain, _ = graphopt.optimize(m, [spec + ",bias-correction=false"], calib_data=data, latency_runs=0)
     fixed, rep = graphopt.optimize(m, [spec], calib_data=data, latency_runs=0)
     onnx.checker.check_model(fixed)
@@ -119,20 +121,20 @@ def test_no_bias_is_added_where_the_correction_rounds_to_zero():
     m = helper.make_model(helper.make_graph(nodes, "g", [xi], [yi], inits), opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     data = [{"x": np.random.default_rng(0).random((16, 4)).astype(np.float32) + 1}]
-    out, rep = graphopt.optimize(m, ["quantize:min-cosine=0,min-top1=0"], calib_data=data, latency_runs=0)
+    out, rep = graphopt.optimize(m, [f"{Q},min-cosine=0,min-top1=0"], calib_data=data, latency_runs=0)
     fc1 = next(n for n in out.graph.node if n.name == "fc1")
     assert len(fc1.input) == 2
-    plain, _ = graphopt.optimize(m, ["quantize:min-cosine=0,min-top1=0,bias-correction=false"], calib_data=data,
+    plain, _ = graphopt.optimize(m, [f"{Q},min-cosine=0,min-top1=0,bias-correction=false"], calib_data=data,
                                  latency_runs=0)
     assert [len(n.input) for n in out.graph.node] == [len(n.input) for n in plain.graph.node]
 
 
 def test_loaded_ranges_without_data_skip_the_correction_and_say_so(tmp_path):
     m, data = _highpass_model("Conv")
-    _, first = graphopt.optimize(m, ["quantize:method=minmax,min-cosine=0,min-top1=0"], calib_data=data,
+    _, first = graphopt.optimize(m, [f"{Q},method=minmax,min-cosine=0,min-top1=0"], calib_data=data,
                                  latency_runs=0)
     ranges = first.passes[-1]["artifacts"]["calibration"]["ranges"]
-    out, rep = graphopt.optimize(m, ["quantize:min-cosine=0,min-top1=0"], calibration_ranges=ranges,
+    out, rep = graphopt.optimize(m, [f"{Q},min-cosine=0,min-top1=0"], calibration_ranges=ranges,
                                  latency_runs=0, validate_output=False)
     assert BIASES_CORRECTED not in rep.passes[-1]["counts"]
     assert any(n.startswith("bias correction skipped: no calibration data") for n in rep.passes[-1]["notes"])
@@ -182,7 +184,7 @@ def test_full_mean_correction_matches_every_layers_mean_to_float():
     from graphopt.calibration.bias_correction import refit_biases
     from graphopt.passes.quantization.weights import with_bias_steps
     m, data = _two_convs()
-    plain, _ = graphopt.optimize(m, ["quantize:min-cosine=0,min-top1=0,bias-correction=false"], calib_data=data,
+    plain, _ = graphopt.optimize(m, [f"{Q},min-cosine=0,min-top1=0,bias-correction=false"], calib_data=data,
                                  latency_runs=0)
     sites = _sites(plain)
     assert [s.output for s in sites] == ["c1", "y_float"]
@@ -242,7 +244,7 @@ def test_a_model_the_mean_matching_cannot_run_keeps_the_weights_offsets(monkeypa
 
     monkeypatch.setattr(q, "refit_biases", broken)
     m, data = _highpass_model("Conv")
-    out, rep = graphopt.optimize(m, ["quantize:method=minmax,min-cosine=0,min-top1=0"], calib_data=data,
+    out, rep = graphopt.optimize(m, [f"{Q},method=minmax,min-cosine=0,min-top1=0"], calib_data=data,
                                  latency_runs=0)
     onnx.checker.check_model(out)
     assert rep.passes[-1]["counts"][BIASES_CORRECTED] == 1
@@ -254,7 +256,7 @@ def test_the_float_side_is_run_once_across_builds(monkeypatch):
     the quantized model is cut and run again, and the steps are the same."""
     import graphopt.calibration.bias_correction as bc
     m, data = _two_convs()
-    plain, _ = graphopt.optimize(m, ["quantize:min-cosine=0,min-top1=0,bias-correction=false"], calib_data=data,
+    plain, _ = graphopt.optimize(m, [f"{Q},min-cosine=0,min-top1=0,bias-correction=false"], calib_data=data,
                                  latency_runs=0)
     sites = _sites(plain)
     cache: dict[str, list[np.ndarray]] = {}

@@ -66,6 +66,8 @@ class Built:
     gptq_rounded: tuple[str, ...]
     refit_skipped: str | None = None
     switches: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # each op that runs int8 (a unit's name, another op's node name) with the quantized tensors it reads or writes
+    links: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 class _Placement(NamedTuple):
@@ -74,6 +76,7 @@ class _Placement(NamedTuple):
     inner: set[str]                                      # conv outputs inside a fused unit: never quantized
     shared: list[tuple[str, str]]                        # tensors that share one scale
     others_io: list[tuple[list[str], str, bool]]         # (data inputs, output, True) of the other ops quantized
+    others: list[str]                                    # their node names
 
 
 class _Edit:
@@ -154,13 +157,18 @@ def drop_idle(qdq: dict[str, None], ops_io: list[tuple[list[str], str | None, bo
     pair would feed float ops: rounding error and two extra ops for nothing (PP-OCRv4 det with every unit float kept
     one such tensor, before a hard-swish, at cosine 0.974 on its evaluation set). One pass suffices: the ops that run
     int8 keep all their tensors, so dropping the others idles none of them."""
-    live = [(ins, out) for ins, out, needs_out in ops_io if all(t in qdq for t in ins) and (out in qdq or not
-                                                                                           needs_out)]
+    live = [ops_io[i][:2] for i in live_ops(qdq, ops_io)]
     used = {t for ins, _ in live for t in ins} | {out for _, out in live if out is not None}
     idle = [t for t in qdq if t not in used]
     for t in idle:
         qdq.pop(t)
     return idle
+
+
+def live_ops(qdq: Mapping[str, None], ops_io: list[tuple[list[str], str | None, bool]]) -> list[int]:
+    """The indices of the ops in ``ops_io`` (``drop_idle``) that run int8 with the tensors in ``qdq`` quantized."""
+    return [i for i, (ins, out, needs_out) in enumerate(ops_io)
+            if all(t in qdq for t in ins) and (out in qdq or not needs_out)]
 
 
 class Builder:
@@ -187,8 +195,11 @@ class Builder:
         self._reference_means: dict[str, list[np.ndarray]] = {}   # the float side of it, kept across builds
         self._rounded: dict[tuple[str, bytes], np.ndarray] = {}   # GPTQ weights by (unit, scales)
 
-    def build(self, keep_float: set[str] | frozenset[str] = frozenset(), switchable: bool = False) -> Built:
-        """The QDQ model with the tensors in ``keep_float`` left float; ``switchable``: see the module docstring."""
+    def build(self, keep_float: set[str] | frozenset[str] = frozenset(), switchable: bool = False,
+              refit: bool = True) -> Built:
+        """The QDQ model with the tensors in ``keep_float`` left float; ``switchable``: see the module docstring;
+        ``refit=False``: without the full mean correction (a build only timed: its biases do not change its
+        latency)."""
         edit = _Edit(self.graph.copy(), switchable)
         tensors = edit.graph.tensors()
         p = self._placement(edit.graph)
@@ -199,8 +210,12 @@ class Builder:
             if name not in params:
                 p.qdq.pop(name)
         inputs = [u.data_inputs(node) for u, node, _ in p.units]     # before the QDQ pairs rewire them
-        idle = drop_idle(p.qdq, [(x, None if node.op in FLOAT_OUTPUT else (act or node).outputs[0].name, False)
-                                 for x, (u, node, act) in zip(inputs, p.units)] + p.others_io)
+        ops_io = [(x, None if node.op in FLOAT_OUTPUT else (act or node).outputs[0].name, False)
+                  for x, (u, node, act) in zip(inputs, p.units)] + p.others_io
+        idle = drop_idle(p.qdq, ops_io)
+        labels = [u.name for u, _, _ in p.units] + p.others
+        links = tuple((labels[i], tuple(t for t in [*ops_io[i][0], ops_io[i][1]] if t in p.qdq))
+                      for i in live_ops(p.qdq, ops_io))
         for name in p.qdq:
             edit.insert_qdq(tensors[name], *params[name])
         int8_units = []
@@ -213,17 +228,18 @@ class Builder:
         edit.graph.cleanup().toposort()
         model = export(edit.graph, self.template)
         skipped = None
-        if self.refit is not None and not switchable and edit.bias_sites:
+        if refit and self.refit is not None and not switchable and edit.bias_sites:
             model, skipped = self._refit(model, edit)
         return Built(model, tuple(int8_units), tuple(p.qdq), tuple(idle), tuple(edit.corrected),
-                     tuple(u for u in int8_units if u in self.hessians), skipped, MappingProxyType(edit.switches))
+                     tuple(u for u in int8_units if u in self.hessians), skipped, MappingProxyType(edit.switches),
+                     links)
 
     def _placement(self, g: gs.Graph) -> _Placement:
         """Which tensors of the copy ``g`` a build with nothing left float quantizes (module docstring)."""
         by_out = {n.outputs[0].name: n for n in g.nodes if n.outputs}
         units = [(u, by_out[u.node.outputs[0].name], by_out[u.act.outputs[0].name] if u.act else None)
                  for u in self.plan.units]
-        p = _Placement(units, {}, set(), [], [])
+        p = _Placement(units, {}, set(), [], [], [])
         read = plan_reads(self.plan)
         for u, node, act in units:
             for t in node.inputs[:2]:
@@ -244,6 +260,7 @@ class Builder:
             out = node.outputs[0]
             p.qdq[out.name] = None
             p.others_io.append(([t.name for t in data], out.name, True))
+            p.others.append(node.name or out.name)
             if node.op in SHARED_SCALE or node.op == "Concat":
                 p.shared.extend((t.name, out.name) for t in data)
         return p

@@ -14,6 +14,7 @@ from .build import Built
 from .calibrate import Calibration, Ranges
 from ..judge import Quality, top1_required
 from .fallback import SENSITIVITY_BUDGET_S, FallbackResult
+from .latency import Choice
 from .plan import Plan
 
 CALIBRATION_SAMPLES = "calibration samples"
@@ -26,6 +27,9 @@ UNITS_FLOAT = "units float"
 TENSORS_QUANTIZED = "tensors quantized"
 BIASES_CORRECTED = "biases corrected"
 GPTQ_ROUNDED = "weights gptq-rounded"
+REGIONS_INT8 = "int8 regions kept (latency)"
+REGIONS_FLOAT = "int8 regions left float (latency)"
+SPEEDUP = "measured speed vs float (x)"
 
 MAX_NOTES = 12              # "left float" lines in the printed report; --report has them all
 _AUTO_WHY = {True: " (auto: this CPU's u8·s8 kernel saturates in int16)",
@@ -83,8 +87,10 @@ def declined(setup: Setup, plan: Plan | None, reason: str) -> PassResult:
     return res
 
 
-def report(setup: Setup, plan: Plan, calibration: Calibration, best: Trial, tried: list[Trial]) -> PassResult:
-    """The pass's result for the trial written (``best``) among those ``tried``."""
+def report(setup: Setup, plan: Plan, calibration: Calibration, best: Trial, tried: list[Trial],
+           choice: Choice | None = None) -> PassResult:
+    """The pass's result for the trial written (``best``) among those ``tried``, with objective=latency's
+    ``choice`` (None: objective=size, or nothing to time)."""
     o = setup.options
     res = PassResult(changed=True)
     _setup_notes(res, setup)
@@ -104,7 +110,12 @@ def report(setup: Setup, plan: Plan, calibration: Calibration, best: Trial, trie
                          + "; ".join(f"{t.label}: {len(t.built.int8_units)} of {len(plan.units)} units int8, "
                                      f"{len(t.floated)} tensors float" for t in tried) + ")")
     built = best.built
-    _layers(res, plan, built, floated, setup.per_channel)
+    _layers(res, plan, built, floated, setup.per_channel, choice)
+    if choice is not None:
+        _latency(res, choice)
+    elif o.objective == "latency" and not setup.calib:
+        res.notes.append("objective=latency: no calibration sample to time on, so int8 wherever the targets hold "
+                         "(as objective=size)")
     res.counts[UNITS_INT8] = len(built.int8_units)
     if len(built.int8_units) < len(plan.units):
         res.counts[UNITS_FLOAT] = len(plan.units) - len(built.int8_units)
@@ -187,14 +198,71 @@ def _fallback(res: PassResult, fb: FallbackResult, o: Any, floated: int) -> None
     res.counts[TENSORS_FLOAT] = floated
 
 
-def _layers(res: PassResult, plan: Plan, built: Built, floated: dict[str, str], per_channel: bool) -> None:
-    """One row per unit: its op, its weights' granularity, int8 or why it runs float."""
+def kept_float(setup: Setup, plan: Plan, best: Trial, choice: Choice) -> PassResult:
+    """objective=latency where no int8 assignment is faster: the input written as it is, and why in one line."""
+    res = PassResult(changed=False)
+    _setup_notes(res, setup)
+    for site, why in plan.declined:
+        res.decline(site, why)
+    floated = _left_float(best.fallback, setup.options) if best.fallback is not None else {}
+    _layers(res, plan, best.built, floated, setup.per_channel, choice)
+    _latency(res, choice)
+    res.artifacts["calibration"] = {"method": setup.options.method,
+                                    "ranges": {k: list(v) for k, v in best.ranges.items()}}
+    return res
+
+
+def _ms(t: Any) -> str:
+    return f"{t.median:.3g} ms"
+
+
+def _latency(res: PassResult, c: Choice) -> None:
+    """objective=latency's line: what was written and the timings it was decided on; its counts."""
+    chosen = f", the {sum(c.faster)} regions faster alone {_ms(c.chosen)}" if c.chosen is not None else ""
+    timed = (f"all int8 {_ms(c.all_int8)}{chosen}, float {_ms(c.all_float)}; median per run, 1 thread, noise "
+             f"±{100 * c.noise:.1f}%")
+    if c.written == "float":
+        res.notes.append(f"objective=latency: kept float: no int8 assignment that meets the targets is measured "
+                         f"faster on this CPU ({timed})")
+        return
+    n = len(c.regions)
+    res.notes.append(f"objective=latency: {sum(c.int8)} of {n} int8 regions kept ({timed})")
+    res.counts[REGIONS_INT8] = sum(c.int8)
+    if not all(c.int8):
+        res.counts[REGIONS_FLOAT] = n - sum(c.int8)
+    res.counts[SPEEDUP] = round(c.all_float.median / c.timed.median, 3)
+
+
+def _speed_reasons(c: Choice | None) -> dict[str, tuple[int, str | None]]:
+    """Each unit in a region: the region's number and, where the region is left float, why (speed)."""
+    if c is None:
+        return {}
+    out: dict[str, tuple[int, str | None]] = {}
+    for i, (r, on) in enumerate(zip(c.regions, c.int8)):
+        why = None
+        if not on:
+            alone = f"; int8 alone saves {c.gains[i].median:+.3g} ms (±{c.gains[i].notch:.2g})" if c.gains else ""
+            why = (f"speed: region {i + 1} is faster float" if c.written == "chosen" else
+                   "speed: no int8 assignment is measured faster") + alone
+        out.update({op: (i + 1, why) for op in r.ops})
+    return out
+
+
+def _layers(res: PassResult, plan: Plan, built: Built, floated: dict[str, str], per_channel: bool,
+            choice: Choice | None = None) -> None:
+    """One row per unit: its op, its weights' granularity, its int8 region (objective=latency), int8 or why it
+    runs float (fidelity: an input left float; speed: its region measured slower)."""
+    speed = _speed_reasons(choice)
     for u in plan.units:
         why = [f"input '{t}' left float" for t in u.data_inputs() if t in floated]
-        status = "int8" if u.name in built.int8_units else "float: " + ("; ".join(why) or "input not quantized")
-        res.layers.append({"layer": u.name, "op": u.op,
-                           "weights": "per-channel" if per_channel and u.weight_axis is not None else
-                           ("per-tensor" if u.weight_axis is not None else "activation"), "status": status})
+        region, slow = speed.get(u.name, (None, None))
+        status = "float: " + slow if slow else "int8" if u.name in built.int8_units else \
+            "float: " + ("; ".join(why) or "input not quantized")
+        row = {"layer": u.name, "op": u.op, "weights": "per-channel" if per_channel and u.weight_axis is not None
+               else ("per-tensor" if u.weight_axis is not None else "activation"), "status": status}
+        if region is not None:
+            row["region"] = region
+        res.layers.append(row)
 
 
 def _weight_notes(res: PassResult, setup: Setup, plan: Plan, built: Built, calibration: Calibration) -> None:

@@ -1,0 +1,182 @@
+"""``objective=latency``: int8 only where it measures faster on this CPU, and never a model slower than float.
+
+Regions (``regions``): the ops that run int8 in the build the fidelity search chose, joined where they share a
+quantized tensor (union-find over ``Built.links``). A region is a connected int8 run with a QuantizeLinear /
+DequantizeLinear pair at each boundary to float; it is int8 or float as a whole, never a layer inside an int8 run
+(that would add two boundaries). Above MAX_REGIONS, consecutive regions (topological order) form one group.
+
+Timing (``Timer``): onnxruntime's default optimizations (ORT_ENABLE_ALL, as a user runs the model), one intra-op
+thread, the calling thread's CPU time (time other processes take from a shared machine is left out), one
+calibration sample, runs interleaved (runtime.latency_runs), each timed run right after REWARM untimed ones of the
+same model, so it is timed with its weights in the caches as a model run repeatedly is (Zen 4: one 1024x2048 float
+MatMul timed straight after three others took 0.35 ms, 0.20 after one untimed run, 0.117 after three, as alone;
+models modelled above REWARM_ABOVE_S per run (samples.modelled_cost) outgrow the caches and get one). Each median m
+comes with its notch
+    notch = 1.57 · IQR / √n        (McGill, Tukey & Larsen 1978: non-overlapping notches ≈ medians differ at 5%)
+and "a is faster than b" means m_a + notch_a < m_b − notch_b. The noise reported is (notch_a + notch_b) / m_float.
+
+Choice (``choose``, ``pick``): a table built once, all float and each region int8 alone; a region's gain is
+m_float − m_region. The regions with a positive gain are int8 (taking gains as adding up), the rest stay float:
+small layers where int8's overhead exceeds its gain, islands whose boundaries cost more than they save. That
+assignment is then timed against all float and all int8 (the fidelity search's build), interleaved: of the two,
+those measured faster than float are candidates, all int8 taken over the table's choice only where measured faster
+than it (the gains need not add up: on mnist_cnn no region alone pays, all three together 1.37x); no candidate: the
+model stays float. The same model, data and CPU give the same assignment wherever the gains exceed the noise.
+Time: at most TABLE_BUDGET_S + CONFIRM_BUDGET_S of runs (at least 5 rounds per model), one build and session per
+region.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+from graphopt.calibration.feeds import first_row_feed
+from graphopt.calibration.readers import Batch
+
+from graphopt.runtime import latency_runs
+
+from .build import Built
+from .samples import modelled_cost
+
+MAX_REGIONS = 12            # regions timed one by one; above, consecutive ones are timed and chosen together
+TABLE_BUDGET_S = 3.0        # seconds of runs for the per-region table
+CONFIRM_BUDGET_S = 1.5      # seconds of runs for the final comparison
+TABLE_RUNS = 30          # runs per model in the table, and in the final comparison (tiny models reach them well
+CONFIRM_RUNS = 60        # within the budgets)
+NOTCH = 1.57
+REWARM = 3
+REWARM_ABOVE_S = 5e-3
+
+
+@dataclass(frozen=True)
+class Region:
+    """A connected int8 run: its ops (unit or node names, in the build's order) and its quantized tensors."""
+
+    ops: tuple[str, ...]
+    tensors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A median latency (ms) and its notch (ms)."""
+
+    median: float
+    notch: float
+
+    def faster(self, other: Timing) -> bool:
+        return self.median + self.notch < other.median - other.notch
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The assignment chosen: the regions, their gains alone (ms; empty where there is one region), which the table
+    found faster alone, which are written int8, the timings of the table's choice (None where it is all or none of
+    the regions), all int8 and all float, and what is written: "chosen" (the table's choice), "int8" or "float"."""
+
+    regions: tuple[Region, ...]
+    gains: tuple[Timing, ...]
+    faster: tuple[bool, ...]
+    int8: tuple[bool, ...]
+    chosen: Timing | None
+    all_int8: Timing
+    all_float: Timing
+    written: str
+
+    @property
+    def timed(self) -> Timing:
+        """The timing of what is written."""
+        return {"chosen": self.chosen, "int8": self.all_int8}.get(self.written) or self.all_float
+
+    @property
+    def noise(self) -> float:
+        """The relative noise of the final comparison: float's notch and the best candidate's, over float's median."""
+        best = min((t for t in (self.chosen, self.all_int8) if t is not None), key=lambda t: t.median)
+        return (self.all_float.notch + (self.timed if self.written != "float" else best).notch) / self.all_float.median
+
+
+def regions(built: Built) -> list[Region]:
+    """The connected int8 runs of ``built`` (module docstring), grouped to at most MAX_REGIONS."""
+    parent: dict[str, str] = {}
+
+    def find(a: str) -> str:
+        while parent.setdefault(a, a) != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for _, tensors in built.links:
+        for t in tensors[1:]:
+            parent[find(t)] = find(tensors[0])
+    groups: dict[str, tuple[list[str], dict[str, None]]] = {}
+    for op, tensors in built.links:
+        if tensors:
+            ops, ts = groups.setdefault(find(tensors[0]), ([], {}))
+            ops.append(op)
+            ts.update(dict.fromkeys(tensors))
+    found = [Region(tuple(ops), tuple(ts)) for ops, ts in groups.values()]
+    per = math.ceil(len(found) / MAX_REGIONS) if found else 1
+    return [Region(tuple(o for r in found[i:i + per] for o in r.ops), tuple(t for r in found[i:i + per]
+                                                                             for t in r.tensors))
+            for i in range(0, len(found), per)]
+
+
+def timing(runs: list[float]) -> Timing:
+    q = np.percentile(runs, [25, 75])
+    return Timing(statistics.median(runs), NOTCH * float(q[1] - q[0]) / math.sqrt(len(runs)))
+
+
+def time_models(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], budget_s: float, runs: int,
+                rewarm: int) -> list[Timing]:
+    """Each model's median and notch (module docstring), interleaved."""
+    times = latency_runs(models, feed, threads=1, runs=runs, warmup=1, budget_s=budget_s, clock=time.thread_time,
+                         rewarm=rewarm)
+    return [timing(t) for t in times]
+
+
+def timing_feed(calib: Iterable[Batch]) -> dict[str, np.ndarray]:
+    """The first calibration sample, as one row."""
+    for b in calib:
+        return first_row_feed(b.feed)
+    raise ValueError("no calibration sample")
+
+
+def choose(built: Built, float_model: onnx.ModelProto, build: Callable[[set[str]], onnx.ModelProto],
+           feed: dict[str, np.ndarray]) -> Choice:
+    """The assignment to write (module docstring). ``build(keep_float)`` builds the model with those tensors
+    float (on top of those the fidelity search left float), for timing only."""
+    found = regions(built)
+    cost = modelled_cost(float_model, [Batch(feed, None)])
+    rewarm = REWARM if cost is not None and cost < REWARM_ABOVE_S else 1
+    every = {t for r in found for t in r.tensors}
+    if len(found) > 1:
+        alone = [build(every - set(r.tensors)) for r in found]
+        table = time_models([float_model, *alone], feed, TABLE_BUDGET_S, TABLE_RUNS, rewarm)
+        gains = tuple(Timing(table[0].median - t.median, table[0].notch + t.notch) for t in table[1:])
+    else:
+        gains = ()
+    faster = tuple(g.median > 0 for g in gains) if gains else (True,) * len(found)
+    partial = any(faster) and not all(faster)
+    models = [float_model, built.model]
+    if partial:
+        models.append(build({t for r, on in zip(found, faster) if not on for t in r.tensors}))
+    final = time_models(models, feed, CONFIRM_BUDGET_S, CONFIRM_RUNS, rewarm)
+    written = pick(final[0], final[1], final[2] if partial else None)
+    int8 = {"chosen": faster, "int8": (True,) * len(found)}.get(written, (False,) * len(found))
+    return Choice(tuple(found), gains, faster, int8, final[2] if partial else None, final[1], final[0], written)
+
+
+def pick(all_float: Timing, all_int8: Timing, chosen: Timing | None) -> str:
+    """What to write: of the table's choice and all int8, those measured faster than float; of both, all int8 only
+    where measured faster than the table's choice; none: float."""
+    fast = [(name, t) for name, t in (("chosen", chosen), ("int8", all_int8)) if t is not None and t.faster(all_float)]
+    if not fast:
+        return "float"
+    if len(fast) == 2 and not all_int8.faster(chosen):      # type: ignore[arg-type]
+        return "chosen"
+    return fast[-1][0]

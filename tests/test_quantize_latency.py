@@ -1,0 +1,109 @@
+"""quantize objective=latency: int8 regions kept only where measured faster, float where nothing is (never slower than
+the input), the choice reproducible where the gains are clear; regions; the option refused where it is wrong."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import graphopt
+from graphopt.errors import UsageError
+from graphopt.passes.quantization import latency
+from graphopt.passes.quantization.build import Built
+from graphopt.passes.quantization.latency import Region, Timing, choose, regions
+from graphs import assert_one_line_error, ops, parse_model, rand
+
+
+def tiny_chain(n: int = 8) -> onnx.ModelProto:
+    """n 8x8 MatMuls, each followed by a Sigmoid (no integer kernel): n one-layer int8 islands, each too small for
+    int8's quantize step and kernel overhead to pay."""
+    body = [f"m{i} = MatMul({'x' if i == 0 else f's{i - 1}'}, w{i})\ns{i} = Sigmoid(m{i})" for i in range(n)]
+    return parse_model("g (float[N, 8] x) => (float[N, 8] y) {\n" + "\n".join(body) + f"\ny = Identity(s{n - 1})\n}}",
+                       **{f"w{i}": rand(8, 8, seed=i) for i in range(n)})
+
+
+def two_big_matmuls() -> onnx.ModelProto:
+    """Two weight-bound MatMuls (2.25 and 1.1 MB of float weights) separated by a Sigmoid: two int8 regions whose
+    int8 weights are a quarter of the bytes to stream, clearly faster."""
+    return parse_model("""g (float[N, 768] x) => (float[N, 384] y) {
+        h = MatMul(x, w1)
+        s = Sigmoid(h)
+        y = MatMul(s, w2)
+    }""", w1=rand(768, 768, seed=1) * 0.03, w2=rand(768, 384, seed=2) * 0.03)
+
+
+def data(features: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [{"x": rng.standard_normal((8, features)).astype(np.float32)}]
+
+
+def test_tiny_layers_stay_float_with_the_numbers_in_one_line(cli, tmp_path):
+    src, out = tmp_path / "tiny.onnx", tmp_path / "out.onnx"
+    onnx.save(tiny_chain(), src)
+    np.savez(tmp_path / "c.npz", **data(8)[0])
+    res = cli(src, out, "--pass", "quantize:min-top1=0", "--calib-data", tmp_path / "c.npz", "--latency-runs", "0")
+    assert res.code == 0, res.err
+    written = onnx.load(out)
+    assert "QuantizeLinear" not in ops(written) and ops(written) == ops(tiny_chain())
+    said = [line for line in res.out.splitlines() if "objective=latency: kept float" in line]
+    assert len(said) == 1 and "all int8" in said[0] and "float" in said[0] and "noise ±" in said[0], res.out
+
+
+def test_clear_gains_give_the_same_assignment_twice():
+    runs = [graphopt.optimize(two_big_matmuls(), ["quantize:min-top1=0"], calib_data=data(768), latency_runs=0)
+            for _ in range(2)]
+    statuses = [[(row["layer"], row["status"], row["region"]) for row in rep.passes[-1]["layers"]] for _, rep in runs]
+    assert statuses[0] == statuses[1]
+    assert [s for _, s, _ in statuses[0]] == ["int8", "int8"] and [r for *_, r in statuses[0]] == [1, 2]
+    assert ops(runs[0][0]).count("QuantizeLinear") == 2
+
+
+def test_objective_size_keeps_int8_where_latency_keeps_float():
+    out, rep = graphopt.optimize(tiny_chain(), ["quantize:objective=size,min-top1=0"], calib_data=data(8),
+                                 latency_runs=0)
+    assert ops(out).count("QuantizeLinear") == 8
+    assert not any("objective=latency" in n for n in rep.passes[-1]["notes"])
+
+
+def fake_built(links: list[tuple[str, tuple[str, ...]]]) -> Built:
+    return Built(onnx.ModelProto(), tuple(op for op, _ in links), (), (), (), (), links=tuple(links))
+
+
+def test_regions_join_the_int8_ops_that_share_a_quantized_tensor():
+    built = fake_built([("conv1", ("x", "a")), ("add", ("a", "b", "c")), ("conv2", ("d", "b")), ("fc", ("e",))])
+    assert regions(built) == [Region(("conv1", "add", "conv2"), ("x", "a", "b", "c", "d")),
+                              Region(("fc",), ("e",))]
+    many = fake_built([(f"fc{i}", (f"t{i}",)) for i in range(latency.MAX_REGIONS + 3)])
+    grouped = regions(many)
+    assert len(grouped) <= latency.MAX_REGIONS and sum(len(r.ops) for r in grouped) == latency.MAX_REGIONS + 3
+
+
+@pytest.mark.parametrize("confirm, written, int8", [
+    ([10.0, 6.6, 6.0], "chosen", (True, False)),      # region 2 alone slower: left float, the rest faster
+    ([10.0, 5.0, 6.0], "int8", (True, True)),         # all int8 measured faster than the choice: taken
+    ([10.0, 6.0, 9.95], "int8", (True, True)),        # the choice is not faster than float, all int8 is
+    ([10.0, 9.9, 9.95], "float", (False, False)),     # nothing faster than float beyond the noise
+])
+def test_choice_from_the_table_and_the_confirmation(monkeypatch, confirm, written, int8):
+    tables = iter([[Timing(10.0, 0.1), Timing(6.0, 0.1), Timing(10.5, 0.1)], [Timing(t, 0.1) for t in confirm]])
+    monkeypatch.setattr(latency, "time_models", lambda *timed: next(tables))
+    built = fake_built([("fc1", ("a",)), ("fc2", ("b",))])
+    kept = []
+    choice = choose(built, two_big_matmuls(), lambda keep: kept.append(keep) or onnx.ModelProto(),
+                    {"x": np.zeros((1, 768), np.float32)})
+    assert kept[:2] == [{"b"}, {"a"}]                  # each region timed alone
+    assert (choice.written, choice.int8) == (written, int8)
+    assert [g.median for g in choice.gains] == [4.0, -0.5]
+
+
+def test_an_unknown_objective_is_refused():
+    with pytest.raises(UsageError, match="objective"):
+        graphopt.optimize(tiny_chain(), ["quantize:objective=fast"], calib_data=data(8), latency_runs=0)
+
+
+def test_an_unknown_objective_is_one_line_exit_2(cli, tmp_path):
+    src = tmp_path / "tiny.onnx"
+    onnx.save(tiny_chain(), src)
+    res = cli(src, tmp_path / "o.onnx", "--pass", "quantize:objective=speed")
+    assert_one_line_error(res, 2, "objective")
