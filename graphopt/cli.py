@@ -25,7 +25,8 @@ from .errors import (EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK,
                      GraphoptError, InputError, InternalError, UsageError, ValidationFailed, one_line)
 from .pipeline import default_pipeline, parse_recipe, recipe_preprocess, registry
 from .report import environment, format_header, format_step, summary
-from .sweep import format_knees, format_row, keep_path, parse_sweep, run_sweep, write_tables
+from .sweep import parse_sweep, run_sweep
+from .sweep_output import check_outputs, format_knees, format_row, write_tables
 
 log = logging.getLogger("graphopt")
 
@@ -287,24 +288,13 @@ def _sweep(args: argparse.Namespace) -> int:
     and the tables and picture written atomically (never over the input)."""
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(levelname)s: %(message)s",
                         stream=sys.stderr, force=True)
-    sweep = parse_sweep(args.passes)
+    sweep = parse_sweep(args.passes, have_calib=args.calib_data is not None)
     if args.plot and not plot.HAVE_MATPLOTLIB:
         raise UsageError(plot.NEEDS_MATPLOTLIB)
     _check_counts(args)
     preprocess = parse_preprocess(args.preprocess) if args.preprocess else None
     model, protected = io.load_model_and_files(args.model)
-    outputs = [p for p in (args.csv, args.json, args.plot) if p]
-    if len({Path(p).resolve() for p in outputs}) < len(outputs):
-        raise UsageError("--csv, --json and --plot name the same file; give each its own")
-    for out in outputs:
-        io.check_output_path(out, protected)
-    keep = None
-    if args.keep_dir:
-        folder = Path(args.keep_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, value in enumerate(sweep.values, 1):
-            io.check_output_path(keep_path(folder, i, sweep, value), protected)
-        keep = lambda i, value, m: io.save_model(m, keep_path(folder, i, sweep, value))  # noqa: E731
+    keep = check_outputs(sweep, [p for p in (args.csv, args.json, args.plot) if p], args.keep_dir, protected)
     if not args.quiet:
         _say(format_header(environment()), f"sweep of {sweep.label} over {len(sweep.values)} values: {sweep.shape}")
     result = run_sweep(model, Path(args.model).name, sweep, _settings(args, preprocess), keep=keep,

@@ -15,17 +15,14 @@ cost.
 
 from __future__ import annotations
 
-import csv
 import logging
 import statistics
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import onnx
 
-from . import io
 from .api import optimize
 from .errors import InputError, UsageError
 from .pipeline import PassSpec, check_calibration, check_order, make_spec, registry, split_pass_arg
@@ -85,9 +82,9 @@ def _decimal_text(d: Decimal) -> str:
     return "0" if text in ("-0", "") else text
 
 
-def parse_sweep(pass_args: Sequence[str]) -> Sweep:
-    """The sweep the ``--pass`` texts describe, every value's pipeline parsed and checked (options, bounds, order);
-    a usage error names the problem before any work."""
+def parse_sweep(pass_args: Sequence[str], have_calib: bool) -> Sweep:
+    """The sweep the ``--pass`` texts describe, every value's pipeline parsed and checked (options, bounds, order,
+    calibration data where a value needs it); a usage error names the problem before any work."""
     split = [split_pass_arg(text) for text in pass_args]
     found: list[tuple[int, int, str, list[str]]] = []
     for i, (name, pairs) in enumerate(split):
@@ -114,6 +111,7 @@ def parse_sweep(pass_args: Sequence[str]) -> Sweep:
         specs = [make_spec(name, [(k, value if (a, b) == (i, j) else v) for b, (k, v) in enumerate(pairs)])
                  for a, (name, pairs) in enumerate(split)]
         check_order(specs)
+        check_calibration(specs, have_calib)
         pipelines.append(tuple(specs))
     name, pairs = split[i]
     shown = ",".join(f"{k}={'<' + option + '>' if b == j else v}" for b, (k, v) in enumerate(pairs))
@@ -180,8 +178,6 @@ def run_sweep(model: onnx.ModelProto, name: str, sweep: Sweep, settings: Mapping
     arguments, as the main command passes them. ``keep(i, value, model)`` gets each value's model; ``on_row`` each
     row as it is measured (row 0 first, once a run has measured the input). A value's user error (bad data for that
     setting, an option the model refuses) is its row's reason; an input the data refuses stops the sweep."""
-    for pipeline in sweep.pipelines:
-        check_calibration(pipeline, settings.get("calib_data") is not None)
     rows = [Row("input", passed=True, reason="the input model (reference): no value ran")]
     pending: list[Row] = []       # rows measured before row 0 is known (a first value that was refused)
     warnings: dict[str, None] = {}
@@ -267,75 +263,3 @@ def knee(rows: Sequence[Row], cost: str) -> Row | None:
     """The passing value (row 0 aside) of least ``cost``; ties go to the first value."""
     passing = [r for r in rows[1:] if r.passed and getattr(r, cost) is not None]
     return min(passing, key=lambda r: getattr(r, cost)) if passing else None
-
-
-# ---------------------------------------------------------------------------------------------------- output
-
-
-CSV_FIELDS = ["value", "passed", "accuracy", "cosine", "top1", "latency_ms", "latency_ratio", "size_bytes",
-              "parameters", "macs", "seconds", "reason"]
-
-
-class _Lines(list):
-    def write(self, text: str) -> None:
-        self.append(text)
-
-
-def to_csv(result: SweepResult) -> str:
-    lines = _Lines()
-    w = csv.writer(lines, lineterminator="\n")
-    w.writerow(CSV_FIELDS)
-    for r in result.rows:
-        w.writerow(["" if (x := getattr(r, f)) is None else (round(x, 6) if isinstance(x, float) else x)
-                    for f in CSV_FIELDS])
-    return "".join(lines)
-
-
-def format_row(r: Row, option: str) -> str:
-    """One line of the stdout table."""
-    name = "input" if r.value == "input" else f"{option}={r.value}"
-    if not r.measured:
-        return f"{name:<22} error   {r.reason}"
-    verdict = "reference" if r.value == "input" else ("pass" if r.passed else "FAIL")
-    figures = [f"acc {r.accuracy:6.2f}%" if r.accuracy is not None else "",
-               f"cos {r.cosine:.5f}" if r.cosine is not None else "",
-               f"top-1 {r.top1:6.2f}%" if r.top1 is not None else "",
-               f"latency {r.latency_ratio:.2f}x" if r.latency_ratio is not None else "latency -",
-               f"size {r.size_bytes / 1024:,.1f} KB", f"params {r.parameters:,}",
-               f"MACs {r.macs / 1e6:,.2f} M" if r.macs is not None else "MACs -"]
-    line = f"{name:<22} {verdict:<9} " + "  ".join(f for f in figures if f)
-    return line + (f"  ({r.reason.split('; ')[0]})" if verdict == "FAIL" else "")
-
-
-def format_knees(result: SweepResult) -> list[str]:
-    """The closing lines: the best passing value by latency and by size (the knee of each curve)."""
-    lines = []
-    for cost, what in (("latency_ratio", "latency"), ("size_bytes", "size")):
-        best = knee(result.rows, cost)
-        if best is None:
-            measured = any(getattr(r, cost) is not None for r in result.rows[1:])
-            lines.append(f"knee by {what}: " + ("no value met the targets" if measured else "not measured"))
-            continue
-        ref = getattr(result.rows[0], cost)
-        gain = f"{1 / best.latency_ratio:.2f}x faster" if cost == "latency_ratio" else \
-            f"{best.size_bytes / ref:.0%} of the input's size" if ref else ""
-        lines.append(f"knee by {what}: {result.sweep.option}={best.value} ({gain}, " + (
-            f"accuracy {best.accuracy:.2f}%)" if best.accuracy is not None else f"cosine {best.cosine:.5f})"))
-    return lines
-
-
-def keep_path(folder: Path, i: int, sweep: Sweep, value: str) -> Path:
-    """Where ``--keep-dir`` puts value ``i``'s model."""
-    return folder / f"{i:02d}-{sweep.pass_name}-{sweep.option}={value}.onnx"
-
-
-def write_tables(result: SweepResult, csv_path: str | None, json_path: str | None) -> list[str]:
-    written = []
-    if csv_path:
-        io.write_text(csv_path, to_csv(result))
-        written.append(csv_path)
-    if json_path:
-        io.write_json(json_path, result.to_dict())
-        written.append(json_path)
-    return written
-

@@ -94,7 +94,7 @@ def test_bad_sweeps_are_one_line_before_any_work(cli, tmp_path, conv, args, need
     m, data, val = conv
     res = cli("sweep", m, *args, "--calib-data", data, "--csv", tmp_path / "s.csv")
     assert_one_line_error(res, 2, needle)
-    assert not (tmp_path / "s.csv").exists()
+    assert res.out == "" and not (tmp_path / "s.csv").exists()
 
 
 def test_plot_without_matplotlib_and_outputs_over_the_input(cli, tmp_path, conv, monkeypatch):
@@ -105,6 +105,9 @@ def test_plot_without_matplotlib_and_outputs_over_the_input(cli, tmp_path, conv,
                               tmp_path / "c.png"), 2, "pip install 'graphopt[plot]'")
     assert_one_line_error(cli("sweep", m, "--pass", "prune-channels:ratio=0.1|0.2", "--calib-data", data, "--csv",
                               m), 2, "would overwrite the input")
+    res = cli("sweep", m, "--pass", "svd:data-aware=false|true")     # the second value needs calibration data
+    assert_one_line_error(res, 2, "'svd:data-aware=true' needs calibration data")
+    assert res.out == ""
 
 
 def test_prune_sweep_rows_tables_and_plot(cli, tmp_path, conv):
