@@ -30,7 +30,8 @@ LABELS = {"latency_ratio": "latency (x the input's, lower is faster)", "size_byt
 def render(result: SweepResult) -> bytes:
     """The figure as PNG bytes (the caller writes them through graphopt.io)."""
     costs = [c for c in COSTS if any(getattr(r, c) is not None for r in result.rows)]
-    fig = importlib.import_module("matplotlib.figure").Figure(figsize=(4.6 * max(len(costs), 1), 4.6), dpi=90, layout="constrained")
+    figure = importlib.import_module("matplotlib.figure")
+    fig = figure.Figure(figsize=(4.6 * max(len(costs), 1), 4.6), dpi=90, layout="constrained")
     axes = fig.subplots(1, max(len(costs), 1), sharey=True, squeeze=False)[0]
     lo, hi = _quality_range(result)
     for ax, cost in zip(axes, costs):
@@ -56,6 +57,8 @@ def render(result: SweepResult) -> bytes:
 def _quality_range(result: SweepResult) -> tuple[float, float]:
     """The quality axis: from a little under the target (or the lowest point) to a little over the best point."""
     values = [q for r in result.rows if (q := quality_of(r, result.quality)) is not None]
+    if not values:     # no value ran: an empty panel under the title that lists why
+        return 0.0, 1.0
     floor = result.quality_floor
     top = max(values + ([floor] if floor is not None else []))
     bottom = min(values + ([floor] if floor is not None else []))
@@ -106,7 +109,7 @@ def _point(ax: Any, r: Row, x: float, y: float, lo: float, quality: str) -> None
         ax.scatter([x], [y], marker="*", s=160, color="black", zorder=4)
         offset = (4, -12)   # below: a value next to the input keeps its label above
     elif y < lo:     # far below the target: on the floor, with its figure
-        ax.scatter([x], [lo], marker="v", s=60, color=FAIL, zorder=3, clip_on=False)
+        ax.scatter([x], [lo], marker="v", s=60, color=PASS if r.passed else FAIL, zorder=3, clip_on=False)
         text += f" ({y:.1f}%)" if quality == "accuracy" else f" ({y:.3f})"
         y = lo
     elif r.passed:

@@ -17,7 +17,8 @@ from hypothesis import given, settings, strategies as st
 import graphopt.cli as cli_module
 import graphopt.sweep as sweep_module
 from graphopt.errors import UsageError
-from graphopt.sweep import Row, expand, knee, pareto
+from graphopt.plot import render
+from graphopt.sweep import Row, Sweep, SweepResult, expand, knee, pareto
 from graphs import assert_one_line_error, calib, conv_net, parse_model, rand
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -76,6 +77,17 @@ def test_pareto_front_and_knee():
             Row("d", True, accuracy=97.5, latency_ratio=0.6), Row("e", False, reason="refused")]
     assert [r.value for r in pareto(rows, "latency_ratio", "accuracy")] == ["c", "d", "a"]   # b and input dominated
     assert knee(rows, "latency_ratio").value == "d" and knee(rows, "size_bytes") is None
+
+
+def test_plot_of_cosines_with_a_value_off_the_scale_and_one_that_did_not_run():
+    rows = [Row("input", True, cosine=1.0, latency_ratio=1.0, size_bytes=4096, macs=10**6),
+            Row("0.9", True, cosine=0.99, latency_ratio=0.7, size_bytes=2048, macs=5 * 10**5),
+            Row("0.99", False, cosine=0.2, latency_ratio=0.5, size_bytes=1024, macs=2 * 10**5, reason="cosine"),
+            Row("0.999", False, reason="refused")]
+    sweep = Sweep("quantize", "min-cosine", ("0.9", "0.99", "0.999"), (), "quantize:min-cosine=<min-cosine>")
+    png = render(SweepResult("m.onnx", sweep, rows, {"min_cosine": 0.98, "min_top1": None,
+                                                     "max_accuracy_drop": 1.0}))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
 @pytest.mark.parametrize("args, needle", [
