@@ -47,8 +47,10 @@ def render(result: SweepResult) -> bytes:
     pipeline = f"  ({result.sweep.shape})" if " " in result.sweep.shape else ""
     errors = [f"{result.sweep.option}={r.value}: {r.reason}" for r in result.rows[1:] if not r.measured]
     note = ("\nnot measured: " + "; ".join(errors))[:200] if errors else ""
-    fig.suptitle(f"{result.model}: sweep of {result.sweep.label}{pipeline}\n"
-                 f"{env['cpu']['model']}, onnxruntime {env['onnxruntime']}; {timing}{note}", fontsize=10)
+    cpu = env["cpu"]
+    fig.suptitle(f"{result.model}: sweep of {result.sweep.label}{pipeline}\n{cpu['model']} ("
+                 f"{', '.join(cpu['isa']) or 'no AVX2'}; {cpu['cores']} cores), onnxruntime {env['onnxruntime']}; "
+                 f"{timing}{note}", fontsize=10)
     buf = BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
