@@ -295,10 +295,14 @@ def _sweep(args: argparse.Namespace) -> int:
     preprocess = parse_preprocess(args.preprocess) if args.preprocess else None
     model, protected = io.load_model_and_files(args.model)
     keep = check_outputs(sweep, [p for p in (args.csv, args.json, args.plot) if p], args.keep_dir, protected)
-    if not args.quiet:
-        _say(format_header(environment()), f"sweep of {sweep.label} over {len(sweep.values)} values: {sweep.shape}")
+    header = [format_header(environment()), f"sweep of {sweep.label} over {len(sweep.values)} values: {sweep.shape}"]
+
+    def show(row: Any) -> None:   # the header with the first row: data refused before it leaves one line
+        _say(*header, format_row(row, sweep.option))
+        header.clear()
+
     result = run_sweep(model, Path(args.model).name, sweep, _settings(args, preprocess), keep=keep,
-                       on_row=None if args.quiet else lambda r: _say(format_row(r, sweep.option)))
+                       on_row=None if args.quiet else show)
     written = write_tables(result, args.csv, args.json)
     if args.plot:
         io.write_bytes(args.plot, plot.render(result))

@@ -176,11 +176,19 @@ def run_sweep(model: onnx.ModelProto, name: str, sweep: Sweep, settings: Mapping
               on_row: Callable[[Row], None] | None = None) -> SweepResult:
     """Row 0 (the input), then one row per value; ``settings`` are ``optimize``'s data, target and measurement
     arguments, as the main command passes them. ``keep(i, value, model)`` gets each value's model; ``on_row`` each
-    row as it is measured (row 0 first, once a run has measured the input). A value's user error (bad data for that
-    setting, an option the model refuses) is its row's reason; an input the data refuses stops the sweep."""
-    rows = [Row("input", passed=True, reason="the input model (reference): no value ran")]
-    pending: list[Row] = []       # rows measured before row 0 is known (a first value that was refused)
-    warnings: dict[str, None] = {}
+    row as it is measured (row 0 once a value's validation has measured the input's accuracy).
+
+    Row 0 first opens the data and measures the input (an empty pipeline, no validation): data the input model
+    cannot take stops the sweep there, before any value, with its one-line error. After that, a value's user error
+    (an option this model refuses) is that value's row, with the reason."""
+    _, ref = optimize(model, [], validate_output=False, **{**settings, "latency_runs": 0})
+    assert ref.before is not None
+    b = ref.before
+    rows = [Row("input", passed=True, reason="the input model (reference)", size_bytes=b.size_bytes,
+                parameters=b.parameters, macs=b.macs, seconds=0.0)]
+    pending: list[Row] = [rows[0]]      # shown once a value's validation gave the input's figures
+    known = False
+    warnings: dict[str, None] = dict.fromkeys(ref.warnings)
     setup: dict[str, Any] = {}
     before: list[float] = []
     for i, (value, pipeline) in enumerate(zip(sweep.values, sweep.pipelines), 1):
@@ -189,9 +197,9 @@ def run_sweep(model: onnx.ModelProto, name: str, sweep: Sweep, settings: Mapping
         except (UsageError, InputError) as e:
             rows.append(Row(value, passed=False, reason=str(e)))
         else:
-            if not rows[0].measured:
-                rows[0] = _input_row(report)
-                pending.insert(0, rows[0])
+            if not known:
+                _input_quality(rows[0], report)
+                known = True
             rows.append(_row(value, report))
             warnings.update(dict.fromkeys(report.warnings))
             if report.latency_ms:
@@ -200,15 +208,13 @@ def run_sweep(model: onnx.ModelProto, name: str, sweep: Sweep, settings: Mapping
             if keep:
                 keep(i, value, out)
         pending.append(rows[-1])
-        if on_row and rows[0].measured:
+        if on_row and (known or i == len(sweep.values)):
             for row in pending:
                 on_row(row)
             pending.clear()
-    if on_row:
-        for row in ([rows[0]] if not rows[0].measured else []) + pending:
-            on_row(row)
     if before:
         rows[0].latency_ms = statistics.median(before)
+        rows[0].latency_ratio = 1.0
     targets = pipeline_targets(gate=settings.get("gate", True), min_cosine=settings.get("min_cosine"),
                                min_top1=settings.get("min_top1"), max_accuracy_drop=settings.get("max_accuracy_drop"),
                                max_rel_error=settings.get("max_rel_error"))
@@ -217,16 +223,14 @@ def run_sweep(model: onnx.ModelProto, name: str, sweep: Sweep, settings: Mapping
                        latency_setup=setup, warnings=list(warnings))
 
 
-def _input_row(report: Report) -> Row:
-    """Row 0 from a value's report: the input as validation and the statistics measured it beside that value."""
-    v, b = report.validation, report.before
-    assert v is not None and b is not None
-    return Row("input", passed=True, reason="the input model (reference)",
-               accuracy=v.accuracy[0] * 100 if v.accuracy else None,
-               cosine=1.0 if any(o.cosine is not None for o in v.outputs) else None,
-               top1=100.0 if any(o.top1 is not None for o in v.outputs) else None,
-               latency_ratio=1.0 if report.latency_ms else None,
-               size_bytes=b.size_bytes, parameters=b.parameters, macs=b.macs, seconds=0.0)
+def _input_quality(row: Row, report: Report) -> None:
+    """Row 0's accuracy (and the reference cosine and top-1) from a value's validation, which ran the input too."""
+    v = report.validation
+    assert v is not None
+    row.accuracy = v.accuracy[0] * 100 if v.accuracy else None
+    row.cosine = 1.0 if any(o.cosine is not None for o in v.outputs) else None
+    row.top1 = 100.0 if any(o.top1 is not None for o in v.outputs) else None
+    row.latency_ratio = 1.0 if report.latency_ms else None
 
 
 def _row(value: str, report: Report) -> Row:

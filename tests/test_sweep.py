@@ -122,6 +122,16 @@ def test_plot_without_matplotlib_and_outputs_over_the_input(cli, tmp_path, conv,
     assert res.out == ""
 
 
+def test_data_the_input_cannot_take_stops_the_sweep_before_any_value(cli, tmp_path, conv, monkeypatch):
+    m, data, _ = conv
+    real = sweep_module.optimize
+    monkeypatch.setattr(sweep_module, "optimize", lambda model, passes, **kw: real(model, passes, **kw) if not passes
+                        else pytest.fail("a value ran"))
+    res = cli("sweep", m, "--pass", "prune-channels:ratio=0.1|0.2", "--val-data", tmp_path / "missing.npz")
+    assert_one_line_error(res, 2, "missing.npz")    # opened for row 0, before any value
+    assert res.out == ""
+
+
 def test_prune_sweep_rows_tables_and_plot(cli, tmp_path, conv):
     m, data, val = conv
     before = m.read_bytes()
