@@ -44,7 +44,7 @@ def render(result: SweepResult) -> bytes:
     threads = setup.get("threads")
     timing = (f"latency: median of {setup.get('runs')} runs interleaved with the input, {threads} "
               f"thread{'s' if threads != 1 else ''}" if setup else "latency not measured")
-    pipeline = f"  ({result.sweep.shape})" if " " in result.sweep.shape else ""
+    pipeline = f"  ({result.sweep.shape})" if " -> " in result.sweep.shape else ""
     errors = [f"{result.sweep.option}={r.value}: {r.reason}" for r in result.rows[1:] if not r.measured]
     note = ("\nnot measured: " + "; ".join(errors))[:200] if errors else ""
     cpu = env["cpu"]

@@ -115,7 +115,7 @@ def parse_sweep(pass_args: Sequence[str], have_calib: bool) -> Sweep:
         pipelines.append(tuple(specs))
     name, pairs = split[i]
     shown = ",".join(f"{k}={'<' + option + '>' if b == j else v}" for b, (k, v) in enumerate(pairs))
-    shape = " ".join(f"{name}:{shown}" if a == i else text for a, text in enumerate(pass_args))
+    shape = " -> ".join(f"{name}:{shown}" if a == i else text for a, text in enumerate(pass_args))
     return Sweep(split[i][0], option, tuple(values), tuple(pipelines), shape)
 
 

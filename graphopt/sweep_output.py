@@ -61,8 +61,12 @@ def format_knees(result: SweepResult) -> list[str]:
             lines.append(f"knee by {what}: " + ("no value met the targets" if measured else "not measured"))
             continue
         ref = getattr(result.rows[0], cost)
-        gain = f"{1 / best.latency_ratio:.2f}x faster" if cost == "latency_ratio" else \
-            f"{best.size_bytes / ref:.0%} of the input's size" if ref else ""
+        if cost == "size_bytes":
+            gain = f"{best.size_bytes / ref:.0%} of the input's size"
+        elif best.latency_ratio <= 1:
+            gain = f"{1 / best.latency_ratio:.2f}x faster"
+        else:   # every passing value measured slower than the input (int8 on a tiny model): say so
+            gain = f"{best.latency_ratio:.2f}x slower than the input"
         lines.append(f"knee by {what}: {result.sweep.option}={best.value} ({gain}, " + (
             f"accuracy {best.accuracy:.2f}%)" if best.accuracy is not None else f"cosine {best.cosine:.5f})"))
     return lines
