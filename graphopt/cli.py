@@ -1,6 +1,7 @@
 """Command line: ``python -m graphopt IN.onnx OUT.onnx [--pass NAME[:k=v,...]]... [options]`` (DESIGN.md §2).
 
-Also ``graphopt info MODEL`` (a model's summary) and ``graphopt --list-passes``. Every failure is one line on
+Also ``graphopt info MODEL`` (a model's summary), ``graphopt sweep IN.onnx --pass NAME:option=RANGE ...`` (the
+trade-off curve over one option, graphopt.sweep) and ``graphopt --list-passes``. Every failure is one line on
 stderr with exit code 2 (bad input or usage), 1 (validation failed; nothing written unless --force) or 3 (a bug in
 graphopt); ``--debug`` adds the traceback. OUT is checked before any work and written atomically at the end.
 """
@@ -18,13 +19,15 @@ from typing import Any, Callable, NoReturn, Sequence
 from graphopt.calibration.preprocess import parse_preprocess
 from graphopt.calibration.readers import RandomSource, check_preprocess_used, model_inputs, open_source, parse_shape
 
-from . import __version__, io
+from . import __version__, io, plot
 from .api import one_row, optimize, resolve_passes
 from .errors import (EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_VALIDATION,
                      GraphoptError, InputError, InternalError, UsageError, ValidationFailed, one_line)
 from .pipeline import default_pipeline, parse_recipe, recipe_preprocess, registry
 from .taskmetric import load_metric
 from .report import environment, format_header, format_step, summary
+from .sweep import parse_sweep, run_sweep
+from .sweep_output import check_outputs, format_knees, format_row, write_tables
 
 log = logging.getLogger("graphopt")
 
@@ -61,19 +64,43 @@ def _number(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="graphopt", description="Rewrite an ONNX model to make it smaller and faster, validated in "
-                "onnxruntime. Also: 'graphopt info MODEL' prints a model's summary.")
+                "onnxruntime. Also: 'graphopt info MODEL' prints a model's summary; 'graphopt sweep IN.onnx --pass "
+                "NAME:option=START:STOP:STEP ...' measures the trade-off curve over one option.")
     p.add_argument("paths", nargs="*", metavar="IN.onnx OUT.onnx", help="input model and output path")
     p.add_argument("--pass", dest="passes", action="append", default=[], metavar="NAME[:key=value,...]",
                    help="run this pass (repeatable, in order); list options repeat the key. Default pipeline "
                    "when none is given: the exact passes fold-constants, fold-bn")
     p.add_argument("--recipe", metavar="FILE.toml", help="passes from a TOML file: [[pass]] name = ... options")
+    _data_args(p)
+    p.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
+    _target_args(p)
+    p.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
+    p.add_argument("--no-verify", action="store_true", help="skip onnx.checker after each pass")
+    p.add_argument("--force", action="store_true", help="write OUT even when validation fails (exit code stays 1)")
+    p.add_argument("--dump-dir", metavar="DIR", help="save the model after each pass into DIR")
+    _measure_args(p)
+    p.add_argument("--save-calibration", metavar="FILE.json", help="write quantize's calibration ranges as JSON")
+    p.add_argument("--load-calibration", metavar="FILE.json",
+                   help="reuse ranges saved by --save-calibration instead of calibrating (no --calib-data needed)")
+    p.add_argument("--list-passes", action="store_true", help="list passes with their options and exit")
+    p.add_argument("--version", action="store_true", help="print graphopt's version and exit")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="log each pass and every declined site")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-data", metavar="PATH", help=".npz (arrays stacked on axis 0), folder of .npz files, or "
                    "folder of images (with --preprocess)")
     p.add_argument("--val-data", metavar="PATH", help="validation data (default: calibration data, else random)")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1xD2x...",
                    help="concrete shape for an input with dynamic dims (for random validation inputs)")
     _preprocess_arg(p)
-    p.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
+
+
+def _target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-cosine", type=_fraction, metavar="X",
                    help="lossy pipelines: fail below this output cosine (default 0.98; 0: off)")
     p.add_argument("--min-top1", type=_fraction, metavar="X",
@@ -96,26 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lossy pipelines: no targets (write whatever the passes make, still checked for NaN/shape)")
     p.add_argument("--max-rel-error", type=_non_negative, metavar="X",
                    help="lossy passes: fail above this max|y-x|/max|x| per output")
-    p.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
-    p.add_argument("--no-verify", action="store_true", help="skip onnx.checker after each pass")
-    p.add_argument("--force", action="store_true", help="write OUT even when validation fails (exit code stays 1)")
-    p.add_argument("--dump-dir", metavar="DIR", help="save the model after each pass into DIR")
+
+
+def _measure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for random inputs and sampling (default 0)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency (default 1)")
     p.add_argument("--latency-runs", type=int, default=20, metavar="N",
                    help="timed runs per model for latency (more for a model that runs them in under 0.2 s), "
                         "0 to skip (default 20)")
     p.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples/feeds")
-    p.add_argument("--save-calibration", metavar="FILE.json", help="write quantize's calibration ranges as JSON")
-    p.add_argument("--load-calibration", metavar="FILE.json",
-                   help="reuse ranges saved by --save-calibration instead of calibrating (no --calib-data needed)")
-    p.add_argument("--list-passes", action="store_true", help="list passes with their options and exit")
-    p.add_argument("--version", action="store_true", help="print graphopt's version and exit")
-    verbosity = p.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="log each pass and every declined site")
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="print errors only")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
 
 
 def build_info_parser() -> argparse.ArgumentParser:
@@ -131,6 +147,26 @@ def build_info_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
+
+
+def build_sweep_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="graphopt sweep", description="Run a pipeline once per value of one pass option and measure "
+                "each result as the main command does: accuracy (or cosine/top-1), latency against the input, size, "
+                "MACs, pass/fail against the targets. Writes no model unless --keep-dir is given.")
+    p.add_argument("model", metavar="IN.onnx")
+    p.add_argument("--pass", dest="passes", action="append", default=[], metavar="NAME[:key=value,...]",
+                   help="the pipeline (repeatable, in order); exactly one option carries the values: "
+                   "start:stop:step (stop included) or a|b|c, e.g. prune-channels:ratio=0.1:0.6:0.1")
+    _data_args(p)
+    _target_args(p)
+    _measure_args(p)
+    p.add_argument("--csv", metavar="FILE.csv", help="write the rows as CSV")
+    p.add_argument("--json", metavar="FILE.json", help="write the rows, targets and setup as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the curves (needs pip install 'graphopt[plot]')")
+    p.add_argument("--keep-dir", metavar="DIR", help="save each value's model into DIR")
+    p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
 
 def _preprocess_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preprocess", metavar="KEY=VALUE,...",
@@ -154,6 +190,8 @@ def _run(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["info"]:
         return _info(build_info_parser().parse_args(argv[1:]))
+    if argv[:1] == ["sweep"]:
+        return _sweep(build_sweep_parser().parse_args(argv[1:]))
     args = build_parser().parse_args(argv)
     level = logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
@@ -165,12 +203,28 @@ def _run(argv: Sequence[str] | None) -> int:
         return EXIT_OK
     if len(args.paths) != 2:
         raise UsageError("expected IN.onnx OUT.onnx (or 'info MODEL', or --list-passes)")
+    _check_counts(args)
+    return _optimize(args)
+
+
+def _check_counts(args: argparse.Namespace) -> None:
     for name, value in (("--threads", args.threads), ("--calib-samples", args.calib_samples)):
         if value is not None and value < 1:
             raise UsageError(f"{name} must be positive")
     if args.latency_runs < 0:
         raise UsageError("--latency-runs must be 0 (skip latency) or more")
-    return _optimize(args)
+
+
+def _settings(args: argparse.Namespace, preprocess: Any) -> dict[str, Any]:
+    """``optimize``'s data, target and measurement arguments from the command line (the main command's and the
+    sweep's)."""
+    return dict(calib_data=args.calib_data, val_data=args.val_data, input_shapes=_shapes(args.input_shape),
+                min_cosine=args.min_cosine, min_top1=args.min_top1, max_rel_error=args.max_rel_error,
+                max_accuracy_drop=args.max_accuracy_drop, gate=not args.no_gate, seed=args.seed,
+                latency_runs=args.latency_runs, threads=args.threads, calib_samples=args.calib_samples,
+                preprocess=preprocess, slices=args.slices, scores=args.scores,
+                metric=load_metric(args.metric) if args.metric else None, min_metric=args.min_metric,
+                max_metric_drop=args.max_metric_drop)
 
 
 def _shapes(items: list[str]) -> dict[str, list[int]]:
@@ -212,16 +266,8 @@ def _optimize(args: argparse.Namespace) -> int:
     status = EXIT_OK
     try:
         out, report = optimize(model, passes, on_step=None if args.quiet else _stream_steps(),
-                               calib_data=args.calib_data, val_data=args.val_data,
-                               input_shapes=_shapes(args.input_shape), validate_output=not args.no_validate,
-                               min_cosine=args.min_cosine, min_top1=args.min_top1,
-                               max_rel_error=args.max_rel_error, max_accuracy_drop=args.max_accuracy_drop,
-                               gate=not args.no_gate, force=args.force, seed=args.seed,
-                               verify=not args.no_verify, dump_dir=args.dump_dir, latency_runs=args.latency_runs,
-                               threads=args.threads, calib_samples=args.calib_samples, calibration_ranges=ranges,
-                               preprocess=preprocess, slices=args.slices, scores=args.scores,
-                               metric=load_metric(args.metric) if args.metric else None,
-                               min_metric=args.min_metric, max_metric_drop=args.max_metric_drop)
+                               validate_output=not args.no_validate, force=args.force, verify=not args.no_verify,
+                               dump_dir=args.dump_dir, calibration_ranges=ranges, **_settings(args, preprocess))
     except ValidationFailed as e:
         report = e.report
         report.input = str(in_path)
@@ -250,6 +296,36 @@ def _optimize(args: argparse.Namespace) -> int:
               file=sys.stderr)
     return status
 
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """``graphopt sweep``: every check before any work, then one table line per value as it is measured, the knees,
+    and the tables and picture written atomically (never over the input)."""
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(levelname)s: %(message)s",
+                        stream=sys.stderr, force=True)
+    sweep = parse_sweep(args.passes, have_calib=args.calib_data is not None)
+    if args.plot and not plot.HAVE_MATPLOTLIB:
+        raise UsageError(plot.NEEDS_MATPLOTLIB)
+    _check_counts(args)
+    preprocess = parse_preprocess(args.preprocess) if args.preprocess else None
+    model, protected = io.load_model_and_files(args.model)
+    keep = check_outputs(sweep, [p for p in (args.csv, args.json, args.plot) if p], args.keep_dir, protected)
+    header = [format_header(environment()), f"sweep of {sweep.label} over {len(sweep.values)} values: {sweep.shape}"]
+
+    def show(row: Any) -> None:   # the header with the first row: data refused before it leaves one line
+        _say(*header, format_row(row, sweep.option))
+        header.clear()
+
+    result = run_sweep(model, Path(args.model).name, sweep, _settings(args, preprocess), keep=keep,
+                       on_row=None if args.quiet else show)
+    written = write_tables(result, args.csv, args.json)
+    if args.plot:
+        io.write_bytes(args.plot, plot.render(result))
+        written.append(args.plot)
+    if not args.quiet:
+        _say(*[f"warning: {w}" for w in result.warnings], *format_knees(result),
+             *([f"wrote {', '.join(written)}"] if written else []))
+    return EXIT_OK
 
 def _stream_steps() -> Callable[[dict[str, Any]], None]:
     """Print each pipeline step as it finishes, after the report's header before the first: a long pipeline shows

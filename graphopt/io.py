@@ -289,10 +289,19 @@ def temporary_external(model: onnx.ModelProto, edit: Callable[[onnx.ModelProto],
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Atomically write ``data`` as indented JSON."""
+    write_bytes(path, (json.dumps(data, indent=2, default=_json_default) + "\n").encode())
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Atomically write ``text`` (UTF-8)."""
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Atomically write ``data`` (a report, a CSV table, a PNG image)."""
     p = Path(path)
-    text = json.dumps(data, indent=2, default=_json_default) + "\n"
     try:
-        _write_atomic(p, lambda tmp: tmp.write_text(text))
+        _write_atomic(p, lambda tmp: tmp.write_bytes(data))
     except OSError as e:
         raise OutputError(f"{p}: cannot write: {e.strerror or one_line(e)}") from e
 

@@ -106,6 +106,12 @@ def make_spec(name: str, raw_options: Mapping[str, Any] | Iterable[tuple[str, An
 
 def parse_pass_arg(text: str) -> PassSpec:
     """Parse ``NAME[:key=value[,key=value...]]``; list options take the key repeated."""
+    return make_spec(*split_pass_arg(text))
+
+
+def split_pass_arg(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """``NAME[:key=value[,key=value...]]`` as the pass name and its (key, raw value) pairs, unparsed (the sweep
+    reads a range from one value before ``make_spec`` parses each)."""
     name, _, rest = text.partition(":")
     name = name.strip()
     if not name:
@@ -118,7 +124,7 @@ def parse_pass_arg(text: str) -> PassSpec:
                 _lookup(name)
                 raise UsageError(f"--pass '{text}': expected key=value, got '{item}'")
             pairs.append((key.strip(), value.strip()))
-    return make_spec(name, pairs)
+    return name, pairs
 
 
 def parse_recipe(path: str | Path) -> list[PassSpec]:

@@ -125,7 +125,7 @@ def metric_file(tmp_path):
 def test_a_strict_metric_stops_the_search_earlier(metric_file):
     """quantize's fallback and the judge behind the auto searches hold the task metric: with a bound on the worst
     rel error that int8 everywhere misses, tensors stay float and the model keeps it; the report shows the value."""
-    args = dict(calib_data=calib(16), passes=["quantize"], latency_runs=0, min_cosine=0.9, min_top1=0.5)
+    args = dict(calib_data=calib(16), passes=["quantize:objective=size"], latency_runs=0, min_cosine=0.9, min_top1=0.5)
     _, plain = optimize(conv_net(), **args)
     _, strict = optimize(conv_net(), **args, metric=f"{metric_file}:closeness", min_metric=-0.002)
     assert plain.validation.metric is None
