@@ -19,7 +19,7 @@ from graphopt.passes.base import PassContext
 from graphopt.passes.cluster_weights import LAYERS_CLUSTERED
 from graphopt.passes.sparsity.kmeans import kmeans
 from graphopt.pipeline import make_spec, run_pipeline
-from graphs import MODELS, assert_one_line_error, declined, make_model, node, ops, run, same_graph
+from graphs import MODELS, assert_one_line_error, declined, ops, run, same_graph, two_layer_mlp
 
 
 SCALE = np.geomspace(0.02, 3.0, 64)       # the inputs' scales: a few inputs carry most of the energy
@@ -27,16 +27,7 @@ SCALE = np.geomspace(0.02, 3.0, 64)       # the inputs' scales: a few inputs car
 
 def mlp(k: int = 64, hidden: int = 64, shared: bool = False) -> onnx.ModelProto:
     """Gemm -> Relu -> MatMul; the first weight large where its input is small (as training leaves them)."""
-    rng = np.random.default_rng(0)
-    inits = {"w1": (rng.standard_normal((hidden, k)) / np.sqrt(k) / SCALE[:k] ** 0.5).astype(np.float32),
-             "w2": (rng.standard_normal((hidden, 8)) / np.sqrt(hidden)).astype(np.float32)}
-    nodes = [node("Gemm", ["x", "w1"], ["h"], "fc1", transB=1), node("Relu", ["h"], ["r"], "relu"),
-             node("MatMul", ["r", "w2"], ["y"], "fc2")]
-    outputs = ["y"]
-    if shared:
-        nodes.append(node("MatMul", ["r", "w2"], ["y2"], "fc2b"))
-        outputs.append("y2")
-    return make_model(nodes, [("x", ["N", k])], outputs, inits)
+    return two_layer_mlp(k, hidden, shared=shared, bias=False, column_scale=SCALE ** 0.5)
 
 
 def data(k: int = 64, n: int = 256) -> list[dict[str, np.ndarray]]:
