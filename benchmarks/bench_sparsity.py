@@ -69,7 +69,7 @@ def load_ms(a: onnx.ModelProto, b: onnx.ModelProto, rounds: int = 15) -> tuple[f
     times: list[list[float]] = [[], []]
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    so.intra_op_num_threads = 1
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
     for r in range(rounds):
         for i in (r % 2, 1 - r % 2):
             t = time.process_time()

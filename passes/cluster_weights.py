@@ -50,6 +50,7 @@ class ClusterWeights(Pass):
     summary = ("Weight sharing: per-layer k-means of Conv/Gemm/MatMul weights to 2^bits values, stored as uint8 "
                "indices + codebook (4x smaller file, float speed); optionally data-aware.")
     exact = False
+    prerequisites = ("fold-constants",)    # exporters (PaddleOCR's) keep weights in Constant nodes
     must_not_follow = {"quantize": "quantized weights are int8 already; cluster the float model (or quantize)"}
 
     @dataclass(frozen=True)

@@ -48,6 +48,7 @@ class PruneWeights(Pass):
     summary = ("Unstructured or 2:4 magnitude pruning of Conv/Gemm/MatMul weights, refitted on calibration data; "
                "stored sparse where that is smaller.")
     exact = False
+    prerequisites = ("fold-constants",)    # exporters (PaddleOCR's) keep weights in Constant nodes
     must_not_follow = {"quantize": "prune the float weights, then quantize (int8 keeps the zeros)",
                        "cluster-weights": "clustered weights are a codebook lookup, no longer constants to prune"}
 
