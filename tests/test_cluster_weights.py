@@ -40,7 +40,7 @@ def cluster(model, calib=None, **opts):
     return run_pipeline(model, [make_spec("cluster-weights", {"min-size": 0, **opts})], ctx)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(st.integers(0, 2**16), st.integers(2, 8), st.booleans())
 def test_kmeans_never_increases_the_loss_and_fits_the_bits(seed, bits, weighted):
     rng = np.random.default_rng(seed)
@@ -59,7 +59,7 @@ def test_kmeans_never_increases_the_loss_and_fits_the_bits(seed, bits, weighted)
 def test_fires_bounded_declines_and_idempotent():
     model = mlp(shared=True)
     out, records = cluster(model, bits=4)
-    res = records[0].result
+    res = records[-1].result
     assert res.counts[LAYERS_CLUSTERED] == 1 and ops(out) == ["Cast", "Gather", "Gemm", "Relu", "MatMul", "MatMul"]
     assert any("shared" in r for r in declined(records))
     onnx.checker.check_model(out, full_check=True)
@@ -70,7 +70,7 @@ def test_fires_bounded_declines_and_idempotent():
     for r, g in zip(ref, got):
         assert np.linalg.norm(g - r) / np.linalg.norm(r) < 0.5      # 16 values for a heavy-tailed weight: 0.37
     again, rec2 = cluster(out, bits=4)
-    assert not rec2[0].result.changed and same_graph(again, out)
+    assert not rec2[-1].result.changed and same_graph(again, out)
     assert any("already clustered" in r for r in declined(rec2))
     folded, _ = run_pipeline(out, [make_spec("fold-constants", {})], PassContext(original=out))
     assert ops(folded) == ops(out)                                  # fold-constants keeps the lookup
@@ -78,7 +78,7 @@ def test_fires_bounded_declines_and_idempotent():
 
 def test_small_weights_decline_with_reason():
     out, records = cluster(mlp(k=8, hidden=8), bits=8)          # 64 weights: 64 + 4·256 bytes would not halve 256
-    assert not records[0].result.changed
+    assert not records[-1].result.changed
     assert any("would not halve its bytes" in r for r in declined(records))
 
 

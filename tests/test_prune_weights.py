@@ -106,7 +106,7 @@ def test_fires_bounded_and_refit_helps():
     plain, _ = prune(model, sparsity=0.5)
     out, records = prune(model, data, sparsity=0.5)
     assert ops(out) == ops(model) == ["Gemm", "Relu", "MatMul"]
-    assert records[0].result.counts[LAYERS_PRUNED] == 2
+    assert records[-1].result.counts[LAYERS_PRUNED] == 2
     w = weights(out)
     assert all((v == 0).mean() == 0.5 for v in w.values() if v.ndim == 2)
     onnx.checker.check_model(out, full_check=True)
@@ -123,10 +123,10 @@ def test_declines_and_second_run_changes_nothing():
     reasons = declined(records)
     assert any("fc2" in r and "shared" in r for r in reasons)
     out2, records2 = prune(out, sparsity=0.5)
-    assert not records2[0].result.changed
+    assert not records2[-1].result.changed
     small = mlp(k=16, hidden=16)                  # 256 and 128 weights: below the default min-size
     _, rec = run_pipeline(small, [make_spec("prune-weights", {})], PassContext(original=small))
-    assert any("< min-size 1024" in r for r in declined(rec)) and not rec[0].result.changed
+    assert any("< min-size 1024" in r for r in declined(rec)) and not rec[-1].result.changed
 
 
 def test_two_four_needs_channels_in_fours():
@@ -176,8 +176,8 @@ def test_auto_keeps_the_targets():
     model, data = mlp(), calib()
     # min-cosine only: the 8 outputs of a random MLP are near ties, whose top-1 flips at any change
     out, records = prune(model, data, dataclasses.replace(DEFAULT_TARGETS, min_top1=0.0), sparsity="auto")
-    note = next(n for n in records[0].result.notes if n.startswith("sparsity=auto:"))
-    chosen = records[0].result.counts["sparsity chosen"]
+    note = next(n for n in records[-1].result.notes if n.startswith("sparsity=auto:"))
+    chosen = records[-1].result.counts["sparsity chosen"]
     assert 0 < chosen < 0.9 and "misses" in note          # a random MLP has no free half: the search stops short
     x = {"x": calib(n=128)[1]["x"]}
     ref, got = run(model, x)[0].ravel(), run(out, x)[0].ravel()
