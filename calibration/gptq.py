@@ -11,7 +11,8 @@ error onto the columns not yet rounded, in the proportions that minimise the err
 Cholesky factor of H⁻¹ (H⁻¹ = UᵀU),
     q_j = clip(round(w_j / s), qmin, qmax),   e_j = (w_j − s·q_j) / U_jj,   w_k −= e_j · U_jk   for k > j,
 all output channels at once (each row has its own scale s; the scales are not changed). H gets λ = 1% of its mean
-diagonal added (GPTQ's damping) and inputs that were always zero keep their nearest rounding. When H is diagonal
+diagonal added (GPTQ's damping) and inputs that were always zero keep their nearest rounding. A weight that is
+exactly zero (pruned: prune-weights) rounds to zero whatever the updates moved onto it, and its error moves on. When H is diagonal
 the updates vanish and GPTQ is round-to-nearest.
 H describes the calibration inputs only: with fewer input vectors than ~8 per dimension (a classifier's last Gemm
 seen on 64 images: 64 rows for 1280 inputs) the compensation fits those inputs and hurts others, so the pass
@@ -135,10 +136,11 @@ def gptq_round(w: np.ndarray, scale: np.ndarray, h: np.ndarray, qmin: int, qmax:
         u = np.swapaxes(np.linalg.cholesky(np.linalg.inv(h)), 1, 2)    # upper: H⁻¹ = UᵀU
     except np.linalg.LinAlgError:
         u = np.broadcast_to(np.eye(d), h.shape)                        # no usable H: round to nearest
+    pruned = w == 0                                                    # zero weights stay zero (prune-weights)
     q = np.empty(w.shape, dtype=np.int64)
     for j in range(d):
         col = w[:, :, j]
-        qj = np.clip(np.rint(col / s), qmin, qmax)
+        qj = np.where(pruned[:, :, j], 0, np.clip(np.rint(col / s), qmin, qmax))
         q[:, :, j] = qj
         err = (col - qj * s) / u[:, j, j][:, None]                      # [G, O]
         w[:, :, j + 1:] -= err[:, :, None] * u[:, None, j, j + 1:]

@@ -4,7 +4,9 @@ Before anything runs it refuses orders that make no sense (``must_not_follow``) 
 ``prerequisites`` right before it (default options) unless the pipeline runs them earlier. For each pass it checks
 the precondition (``requires``: the pass is declined as a whole with that reason), runs it, removes dead nodes and
 unused initializers, sorts topologically, exports and runs ``onnx.checker`` (``verify=False`` skips it), and
-optionally dumps the model. Importing this module registers the built-in passes (``graphopt.passes.catalog``).
+optionally dumps the model. When a pass asks for it (``graph.SPARSE_STORAGE`` in its artifacts), the final
+model keeps its mostly-zero initializers as sparse ones. Importing this module registers the built-in passes
+(``graphopt.passes.catalog``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from graphopt.passes.base import Pass, PassContext, PassResult, registered
 
 from . import io
 from .errors import GraphoptError, InputError, InternalError, UsageError, one_line
-from .graph import export, import_graph
+from .graph import SPARSE_STORAGE, export, import_graph, to_sparse_initializers
 from .validate import Thresholds
 
 log = logging.getLogger("graphopt")
@@ -296,4 +298,6 @@ def run_pipeline(model: onnx.ModelProto, specs: Sequence[PassSpec], ctx: PassCon
         if dump_dir is not None:
             target = dump_dir / f"{i:02d}-{spec.name}.onnx"
             (on_dump or (lambda m, path: io.save_model(m, path)))(current, target)
+    if any(r.result.artifacts.get(SPARSE_STORAGE) for r in records) and not io.is_big(current):
+        to_sparse_initializers(current)      # a pass asked for it (prune-weights:storage=sparse)
     return current, records

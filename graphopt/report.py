@@ -4,6 +4,7 @@ graphopt.runtime."""
 from __future__ import annotations
 
 import platform
+import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,6 +29,13 @@ class ModelStats:
     macs: int | None
     nodes: int
     op_counts: dict[str, int]
+    zipped_bytes: int | None = None    # the file under zlib level 6 (how models ship); None over 2 GB
+
+
+def zipped_size(model: onnx.ModelProto) -> int | None:
+    """Bytes of the serialized model after zlib at level 6 (zip's DEFLATE default), or None for a model over the
+    protobuf limit: zeros and repeated weights (prune-weights, cluster-weights) shrink there, not in the file."""
+    return None if io.is_big(model) else len(zlib.compress(model.SerializeToString(), 6))
 
 
 def environment() -> dict[str, Any]:
@@ -36,8 +44,9 @@ def environment() -> dict[str, Any]:
 
 
 def count_parameters(model: onnx.ModelProto) -> tuple[int, int]:
-    """Elements and bytes of every stored tensor: initializers and Constant-node tensors, in the main graph and its
-    subgraphs (If/Loop/Scan bodies). Bytes as stored: 4-bit types two to a byte, strings by their length."""
+    """Elements and bytes of every stored tensor: initializers (sparse ones too) and Constant-node tensors, in the
+    main graph and its subgraphs (If/Loop/Scan bodies). Bytes as stored: 4-bit types two to a byte, strings by their
+    length, sparse tensors as their values and indices."""
     elements = stored = 0
     for g in graph_protos(model.graph):
         tensors = list(g.initializer) + [a.t for n in g.node if n.op_type == "Constant" and n.domain in STANDARD
@@ -45,6 +54,9 @@ def count_parameters(model: onnx.ModelProto) -> tuple[int, int]:
         for t in tensors:
             elements += int(np.prod(t.dims, dtype=np.int64))
             stored += data_bytes(t)
+        for sp in g.sparse_initializer:
+            elements += int(np.prod(sp.dims, dtype=np.int64))
+            stored += data_bytes(sp.values) + data_bytes(sp.indices)
     return elements, stored
 
 
@@ -53,7 +65,7 @@ def model_stats(model: onnx.ModelProto, feed: dict[str, np.ndarray] | None) -> M
     parameters, parameter_bytes = count_parameters(model)
     return ModelStats(size_bytes=io.model_size_bytes(model), parameters=parameters, parameter_bytes=parameter_bytes,
                       macs=count_macs(model, feed) if feed is not None else None,
-                      nodes=len(model.graph.node), op_counts=dict(sorted(ops.items())))
+                      nodes=len(model.graph.node), op_counts=dict(sorted(ops.items())), zipped_bytes=zipped_size(model))
 
 
 @dataclass
@@ -157,6 +169,8 @@ def format_report(r: Report, *, header: bool = True, steps: bool = True) -> str:
         lines.append("")
         lines.append(f"{'':<22}{'before':>14}{'after':>14}{'change':>10}")
         rows = [("file size", _size(b.size_bytes), _size(a.size_bytes), _change(b.size_bytes, a.size_bytes)),
+                ("  zipped (zlib -6)", _size(b.zipped_bytes or 0), _size(a.zipped_bytes or 0),
+                 _change(b.zipped_bytes, a.zipped_bytes)),
                 ("parameters", _count(b.parameters), _count(a.parameters), _change(b.parameters, a.parameters)),
                 ("parameter bytes", _size(b.parameter_bytes), _size(a.parameter_bytes),
                  _change(b.parameter_bytes, a.parameter_bytes)),

@@ -160,7 +160,8 @@ def count_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int | Non
     counted = [n for n in model.graph.node if n.op_type in _CONV | _MATMUL | {"ConvTranspose"}]
     if not counted:
         return 0
-    inits = {t.name: t for t in model.graph.initializer}
+    inits: dict[str, Any] = {t.name: t for t in model.graph.initializer}
+    inits.update({t.values.name: t for t in model.graph.sparse_initializer})     # both have the tensor's dims
     wanted = [name for n in counted for name in (*n.input[:2], n.output[0]) if name and name not in inits]
     try:
         values = run_with_outputs(model, wanted, feed, "model (MAC count)",

@@ -9,8 +9,11 @@ Cases:
     onnxruntime, the same kernels that would run it at inference, so the result is bit-identical; its outputs
     become initializers. Declined: random ops, QuantizeLinear/DequantizeLinear (a quantized model stays quantized),
     ops with subgraphs, non-ai.onnx domains, nodes producing a graph
-    output, string results, and results over 1 MiB that are more than twice the size of their inputs (folding an
-    Expand or ConstantOfShape would grow the file rather than shrink the work). Only the constant subgraph is
+    output, string results, results over 1 MiB that are more than twice the size of their inputs (folding an
+    Expand or ConstantOfShape would grow the file rather than shrink the work), and results decoded from narrow
+    integer constants (8- or 16-bit, 4-bit) that are larger than the constants they are computed from: such a chain
+    is a compressed encoding of a weight, e.g. cluster-weights' codebook lookup Gather(codebook, Cast(uint8
+    indices)), which onnxruntime expands at session start; folding it would write the dense weight back. Only the constant subgraph is
     evaluated, not the model; when it is itself over the protobuf limit (a Transpose of big weights) onnxruntime
     loads it from a temporary file (``graphopt.runtime.session_for``).
 Exact: the rewritten model computes the same values. Dead nodes and unused initializers are removed by the
@@ -134,7 +137,7 @@ class FoldConstants(Pass):
                 for t in node.outputs:
                     if not self._is_boundary(t, folded):
                         continue
-                    reason = self._refuse(node, t, values)
+                    reason = self._refuse(node, t, values) or _decodes(node, t, values, folded)
                     if reason:
                         res.decline(f"{node.op} '{node.name}'", reason)
                         folded.discard(id(node))
@@ -184,3 +187,30 @@ class FoldConstants(Pass):
             res.decline(f"{len(candidates)} constant nodes", f"onnxruntime could not evaluate them: "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
             return None
+
+
+NARROW_INTEGERS = {np.dtype(t) for t in ("int8", "uint8", "int16", "uint16")}
+
+
+def _decodes(node: gs.Node, t: gs.Tensor, values: dict[str, Any], folded: set[int]) -> str | None:
+    """Why ``t`` (computed by ``node`` and the folded nodes before it) stays computed: it is larger than the
+    constants it is computed from, one of which is a narrow integer tensor (module docstring), or None."""
+    leaves: dict[str, np.ndarray] = {}
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        for i in n.inputs:
+            if isinstance(i, gs.Constant):
+                leaves[i.name] = np.asarray(i.values)
+            elif i.inputs and id(i.inputs[0]) in folded:
+                stack.append(i.inputs[0])
+    narrow = [v for v in leaves.values() if v.dtype in NARROW_INTEGERS or str(v.dtype) in ("int4", "uint4")]
+    total = sum(v.nbytes for v in leaves.values())
+    v = values.get(t.name)
+    if narrow and isinstance(v, np.ndarray) and v.nbytes > total:
+        return (f"decodes {sum(x.size for x in narrow)} narrow integers into a {v.nbytes}-byte result (a compressed "
+                f"weight, e.g. cluster-weights' codebook lookup; folding would write it back dense)")
+    return None

@@ -335,3 +335,21 @@ GEOMETRIES = [  # (input shape, weight shape, group, strides, pads, dilations)
     ((2, 3, 9, 8), (4, 3, 3, 2), 1, [2, 3], "SAME_UPPER", [1, 1]),       # SAME: odd padding at the end
     ((2, 4, 10, 7), (4, 1, 4, 3), 4, [3, 2], "SAME_LOWER", [1, 1]),      # ... at the start; depthwise
 ]
+
+
+def two_layer_mlp(k: int = 32, hidden: int = 32, *, shared: bool = False, bias: bool = True,
+                  column_scale: np.ndarray | None = None) -> onnx.ModelProto:
+    """x [N, k] -> Gemm(w1, transB) -> Relu -> MatMul(w2) -> y [N, 8], random weights (seed 0); ``shared``: a
+    second MatMul reads w2 (output y2); ``column_scale``: w1's columns divided by it (weights large where the input
+    is small, as training leaves them)."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((hidden, k)) / np.sqrt(k)
+    inits = {"w1": (w1 if column_scale is None else w1 / column_scale[:k]).astype(np.float32),
+             "w2": (rng.standard_normal((hidden, 8)) / np.sqrt(hidden)).astype(np.float32)}
+    if bias:
+        inits["b1"] = (rng.standard_normal(hidden) * 0.1).astype(np.float32)
+    nodes = [node("Gemm", ["x", "w1"] + (["b1"] if bias else []), ["h"], "fc1", transB=1),
+             node("Relu", ["h"], ["r"], "relu"), node("MatMul", ["r", "w2"], ["y"], "fc2")]
+    if shared:
+        nodes.append(node("MatMul", ["r", "w2"], ["y2"], "fc2b"))
+    return make_model(nodes, [("x", ["N", k])], ["y", "y2"] if shared else ["y"], inits)

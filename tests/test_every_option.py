@@ -50,6 +50,7 @@ COMPANIONS = {
     ("prune-channels", "samples"): "reconstruct=true",
     ("prune-channels", "damping"): "reconstruct=true",
     ("prune-channels", "rows-per-sample"): "reconstruct=true",
+    ("cluster-weights", "samples"): "data-aware=true",
 }
 
 # Values of the options that name layers (str lists): (value, whether it names something in the pass's model).
@@ -58,6 +59,8 @@ NAMES: dict[tuple[str, str], list[tuple[str, bool]]] = {
     ("prune-channels", "layers"): [("/tail/tail.0/Conv:0.5", True), ("conv1:0.5", False)],
     ("quantize", "exclude"): [("/net/net.3/Gemm", True), ("Gemm", True), ("conv1", False)],
     ("svd", "exclude"): [("/head/head.1/Gemm", True), ("conv1", False)],
+    ("prune-weights", "exclude"): [("/tail/tail.0/Conv", True), ("conv1", False)],
+    ("cluster-weights", "exclude"): [("/head/head.1/Gemm", True), ("conv1", False)],
 }
 
 HUGE = 10 ** 9      # for a bound that is not there

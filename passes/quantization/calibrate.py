@@ -82,7 +82,7 @@ def calibrate(graph: gs.Graph, float_model: onnx.ModelProto, plan: Plan, options
         fanned: dict[str, Any] = {t: obs[0] if len(obs) == 1 else Fanout(obs) for t, obs in readers.items()}
         feed_names = {i.name for i in graph.inputs}
         fetch = [t for t in fanned if t not in feed_names]
-        batches = _with_inputs_observed(ctx.require_calib(pass_name), fanned, feed_names)
+        batches = with_inputs_observed(ctx.require_calib(pass_name), fanned, feed_names)
         seen = collect(float_model, fetch, batches, fanned, max_samples=o.samples)
     if loaded is not None:
         candidates = [("loaded", {t: tuple(loaded[t]) for t in wanted})]
@@ -148,7 +148,7 @@ def conv_geometry(node: gs.Node) -> ConvGeometry | None:
     return (int(a.get("group", 1)), kernel, strides, pads[:rank], pads[rank:], dilations)
 
 
-def _with_inputs_observed(calib: Iterable[Batch], observers: dict[str, Any], feed_names: set[str]) -> Iterator[Batch]:
+def with_inputs_observed(calib: Iterable[Batch], observers: dict[str, Any], feed_names: set[str]) -> Iterator[Batch]:
     """Batches of ``calib`` with the graph inputs that are observed fed to their observers on the way through."""
     for batch in calib:
         for name in feed_names & observers.keys():
