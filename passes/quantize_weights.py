@@ -103,7 +103,11 @@ class QuantizeWeights(Pass):
         shared: dict[tuple, list[gs.Tensor]] = {}
         for name, group in groups.items():
             obs = moments.get(name)
-            h = obs.h[0] if obs is not None and obs.h is not None else None
+            # H from fewer input rows than 8 per dimension fits those rows, not other data (calibration.gptq)
+            h = obs.h[0] if obs is not None and obs.enough_rows() else None
+            if o.method != "rtn" and h is None and obs is not None:
+                res.notes.append(f"'{name}': too few calibration rows for its {group[0].weight().shape[0]} "
+                                 "input channels; rounded to nearest")
             if o.method == "awq" and h is not None:
                 self._awq(graph, group, h, obs.rows, shared, res)
                 continue
