@@ -110,10 +110,11 @@ def bench(key: str, tmp: Path) -> list[str]:
         spec = tmp / "spec.json"
         spec.write_text(json.dumps({"config": cfg, "model": str(src), "out": str(out), "calib": str(calib)}))
         r = subprocess.run([sys.executable, __file__, "--worker", str(spec)], capture_output=True, text=True)
-        if r.returncode:
-            rows[cfg] = {"error": (r.stderr.strip().splitlines() or ["?"])[-1][:120]}
+        result = [ln for ln in r.stdout.splitlines() if ln.startswith('{"seconds"')]
+        if r.returncode or not result:
+            rows[cfg] = {"error": (r.stderr.strip().splitlines() or ["no result"])[-1][:120]}
             continue
-        rows[cfg] = {**json.loads(r.stdout.strip().splitlines()[-1]), "path": str(out)}
+        rows[cfg] = {**json.loads(result[-1]), "path": str(out)}
     ok = [c for c, r in rows.items() if "error" not in r]
     models = [onnx.load(rows[c]["path"]) for c in ok]
     lat = {n: measure_latency(models, feeds(evals, n), runs=60 if n == 1 else 12, budget_s=60) for n in (1, 64)}

@@ -94,7 +94,7 @@ class QuantizeWeights(Pass):
         sites = [s for s in find_sites(graph, res, o.exclude) if self._block_fits(s, res)]
         moments: dict[str, Any] = {}
         if sites and o.method != "rtn":
-            moments, seen = input_moments(export(graph, ctx.original), graph, sites, ctx.require_calib(self.name),
+            moments, seen = input_moments(export(graph, ctx.original), sites, ctx.require_calib(self.name),
                                           o.samples)
             res.counts[CALIBRATION_SAMPLES] = seen
         groups: dict[str, list[WeightSite]] = {}
