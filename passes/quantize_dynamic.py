@@ -7,6 +7,7 @@
     on a 384×1536 weight (Zen 4, docs/quantize-dynamic.md);
   * LSTM with constant W and R: com.microsoft.DynamicQuantizeLSTM, W and R int8 per gate row, transposed to the
     kernel's [directions, input, 4·hidden] layout (1.7-2.9x faster than float LSTM, measured);
+  * Gather of a large float32 embedding table (``weightonly.embedding``): int8 rows with a scale per row;
   * Conv is left float: onnxruntime's ConvInteger measured 10x slower than float Conv here (a note says so); GRU
     has no integer kernel in onnxruntime.
 Lossy: validated by the pipeline's targets on --val-data (or on seeded random inputs, with a warning). Declined:
@@ -28,11 +29,13 @@ from graphopt.passes.options import option, unmatched
 
 from .quantization.cpu import reduce_range_auto
 from .quantization.weights import nearest_weights, weight_qparams
+from .weightonly.embedding import quantize_embeddings
 from .weightonly.emit import dynamic_nodes
 from .weightonly.sites import SITE_OPS, find_sites, replace
 
 QUANTIZED = "MatMul/Gemm quantized"
 LSTMS = "LSTM quantized"
+EMBEDDINGS = "embedding tables quantized"
 CONV_NOTE = ("Conv left float: onnxruntime's ConvInteger measured ~10x slower than float Conv on Zen 4 "
              "(docs/quantize-dynamic.md)")
 
@@ -52,14 +55,15 @@ class QuantizeDynamic(Pass):
         reduce_range: Literal["auto", "true", "false"] = option(
             "auto", "7-bit weights; auto: where this CPU's u8s8 kernel saturates (x86 without VNNI; probed)")
         lstm: bool = option(True, "LSTM weights int8 too (com.microsoft.DynamicQuantizeLSTM)")
+        embeddings: bool = option(True, "large embedding tables (Gather) int8 with a scale per row")
         exclude: tuple[str, ...] = option((), "node names or op types to keep float (repeat the key)")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options
         res = PassResult()
-        names = [n.name for n in graph.nodes if n.op in (*SITE_OPS, "LSTM")]
+        names = [n.name for n in graph.nodes if n.op in (*SITE_OPS, "LSTM", "Gather")]
         res.notes += unmatched(self.name, "exclude", o.exclude, names, ops={n.op for n in graph.nodes},
-                               what="MatMul/Gemm/LSTM node")
+                               what="MatMul/Gemm/LSTM/Gather node")
         reduce = reduce_range_auto() if o.reduce_range == "auto" else o.reduce_range == "true"
         shared: dict[tuple, list[gs.Tensor]] = {}
         quantized_x: dict[str, list[gs.Variable]] = {}
@@ -81,11 +85,15 @@ class QuantizeDynamic(Pass):
                 else:
                     res.changed = True
                     res.count(LSTMS)
+        if o.embeddings:
+            res.count(EMBEDDINGS, quantize_embeddings(graph, res, o.exclude))
+            res.changed = res.changed or res.counts[EMBEDDINGS] > 0
         if any(is_std(n, "Conv") and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant) for n in graph.nodes):
             res.notes.append(CONV_NOTE)
         res.notes.insert(0, f"int8 weights ({'per channel' if o.per_channel else 'per tensor'}"
                             f"{', 7-bit' if reduce else ''}), uint8 activations quantized at run time: "
-                            f"{res.counts.get(QUANTIZED, 0):.0f} MatMul/Gemm, {res.counts.get(LSTMS, 0):.0f} LSTM")
+                            f"{res.counts.get(QUANTIZED, 0):.0f} MatMul/Gemm, {res.counts.get(LSTMS, 0):.0f} LSTM, "
+                            f"{res.counts.get(EMBEDDINGS, 0):.0f} embedding tables")
         return res
 
 

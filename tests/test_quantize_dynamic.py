@@ -51,9 +51,28 @@ def test_declines_with_reasons():
     activation = make_model([node("MatMul", ["x", "x2"], ["y"])], [("x", [4, K]), ("x2", [K, 3])], ["y"])
     out, rec = run_passes(activation, ["quantize-dynamic"])
     assert ops(out) == ["MatMul"] and "not a constant" in declined(rec)[0]
+    scores = make_model([node("Relu", ["x2"], ["r"]), node("MatMul", ["x", "r"], ["y"])],
+                        [("x", [4, K]), ("x2", [K, 3])], ["y"])
+    out, rec = run_passes(scores, ["quantize-dynamic"])
+    assert ops(out) == ["Relu", "MatMul"] and "both inputs are activations" in declined(rec)[0]
 
 
 def test_mnist_mlp_cli_without_data(cli, tmp_path):
     res = cli(str(MODELS / "mnist_mlp.onnx"), str(tmp_path / "o.onnx"), "--pass", "quantize-dynamic")
     assert res.code == 0, res.err
     assert "3 MatMul/Gemm" in res.out and "synthetic" in res.out + res.err
+
+
+def test_embedding_table_int8_per_row():
+    v, d = 1024, 64
+    table = rand(v, d, seed=1) * np.linspace(0.01, 1, v, dtype=np.float32)[:, None]   # rows of very different size
+    model = make_model([node("Gather", ["table", "ids"], ["y"])], [("ids", [2, 5], np.int64)], ["y"],
+                       {"table": table})
+    out, _ = run_passes(model, ["quantize-dynamic"])
+    assert sorted(ops(out)) == ["Cast", "Gather", "Gather", "Mul"]
+    ids = np.array([[0, 1, 2, 500, 1023], [3, 3, 7, 900, 10]], np.int64)
+    ref, got = run(model, {"ids": ids})[0], run(out, {"ids": ids})[0]
+    assert np.all(np.abs(got - ref) <= np.abs(ref).max(axis=-1, keepdims=True) / 254 + 1e-7)   # half a step per row
+    small, rec = run_passes(make_model([node("Gather", ["t", "ids"], ["y"])], [("ids", [3], np.int64)], ["y"],
+                                       {"t": rand(2, 8)}), ["quantize-dynamic"])
+    assert ops(small) == ["Gather"]

@@ -83,6 +83,10 @@ def find_sites(graph: gs.Graph, res: PassResult, exclude: tuple[str, ...] = ()) 
                 not isinstance(node.inputs[1], gs.Constant):
             res.decline(describe(node), "the constant is the first input (x·W with a constant x)")
             continue
+        w = node.inputs[1] if len(node.inputs) > 1 else None
+        if isinstance(w, gs.Variable) and w.inputs and w.inputs[0].op != "Constant":
+            res.decline(describe(node), "both inputs are activations (no weight)")
+            continue
         try:
             found[id(node)] = _site(node)
         except SiteDeclined as e:
