@@ -8,7 +8,8 @@ process (``--worker``): quantization wall time and peak RSS (ru_maxrss, imports 
 file size, latency (onnxruntime CPU, 1 thread, default optimizations, interleaved runs, medians; every model of a
 row set measured together) at batch 1 and batch 64 (MiniLM: 64 tokens per sentence), and on the evaluation data
 the mean per-sample cosine and top-1 agreement with float (MNIST: also accuracy on labels).
-Same settings on both sides: dynamic int8 (onnxruntime's defaults: per-tensor weights; graphopt: per channel);
+onnxruntime's GPTQ needs torch: its worker runs under /work/venv-minilm/bin/python (onnxruntime 1.32.0 there
+too) when that exists. Same settings on both sides: dynamic int8 (onnxruntime's defaults: per-tensor weights; graphopt: per channel);
 4 bits, block 32, asymmetric, accuracy_level 4 for MatMulNBits.
 """
 
@@ -34,7 +35,10 @@ SETS = {"mlp": (MODELS / "mnist_mlp.onnx", MODELS / "mnist_calib.npz", MODELS / 
         "vit": (MODELS / "mnist_vit.onnx", MODELS / "mnist_calib.npz", MODELS / "mnist_eval.npz"),
         "minilm": (MINILM / "minilm.onnx", MINILM / "minilm_calib.npz", MINILM / "minilm_eval.npz")}
 CONFIGS = ["ort quantize_dynamic", "graphopt quantize-dynamic", "ort MatMulNBits rtn", "ort MatMulNBits gptq",
-           "graphopt quantize-weights rtn", "graphopt quantize-weights gptq", "graphopt quantize-weights awq"]
+           "graphopt quantize-weights rtn", "graphopt quantize-weights rtn accuracy-level=0",
+           "graphopt quantize-weights gptq", "graphopt quantize-weights awq"]
+# onnxruntime's GPTQ imports torch: run that worker with a Python that has it (build_minilm.py's venv)
+TORCH_PYTHON = Path("/work/venv-minilm/bin/python")
 
 
 def worker(spec: dict) -> dict:
@@ -68,7 +72,8 @@ def worker(spec: dict) -> dict:
     else:
         from graphopt.api import optimize
         from graphopt import io
-        p = "quantize-dynamic" if "dynamic" in name else f"quantize-weights:method={name.split()[-1]}"
+        p = "quantize-dynamic" if "dynamic" in name else f"quantize-weights:method={name.split()[2]}" + (
+            ",accuracy-level=0" if name.endswith("accuracy-level=0") else "")
         model, _ = optimize(src, [p], calib_data=calib if "rtn" not in p and "dynamic" not in p else None,
                             validate_output=False, latency_runs=0, calib_samples=128)
         io.save_model(model, out)
@@ -109,7 +114,8 @@ def bench(key: str, tmp: Path) -> list[str]:
         out = tmp / f"{key}_{cfg.replace(' ', '_')}.onnx"
         spec = tmp / "spec.json"
         spec.write_text(json.dumps({"config": cfg, "model": str(src), "out": str(out), "calib": str(calib)}))
-        r = subprocess.run([sys.executable, __file__, "--worker", str(spec)], capture_output=True, text=True)
+        python = str(TORCH_PYTHON) if cfg.endswith("MatMulNBits gptq") and TORCH_PYTHON.exists() else sys.executable
+        r = subprocess.run([python, __file__, "--worker", str(spec)], capture_output=True, text=True)
         result = [ln for ln in r.stdout.splitlines() if ln.startswith('{"seconds"')]
         if r.returncode or not result:
             rows[cfg] = {"error": (r.stderr.strip().splitlines() or ["no result"])[-1][:120]}
