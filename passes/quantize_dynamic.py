@@ -46,8 +46,7 @@ class QuantizeDynamic(Pass):
     summary = "int8 weights, activations quantized at run time (MatMul/Gemm, LSTM); needs no calibration data."
     exact = False
     prerequisites = ("fold-constants",)
-    must_not_follow = {"quantize": "quantize leaves no float MatMul weights",
-                       "quantize-weights": "quantize-weights leaves no float MatMul weights"}
+    must_not_follow = {"quantize": "quantize leaves no float MatMul weights"}
 
     @dataclass(frozen=True)
     class Options:

@@ -20,6 +20,7 @@ from graphopt.passes.lowrank.sites import unique_name
 from graphopt.passes.quantization.weights import nearest_weights, weight_qparams
 
 MIN_ELEMENTS = 1 << 16
+MIN_WIDTH = 8           # rows narrower than this are not embeddings (and a rewritten table's [V, 1] scales stay float)
 
 
 def quantize_embeddings(graph: gs.Graph, res: PassResult, exclude: tuple[str, ...] = ()) -> int:
@@ -31,7 +32,7 @@ def quantize_embeddings(graph: gs.Graph, res: PassResult, exclude: tuple[str, ..
         if not isinstance(table, gs.Constant) or isinstance(node.inputs[1], gs.Constant):
             continue
         values = np.asarray(table.values)
-        if values.dtype != np.float32 or values.ndim != 2 or values.size < MIN_ELEMENTS:
+        if values.dtype != np.float32 or values.ndim != 2 or values.size < MIN_ELEMENTS or values.shape[1] < MIN_WIDTH:
             continue
         if node.name in exclude or "Gather" in exclude:
             res.decline(describe(node), "excluded by option")
