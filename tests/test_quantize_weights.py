@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from graphopt.calibration.readers import open_source
 from graphopt.passes.base import PassContext
@@ -86,3 +89,16 @@ def test_gptq_and_awq_beat_rtn_with_outlier_channels():
         out, _ = run_pipeline(model, [make_spec("quantize-weights", {"method": method, "accuracy-level": 0})], ctx)
         errors[method] = float(np.linalg.norm(run(out, {"x": held})[0] - ref) / np.linalg.norm(ref))
     assert errors["gptq"] < 0.9 * errors["rtn"] and errors["awq"] < 0.9 * errors["rtn"], errors
+
+
+@settings(max_examples=20, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 70), st.integers(1, 5)),
+              elements=st.floats(-1e3, 1e3, width=32)),
+       st.sampled_from([4, 8]), st.sampled_from([16, 32]), st.booleans())
+def test_rtn_error_is_at_most_half_a_step(w, bits, block, symmetric):
+    """Every weight is within half its block's scale of its dequantized value, and zeros stay exactly zero."""
+    bq = quantize_rtn(w, bits, block, symmetric)
+    step = np.repeat(bq.scale, block, axis=1)[:, :w.shape[0]].T              # [K, N]
+    w_hat = bq.dequantize()
+    assert np.all(np.abs(w_hat - w) <= step / 2 * (1 + 1e-5) + 1e-30)
+    assert np.all(w_hat[w == 0] == 0)
