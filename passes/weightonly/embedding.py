@@ -51,7 +51,7 @@ def _rewrite(graph: gs.Graph, node: gs.Node, values: np.ndarray) -> None:
     q = nearest_weights(values, scale, zp, axis)
     name, base, out = node.inputs[0].name, node.name or node.outputs[0].name, node.outputs[0]
     ids = node.inputs[1]
-    rows_q, rows_f, rows_s = (gs.Variable(unique_name(graph, f"{base}_{s}"), dtype=t)
+    rows_q, rows_f, rows_s = (gs.Variable(unique_name(graph, f"{out.name}_rows_{s}"), dtype=t)
                               for s, t in (("int8", np.int8), ("float", np.float32), ("scale", np.float32)))
     qt = constant(unique_name(graph, f"{name}_int8"), q)
     st = constant(unique_name(graph, f"{name}_row_scale"), scale.reshape(-1, 1).astype(np.float32))

@@ -59,7 +59,7 @@ def dynamic_nodes(graph: gs.Graph, site: WeightSite, q: np.ndarray, scale: np.nd
                   shared: dict[tuple, list[gs.Tensor]], quantized_x: dict[str, list[gs.Variable]]) -> list[gs.Node]:
     """x·W with W ≈ q·scale (int8 symmetric, ``scale`` per output column [N]); one DynamicQuantizeLinear per
     activation tensor, shared by every site that reads it."""
-    name, base = site.source.name, site.node.name or site.source.name
+    name, base = site.source.name, y.name      # new tensors are named for the output, new constants for the weight
     nodes: list[gs.Node] = []
     if site.x.name not in quantized_x:
         xq = [gs.Variable(unique_name(graph, f"{site.x.name}_{s}"), dtype=t)
@@ -70,13 +70,13 @@ def dynamic_nodes(graph: gs.Graph, site: WeightSite, q: np.ndarray, scale: np.nd
     xq, xs, xz = quantized_x[site.x.name]
     if site.key not in shared:
         shared[site.key] = [constant(unique_name(graph, f"{name}_int8"), q.astype(np.int8)),
-                        constant(unique_name(graph, f"{name}_scale"), scale.astype(np.float32))]
+                        constant(unique_name(graph, f"{name}_weight_scale"), scale.astype(np.float32))]
     wq, ws = shared[site.key]
     acc, acc_f, sc = (gs.Variable(unique_name(graph, f"{base}_{s}"), dtype=t)
-                      for s, t in (("int32", np.int32), ("float", np.float32), ("scale", np.float32)))
+                      for s, t in (("int32", np.int32), ("float", np.float32), ("rescale", np.float32)))
     nodes += [gs.Node("MatMulInteger", name=unique_name(graph, f"{base}_integer"), inputs=[xq, wq, xz],
                       outputs=[acc]),
               gs.Node("Cast", name=unique_name(graph, f"{base}_cast"), attrs={"to": 1}, inputs=[acc], outputs=[acc_f]),
               gs.Node("Mul", name=unique_name(graph, f"{base}_scales"), inputs=[xs, ws], outputs=[sc]),
-              gs.Node("Mul", name=unique_name(graph, f"{base}_rescale"), inputs=[acc_f, sc], outputs=[y])]
+              gs.Node("Mul", name=unique_name(graph, f"{base}_apply_scale"), inputs=[acc_f, sc], outputs=[y])]
     return nodes
