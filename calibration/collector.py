@@ -10,7 +10,7 @@ stderr is a terminal.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -89,3 +89,19 @@ def _rows(feed: Mapping[str, np.ndarray], splittable: bool) -> int:
     sizes = {v.shape[0] for v in feed.values() if isinstance(v, np.ndarray) and v.ndim > 0}
     return sizes.pop() if len(sizes) == 1 and all(isinstance(v, np.ndarray) and v.ndim > 0
                                                    for v in feed.values()) else 1
+
+
+def collect_tensors(model: onnx.ModelProto, observers: Mapping[str, Any], batches: Iterable[Batch], *,
+                    max_samples: int | None = None) -> int:
+    """``collect`` for observers of any tensors, graph inputs included (those are observed from the feeds
+    themselves, not fetched as outputs); samples seen."""
+    inputs = {i.name for i in model.graph.input} & observers.keys()
+
+    def fed() -> Iterator[Batch]:
+        for b in batches:
+            for name in inputs:
+                if name in b.feed:
+                    observers[name].update(b.feed[name])
+            yield b
+
+    return collect(model, [n for n in observers if n not in inputs], fed(), observers, max_samples=max_samples)

@@ -117,16 +117,22 @@ class HessianObserver:
 
 
 def gptq_round(w: np.ndarray, scale: np.ndarray, h: np.ndarray, qmin: int, qmax: int,
-               damping: float = DAMPING) -> np.ndarray:
-    """Integer weights q [G, O, D] (int64) for w [G, O, D] with per-row scales [G, O] and H [G, D, D] (module
-    docstring); zero point 0."""
-    s = np.asarray(scale, dtype=np.float64)
+               damping: float = DAMPING, zero_point: np.ndarray | None = None) -> np.ndarray:
+    """Integer weights q [G, O, D] (int64) for w [G, O, D] with per-row scales [G, O] and zero point 0, or (blockwise
+    weight-only quantization) per-weight scales and zero points [G, O, D], and H [G, D, D] (module docstring):
+    q_j = clip(round(w_j / s_j) + z_j, qmin, qmax), error e_j = (w_j − s_j·(q_j − z_j)) / U_jj. The scales are
+    fixed beforehand from the unrounded weights (GPTQ's "static groups" with act order)."""
     d = w.shape[2]
+    s = np.broadcast_to(np.asarray(scale, dtype=np.float64).reshape(*w.shape[:2], -1), w.shape)
+    z = np.zeros(w.shape) if zero_point is None else np.broadcast_to(
+        np.asarray(zero_point, dtype=np.float64).reshape(*w.shape[:2], -1), w.shape)
     idx = np.arange(d)
     h = np.array(h, dtype=np.float64)
     energy = h[:, idx, idx].copy()                                     # [G, D]
     perm = np.argsort(-energy, axis=1, kind="stable")                  # act order: most energy first
     w = np.take_along_axis(np.array(w, dtype=np.float64), perm[:, None, :], axis=2)
+    s = np.take_along_axis(s, perm[:, None, :], axis=2)
+    z = np.take_along_axis(z, perm[:, None, :], axis=2)
     h = np.take_along_axis(np.take_along_axis(h, perm[:, :, None], axis=1), perm[:, None, :], axis=2)
     energy = np.take_along_axis(energy, perm, axis=1)
     # Inputs that were always zero have all-zero rows and columns: a unit diagonal keeps H invertible and their
@@ -140,9 +146,9 @@ def gptq_round(w: np.ndarray, scale: np.ndarray, h: np.ndarray, qmin: int, qmax:
     q = np.empty(w.shape, dtype=np.int64)
     for j in range(d):
         col = w[:, :, j]
-        qj = np.where(pruned[:, :, j], 0, np.clip(np.rint(col / s), qmin, qmax))
+        qj = np.where(pruned[:, :, j], z[:, :, j], np.clip(np.rint(col / s[:, :, j]) + z[:, :, j], qmin, qmax))
         q[:, :, j] = qj
-        err = (col - qj * s) / u[:, j, j][:, None]                      # [G, O]
+        err = (col - (qj - z[:, :, j]) * s[:, :, j]) / u[:, j, j][:, None]       # [G, O]
         w[:, :, j + 1:] -= err[:, :, None] * u[:, None, j, j + 1:]
     out = np.empty_like(q)
     np.put_along_axis(out, np.broadcast_to(perm[:, None, :], q.shape), q, axis=2)

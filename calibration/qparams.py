@@ -1,6 +1,6 @@
 """The one function that turns a range into (scale, zero_point); nothing else in graphopt computes a scale.
 
-For an integer type with levels [qmin, qmax] (reduce-range drops one bit: 7-bit weights avoid the u8·s8 pair-sum
+For an integer type (int8, uint8, int4, uint4, int32) with levels [qmin, qmax] (reduce-range drops one bit: 7-bit weights avoid the u8·s8 pair-sum
 saturation of AVX2 without VNNI):
   * the range is first widened to contain 0, so that real 0 (padding, ReLU zeros) is exactly representable;
   * symmetric:  scale = max(|lo|, |hi|) / ((qmax - qmin) / 2),  zero_point = (qmin + qmax + 1) // 2
@@ -12,16 +12,20 @@ Then x ≈ (q - zero_point) · scale with q = clip(round(x / scale) + zero_point
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
-INT_TYPES = {"int8": (np.int8, -128, 127), "uint8": (np.uint8, 0, 255), "int32": (np.int32, -(2**31), 2**31 - 1)}
+# int4/uint4 (weight-only blockwise quantization) as ml_dtypes' numpy types, which onnx and onnx-graphsurgeon pack.
+INT_TYPES = {"int8": (np.int8, -128, 127), "uint8": (np.uint8, 0, 255), "int32": (np.int32, -(2**31), 2**31 - 1),
+             "int4": (ml_dtypes.int4, -8, 7), "uint4": (ml_dtypes.uint4, 0, 15)}
 
 
 def qrange(dtype: str, symmetric: bool, reduce_range: bool = False) -> tuple[int, int]:
-    """[qmin, qmax] used for ``dtype``: int8 symmetric is restricted to [-127, 127]; reduce-range halves it."""
+    """[qmin, qmax] used for ``dtype``: int8 (int4) symmetric is restricted to [-127, 127] ([-7, 7]); reduce-range
+    halves it."""
     _, qmin, qmax = INT_TYPES[dtype]
-    if dtype == "int8" and symmetric:
-        qmin = -127
+    if dtype in ("int8", "int4") and symmetric:
+        qmin = -qmax
     if reduce_range:
         if dtype == "int8":
             qmin, qmax = (-63, 63) if symmetric else (-64, 63)

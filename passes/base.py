@@ -29,6 +29,8 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 from graphopt.calibration.readers import DataSource
 
 from graphopt.errors import UsageError
@@ -49,8 +51,13 @@ def as_values(values: Any, dtype: Any = None) -> np.ndarray:
 
 def constant(name: str, values: Any, dtype: Any = None) -> gs.Constant:
     """A new constant tensor holding a computed value; the only way passes make one (see ``as_values``;
-    tests/test_every_option.py checks that no pass calls ``gs.Constant`` or ``Tensor.to_constant`` directly)."""
-    return gs.Constant(name, as_values(values, dtype))
+    tests/test_every_option.py checks that no pass calls ``gs.Constant`` or ``Tensor.to_constant`` directly).
+    Types of fewer than 8 bits (int4/uint4 as ml_dtypes arrays), which onnx-graphsurgeon would write one value per
+    byte, go in as the TensorProto onnx packs (two per byte)."""
+    arr = as_values(values, dtype)
+    if arr.dtype.itemsize == 1 and arr.dtype.name in ("int4", "uint4"):
+        return gs.Constant(name, LazyValues(numpy_helper.from_array(arr, name)))
+    return gs.Constant(name, arr)
 
 
 @dataclass

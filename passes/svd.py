@@ -45,12 +45,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.calibration.collector import collect
+from graphopt.calibration.collector import collect_tensors
 from graphopt.calibration.readers import DataSource
 from graphopt.graph import export, is_std
 
@@ -230,18 +230,8 @@ class SVD(Pass):
         per_site: dict[int, SecondMoment] = {}
         for s in sites:
             per_site[id(s)] = obs.setdefault(s.x.name, TensorMoments()).get(s.w.shape[0], s.axis)
-        inputs = {t.name for t in graph.inputs}
-        fetch = [n for n in obs if n not in inputs]
-        model = export(graph, ctx.original)
-
-        def batches() -> Iterator[Any]:
-            for b in calib:
-                for name in inputs & obs.keys():
-                    if name in b.feed:
-                        obs[name].update(b.feed[name])
-                yield b
-
-        res.counts[CALIBRATION_SAMPLES] = collect(model, fetch, batches(), obs, max_samples=self.options.samples)
+        res.counts[CALIBRATION_SAMPLES] = collect_tensors(export(graph, ctx.original), obs, calib,
+                                                          max_samples=self.options.samples)
         matrices = {id(sm): sm.matrix() for sm in per_site.values()}  # one array per tensor: sites share it
         return {k: m for k, sm in per_site.items() if (m := matrices[id(sm)]) is not None}
 

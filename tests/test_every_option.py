@@ -40,7 +40,7 @@ BUILT_IN = {name: cls for name, cls in sorted(registry().items())
 
 # The model each pass runs on: the MLP is the fastest to quantize; the CNN has Conv/BN for prune, fold and fuse,
 # and small Gemm weights (fast SVDs) for svd.
-MODEL = {"quantize": "mnist_mlp"}
+MODEL = {"quantize": "mnist_mlp", "quantize-dynamic": "mnist_mlp", "quantize-weights": "mnist_mlp"}
 DEFAULT_MODEL = "mnist_cnn"
 
 # Options a pass reads only when another option is set: that one is set too.
@@ -51,6 +51,7 @@ COMPANIONS = {
     ("prune-channels", "damping"): "reconstruct=true",
     ("prune-channels", "rows-per-sample"): "reconstruct=true",
     ("cluster-weights", "samples"): "data-aware=true",
+    ("quantize-weights", "samples"): "method=gptq",
 }
 
 # Values of the options that name layers (str lists): (value, whether it names something in the pass's model).
@@ -61,6 +62,8 @@ NAMES: dict[tuple[str, str], list[tuple[str, bool]]] = {
     ("svd", "exclude"): [("/head/head.1/Gemm", True), ("conv1", False)],
     ("prune-weights", "exclude"): [("/tail/tail.0/Conv", True), ("conv1", False)],
     ("cluster-weights", "exclude"): [("/head/head.1/Gemm", True), ("conv1", False)],
+    ("quantize-dynamic", "exclude"): [("Gemm", True), ("conv1", False)],
+    ("quantize-weights", "exclude"): [("Gemm", True), ("conv1", False)],
 }
 
 HUGE = 10 ** 9      # for a bound that is not there

@@ -1,0 +1,127 @@
+"""``quantize-dynamic``: int8 weights made offline, activations quantized at run time; no calibration data.
+
+  * MatMul/Gemm with a float32 constant weight (``weightonly.sites``): W ≈ s·q, int8 symmetric per output column
+    (``per-channel``; s = max|W[:, n]| / 127, the quantize pass's ``weight_qparams``, 7-bit where this CPU's u8·s8
+    kernel saturates), and DynamicQuantizeLinear(x) → MatMulInteger → Cast → Mul(s_x·s) (``weightonly.emit``):
+    onnxruntime fuses it into its DynamicQuantizeMatMul kernel; 3.4x faster than float at 64 rows and 2x at 1 row
+    on a 384×1536 weight (Zen 4, docs/quantize-dynamic.md);
+  * LSTM with constant W and R: com.microsoft.DynamicQuantizeLSTM, W and R int8 per gate row, transposed to the
+    kernel's [directions, input, 4·hidden] layout (1.7-2.9x faster than float LSTM, measured);
+  * Gather of a large float32 embedding table (``weightonly.embedding``): int8 rows with a scale per row;
+  * Conv is left float: onnxruntime's ConvInteger measured 10x slower than float Conv here (a note says so); GRU
+    has no integer kernel in onnxruntime.
+Lossy: validated by the pipeline's targets on --val-data (or on seeded random inputs, with a warning). Declined:
+what ``weightonly.sites`` declines; LSTM with layout=1 or non-constant weights. A second run finds no float weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.graph import MS_DOMAIN, describe, is_std
+from graphopt.passes.base import Pass, PassContext, PassResult, constant, register
+from graphopt.passes.lowrank.sites import unique_name
+from graphopt.passes.options import option, unmatched
+
+from .quantization.cpu import reduce_range_auto
+from .quantization.weights import nearest_weights, weight_qparams
+from .weightonly.embedding import quantize_embeddings
+from .weightonly.emit import dynamic_nodes
+from .weightonly.sites import SITE_OPS, find_sites, replace
+
+QUANTIZED = "MatMul/Gemm quantized"
+LSTMS = "LSTM quantized"
+EMBEDDINGS = "embedding tables quantized"
+CONV_NOTE = ("Conv left float: onnxruntime's ConvInteger measured ~10x slower than float Conv on Zen 4 "
+             "(docs/quantize-dynamic.md)")
+
+
+@register
+class QuantizeDynamic(Pass):
+    name = "quantize-dynamic"
+    summary = "int8 weights, activations quantized at run time (MatMul/Gemm, LSTM); needs no calibration data."
+    exact = False
+    prerequisites = ("fold-constants",)
+    must_not_follow = {"quantize": "quantize leaves no float MatMul weights"}
+
+    @dataclass(frozen=True)
+    class Options:
+        per_channel: bool = option(True, "one weight scale per output column (per tensor otherwise)")
+        reduce_range: Literal["auto", "true", "false"] = option(
+            "auto", "7-bit weights; auto: where this CPU's u8s8 kernel saturates (x86 without VNNI; probed)")
+        lstm: bool = option(True, "LSTM weights int8 too (com.microsoft.DynamicQuantizeLSTM)")
+        embeddings: bool = option(True, "large embedding tables (Gather) int8 with a scale per row")
+        exclude: tuple[str, ...] = option((), "node names or op types to keep float (repeat the key)")
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        res = PassResult()
+        names = [n.name for n in graph.nodes if n.op in (*SITE_OPS, "LSTM", "Gather")]
+        res.notes += unmatched(self.name, "exclude", o.exclude, names, ops={n.op for n in graph.nodes},
+                               what="MatMul/Gemm/LSTM/Gather node")
+        reduce = reduce_range_auto() if o.reduce_range == "auto" else o.reduce_range == "true"
+        shared: dict[tuple, list[gs.Tensor]] = {}
+        quantized_x: dict[str, list[gs.Variable]] = {}
+        for s in find_sites(graph, res, o.exclude):
+            w = s.weight()
+            scale, zp, axis = weight_qparams(w, 1, o.per_channel, reduce)
+            q = nearest_weights(w, scale, zp, axis)
+            replace(graph, s, lambda y: dynamic_nodes(graph, s, q, scale, y, shared, quantized_x))
+            res.changed = True
+            res.count(QUANTIZED)
+        if o.lstm:
+            for node in [n for n in graph.nodes if is_std(n, "LSTM")]:
+                if node.name in o.exclude or "LSTM" in o.exclude:
+                    res.decline(describe(node), "excluded by option")
+                    continue
+                reason = _lstm(graph, node, o.per_channel, reduce)
+                if reason:
+                    res.decline(describe(node), reason)
+                else:
+                    res.changed = True
+                    res.count(LSTMS)
+        if o.embeddings:
+            res.count(EMBEDDINGS, quantize_embeddings(graph, res, o.exclude))
+            res.changed = res.changed or res.counts[EMBEDDINGS] > 0
+        if any(is_std(n, "Conv") and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant) for n in graph.nodes):
+            res.notes.append(CONV_NOTE)
+        res.notes.insert(0, f"int8 weights ({'per channel' if o.per_channel else 'per tensor'}"
+                            f"{', 7-bit' if reduce else ''}), uint8 activations quantized at run time: "
+                            f"{res.counts.get(QUANTIZED, 0):.0f} MatMul/Gemm, {res.counts.get(LSTMS, 0):.0f} LSTM, "
+                            f"{res.counts.get(EMBEDDINGS, 0):.0f} embedding tables")
+        return res
+
+
+def _lstm(graph: gs.Graph, node: gs.Node, per_channel: bool, reduce: bool) -> str | None:
+    """Rewrite one LSTM as DynamicQuantizeLSTM, or the reason it stays float."""
+    if node.attrs.get("layout", 0):
+        return "layout=1 (batch first): DynamicQuantizeLSTM takes sequence-first inputs"
+    ins = list(node.inputs) + [gs.Variable.empty()] * (8 - len(node.inputs))
+    w, r = ins[1], ins[2]
+    if not all(isinstance(t, gs.Constant) and np.asarray(t.values).dtype == np.float32 for t in (w, r)):
+        return "W or R is not a float32 constant"
+    if any(len(t.outputs) > 1 for t in (w, r)):
+        return "W or R is shared with another node"
+    new = []
+    for t in (w, r):
+        v = np.asarray(t.values, np.float32)                      # [D, 4H, I]
+        d, g, i = v.shape
+        flat = v.reshape(d * g, i)
+        scale, zp, axis = weight_qparams(flat, 0, per_channel, reduce)
+        q = nearest_weights(flat, scale, zp, axis).reshape(d, g, i).transpose(0, 2, 1)
+        shape = (d, g) if per_channel else (d,)
+        s = np.broadcast_to(scale.reshape(-1) if per_channel else scale, (d * g,) if per_channel else (d,))
+        new += [constant(unique_name(graph, f"{t.name}_int8"), q),
+                (constant(unique_name(graph, f"{t.name}_scale"), np.asarray(s, np.float32).reshape(shape))),
+                constant(unique_name(graph, f"{t.name}_zero_point"), np.zeros(shape, np.int8))]
+    outs = list(node.outputs)
+    inputs = [ins[0], new[0], new[3], *ins[3:8], new[1], new[2], new[4], new[5]]
+    graph.nodes.append(gs.Node("DynamicQuantizeLSTM", name=unique_name(graph, f"{node.name or 'lstm'}_dynamic"),
+                               domain=MS_DOMAIN, attrs=dict(node.attrs), inputs=inputs, outputs=outs))
+    node.outputs.clear()
+    node.inputs.clear()
+    return None
