@@ -134,7 +134,7 @@ def rows_per_run(graph: gs.Graph, template: onnx.ModelProto, nodes: list[gs.Node
     return rows
 
 
-def _unique(graph: gs.Graph, base: str) -> str:
+def unique_name(graph: gs.Graph, base: str) -> str:
     names = graph.tensors().keys() | {n.name for n in graph.nodes}
     name, i = base, 1
     while name in names:
@@ -148,7 +148,7 @@ def splice(graph: gs.Graph, site: Site, a: np.ndarray, b: np.ndarray) -> None:
     node, dtype = site.node, np.asarray(site.weight.values).dtype
     wname = site.weight.name
     out = node.outputs[0]
-    h = gs.Variable(_unique(graph, f"{out.name}_svd"), dtype=out.dtype)
+    h = gs.Variable(unique_name(graph, f"{out.name}_svd"), dtype=out.dtype)
     attrs: dict[str, Any] = {}
     if node.op == "Gemm":
         trans_b = node.attrs.get("transB", 0)
@@ -167,12 +167,12 @@ def splice(graph: gs.Graph, site: Site, a: np.ndarray, b: np.ndarray) -> None:
             node.attrs.pop(key, None)
         if "kernel_shape" in node.attrs:
             node.attrs["kernel_shape"] = ones
-    c1 = constant(_unique(graph, f"{wname}_svd_a"), w1, dtype)
-    c2 = constant(_unique(graph, f"{wname}_svd_b"), w2, dtype)
+    c1 = constant(unique_name(graph, f"{wname}_svd_a"), w1, dtype)
+    c2 = constant(unique_name(graph, f"{wname}_svd_b"), w2, dtype)
     inputs = [site.x, c1]
     if node.op == "Gemm" and graph.opset < 11:
-        inputs.append(constant(_unique(graph, f"{wname}_svd_zero"), np.zeros((1,), dtype)))
-    first = gs.Node(node.op, name=_unique(graph, f"{site.name}_svd_a"), attrs=attrs, inputs=inputs, outputs=[h],
+        inputs.append(constant(unique_name(graph, f"{wname}_svd_zero"), np.zeros((1,), dtype)))
+    first = gs.Node(node.op, name=unique_name(graph, f"{site.name}_svd_a"), attrs=attrs, inputs=inputs, outputs=[h],
                     domain=node.domain)
     node.inputs[0] = h
     node.inputs[1] = c2
