@@ -63,7 +63,7 @@ from .options import option, unmatched
 from .lowrank.factor import (DEFAULT_DAMPING, Decomposition, SecondMoment, TensorMoments, decompose, rank_for_error,
                       relative_output_error, whitening)
 from .lowrank.conv import error_of
-from .lowrank.convsite import (ConvSite, PatchMoment, Rule, choose, conv_chains, conv_site_of, is_kxk,
+from .lowrank.convsite import (ConvSite, Memo, PatchMoment, Rule, choose, conv_chains, conv_site_of, is_kxk,
                                splice_conv)
 from .lowrank.report import conv_row, matrix_row
 from .lowrank.sites import Site, SiteDeclined, factor_pairs, rows_per_run, site_of, splice
@@ -134,10 +134,11 @@ class SVD(Pass):
                     return n, getattr(self, n)
             return "energy", DEFAULT_ENERGY
 
-    def __init__(self, options: Any) -> None:
+    def __init__(self, options: Any, memo: Memo | None = None) -> None:
         super().__init__(options)
         # Internal (tests only): factorize even when MACs would not drop, e.g. at full rank to check exactness.
         self.require_gain = True
+        self.memo: Memo = {} if memo is None else memo    # conv factorizations built (rank=auto: shared)
 
     def needs_calibration(self) -> bool:
         return bool(self.options.data_aware) or self.options.rank == "auto"
@@ -189,7 +190,7 @@ class SVD(Pass):
             return res
 
         def with_error(e: float | None) -> SVD:
-            return SVD(dataclasses.replace(self.options, rank=None, max_error=e, data_aware=True))
+            return SVD(dataclasses.replace(self.options, rank=None, max_error=e, data_aware=True), self.memo)
 
         found = search(MAX_ERRORS, lambda g, e, c: with_error(e).run(g, c), graph, ctx, self.name)
         error = MAX_ERRORS[found.index]
@@ -324,7 +325,7 @@ class SVD(Pass):
     def _factorize_conv(self, graph: gs.Graph, site: ConvSite, moment: np.ndarray | None,
                         measured: np.ndarray | None, rows: int | None, rule: Rule, res: PassResult) -> None:
         """Factorize one k×k Conv if a scheme pays (``moment``: data-aware; ``measured``: for the report)."""
-        f, _, why = choose(site, moment, rule)
+        f, _, why = choose(site, moment, rule, self.memo)
         if why and self.require_gain:
             res.decline(site.desc, why)
             res.layers.append(conv_row(site, f, rows=rows, status="declined: " + why))

@@ -100,7 +100,19 @@ def spatial(w: np.ndarray, rank: int, svd: tuple[np.ndarray, np.ndarray, np.ndar
         h = hm.reshape(r, kw, o).transpose(2, 0, 1)
     approx = np.einsum("ica,oib->ocab", v, h)
     return ConvFactors(SPATIAL, (r,), (v[..., None], h[:, :, None, :]), patch_matrix(approx),
-                       r * (c * kh + o * kw), r * c * kh * strides[1] + o * r * kw)
+                       r * (c * kh + o * kw), spatial_macs(w.shape, r, strides))
+
+
+def spatial_macs(shape: tuple[int, ...], r: int, strides: tuple[int, int]) -> int:
+    """MACs per output pixel of the spatial pair at rank r (see the module docstring)."""
+    o, c, kh, kw = shape
+    return r * c * kh * strides[1] + o * r * kw
+
+
+def tucker_macs(shape: tuple[int, ...], r1: int, r2: int, strides: tuple[int, int]) -> int:
+    """MACs per output pixel of the Tucker chain at ranks r1, r2."""
+    o, c, kh, kw = shape
+    return r1 * c * strides[0] * strides[1] + r2 * r1 * kh * kw + o * r2
 
 
 def mode_svds(w: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -129,8 +141,7 @@ def tucker(w: np.ndarray, r1: int, r2: int, modes: tuple | None = None, moment: 
     approx = np.einsum("tsab,ot,cs->ocab", core, a_out, a_in)
     kernels = (a_in.T[:, :, None, None], core, a_out[:, :, None, None])
     params = c * r1 + r1 * r2 * kh * kw + r2 * o
-    return ConvFactors(TUCKER, (r1, r2), kernels, patch_matrix(approx), params,
-                       r1 * c * strides[0] * strides[1] + r2 * r1 * kh * kw + o * r2)
+    return ConvFactors(TUCKER, (r1, r2), kernels, patch_matrix(approx), params, tucker_macs(w.shape, r1, r2, strides))
 
 
 def error_of(w: np.ndarray, f: ConvFactors, moment: np.ndarray | None) -> float:

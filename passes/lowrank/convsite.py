@@ -17,36 +17,26 @@ AᵀA: the second moment), fed with the layer's input and output of the same run
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.graph import describe
 from graphopt.passes.base import constant
 from graphopt.passes.pruning.fit import ConvFit, Fit
 
-from .conv import SPATIAL, TUCKER, ConvFactors, error_of, mode_svds, spatial, spatial_svd, tucker, tucker_ranks
-from .sites import CONV_SPATIAL, FLOATS, SiteDeclined, unique_name
+from .conv import (SPATIAL, TUCKER, ConvFactors, error_of, mode_svds, spatial, spatial_macs, spatial_svd, tucker,
+                   tucker_macs, tucker_ranks)
+from .sites import CONV_SPATIAL, FLOATS, SiteDeclined, WeightSite, unique_name
 
 PATCH_ROWS = 256      # im2col rows sampled per calibration sample and layer
 
 
 @dataclass
-class ConvSite:
-    node: gs.Node
-    weight: gs.Constant
-    w: np.ndarray          # [C_out, C_in, kh, kw] float64
-    x: gs.Tensor
-
-    @property
-    def name(self) -> str:
-        return self.node.name or self.node.outputs[0].name
-
-    @property
-    def desc(self) -> str:
-        return describe(self.node)
+class ConvSite(WeightSite):
+    """A k×k Conv; ``w`` is its kernel [C_out, C_in, kh, kw]."""
 
     @property
     def strides(self) -> tuple[int, int]:
@@ -127,34 +117,54 @@ def conv_chains(nodes: list[gs.Node], outputs: set[str]) -> dict[int, str]:
     return out
 
 
-def _pays(f: ConvFactors, dense: int, rule: Rule) -> bool:
-    return f.macs <= (1.0 - rule.min_reduction) * dense and f.macs < dense
+def _pays(macs: float, dense: int, rule: Rule) -> bool:
+    return macs <= (1.0 - rule.min_reduction) * dense and macs < dense
 
 
-def _smallest(ladder: list[Any], build: Callable[[Any], ConvFactors], error: Callable[[ConvFactors], float],
-              bound: float) -> int:
+def _cut(f: ConvFactors, dense: int, rule: Rule) -> str | None:
+    """Why ``f`` does not pay, or None."""
+    if _pays(f.macs, dense, rule):
+        return None
+    if f.macs >= dense:
+        return f"{f.kind} rank {f.rank_text} would not reduce MACs"
+    return (f"{f.kind} rank {f.rank_text} cuts MACs by only {100 * (1 - f.macs / dense):.1f}% < min-reduction "
+            f"{100 * rule.min_reduction:g}%")
+
+
+def _smallest(ladder: list[Any], error: Callable[[Any], float], bound: float) -> int:
     """Index of the first ladder entry whose error is within ``bound`` (errors fall along the ladder)."""
     lo, hi = 0, len(ladder) - 1
     while lo < hi:
         mid = (lo + hi) // 2
-        if error(build(ladder[mid])) <= bound * (1 + 1e-9):
+        if error(ladder[mid]) <= bound * (1 + 1e-9):
             hi = mid
         else:
             lo = mid + 1
     return lo
 
 
-def _scheme(site: ConvSite, kind: str, moment: np.ndarray | None, rule: Rule) -> ConvFactors:
-    """The factorization of one scheme that the criterion asks for (aligned where that still pays)."""
+Memo = dict[tuple[Any, ...], tuple[ConvFactors, float]]
+
+
+def _scheme(site: ConvSite, kind: str, moment: np.ndarray | None, rule: Rule, memo: Memo
+            ) -> tuple[ConvFactors, float, str | None]:
+    """The factorization of one scheme that the criterion asks for (aligned where that still pays), its error, and
+    why it does not pay (None when it does). Error criteria search only the ranks that pay. ``memo`` keeps every
+    factorization built, by weight, statistic and ranks (rank=auto builds the same ones for each bound it tries)."""
     w, strides = site.w, site.strides
+    tag = (kind, hashlib.sha1(w.tobytes()).hexdigest(), w.shape, rule.damping,
+           None if moment is None else hashlib.sha1(np.ascontiguousarray(moment).tobytes()).hexdigest())
     o, c = w.shape[:2]
     dense = int(np.prod(w.shape))
     if kind == SPATIAL:
         dec = spatial_svd(w)
         ladder: list[Any] = list(range(1, len(dec[1]) + 1))
 
-        def build(r: Any) -> ConvFactors:
+        def make(r: Any) -> ConvFactors:
             return spatial(w, r, dec, moment, rule.damping, strides)
+
+        def macs(r: Any) -> int:
+            return spatial_macs(w.shape, r, strides)
 
         def aligned(r: Any) -> Any:
             return min(-(-r // rule.align) * rule.align, ladder[-1])
@@ -162,42 +172,60 @@ def _scheme(site: ConvSite, kind: str, moment: np.ndarray | None, rule: Rule) ->
         modes = mode_svds(w)
         ladder = tucker_ranks(c, o)
 
-        def build(r: Any) -> ConvFactors:
+        def make(r: Any) -> ConvFactors:
             return tucker(w, r[0], r[1], modes, moment, rule.damping, strides)
+
+        def macs(r: Any) -> int:
+            return tucker_macs(w.shape, r[0], r[1], strides)
 
         def aligned(r: Any) -> Any:
             return min(-(-r[0] // rule.align) * rule.align, c), min(-(-r[1] // rule.align) * rule.align, o)
+
+    def built(r: Any) -> tuple[ConvFactors, float]:
+        if (tag, r) not in memo:
+            f = make(r)
+            memo[tag, r] = f, error_of(w, f, moment)
+        return memo[tag, r]
+
+    def build(r: Any) -> ConvFactors:
+        return built(r)[0]
+
+    def done(f: ConvFactors) -> tuple[ConvFactors, float, str | None]:
+        return f, built(f.ranks[0] if kind == SPATIAL else f.ranks)[1], _cut(f, dense, rule)
     name, value = rule.criterion
     if name == "rank":
-        return build(int(value) if kind == SPATIAL else (int(value), int(value)))
+        return done(build(int(value) if kind == SPATIAL else (int(value), int(value))))
     if name == "ratio":
         fits = [r for r in ladder if build(r).params <= value * dense]
         if kind == SPATIAL and fits:
             fits = [r for r in fits if r % rule.align == 0] or fits
-        return build(fits[-1] if fits else ladder[0])
+        return done(build(fits[-1] if fits else ladder[0]))
     bound = float(np.sqrt(max(1.0 - value, 0.0))) if name == "energy" else float(value)
-    best = build(ladder[_smallest(ladder, build, lambda f: error_of(w, f, moment), bound)])
+    paying = [r for r in ladder if _pays(macs(r), dense, rule)]
+    if not paying:
+        return done(build(ladder[0]))
+    last, err = built(paying[-1])
+    if err > bound * (1 + 1e-9):
+        return last, err, (f"{kind} needs an error of {err:.3f} > {bound:g} at rank {last.rank_text}, the largest "
+                           f"that cuts MACs by min-reduction {100 * rule.min_reduction:g}%")
+    best = build(paying[_smallest(paying, lambda r: built(r)[1], bound)])
     up = build(aligned(best.ranks[0] if kind == SPATIAL else best.ranks))
-    return up if _pays(up, dense, rule) else best
+    return done(up if _pays(up.macs, dense, rule) else best)
 
 
-def choose(site: ConvSite, moment: np.ndarray | None, rule: Rule) -> tuple[ConvFactors, float, str | None]:
+def choose(site: ConvSite, moment: np.ndarray | None, rule: Rule, memo: Memo | None = None
+           ) -> tuple[ConvFactors, float, str | None]:
     """The factorization for the site, its error, and why it does not pay (None when it does)."""
-    dense = int(np.prod(site.w.shape))
+    memo = {} if memo is None else memo
     kinds = (SPATIAL, TUCKER) if rule.scheme == "auto" else (rule.scheme,)
     if site.w.shape[2] == 1 or site.w.shape[3] == 1:
         kinds = tuple(k for k in kinds if k != SPATIAL) or (TUCKER,)   # a k×1 kernel has no spatial split
-    found = [(f, error_of(site.w, f, moment)) for f in (_scheme(site, k, moment, rule) for k in kinds)]
-    paying = [fe for fe in found if _pays(fe[0], dense, rule)]
+    found = [_scheme(site, k, moment, rule, memo) for k in kinds]
+    paying = [x for x in found if x[2] is None]
+    if not paying:
+        return found[0][0], found[0][1], "; ".join(x[2] or "" for x in found)
     by_error = rule.criterion[0] in ("rank", "ratio")
-    pool = paying or found
-    f, err = min(pool, key=lambda fe: (fe[1], fe[0].macs) if by_error else (fe[0].macs, fe[1]))
-    if paying:
-        return f, err, None
-    cut = 100 * (1 - f.macs / dense)
-    why = (f"{f.kind} rank {f.rank_text} would not reduce MACs" if f.macs >= dense else
-           f"{f.kind} rank {f.rank_text} cuts MACs by only {cut:.1f}% < min-reduction {100 * rule.min_reduction:g}%")
-    return f, err, why
+    return min(paying, key=lambda x: (x[1], x[0].macs) if by_error else (x[0].macs, x[1]))
 
 
 class PatchMoment:
