@@ -38,10 +38,10 @@ def low_rank(k: int, n: int, r: int, seed: int = 0, noise: float = 0.01) -> np.n
     return w.astype(np.float32)
 
 
-def full_rank(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[dict]]:
+def full_rank(model: onnx.ModelProto, **opts) -> tuple[onnx.ModelProto, list[dict]]:
     """Factorize every site at full rank min(K, N), which never pays, through the internal ``require_gain`` switch."""
     graph = import_graph(model)
-    p = SVD(SVD.Options(rank=10 ** 6, min_size=0))
+    p = SVD(SVD.Options(rank=10 ** 6, min_size=0, **opts))
     p.require_gain = False
     res = p.run(graph, PassContext(original=model))
     graph.cleanup().toposort()

@@ -9,18 +9,16 @@ reported output error equals the one measured in onnxruntime; rank=auto factoriz
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from graphopt.calibration.readers import open_source
-from graphopt.graph import export, import_graph
 from graphopt.passes.base import PassContext
 from graphopt.passes.lowrank.conv import error_of, patch_matrix, spatial, spatial_svd, tucker
 from graphopt.passes.lowrank.factor import truncation_error
-from graphopt.passes.svd import SVD
 from graphopt.pipeline import make_spec, run_pipeline
+from test_svd import full_rank
 from graphs import assert_same_outputs, attrs, declined, make_model, node, ops, rand, run, run_passes, same_graph
 
 GEOMETRIES = [{}, {"strides": [2, 1], "pads": [1, 0, 2, 1], "dilations": [1, 2]},
@@ -33,22 +31,10 @@ def conv(c_in: int = 8, c_out: int = 12, k: tuple[int, int] = (3, 3), group: int
                       [("x", [2, c_in, 11, 10])], ["y"], {"w": w, "b": rand(c_out, seed=seed + 1)})
 
 
-def full_rank(model: onnx.ModelProto, scheme: str) -> tuple[onnx.ModelProto, list[dict]]:
-    """Every k×k Conv factored at full rank (which never pays) through the internal ``require_gain`` switch."""
-    graph = import_graph(model)
-    p = SVD(SVD.Options(rank=10 ** 6, min_size=0, conv=scheme))
-    p.require_gain = False
-    res = p.run(graph, PassContext(original=model))
-    graph.cleanup().toposort()
-    out = export(graph, model)
-    onnx.checker.check_model(out, full_check=True)
-    return out, res.layers
-
-
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_spatial_full_rank_exact(geometry):
     model = conv(**geometry)
-    out, layers = full_rank(model, "spatial")
+    out, layers = full_rank(model, conv="spatial")
     first, second = out.graph.node
     assert ops(out) == ["Conv", "Conv"] and list(second.input)[2:] == ["b"]
     assert attrs(first)["kernel_shape"] == [3, 1] and attrs(second)["kernel_shape"] == [1, 3]
@@ -60,7 +46,7 @@ def test_spatial_full_rank_exact(geometry):
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_tucker_full_ranks_exact(geometry):
     model = conv(**geometry)
-    out, layers = full_rank(model, "tucker")
+    out, layers = full_rank(model, conv="tucker")
     assert ops(out) == ["Conv", "Conv", "Conv"]
     kernels = [attrs(n)["kernel_shape"] for n in out.graph.node]
     assert kernels == [[1, 1], [3, 3], [1, 1]] and list(out.graph.node[2].input)[2:] == ["b"]
