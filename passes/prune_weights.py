@@ -72,6 +72,9 @@ class PruneWeights(Pass):
             if self.pattern == "2:4" and self.scope == "global":
                 raise ValueError("pattern=2:4 holds in every layer; scope=global does not apply")
 
+    def searches(self) -> bool:
+        return self.options.sparsity == "auto"
+
     def needs_calibration(self) -> bool:
         return self.options.sparsity == "auto"
 

@@ -1,10 +1,13 @@
-"""``svd``: low-rank factorization of Gemm / MatMul / 1×1 Conv weights, applied only where it pays.
+"""``svd``: low-rank factorization of Gemm / MatMul / Conv weights, applied only where it pays.
 
 A K×N weight W (``y = x·W``) becomes two factors A (K×r), B (r×N) of its truncated SVD, ``y = (x·A)·B``: K·N
 parameters and MACs per output vector become r·(K+N), fewer whenever ``r < K·N/(K+N)``. This module is the pass
 (rank choice, where it pays, report); ``lowrank`` holds the math (the SVD, whitening by the inputs' second moment
 for the data-aware mode, truncation and output errors) and ``sites`` which nodes qualify, their MACs per run and
-the rewrite. Neither imports this package back.
+the rewrite. Neither imports this package back. A k×k Conv (``conv=``, lowrank/conv.py and convsite.py) is split
+spatially (kh×1 then 1×kw, Jaderberg et al. scheme 2) or by Tucker-2 (1×1, kh×kw, 1×1); ``conv=auto`` (default)
+takes per layer the scheme with fewer MACs at the error asked for (rank/ratio: the smaller error), with the same
+criteria, data-aware error (on the layer's im2col patches), min-reduction and min-size rules as a matrix.
 
 Rank: exactly one of ``rank`` (absolute; taken as given), ``ratio`` (keep this fraction of the layer's weight
 parameters: ``r = ratio·K·N/(K+N)``), ``energy`` (keep this fraction of Σσ², i.e. a truncation error of
@@ -59,6 +62,10 @@ from .base import Pass, PassContext, PassResult, register
 from .options import option, unmatched
 from .lowrank.factor import (DEFAULT_DAMPING, Decomposition, SecondMoment, TensorMoments, decompose, rank_for_error,
                       relative_output_error, whitening)
+from .lowrank.conv import error_of
+from .lowrank.convsite import (ConvSite, Memo, PatchMoment, Rule, choose, conv_chains, conv_site_of, is_kxk,
+                               splice_conv)
+from .lowrank.report import conv_row, matrix_row
 from .lowrank.sites import Site, SiteDeclined, factor_pairs, rows_per_run, site_of, splice
 
 WEIGHTED = ("Gemm", "MatMul", "Conv")
@@ -79,7 +86,7 @@ Whitening = tuple[np.ndarray, np.ndarray] | None
 @register
 class SVD(Pass):
     name = "svd"
-    summary = "Low-rank (SVD) factorization of Gemm/MatMul/1x1-Conv weights where it cuts MACs; optionally data-aware."
+    summary = "Low-rank factorization of Gemm/MatMul/Conv weights (k x k: spatial or Tucker-2) where it cuts MACs."
     exact = False
     must_not_follow = {"quantize": "quantized weights sit behind DequantizeLinear as integers; factorize the float "
                                    "model, then quantize"}
@@ -105,6 +112,9 @@ class SVD(Pass):
                             "this (not rank: taken as given)", lo=1, hi=1024)
         exclude: tuple[str, ...] = option((), "node names or op types to leave alone (repeat the key)")
         samples: int | None = option(None, "use at most this many calibration samples", lo=1)
+        conv: Literal["auto", "spatial", "tucker", "off"] = option(
+            "auto", "k x k Convs: spatial (k x 1 then 1 x k), tucker (1x1, k x k, 1x1), auto (per layer the one "
+            "with fewer MACs at the error asked for), off (1x1 Convs only)")
 
         def __post_init__(self) -> None:
             given = [n for n in ("rank", "ratio", "energy", "max_error") if getattr(self, n) is not None]
@@ -124,10 +134,11 @@ class SVD(Pass):
                     return n, getattr(self, n)
             return "energy", DEFAULT_ENERGY
 
-    def __init__(self, options: Any) -> None:
+    def __init__(self, options: Any, memo: Memo | None = None) -> None:
         super().__init__(options)
         # Internal (tests only): factorize even when MACs would not drop, e.g. at full rank to check exactness.
         self.require_gain = True
+        self.memo: Memo = {} if memo is None else memo    # conv factorizations built (rank=auto: shared)
 
     def needs_calibration(self) -> bool:
         return bool(self.options.data_aware) or self.options.rank == "auto"
@@ -143,15 +154,20 @@ class SVD(Pass):
         weighted = [n for n in graph.nodes if is_std(n, *WEIGHTED)]
         typos = unmatched(self.name, "exclude", o.exclude, [n.name for n in weighted], ops={n.op for n in weighted},
                           what="Gemm/MatMul/Conv node")
-        sites = self._sites(graph, res)
-        rows = rows_per_run(graph, ctx.original, [s.node for s in sites])
+        sites, convs = self._sites(graph, res)
+        rows = rows_per_run(graph, ctx.original, [s.node for s in [*sites, *convs]])
         moments: dict[int, np.ndarray] = {}
-        if sites and (o.data_aware or ctx.calib is not None):
+        if (sites or convs) and (o.data_aware or ctx.calib is not None):
             calib = ctx.require_calib(self.name) if o.data_aware else ctx.calib
-            moments = self._observe(graph, ctx, sites, calib, res)
+            moments = self._observe(graph, ctx, sites, convs, calib, res)
         white: dict[int, Whitening] = {}   # by id(moment): Q, K and V projections share one input: whiten it once
         for site in sites:
             self._factorize(graph, site, moments.get(id(site)), rows.get(id(site.node)), white, res)
+        rule = Rule(o.conv, o.criterion(), o.align, o.min_reduction, o.damping)
+        for conv in convs:
+            moment = moments.get(id(conv))
+            self._factorize_conv(graph, conv, moment if o.data_aware else None, moment, rows.get(id(conv.node)),
+                                 rule, res)
         kind, value = o.criterion()
         crit = f"{kind.replace('_', '-')}={value:g}" + ("" if kind == "rank" else f", align={o.align}")
         res.notes.insert(0, f"{crit}, min-reduction={o.min_reduction:g}, min-size={o.min_size}; "
@@ -177,7 +193,7 @@ class SVD(Pass):
             return res
 
         def with_error(e: float | None) -> SVD:
-            return SVD(dataclasses.replace(self.options, rank=None, max_error=e, data_aware=True))
+            return SVD(dataclasses.replace(self.options, rank=None, max_error=e, data_aware=True), self.memo)
 
         found = search(MAX_ERRORS, lambda g, e, c: with_error(e).run(g, c), graph, ctx, self.name)
         error = MAX_ERRORS[found.index]
@@ -189,47 +205,59 @@ class SVD(Pass):
         res.notes.insert(0, note)
         return res
 
-    def _sites(self, graph: gs.Graph, res: PassResult) -> list[Site]:
-        """The sites to factorize; the others declined, with a layers row for those that are sites."""
+    def _sites(self, graph: gs.Graph, res: PassResult) -> tuple[list[Site], list[ConvSite]]:
+        """The sites to factorize (matrix sites, k×k Conv sites); the others declined, with a layers row for those
+        that are sites."""
         outputs = {t.name for t in graph.outputs}
-        found: list[Site] = []
+        chains = conv_chains(graph.nodes, outputs)
+        found: list[Site | ConvSite] = []
         for node in graph.nodes:
             if not is_std(node, *WEIGHTED):
                 continue
+            where = f"{node.op} '{node.name or node.outputs[0].name}'"
             if node.name in self.options.exclude or node.op in self.options.exclude:
-                res.decline(f"{node.op} '{node.name}'", "excluded by option")
-                continue
-            try:
-                found.append(site_of(node))
-            except SiteDeclined as e:
-                res.decline(f"{node.op} '{node.name or node.outputs[0].name}'", str(e))
-        paired = factor_pairs(found, outputs)
+                res.decline(where, "excluded by option")
+            elif id(node) in chains:
+                res.decline(where, chains[id(node)])
+            elif node.op == "Conv" and self.options.conv == "off" and is_kxk(node):
+                res.decline(where, "k x k Conv and conv=off")
+            else:
+                try:
+                    found.append(conv_site_of(node) if node.op == "Conv" and is_kxk(node) else site_of(node))
+                except SiteDeclined as e:
+                    res.decline(where, str(e))
+        paired = factor_pairs([s for s in found if isinstance(s, Site)], outputs)
         sites: list[Site] = []
+        convs: list[ConvSite] = []
         for s in found:
-            k, n = s.dims
-            reason = None
-            if id(s) in paired:
-                reason = paired[id(s)]
-            elif len(s.weight.outputs) > 1 or s.weight.name in outputs:
+            size = s.w.size
+            reason = paired.get(id(s))
+            if reason is None and (len(s.weight.outputs) > 1 or s.weight.name in outputs):
                 others = len(s.weight.outputs) - 1
                 reason = f"weight '{s.weight.name}' is shared ({others} other use{'s' if others != 1 else ''})" \
                     if others else f"weight '{s.weight.name}' is a graph output"
-            elif k * n < self.options.min_size:
-                reason = f"{k * n} weight parameters < min-size {self.options.min_size}"
+            elif reason is None and size < self.options.min_size:
+                reason = f"{size} weight parameters < min-size {self.options.min_size}"
             if reason:
                 res.decline(s.desc, reason)
-                res.layers.append(_row(s, status="declined: " + reason))
+                res.layers.append(matrix_row(s, status="declined: " + reason) if isinstance(s, Site)
+                                  else conv_row(s, status="declined: " + reason))
             else:
-                sites.append(s)
-        return sites
+                (sites if isinstance(s, Site) else convs).append(s)
+        return sites, convs
 
-    def _observe(self, graph: gs.Graph, ctx: PassContext, sites: list[Site], calib: DataSource,
-                 res: PassResult) -> dict[int, np.ndarray]:
-        """Second moment of every site's activation rows on the calibration data (one streamed run), by id(site)."""
+    def _observe(self, graph: gs.Graph, ctx: PassContext, sites: list[Site], convs: list[ConvSite],
+                 calib: DataSource, res: PassResult) -> dict[int, np.ndarray]:
+        """Second moment of every site's activation rows (Conv sites: of their im2col patches) on the calibration
+        data (one streamed run), by id(site)."""
         obs: dict[str, TensorMoments] = {}
-        per_site: dict[int, SecondMoment] = {}
+        per_site: dict[int, SecondMoment | PatchMoment] = {}
         for s in sites:
             per_site[id(s)] = obs.setdefault(s.x.name, TensorMoments()).get(s.w.shape[0], s.axis)
+        for c in convs:
+            pm = per_site[id(c)] = PatchMoment(c.node, ctx.seed)
+            obs.setdefault(c.x.name, TensorMoments()).hooks.append(pm.see_x)
+            obs.setdefault(c.node.outputs[0].name, TensorMoments()).hooks.append(pm.see_y)
         res.counts[CALIBRATION_SAMPLES] = collect_tensors(export(graph, ctx.original), obs, calib,
                                                           max_samples=self.options.samples)
         matrices = {id(sm): sm.matrix() for sm in per_site.values()}  # one array per tensor: sites share it
@@ -270,7 +298,7 @@ class SVD(Pass):
         if not self._pays(r, k, n) and self.require_gain:
             why = self._why_not(r, k, n)
             res.decline(site.desc, why)
-            res.layers.append(_row(site, rank=r, rows=rows, status="declined: " + why))
+            res.layers.append(matrix_row(site, rank=r, rows=rows, status="declined: " + why))
             return
         a, b = dec.factors(r)
         approx = a @ b
@@ -281,11 +309,31 @@ class SVD(Pass):
         res.changed = True
         res.count(LAYERS_FACTORIZED)
         res.count(PARAMS_REMOVED, k * n - r * (k + n))
-        res.layers.append(_row(site, rank=r, rows=rows, status="factorized", weight_error=w_err,
+        res.layers.append(matrix_row(site, rank=r, rows=rows, status="factorized", weight_error=w_err,
                                output_error=out_err))
         res.notes.append(f"{site.desc} {k}x{n} -> rank {r}: MACs {100 * (1 - r * (k + n) / (k * n)):.0f}% fewer, "
                          f"weight error {w_err:.4f}" + ("" if out_err is None else
                                                         f", calibration output error {out_err:.4f}"))
+
+    def _factorize_conv(self, graph: gs.Graph, site: ConvSite, moment: np.ndarray | None,
+                        measured: np.ndarray | None, rows: int | None, rule: Rule, res: PassResult) -> None:
+        """Factorize one k×k Conv if a scheme pays (``moment``: data-aware; ``measured``: for the report)."""
+        f, _, why = choose(site, moment, rule, self.memo)
+        if why and self.require_gain:
+            res.decline(site.desc, why)
+            res.layers.append(conv_row(site, f, rows=rows, status="declined: " + why))
+            return
+        w_err = error_of(site.w, f, None)
+        out_err = error_of(site.w, f, measured) if measured is not None else None
+        splice_conv(graph, site, f)
+        dense = site.w.size
+        res.changed = True
+        res.count(LAYERS_FACTORIZED)
+        res.count(PARAMS_REMOVED, dense - f.params)
+        res.layers.append(conv_row(site, f, rows=rows, status="factorized", weight_error=w_err, output_error=out_err))
+        res.notes.append(f"{site.desc} {'x'.join(map(str, site.w.shape))} -> {f.kind} rank {f.rank_text}: MACs "
+                         f"{100 * (1 - f.macs / dense):.0f}% fewer, weight error {w_err:.4f}"
+                         + ("" if out_err is None else f", calibration output error {out_err:.4f}"))
 
     def _why_not(self, r: int, k: int, n: int) -> str:
         """Why rank ``r`` does not pay for a K×N weight."""
@@ -294,17 +342,3 @@ class SVD(Pass):
         need = math.floor((1.0 - self.options.min_reduction) * k * n / (k + n))
         return (f"rank {r} cuts MACs by only {100 * (1 - r * (k + n) / (k * n)):.1f}% < min-reduction "
                 f"{100 * self.options.min_reduction:g}% (needs rank <= {need})")
-
-
-def _row(site: Site, *, status: str, rank: int | None = None, rows: int | None = None,
-         weight_error: float | None = None, output_error: float | None = None) -> dict[str, Any]:
-    """The report's layers row of a site: shape, rank, params and MACs before/after, errors, status."""
-    k, n = site.dims
-    per = rows or 1
-    after = rank * (k + n) if rank is not None and status == "factorized" else k * n
-    return {"layer": site.name, "op": site.node.op, "shape": f"{k}x{n}", "rank": rank,
-            "params_before": k * n, "params_after": after,
-            "macs_before": k * n * per, "macs_after": after * per,
-            "macs_basis": f"batch 1 ({rows} output vectors)" if rows else "per output vector",
-            "weight_error": None if weight_error is None else round(weight_error, 6),
-            "output_error": None if output_error is None else round(output_error, 6), "status": status}

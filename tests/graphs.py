@@ -314,6 +314,49 @@ def ort_kernels(m: onnx.ModelProto, tmp_path) -> list[str]:
     return [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
 
 
+def residual_net(scales: Sequence[float] = (0.05, 1.0), shortcut: str = "identity") -> onnx.ModelProto:
+    """x[N,8,6,6] -> Conv+Relu stem, then one residual block per scale (``h + Conv(Relu(Conv(h)))``, the branch's
+    last weights times the scale; 0 makes the branch output exactly zero), each followed by Relu, then
+    GlobalAveragePool, Flatten, Gemm -> y[N,5]. ``shortcut``: "identity"; "projection" (the first block's identity
+    goes through a 1x1 Conv); "side-output" (the first branch's inner tensor is also a graph output); "broadcast"
+    (the first branch ends in a ReduceMean over H, W: an Add that broadcasts)."""
+    rng = np.random.default_rng(3)
+    f = np.float32
+    inits = {"ws": (rng.standard_normal((8, 8, 3, 3)) * 0.3).astype(f), "bs": (rng.standard_normal(8) * .1).astype(f),
+             "fc": rng.standard_normal((5, 8)).astype(f), "fcb": rng.standard_normal(5).astype(f)}
+    nodes = [node("Conv", ["x", "ws", "bs"], ["s"], name="stem", pads=[1, 1, 1, 1]), node("Relu", ["s"], ["h0"])]
+    outputs: list[str] = []
+    h = "h0"
+    for i, scale in enumerate(scales):
+        inits[f"w{i}a"] = (rng.standard_normal((8, 8, 3, 3)) * 0.3).astype(f)
+        inits[f"w{i}b"] = (rng.standard_normal((8, 8, 3, 3)) * 0.3 * scale).astype(f)
+        inits[f"b{i}b"] = (rng.standard_normal(8) * 0.1 * scale).astype(f)
+        nodes += [node("Conv", [h, f"w{i}a"], [f"c{i}a"], name=f"block{i}_conv_a", pads=[1, 1, 1, 1]),
+                  node("Relu", [f"c{i}a"], [f"r{i}a"]),
+                  node("Conv", [f"r{i}a", f"w{i}b", f"b{i}b"], [f"f{i}"], name=f"block{i}_conv_b", pads=[1, 1, 1, 1])]
+        branch, ident = f"f{i}", h
+        if i == 0 and shortcut == "projection":
+            inits["wp"] = (rng.standard_normal((8, 8, 1, 1)) * 0.3).astype(f)
+            nodes.append(node("Conv", [h, "wp"], ["proj"], name="proj"))
+            ident = "proj"
+        if i == 0 and shortcut == "side-output":
+            outputs.append("r0a")
+        if i == 0 and shortcut == "broadcast":
+            nodes.append(node("ReduceMean", [f"f{i}"], ["fm"], axes=[2, 3], keepdims=1))
+            branch = "fm"
+        nodes += [node("Add", [ident, branch], [f"a{i}"], name=f"block{i}_add"), node("Relu", [f"a{i}"], [f"h{i + 1}"])]
+        h = f"h{i + 1}"
+    nodes += [node("GlobalAveragePool", [h], ["g"]), node("Flatten", ["g"], ["fl"]),
+              node("Gemm", ["fl", "fc", "fcb"], ["y"], name="fc", transB=1)]
+    return make_model(nodes, [("x", ["N", 8, 6, 6])], ["y", *outputs], inits, opset=13)
+
+
+def residual_calib(n: int = 16, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    """``n`` seeded samples for residual_net, in batches of 8."""
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((8, 8, 6, 6)).astype(np.float32)} for _ in range(n // 8)]
+
+
 def conv_only_model(xs: tuple[int, ...], w: np.ndarray, **attrs) -> onnx.ModelProto:
     """One Conv of weight ``w`` on an input of shape ``xs``."""
     xi = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(xs))

@@ -40,7 +40,8 @@ BUILT_IN = {name: cls for name, cls in sorted(registry().items())
 
 # The model each pass runs on: the MLP is the fastest to quantize; the CNN has Conv/BN for prune, fold and fuse,
 # and small Gemm weights (fast SVDs) for svd.
-MODEL = {"quantize": "mnist_mlp", "quantize-dynamic": "mnist_mlp", "quantize-weights": "mnist_mlp"}
+MODEL = {"quantize": "mnist_mlp", "quantize-dynamic": "mnist_mlp", "quantize-weights": "mnist_mlp",
+         "prune-layers": "mnist_vit"}   # the ViT has residual blocks
 DEFAULT_MODEL = "mnist_cnn"
 
 # Options a pass reads only when another option is set: that one is set too.
@@ -64,6 +65,7 @@ NAMES: dict[tuple[str, str], list[tuple[str, bool]]] = {
     ("cluster-weights", "exclude"): [("/head/head.1/Gemm", True), ("conv1", False)],
     ("quantize-dynamic", "exclude"): [("Gemm", True), ("conv1", False)],
     ("quantize-weights", "exclude"): [("Gemm", True), ("conv1", False)],
+    ("prune-layers", "exclude"): [("/blocks/blocks.0/Add", True), ("conv1", False)],
 }
 
 HUGE = 10 ** 9      # for a bound that is not there
@@ -149,7 +151,8 @@ def small_calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_built_in_passes_are_all_here():
-    assert {"fold-bn", "fold-constants", "fuse-conv-relu", "prune-channels", "quantize", "svd"} <= set(BUILT_IN)
+    assert {"fold-bn", "fold-constants", "fuse-conv-relu", "prune-channels", "prune-layers", "quantize",
+            "svd"} <= set(BUILT_IN)
 
 
 def test_tables_name_real_options():

@@ -38,10 +38,10 @@ def low_rank(k: int, n: int, r: int, seed: int = 0, noise: float = 0.01) -> np.n
     return w.astype(np.float32)
 
 
-def full_rank(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[dict]]:
+def full_rank(model: onnx.ModelProto, **opts) -> tuple[onnx.ModelProto, list[dict]]:
     """Factorize every site at full rank min(K, N), which never pays, through the internal ``require_gain`` switch."""
     graph = import_graph(model)
-    p = SVD(SVD.Options(rank=10 ** 6, min_size=0))
+    p = SVD(SVD.Options(rank=10 ** 6, min_size=0, **opts))
     p.require_gain = False
     res = p.run(graph, PassContext(original=model))
     graph.cleanup().toposort()
@@ -157,10 +157,10 @@ def test_conv_1x1(conv_attrs):
     assert ops(out) == ["Conv", "Conv"] and initializer(out, "w_svd_a").shape == (4, 32, 1, 1)
 
 
-def test_conv_declines_kxk_and_grouped():
-    for model, why in ((conv_model(k=(3, 3), pads=[1, 1, 1, 1]), "kernel 3x3 is not 1x1"),
-                       (conv_model(group=2), "group=2 (need 1)")):
-        out, _, reasons = svd(model, rank=2)
+def test_conv_declines_kxk_with_conv_off_and_grouped():
+    for model, why, conv in ((conv_model(k=(3, 3), pads=[1, 1, 1, 1]), "k x k Conv and conv=off", "off"),
+                             (conv_model(group=2), "group=2 (need 1)", "auto")):
+        out, _, reasons = svd(model, rank=2, conv=conv)
         assert ops(out) == ["Conv"] and reasons == [f"Conv 'pw': {why}"]
 
 

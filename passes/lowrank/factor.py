@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -124,10 +125,12 @@ class SecondMoment:
 
 
 class TensorMoments:
-    """All SecondMoments of one tensor (a tensor can feed a MatMul and a transA Gemm), updated together."""
+    """All SecondMoments of one tensor (a tensor can feed a MatMul and a transA Gemm), and any other observers of
+    it (``hooks``), updated together."""
 
     def __init__(self) -> None:
         self.by_axis: dict[tuple[int, int], SecondMoment] = {}
+        self.hooks: list[Callable[[np.ndarray], None]] = []     # other observers of the same tensor (Conv patches)
 
     def get(self, k: int, axis: int) -> SecondMoment:
         return self.by_axis.setdefault((k, axis), SecondMoment(k, axis))
@@ -135,3 +138,5 @@ class TensorMoments:
     def update(self, x: np.ndarray) -> None:
         for m in self.by_axis.values():
             m.update(x)
+        for hook in self.hooks:
+            hook(x)

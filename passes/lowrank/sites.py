@@ -34,15 +34,13 @@ CONV_SPATIAL = ("strides", "pads", "auto_pad", "dilations")
 
 
 @dataclass
-class Site:
-    """A weighted node whose weight is a K×N matrix in the ``x·W`` convention."""
+class WeightSite:
+    """A weighted node, its constant weight (as a float64 array ``w``) and its activation input ``x``."""
 
     node: gs.Node
     weight: gs.Constant
-    w: np.ndarray          # K×N float64
-    x: gs.Tensor           # activation input
-    axis: int              # the activation's feature axis (rows of X are vectors along it)
-    has_bias: bool
+    w: np.ndarray
+    x: gs.Tensor
 
     @property
     def name(self) -> str:
@@ -51,6 +49,14 @@ class Site:
     @property
     def desc(self) -> str:
         return describe(self.node)
+
+
+@dataclass
+class Site(WeightSite):
+    """A weighted node whose weight is a K×N matrix ``w`` in the ``x·W`` convention."""
+
+    axis: int              # the activation's feature axis (rows of X are vectors along it)
+    has_bias: bool
 
     @property
     def dims(self) -> tuple[int, int]:

@@ -94,8 +94,8 @@ class Fit:
 
     def rows_of(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator, cap: int
                 ) -> tuple[np.ndarray, np.ndarray]:
-        x = x.reshape(x.shape[0], -1)
-        y = y.reshape(y.shape[0], -1)
+        x = x.reshape(-1, x.shape[-1])        # MatMul on [.., T, K]: every position is a row
+        y = y.reshape(-1, y.shape[-1])
         if x.shape[0] > cap:
             pick = rng.choice(x.shape[0], cap, replace=False)
             x, y = x[pick], y[pick]
