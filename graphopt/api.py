@@ -24,6 +24,7 @@ from . import io
 from .attribution import advice, step_losses
 from .targets import pipeline_targets, validation_targets
 from .errors import UsageError, ValidationFailed
+from .fixed_inputs import with_fixed_inputs
 from .pipeline import (PassSpec, StepRecord, check_calibration, check_order, default_pipeline, make_spec,
                        parse_pass_arg, run_pipeline, with_prerequisites)
 from .report import Report, model_stats
@@ -74,7 +75,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
              calib_samples: int | None = None, on_dump: Callable[[onnx.ModelProto, Path], None] | None = None,
              calibration_ranges: Mapping[str, Sequence[float]] | None = None,
              on_step: Callable[[dict[str, Any]], None] | None = None,
-             preprocess: Preprocess | str | Mapping[str, Any] | None = None) -> tuple[onnx.ModelProto, Report]:
+             preprocess: Preprocess | str | Mapping[str, Any] | None = None,
+             fix_inputs: Mapping[str, Any] | None = None) -> tuple[onnx.ModelProto, Report]:
     """Rewrite ``model`` with ``passes`` and validate it; return the rewritten model and the report.
 
     ``calib_data``/``val_data``: an ``.npz`` path, a folder of ``.npz``, an iterable of ``{input: array}`` dicts, or
@@ -84,12 +86,14 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
     each step's report row as the step finishes. Raises ``ValidationFailed`` (carrying model and report) when the
     result fails validation, unless ``force``. A lossy pipeline is held to the pipeline's targets (graphopt.targets:
     ``min_cosine`` 0.98, ``min_top1`` 0.95, ``max_accuracy_drop`` 1.0 point by default; ``gate=False`` drops
-    them), which quantize's fallback also searches against.
+    them), which quantize's fallback also searches against. ``fix_inputs`` ({input: value}) makes those inputs
+    constants first (graphopt.fixed_inputs): the model with them fixed is the reference validation compares with.
     """
     path = None
     if not isinstance(model, onnx.ModelProto):
         path = str(model)
         model = io.load_model(model)
+    model = with_fixed_inputs(model, fix_inputs or {})
     specs = resolve_passes(passes)
     check_order(specs)
     check_calibration(specs, calib_data is not None or calibration_ranges is not None)

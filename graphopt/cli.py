@@ -22,6 +22,7 @@ from . import __version__, io
 from .api import one_row, optimize, resolve_passes
 from .errors import (EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_VALIDATION,
                      GraphoptError, InputError, InternalError, UsageError, ValidationFailed, one_line)
+from .fixed_inputs import parse_fix_input
 from .pipeline import default_pipeline, parse_recipe, recipe_preprocess, registry
 from .report import environment, format_header, format_step, summary
 
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-data", metavar="PATH", help="validation data (default: calibration data, else random)")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1xD2x...",
                    help="concrete shape for an input with dynamic dims (for random validation inputs)")
+    p.add_argument("--fix-input", action="append", default=[], metavar="NAME=VALUE[,VALUE...]",
+                   help="make this input a constant of this value (an input fixed in deployment, e.g. sr=16000), "
+                   "so fold-constants can inline the If it decides")
     _preprocess_arg(p)
     p.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
     p.add_argument("--min-cosine", type=_fraction, metavar="X",
@@ -164,6 +168,15 @@ def _shapes(items: list[str]) -> dict[str, list[int]]:
     return dict(parse_shape(s) for s in items)
 
 
+def _fixed(items: list[str]) -> dict[str, list[str]]:
+    fixed: dict[str, list[str]] = {}
+    for name, values in map(parse_fix_input, items):
+        if name in fixed:
+            raise UsageError(f"--fix-input names input '{name}' twice")
+        fixed[name] = values
+    return fixed
+
+
 def _info(args: argparse.Namespace) -> int:
     preprocess = parse_preprocess(args.preprocess) if args.preprocess else None
     check_preprocess_used(preprocess, args.data)
@@ -206,7 +219,7 @@ def _optimize(args: argparse.Namespace) -> int:
                                gate=not args.no_gate, force=args.force, seed=args.seed,
                                verify=not args.no_verify, dump_dir=args.dump_dir, latency_runs=args.latency_runs,
                                threads=args.threads, calib_samples=args.calib_samples, calibration_ranges=ranges,
-                               preprocess=preprocess)
+                               preprocess=preprocess, fix_inputs=_fixed(args.fix_input))
     except ValidationFailed as e:
         report = e.report
         report.input = str(in_path)

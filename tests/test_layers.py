@@ -25,6 +25,7 @@ LAYERS = [
     {"graphopt.calibration.*"},
     {"graphopt.passes", "graphopt.passes.*"},
     {"graphopt.pipeline", "graphopt.attribution", "graphopt.targets", "graphopt.report", "graphopt.api", "graphopt.cli",
+     "graphopt.fixed_inputs",
      "graphopt.__main__"},
 ]
 
