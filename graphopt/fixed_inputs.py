@@ -103,6 +103,8 @@ def _convert(v: Any, dtype: np.dtype[Any], flag: str, name: str) -> Any:
     if dtype.kind == "f":
         if not np.isfinite(float(v)):
             raise UsageError(f"{where}: not a finite number")
+        if abs(float(v)) > float(np.finfo(dtype).max):
+            raise UsageError(f"{where}: outside the range of {dtype}")
         return v
     if dtype.kind in "iu":
         if isinstance(v, (float, np.floating)) and not float(v).is_integer():

@@ -122,6 +122,8 @@ class FoldConstants(Pass):
         for node in graph.nodes:
             if not is_std(node) or node.op in NONDETERMINISTIC | QUANTIZATION or node.op == "Constant":
                 continue
+            if not node.outputs:
+                continue   # folded in an earlier round (inlining an If starts another); cleanup drops it
             real_inputs = [t for t in node.inputs if not t.is_empty()]
             if not real_inputs or not all(t.name in known for t in real_inputs):
                 continue
