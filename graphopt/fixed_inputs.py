@@ -83,7 +83,7 @@ def _flat(given: Any, flag: str) -> list[Any]:
 
 def _convert(v: Any, dtype: np.dtype[Any], flag: str, name: str) -> Any:
     """One value as ``dtype`` holds it, or a UsageError when it cannot hold it exactly (floats: when not finite)."""
-    where = f"{flag}: value '{v}' for input '{name}' ({dtype})"
+    where = f"{flag}: value {str(v)!r} for input '{name}' ({dtype})"
     if isinstance(v, (str, np.str_)):
         text = str(v).strip().lower()
         if dtype.kind == "b":
