@@ -52,6 +52,7 @@ from graphopt.runtime import count_macs
 SEED = 20240917
 VOCAB, T, D, LAYERS, HEADS = 256, 64, 128, 4, 4
 N_CALIB, N_EVAL = 256, 256
+TEST_WINDOWS = 64
 MAX_BYTES = 4 * 1024 * 1024
 
 
@@ -237,6 +238,10 @@ def main(argv=None) -> int:
         "eval_perplexity_ort": round(math.exp(log_perplexity(logits, tgt)), 4),
         "eval_last_perplexity_ort": round(math.exp(log_perplexity(logits, after)), 4),
         "eval_top1_ort": round(float((logits.argmax(-1) == tgt).mean()), 4),
+        # the first TEST_WINDOWS windows alone, which tests/test_models.py checks (the whole set is too slow for it)
+        "eval_head_windows": TEST_WINDOWS,
+        "eval_head_perplexity_ort": round(math.exp(log_perplexity(logits[:TEST_WINDOWS], tgt[:TEST_WINDOWS])), 4),
+        "eval_head_top1_ort": round(float((logits[:TEST_WINDOWS].argmax(-1) == tgt[:TEST_WINDOWS]).mean()), 4),
         "eval_tokens": int(tgt.size),
         "params": sum(p.numel() for p in model.parameters()),
         "macs_per_sample": count_macs(m, {"ids": ids[:1]}),
