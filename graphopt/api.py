@@ -25,6 +25,7 @@ from .attribution import advice, step_losses
 from .slices import SliceSpec
 from .targets import check_metric, fidelity_targets, pipeline_targets, validation_targets
 from .errors import UsageError, ValidationFailed
+from .fixed_inputs import with_fixed_inputs
 from .pipeline import (PassSpec, StepRecord, check_calibration, check_order, default_pipeline, make_spec,
                        parse_pass_arg, run_pipeline, with_prerequisites)
 from .report import Report, model_stats
@@ -78,7 +79,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
              preprocess: Preprocess | str | Mapping[str, Any] | None = None,
              slices: Sequence[str | SliceSpec] = (), scores: Sequence[str | tuple[str, int]] = (),
              metric: Callable[..., float] | str | None = None, min_metric: float | None = None,
-             max_metric_drop: float | None = None) -> tuple[onnx.ModelProto, Report]:
+             max_metric_drop: float | None = None, fix_inputs: Mapping[str, Any] | None = None
+             ) -> tuple[onnx.ModelProto, Report]:
     """Rewrite ``model`` with ``passes`` and validate it; return the rewritten model and the report.
 
     ``calib_data``/``val_data``: an ``.npz`` path, a folder of ``.npz``, an iterable of ``{input: array}`` dicts, or
@@ -90,11 +92,14 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
     ``min_cosine`` 0.98, ``min_top1`` 0.95, ``max_accuracy_drop`` 1.0 point by default; ``gate=False`` drops
     them), which quantize's fallback also searches against.
     ``slices``, ``scores``, ``metric`` (f(ref_outputs, candidate_outputs, labels) -> float), ``min_metric``,
-    ``max_metric_drop``: as the CLI's options (docs/fidelity.md)."""
+    ``max_metric_drop``: as the CLI's options (docs/fidelity.md).
+    ``fix_inputs`` ({input: value}) makes those inputs constants first (graphopt.fixed_inputs): the model with them
+    fixed is the reference validation compares with."""
     path = None
     if not isinstance(model, onnx.ModelProto):
         path = str(model)
         model = io.load_model(model)
+    model = with_fixed_inputs(model, fix_inputs or {})
     fidelity = fidelity_targets(model, slices=slices, scores=scores, metric=metric, min_metric=min_metric,
                                 max_metric_drop=max_metric_drop)
     specs = resolve_passes(passes)
@@ -110,9 +115,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
                                max_accuracy_drop=max_accuracy_drop, max_rel_error=max_rel_error)
     ctx = PassContext(original=model, calib=calib, input_shapes=shapes, seed=seed, calibration_ranges=ranges,
                       targets=targets)
-    dump = Path(dump_dir) if dump_dir is not None else None
-    if dump is not None:
-        dump.mkdir(parents=True, exist_ok=True)
+    dump = _dump_dir(dump_dir)
     lossy = [s.name for s in with_prerequisites(specs) if not s.build().exact]
     if lossy and val is calib:
         report.warnings.append("validated on the calibration data itself (no --val-data): what the lossy passes "
@@ -135,10 +138,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
                                      description=val.description, thresholds=thresholds,
                                      sessions=(ref_session, new_session))
     report.warnings.extend(data_warnings(calib, val if validate_output else None))
-    report.before = model_stats(model, feed)
-    report.after = model_stats(out, feed)
-    if latency_runs > 0 and feed is not None:
-        _measure_latency(report, model, out, feed, latency_runs, threads, [s.name for s in specs])
+    _measure(report, model, out, feed, latency_runs, threads, [s.name for s in specs])
     if validate_output and len(lossy) > 1:
         report.losses = step_losses(model, [(r.spec, *r.models) for r in records if r.models], val)
     if report.validation is not None and not report.validation.passed and not force:
@@ -146,6 +146,22 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
         raise ValidationFailed(f"validation failed: {report.validation.failures[0]}" + (f": {what}" if what else ""),
                                model=out, report=report)
     return out, report
+
+
+def _dump_dir(dump_dir: str | os.PathLike[str] | None) -> Path | None:
+    if dump_dir is None:
+        return None
+    Path(dump_dir).mkdir(parents=True, exist_ok=True)
+    return Path(dump_dir)
+
+
+def _measure(report: Report, model: onnx.ModelProto, out: onnx.ModelProto, feed: dict[str, Any] | None,
+             latency_runs: int, threads: int, passes: list[str]) -> None:
+    """The report's before/after figures: size, parameters, MACs, and the latency when asked."""
+    report.before = model_stats(model, feed)
+    report.after = model_stats(out, feed)
+    if latency_runs > 0 and feed is not None:
+        _measure_latency(report, model, out, feed, latency_runs, threads, passes)
 
 
 def _checked_targets(targets: Thresholds, specs: Sequence[PassSpec], model: onnx.ModelProto, *, synthetic: bool,

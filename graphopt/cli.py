@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 from graphopt.calibration.preprocess import parse_preprocess
-from graphopt.calibration.readers import RandomSource, check_preprocess_used, model_inputs, open_source, parse_shape
+from graphopt.calibration.readers import RandomSource, check_preprocess_used, model_inputs, open_source
 
-from . import __version__, io, plot
+from . import __version__, cli_options as opts, io, plot
 from .api import one_row, optimize, resolve_passes
 from .errors import (EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_VALIDATION,
                      GraphoptError, InputError, InternalError, UsageError, ValidationFailed, one_line)
 from .pipeline import default_pipeline, parse_recipe, recipe_preprocess, registry
-from .taskmetric import load_metric
 from .report import environment, format_header, format_step, summary
 from .sweep import parse_sweep, run_sweep
 from .sweep_output import check_outputs, format_knees, format_row, write_tables
@@ -37,31 +36,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _fraction(text: str) -> float:
-    """A target in [0, 1] (cosine, top-1 agreement)."""
-    value = _number(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
-
-
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="graphopt", description="Rewrite an ONNX model to make it smaller and faster, validated in "
                 "onnxruntime. Also: 'graphopt info MODEL' prints a model's summary; 'graphopt sweep IN.onnx --pass "
@@ -71,14 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run this pass (repeatable, in order); list options repeat the key. Default pipeline "
                    "when none is given: the exact passes fold-constants, fold-bn")
     p.add_argument("--recipe", metavar="FILE.toml", help="passes from a TOML file: [[pass]] name = ... options")
-    _data_args(p)
+    opts.data_args(p)
     p.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
-    _target_args(p)
+    opts.target_args(p)
     p.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
     p.add_argument("--no-verify", action="store_true", help="skip onnx.checker after each pass")
     p.add_argument("--force", action="store_true", help="write OUT even when validation fails (exit code stays 1)")
     p.add_argument("--dump-dir", metavar="DIR", help="save the model after each pass into DIR")
-    _measure_args(p)
+    opts.measure_args(p)
     p.add_argument("--save-calibration", metavar="FILE.json", help="write quantize's calibration ranges as JSON")
     p.add_argument("--load-calibration", metavar="FILE.json",
                    help="reuse ranges saved by --save-calibration instead of calibrating (no --calib-data needed)")
@@ -91,49 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib-data", metavar="PATH", help=".npz (arrays stacked on axis 0), folder of .npz files, or "
-                   "folder of images (with --preprocess)")
-    p.add_argument("--val-data", metavar="PATH", help="validation data (default: calibration data, else random)")
-    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1xD2x...",
-                   help="concrete shape for an input with dynamic dims (for random validation inputs)")
-    _preprocess_arg(p)
-
-
-def _target_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--min-cosine", type=_fraction, metavar="X",
-                   help="lossy pipelines: fail below this output cosine (default 0.98; 0: off)")
-    p.add_argument("--min-top1", type=_fraction, metavar="X",
-                   help="lossy pipelines: fail below this top-1 agreement on class scores (default 0.95; 0: off)")
-    p.add_argument("--max-accuracy-drop", type=_non_negative, metavar="POINTS",
-                   help="lossy pipelines: fail when accuracy on the data's __labels__ drops more (default 1.0)")
-    p.add_argument("--slices", action="append", default=[], metavar="OUTPUT:AXIS[:a-b,...]",
-                   help="cosine per slice of OUTPUT along AXIS (per entry, or per group of entries; OUTPUT:none: "
-                   "not sliced), the worst held to min-cosine (default: rank >= 3 outputs with a last axis of "
-                   "2..128, per entry; see docs/fidelity.md)")
-    p.add_argument("--scores", action="append", default=[], metavar="OUTPUT[:AXIS]",
-                   help="OUTPUT holds class scores along AXIS (default: last): top-1 per position, held to min-top1")
-    p.add_argument("--metric", metavar="FILE.py:FUNCTION",
-                   help="task metric f(reference_outputs, candidate_outputs, labels) -> float, higher is better; "
-                   "used by validation and by every search")
-    p.add_argument("--min-metric", type=_number, metavar="X", help="fail when the --metric value is below X")
-    p.add_argument("--max-metric-drop", type=_non_negative, metavar="X",
-                   help="fail when the --metric value is more than X below the float model's own")
-    p.add_argument("--no-gate", action="store_true",
-                   help="lossy pipelines: no targets (write whatever the passes make, still checked for NaN/shape)")
-    p.add_argument("--max-rel-error", type=_non_negative, metavar="X",
-                   help="lossy passes: fail above this max|y-x|/max|x| per output")
-
-
-def _measure_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0, help="seed for random inputs and sampling (default 0)")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency (default 1)")
-    p.add_argument("--latency-runs", type=int, default=20, metavar="N",
-                   help="timed runs per model for latency (more for a model that runs them in under 0.2 s), "
-                        "0 to skip (default 20)")
-    p.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples/feeds")
-
-
 def build_info_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="graphopt info", description="Print a model's summary: IR and opsets, size, parameters, MACs "
                 "of one run (on the first sample of DATA, else on seeded random inputs), nodes, inputs and outputs.")
@@ -143,10 +74,9 @@ def build_info_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1xD2x...",
                    help="concrete shape for an input with dynamic dims (for the random sample)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random sample (default 0)")
-    _preprocess_arg(p)
+    opts.preprocess_arg(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
-
 
 
 def build_sweep_parser() -> argparse.ArgumentParser:
@@ -157,9 +87,9 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--pass", dest="passes", action="append", default=[], metavar="NAME[:key=value,...]",
                    help="the pipeline (repeatable, in order); exactly one option carries the values: "
                    "start:stop:step (stop included) or a|b|c, e.g. prune-channels:ratio=0.1:0.6:0.1")
-    _data_args(p)
-    _target_args(p)
-    _measure_args(p)
+    opts.data_args(p)
+    opts.target_args(p)
+    opts.measure_args(p)
     p.add_argument("--csv", metavar="FILE.csv", help="write the rows as CSV")
     p.add_argument("--json", metavar="FILE.json", help="write the rows, targets and setup as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw the curves (needs pip install 'graphopt[plot]')")
@@ -167,12 +97,6 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
-
-def _preprocess_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preprocess", metavar="KEY=VALUE,...",
-                   help="for a folder of images: resize=N|WxH, crop=N|WxH, scale=1/255, mean=a/b/c, std=a/b/c, "
-                   "layout=nchw|nhwc, color=rgb|bgr|gray, dtype=..., labels=folders")
-
 
 def list_passes() -> str:
     defaults = default_pipeline()
@@ -215,28 +139,12 @@ def _check_counts(args: argparse.Namespace) -> None:
         raise UsageError("--latency-runs must be 0 (skip latency) or more")
 
 
-def _settings(args: argparse.Namespace, preprocess: Any) -> dict[str, Any]:
-    """``optimize``'s data, target and measurement arguments from the command line (the main command's and the
-    sweep's)."""
-    return dict(calib_data=args.calib_data, val_data=args.val_data, input_shapes=_shapes(args.input_shape),
-                min_cosine=args.min_cosine, min_top1=args.min_top1, max_rel_error=args.max_rel_error,
-                max_accuracy_drop=args.max_accuracy_drop, gate=not args.no_gate, seed=args.seed,
-                latency_runs=args.latency_runs, threads=args.threads, calib_samples=args.calib_samples,
-                preprocess=preprocess, slices=args.slices, scores=args.scores,
-                metric=load_metric(args.metric) if args.metric else None, min_metric=args.min_metric,
-                max_metric_drop=args.max_metric_drop)
-
-
-def _shapes(items: list[str]) -> dict[str, list[int]]:
-    return dict(parse_shape(s) for s in items)
-
-
 def _info(args: argparse.Namespace) -> int:
     preprocess = parse_preprocess(args.preprocess) if args.preprocess else None
     check_preprocess_used(preprocess, args.data)
     model = io.load_model(args.model)
     source = open_source(args.data, model, preprocess=preprocess) if args.data else RandomSource(model_inputs(model),
-                                                                          _shapes(args.input_shape), args.seed,
+                                                                          opts.shapes(args.input_shape), args.seed,
                                                                           n_feeds=1)
     first = next(iter(source), None)
     feed = one_row(first, model) if first is not None else None
@@ -267,7 +175,7 @@ def _optimize(args: argparse.Namespace) -> int:
     try:
         out, report = optimize(model, passes, on_step=None if args.quiet else _stream_steps(),
                                validate_output=not args.no_validate, force=args.force, verify=not args.no_verify,
-                               dump_dir=args.dump_dir, calibration_ranges=ranges, **_settings(args, preprocess))
+                               dump_dir=args.dump_dir, calibration_ranges=ranges, **opts.settings(args, preprocess))
     except ValidationFailed as e:
         report = e.report
         report.input = str(in_path)
@@ -297,7 +205,6 @@ def _optimize(args: argparse.Namespace) -> int:
     return status
 
 
-
 def _sweep(args: argparse.Namespace) -> int:
     """``graphopt sweep``: every check before any work, then one table line per value as it is measured, the knees,
     and the tables and picture written atomically (never over the input)."""
@@ -316,7 +223,7 @@ def _sweep(args: argparse.Namespace) -> int:
         _say(*header, format_row(row, sweep.option))
         header.clear()
 
-    result = run_sweep(model, Path(args.model).name, sweep, _settings(args, preprocess), keep=keep,
+    result = run_sweep(model, Path(args.model).name, sweep, opts.settings(args, preprocess), keep=keep,
                        on_row=None if args.quiet else show)
     written = write_tables(result, args.csv, args.json)
     if args.plot:

@@ -8,7 +8,7 @@ Cases:
   * a node whose every input is a constant (an initializer that is not a graph input) is evaluated once with
     onnxruntime, the same kernels that would run it at inference, so the result is bit-identical; its outputs
     become initializers. Declined: random ops, QuantizeLinear/DequantizeLinear (a quantized model stays quantized),
-    ops with subgraphs, non-ai.onnx domains, nodes producing a graph
+    ops with subgraphs (other than a constant If, inlined), non-ai.onnx domains, nodes producing a graph
     output, string results, results over 1 MiB that are more than twice the size of their inputs (folding an
     Expand or ConstantOfShape would grow the file rather than shrink the work), and results decoded from narrow
     integer constants (8- or 16-bit, 4-bit) that are larger than the constants they are computed from: such a chain
@@ -16,6 +16,9 @@ Cases:
     indices)), which onnxruntime expands at session start; folding it would write the dense weight back. Only the constant subgraph is
     evaluated, not the model; when it is itself over the protobuf limit (a Transpose of big weights) onnxruntime
     loads it from a temporary file (``graphopt.runtime.session_for``).
+  * an ``If`` whose condition is a constant (``--fix-input`` makes an input such as a sample rate one) is replaced
+    by its chosen branch's nodes (``inline_if``), then those are lowered and folded in turn, until no If is left to
+    inline. Declined: an If whose condition is computed at run time.
 Exact: the rewritten model computes the same values. Dead nodes and unused initializers are removed by the
 pipeline's cleanup after the pass.
 """
@@ -33,6 +36,7 @@ from graphopt.graph import describe, is_std
 from graphopt.runtime import session_for, session_options
 
 from .base import Pass, PassContext, PassResult, as_values, register
+from .inline_if import IF_INLINED, inline_constant_ifs
 
 NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
                     "Bernoulli", "Dropout"}
@@ -97,8 +101,18 @@ class FoldConstants(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         res = PassResult()
-        lower_constant_nodes(graph, res)
-        self._fold(graph, res)
+        while True:   # an inlined branch brings Constant nodes and foldable nodes (and Ifs) of its own
+            lower_constant_nodes(graph, res)
+            self._fold(graph, res)
+            inlined, declined = inline_constant_ifs(graph)
+            if not inlined:
+                break
+            res.count(IF_INLINED, inlined)
+            res.changed = True
+        for site, reason in declined:
+            res.decline(site, reason)
+        unique = {(d["site"], d["reason"]): d for d in res.declined}   # a later round declines the same sites again
+        res.declined = list(unique.values())
         return res
 
     def _fold(self, graph: gs.Graph, res: PassResult) -> None:
@@ -111,6 +125,8 @@ class FoldConstants(Pass):
         for node in graph.nodes:
             if not is_std(node) or node.op in NONDETERMINISTIC | QUANTIZATION or node.op == "Constant":
                 continue
+            if not node.outputs:
+                continue   # folded in an earlier round (inlining an If starts another); cleanup drops it
             real_inputs = [t for t in node.inputs if not t.is_empty()]
             if not real_inputs or not all(t.name in known for t in real_inputs):
                 continue

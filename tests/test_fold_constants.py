@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from graphs import conv_model
+from graphs import assert_same_outputs, conv_model, declined, parse_model, run_passes, same_graph
 from graphopt.passes.fold_constants import CONSTANTS_LOWERED, NODES_FOLDED
+from graphopt.passes.inline_if import IF_INLINED
 
 
 def run_plain(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -132,3 +134,94 @@ def test_quantized_model_stays_quantized():
     out, report = fold(_graph(nodes, [x], [y], [w, s]))
     assert ops(out) == ["DequantizeLinear", "MatMul"]
     assert {t.name for t in out.graph.initializer} == {"w_q", "w_scale"}
+
+
+# ------------------------------------------------------------------------------------- If with a constant condition
+def _if_model(cond: bool, **extra: np.ndarray) -> onnx.ModelProto:
+    """y, z = If(c): then computes from the outer x with a Constant node and a branch initializer (an outer-scope
+    reference, a weight inside the branch, an output the branch does not compute); w = If(b) on a graph input."""
+    return parse_model("""
+    agraph (float[2] x, bool b) => (float[2] y, float[2] z, float[2] w) {
+        y, z = If (c) <then_branch = g1 () => (float[2] t1, float[2] k) <float[2] k = {1.0, 2.0}> {
+                           s = Constant <value = float[2] {3.0, 4.0}> ()
+                           t1 = Mul(x, s) },
+                       else_branch = g2 () => (float[2] e1, float[2] e2) { e1 = Add(x, x)  e2 = Sub(x, x) }>
+        w = If (b) <then_branch = g3 () => (float[2] n) { n = Neg(y) },
+                    else_branch = g4 () => (float[2] u) { u = Abs(y) }>
+    }
+    """, c=np.array(cond), **extra)
+
+
+FEED = {"x": np.array([1.5, -2.0], np.float32), "b": np.array(True)}
+
+
+@pytest.mark.parametrize("cond, expect", [(True, ["Mul", "Identity", "If"]), (False, ["Add", "Sub", "If"])])
+def test_constant_if_is_inlined(cond, expect):
+    model = _if_model(cond)
+    out, records = run_passes(model, ["fold-constants"])
+    assert ops(out) == expect
+    assert records[0].result.counts[IF_INLINED] == 1
+    onnx.checker.check_model(out, full_check=True)
+    for b in (True, False):
+        assert_same_outputs(model, out, {**FEED, "b": np.array(b)}, rtol=0)
+    # the If on a graph input stays, with its reason; a second run changes nothing
+    assert any("If 'w'" in d and "computed at run time" in d for d in declined(records))
+    again, records = run_passes(out, ["fold-constants"])
+    assert not records[0].result.changed and same_graph(again, out)
+
+
+def test_if_on_a_computed_condition_is_untouched():
+    model = parse_model("""
+    agraph (float[2] x) => (float[2] y) {
+        p = ReduceSum <keepdims = 0> (x)
+        b = Greater(p, zero)
+        y = If (b) <then_branch = g1 () => (float[2] t) { t = Neg(x) },
+                    else_branch = g2 () => (float[2] u) { u = Abs(x) }>
+    }
+    """, zero=np.array(0.0, np.float32))
+    out, records = run_passes(model, ["fold-constants"])
+    assert ops(out) == ["ReduceSum", "Greater", "If"] and not records[0].result.changed
+    assert declined(records) == ["If 'y': its condition 'b' is computed at run time (a constant one is inlined: "
+                                 "see --fix-input)"]
+
+
+def test_nested_if_and_name_clash():
+    """The outer If's then-branch holds an If on an outer constant (inlined in the same sweep) and an intermediate
+    't' whose name the kept If's branch also defines (renamed); the inner branch reads 'a' of the outer branch,
+    which reads 'x' of the graph."""
+    model = parse_model("""
+    agraph (float[2] x, bool b) => (float[2] y, float[2] w) {
+        y = If (c) <then_branch = g1 () => (float[2] r) {
+                        t = Relu(x)
+                        r = If (c2) <then_branch = g2 () => (float[2] q) { q = Mul(t, t) },
+                                     else_branch = g3 () => (float[2] q2) { q2 = Add(t, t) }> },
+                    else_branch = g4 () => (float[2] e) { e = Neg(x) }>
+        w = If (b) <then_branch = g5 () => (float[2] o) { t = Sigmoid(y)  o = Neg(t) },
+                    else_branch = g6 () => (float[2] o2) { o2 = Abs(y) }>
+    }
+    """, c=np.array(True), c2=np.array(False))
+    out, records = run_passes(model, ["fold-constants"])
+    assert ops(out) == ["Relu", "Add", "If"]
+    assert records[0].result.counts[IF_INLINED] == 2
+    relu = out.graph.node[0]
+    assert relu.output[0] == "t__inlined"      # 't' is the kept branch's name too
+    onnx.checker.check_model(out, full_check=True)
+    for b in (True, False):
+        assert_same_outputs(model, out, {**FEED, "b": np.array(b)}, rtol=0)
+
+
+def test_if_inside_a_loop_body_is_inlined_there():
+    model = parse_model("""
+    agraph (float[2] x, int64 n) => (float[2] y) {
+        t = Constant <value = bool {1}> ()
+        y = Loop (n, t, x) <body = body (int64 i, bool cin, float[2] acc) => (bool cout, float[2] nxt) {
+            cout = Identity(cin)
+            nxt = If (c) <then_branch = g1 () => (float[2] m) { m = Mul(acc, two) },
+                          else_branch = g2 () => (float[2] a) { a = Add(acc, two) }> }>
+    }
+    """, c=np.array(True), two=np.array([2.0, 2.0], np.float32))
+    out, records = run_passes(model, ["fold-constants"])
+    body = next(a.g for a in out.graph.node[-1].attribute if a.name == "body")
+    assert [n.op_type for n in body.node] == ["Identity", "Mul"]
+    assert records[0].result.counts[IF_INLINED] == 1
+    assert_same_outputs(model, out, {"x": FEED["x"], "n": np.array(3, np.int64)}, rtol=0)

@@ -25,7 +25,7 @@ LAYERS = [
     {"graphopt.calibration.*"},
     {"graphopt.passes", "graphopt.passes.*"},
     {"graphopt.pipeline", "graphopt.attribution", "graphopt.targets", "graphopt.report", "graphopt.api", "graphopt.cli",
-     "graphopt.__main__", "graphopt.sweep", "graphopt.sweep_output", "graphopt.plot"},
+     "graphopt.__main__", "graphopt.fixed_inputs", "graphopt.cli_options", "graphopt.sweep", "graphopt.sweep_output", "graphopt.plot"},
 ]
 
 

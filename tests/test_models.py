@@ -1,5 +1,7 @@
 """Checks on the committed test models in models/ (built by models/build.py).
 
+The decoder (models/build_decoder.py) is checked against the perplexity and next-byte top-1 in manifest.json.
+
 Only onnx, onnxruntime and numpy are used here (no torch, no mlxtend): the
 models and data sets are committed artefacts, these tests make sure they are
 present, structurally what graphopt's passes expect, and still as accurate as
@@ -9,6 +11,8 @@ documented in models/README.md.
 from __future__ import annotations
 
 import json
+import math
+import runpy
 from collections import Counter
 from pathlib import Path
 
@@ -251,3 +255,39 @@ def test_dynamic_batch(name):
     b1 = np.concatenate([sess.run(["logits"], {"input": x[i:i + 1]})[0] for i in range(3)])
     assert b3.shape == (3, 10)
     np.testing.assert_allclose(b1, b3, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ decoder
+DECODER_METRIC = runpy.run_path(str(MODELS / "decoder_metric.py"))
+
+
+def test_decoder_scores_held_out_text_as_documented():
+    """decoder.onnx loads, is the documented scorer (ids int64 [batch, 64] -> logits [batch, 64, 256], every weight
+    MatMul on a constant initializer), and its perplexity and next-byte top-1 on the first 64 windows of
+    decoder_eval.npz are the manifest's (the whole set takes too long here; build_decoder.py records both); the
+    --metric function is 1.0 on the float outputs and below 1 on perturbed ones."""
+    info = json.loads((MODELS / "manifest.json").read_text())["models"]["decoder"]
+    path = MODELS / "decoder.onnx"
+    assert path.stat().st_size < 4 * 1024 * 1024 and path.stat().st_size == info["bytes"]
+    m = onnx.load(str(path))
+    onnx.checker.check_model(m, full_check=True)
+    (inp,), (out,) = m.graph.input, m.graph.output
+    assert inp.name == "ids" and inp.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == ["batch", 64]
+    assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == ["batch", 64, 256]
+    init = {i.name for i in m.graph.initializer}
+    assert sum(n.op_type == "MatMul" and n.input[1] in init for n in m.graph.node) == 4 * 6 + 1
+    assert not {n.op_type for n in m.graph.node} & {"Constant", "Identity", "Shape", "Dropout"}
+    with np.load(MODELS / info["eval"]) as z:
+        ids, after = z["ids"], z["__labels__"]
+    assert ids.dtype == np.int64 and ids.shape == (256, 64) and after.shape == (256,)
+    ids, after = ids[:info["eval_head_windows"]], after[:info["eval_head_windows"]]
+    logits = _session("decoder").run(["logits"], {"ids": ids})[0]
+    targets = np.concatenate([ids[:, 1:], after[:, None]], axis=1)
+    ppl = math.exp(DECODER_METRIC["log_perplexity"](logits, targets))
+    assert abs(ppl - info["eval_head_perplexity_ort"]) < 1e-3 * ppl, (ppl, info["eval_head_perplexity_ort"])
+    assert abs(float((logits.argmax(-1) == targets).mean()) - info["eval_head_top1_ort"]) < 1e-4
+    score = DECODER_METRIC["perplexity"]
+    assert score({"logits": logits}, {"logits": logits}, after) == 1.0
+    noisy = logits + np.random.default_rng(0).normal(0, 2, logits.shape).astype(np.float32)
+    assert score({"logits": logits}, {"logits": noisy}, targets) < 1.0
