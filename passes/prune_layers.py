@@ -89,11 +89,11 @@ class PruneLayers(Pass):
                                  f"removing all of them")
         if k:
             self._remove(graph, ctx, names[:k], res)
-        for b in order:
-            q = alone[b.name]
-            res.layers.append({"layer": b.name, "op": "Add", "branch nodes": len(b.branch),
-                               "branch weights": weights[b.name], "cosine alone": round(q.cosine, 6),
-                               "top-1 alone": round(q.top1, 6), "status": "removed" if b.name in names[:k] else "kept"})
+        for b, name in zip(order, names):     # the names taken before removal (a removed Add has no output)
+            q = alone[name]
+            res.layers.append({"layer": name, "op": "Add", "branch nodes": len(b.branch),
+                               "branch weights": weights[name], "cosine alone": round(q.cosine, 6),
+                               "top-1 alone": round(q.top1, 6), "status": "removed" if name in names[:k] else "kept"})
         return res
 
     def _blocks(self, graph: gs.Graph, ctx: PassContext, res: PassResult) -> list[Block]:
@@ -114,10 +114,11 @@ class PruneLayers(Pass):
         """Remove the blocks whose Adds are named ``names`` (found again: ``graph`` may be a copy) and refit."""
         before = export(graph, ctx.original)
         start = len(graph.nodes)
-        blocks = {b.name: b for b in find_blocks(graph, {})[0]}
         refit: list[str] = []
         for name in names:
-            block = blocks.get(name)
+            # found again after each removal: removing x1 = x0 + f(x0) rewires the next block x1 + g(x1) to x0
+            graph.cleanup()
+            block = {b.name: b for b in find_blocks(graph, {})[0]}.get(name)
             if block is None or not block.add.outputs:
                 continue
             after = next_layers(block.add.outputs[0]) if self.options.refit else []
@@ -126,6 +127,8 @@ class PruneLayers(Pass):
                 res.notes.append(f"removed the residual block of {block.desc} ({len(block.branch)} branch nodes)")
                 refit.extend(n.outputs[0].name for n in after if n.outputs and n.outputs[0].name not in refit)
         graph.cleanup().toposort()
+        alive = {t.name for n in graph.nodes for t in n.outputs}    # a later removal may take a layer to refit
+        refit = [name for name in refit if name in alive]
         res.changed = res.counts.get(BLOCKS_REMOVED, 0) > 0
         res.count(NODES_REMOVED, start - len(graph.nodes))
         if refit and res.changed:

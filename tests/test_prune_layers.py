@@ -16,7 +16,7 @@ from graphopt.passes.base import PassContext
 from graphopt.passes.prune_layers import BLOCKS_REMOVED
 from graphopt.pipeline import make_spec, run_pipeline
 from graphopt.validate import Thresholds
-from graphs import assert_one_line_error, assert_same_outputs, declined, ops, residual_calib, residual_net, run, \
+from graphs import assert_one_line_error, assert_same_outputs, declined, ops, parse_model, residual_calib, residual_net, run, \
     same_graph
 
 AFTER_BLOCK0 = ["Conv", "Relu", "Relu", "Conv", "Relu", "Conv", "Add", "Relu", "GlobalAveragePool", "Flatten", "Gemm"]
@@ -91,3 +91,31 @@ def test_cli_bad_count(cli, tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(residual_net(), path)
     assert_one_line_error(cli(path, tmp_path / "o.onnx", "--pass", "prune-layers:count=0"), 2, "count")
+
+
+def test_chained_blocks_are_removed_together():
+    """x1 = x0 + f(x0), x2 = x1 + g(x1) (a transformer's chain of Adds): removing the first rewires the second block
+    to x0, which must be found again before the second is removed (it used to leave a dangling input)."""
+    rng = np.random.default_rng(0)
+    model = parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 8] x) => (float[N, 3] y) <float[8, 8] w1, float[8, 8] w2, float[8, 3] w3> {
+            f = MatMul(x, w1)
+            x1 = Add(x, f)
+            h = MatMul(x1, w2)
+            x2 = Add(x1, h)
+            y = MatMul(x2, w3)
+        }""", w1=(rng.standard_normal((8, 8)) * 0.01).astype(np.float32),
+        w2=(rng.standard_normal((8, 8)) * 0.01).astype(np.float32), w3=rng.standard_normal((8, 3)).astype(np.float32))
+    data = [{"x": rng.standard_normal((16, 8)).astype(np.float32)} for _ in range(4)]
+    ctx = PassContext(original=model, calib=open_source(data, model))
+    out, records = run_pipeline(model, [make_spec("prune-layers", {"count": 2})], ctx)
+    assert records[0].result.counts[BLOCKS_REMOVED] == 2 and ops(out) == ["MatMul"]
+    onnx.checker.check_model(out, full_check=True)
+    assert cosine_to_data(model, out, data) > 0.99
+
+
+def cosine_to_data(model: onnx.ModelProto, other: onnx.ModelProto, data: list) -> float:
+    a = np.concatenate([run(model, d)[0] for d in data]).ravel().astype(np.float64)
+    b = np.concatenate([run(other, d)[0] for d in data]).ravel().astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
