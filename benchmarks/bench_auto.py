@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--latency-runs", type=int, default=100)
     args = ap.parse_args()
     cpu = cpu_info()
-    lines = [f"### ratio=auto / rank=auto at the default targets ({datetime.date.today()}, {cpu['name']}; "
+    lines = [f"### ratio=auto / rank=auto at the default targets ({datetime.date.today()}, {cpu['model']}; "
              f"{', '.join(cpu['isa'])}; onnxruntime {ort.__version__}; load {os.getloadavg()[0]:.1f})", "",
              "| model | pipeline | passed | chosen | MACs | size | latency | cosine | top-1 | accuracy | time |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
