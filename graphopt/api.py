@@ -102,10 +102,14 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
     check_calibration(specs, calib_data is not None or calibration_ranges is not None)
     shapes = _input_shapes(model, input_shapes)
     report = Report(input=path or "<model>", output=None)
+    # A model over 2 GB: one onnxruntime session at a time (each holds the weights), none while the passes run.
+    big = io.is_big(model)
     ref_session = make_session(model, "input model")
     calib, val = _open_data(model, calib_data, val_data, calib_samples, shapes, seed, preprocess)
     ranges = {k: (float(v[0]), float(v[1])) for k, v in calibration_ranges.items()} if calibration_ranges else None
     check_metric(fidelity, ref_session, next(iter(val), None))
+    if big:
+        ref_session = None
     targets = pipeline_targets(gate=gate, min_cosine=min_cosine, min_top1=min_top1, fidelity=fidelity,
                                max_accuracy_drop=max_accuracy_drop, max_rel_error=max_rel_error)
     ctx = PassContext(original=model, calib=calib, input_shapes=shapes, seed=seed, calibration_ranges=ranges,
@@ -130,15 +134,16 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
         report.warnings.append("the lossy pipeline's default targets were not checked on synthetic data: give "
                                "--val-data (or set --min-cosine/--min-top1 to check them on random inputs)")
     if validate_output:
-        new_session = make_session(out, "rewritten model")
-        report.validation = validate(model, out, val, exact=not lossy,
-                                     description=val.description, thresholds=thresholds,
-                                     sessions=(ref_session, new_session))
+        big = big or io.is_big(out)
+        report.validation = validate(model, out, val, exact=not lossy, description=val.description,
+                                     thresholds=thresholds, in_turn=big, sessions=None if big else (
+                                         ref_session, make_session(out, "rewritten model")))
+    ref_session = None
     report.warnings.extend(data_warnings(calib, val if validate_output else None))
     report.before = model_stats(model, feed)
     report.after = model_stats(out, feed)
     if latency_runs > 0 and feed is not None:
-        _measure_latency(report, model, out, feed, latency_runs, threads, [s.name for s in specs])
+        _measure_latency(report, model, out, feed, latency_runs, threads, [s.name for s in specs], in_turn=big)
     if validate_output and len(lossy) > 1:
         report.losses = step_losses(model, [(r.spec, *r.models) for r in records if r.models], val)
     if report.validation is not None and not report.validation.passed and not force:
@@ -197,16 +202,23 @@ def _step_row(r: StepRecord) -> dict[str, Any]:
 
 
 def _measure_latency(report: Report, model: onnx.ModelProto, out: onnx.ModelProto, feed: dict[str, np.ndarray],
-                     runs: int, threads: int, pass_names: list[str]) -> None:
-    """Both models' median latency on ``feed`` into the report, with the setup and a slowdown warning."""
-    lat = measure_latency([model, out], feed, threads=threads, runs=runs)
+                     runs: int, threads: int, pass_names: list[str], in_turn: bool = False) -> None:
+    """Both models' median latency on ``feed`` into the report, with the setup and a slowdown warning; interleaved,
+    or with ``in_turn`` (models over 2 GB, whose sessions are not held at once) one model after the other."""
+    def measure(n: int) -> list[float]:
+        if in_turn:
+            return [measure_latency([m], feed, threads=threads, runs=n)[0] for m in (model, out)]
+        return measure_latency([model, out], feed, threads=threads, runs=n)
+
+    lat = measure(runs)
     if sum(lat) * runs < MIN_TIMED_MS:  # a fast model: so few runs are jitter, take as many as the floor holds
         runs = min(MAX_RUNS, math.ceil(MIN_TIMED_MS / max(sum(lat), 1e-6)))
-        lat = measure_latency([model, out], feed, threads=threads, runs=runs)
+        lat = measure(runs)
     report.latency_ms = (lat[0], lat[1])
     report.latency_setup = {"threads": threads, "runs": runs, "warmup": 3,
                             "optimization": "onnxruntime default graph optimizations",
-                            "feed_shapes": {k: list(np.shape(v)) for k, v in feed.items()}}
+                            "feed_shapes": {k: list(np.shape(v)) for k, v in feed.items()},
+                            **({"order": "one model after the other (over 2 GB)"} if in_turn else {})}
     slower = slowdown_warning(*report.latency_ms, pass_names)
     if slower:
         report.warnings.append(slower)

@@ -225,8 +225,10 @@ def _run_pass(p: Pass, graph: Any, ctx: PassContext) -> PassResult:
     return result
 
 
-# Passes that run on a model over the 2 GB protobuf limit (never serializing it whole); others are refused there.
-BIG_MODEL_PASSES = ("fold-constants", "fold-bn", "fuse-conv-relu")
+# Passes that run on a model over the 2 GB protobuf limit (never serializing it whole, reading its weights one at a
+# time from the input's files: graphopt.graph.FileConstant); others are refused there. A pass joins when it holds at
+# most one weight's values (and what it computes from them) at a time.
+BIG_MODEL_PASSES = ("fold-constants", "fold-bn", "fuse-conv-relu", "svd")
 
 
 def _check_big_model(model: onnx.ModelProto, specs: Sequence[PassSpec]) -> None:

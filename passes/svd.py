@@ -229,7 +229,7 @@ class SVD(Pass):
         obs: dict[str, TensorMoments] = {}
         per_site: dict[int, SecondMoment] = {}
         for s in sites:
-            per_site[id(s)] = obs.setdefault(s.x.name, TensorMoments()).get(s.w.shape[0], s.axis)
+            per_site[id(s)] = obs.setdefault(s.x.name, TensorMoments()).get(s.dims[0], s.axis)
         inputs = {t.name for t in graph.inputs}
         fetch = [n for n in obs if n not in inputs]
         model = export(graph, ctx.original)
@@ -275,7 +275,8 @@ class SVD(Pass):
             if id(moment) not in white:
                 white[id(moment)] = whitening(moment, o.damping)
             whitened = white[id(moment)]
-        dec = decompose(site.w, white=whitened)
+        w = site.w     # read now, dropped when this site is done (a big model's weights one at a time)
+        dec = decompose(w, white=whitened)
         r = self._choose(dec, k, n)
         if not self._pays(r, k, n) and self.require_gain:
             why = self._why_not(r, k, n)
@@ -284,9 +285,9 @@ class SVD(Pass):
             return
         a, b = dec.factors(r)
         approx = a @ b
-        w_norm = float(np.linalg.norm(site.w))
-        w_err = float(np.linalg.norm(site.w - approx)) / w_norm if w_norm > 0 else 0.0
-        out_err = relative_output_error(site.w, approx, moment) if moment is not None else None
+        w_norm = float(np.linalg.norm(w))
+        w_err = float(np.linalg.norm(w - approx)) / w_norm if w_norm > 0 else 0.0
+        out_err = relative_output_error(w, approx, moment) if moment is not None else None
         splice(graph, site, a, b)
         res.changed = True
         res.count(LAYERS_FACTORIZED)

@@ -1,13 +1,17 @@
 """Models over the 2 GB protobuf limit, without 2 GB files: ``graphopt.io.PROTOBUF_LIMIT`` is lowered to 100 kB so
-a model with a few 100 kB weights takes the big-model path everywhere (loaded and checked by path, sessions from
-files, saved with external data, its size counted without serializing). The ``limit`` fixture also makes the entry
+a model with a few 100 kB weights takes the big-model path everywhere (loaded and checked by path, its weights left
+in the input's file and read one at a time by the passes, sessions from files, saved with external data copied
+tensor by tensor, its size counted without serializing). The ``limit`` fixture also makes the entry
 points that would serialize a model whole (onnxruntime from bytes, ``onnx.checker`` and shape inference in memory)
 fail on such a model, as protobuf does on a real one: a code path that forgets the limit fails here too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from graphopt import graph as gograph
 from graphopt import io, tensor_data
 from graphs import assert_one_line_error, make_model, node, rand
 
@@ -189,3 +194,83 @@ def test_normal_models_are_not_big():
     model = big_model()
     assert not io.is_big(model)
     assert io.model_size_bytes(model) == model.ByteSize()
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Every weight a pass reads from the input's files (graph.read_tensor), with how many weights read before it
+    were still in memory when it was read."""
+    log: list[tuple[str, int]] = []
+    alive: list[weakref.ref] = []
+    real = gograph.read_tensor
+
+    def counted(t):
+        log.append((t.name, sum(1 for r in alive if r() is not None)))
+        arr = real(t)
+        alive.append(weakref.ref(arr))
+        return arr
+
+    monkeypatch.setattr(gograph, "read_tensor", counted)
+    return log
+
+
+def _digest(folder: Path) -> dict[str, tuple[str, float]]:
+    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime) for p in folder.iterdir()}
+
+
+def test_a_big_model_is_held_without_its_weights(limit, big_path):
+    model = io.load_model(big_path)
+    held = [t for t in model.graph.initializer if tensor_data.file_location(t)]
+    assert sorted(t.name for t in held) == ["W1", "W2", "W3"]
+    assert all(not t.raw_data for t in held) and model.ByteSize() < 20_000
+    assert io.is_big(model) and io.model_size_bytes(model) > 3 * K * K * 4
+
+
+def test_fold_constants_reads_no_weight_and_writes_them_all(cli, limit, big_path, tmp_path, reads):
+    """The whole run (checks after the pass, validation, latency, saving) reads no weight into Python; the output's
+    data file holds every weight, byte for byte, without the input's files, which are left as they were."""
+    before = _digest(big_path.parent)
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir()
+    res = cli(big_path, out, "--pass", "fold-constants", "--latency-runs", "2")
+    assert res.code == 0, res.err
+    assert reads == []
+    assert _digest(big_path.parent) == before
+    assert (big_path.parent / "big.onnx.data").stat().st_nlink == 1    # the sessions' links are gone
+    feed = {"x": rand(1, K, seed=9)}
+    expected = outputs_of(big_path, feed)[0]
+    original = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(big_path).graph.initializer}
+    shutil.rmtree(big_path.parent)
+    assert_saved_external(out)
+    np.testing.assert_array_equal(outputs_of(out, feed)[0], expected)
+    for t in onnx.load(out).graph.initializer:
+        if t.name in original:
+            np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), original[t.name])
+
+
+def test_svd_reads_each_weight_once_and_one_at_a_time(cli, limit, big_path, tmp_path, reads):
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    res = cli(big_path, out, "--pass", "svd:rank=8", "--no-gate", "--latency-runs", "0", "--report", rep)
+    assert res.code == 0, res.err
+    assert sorted(name for name, _ in reads) == ["W1", "W2", "W3"]
+    assert [still for _, still in reads] == [0, 0, 0]
+    assert json.loads(rep.read_text())["passes"][-1]["counts"]["layers factorized"] == 3
+    onnx.checker.check_model(str(out))     # now under the limit: one file, nothing external
+    assert not (tmp_path / "o.onnx.data").exists()
+    model = onnx.load(out, load_external_data=False)
+    assert not any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer)
+    assert [n.op_type for n in model.graph.node].count("MatMul") == 6
+    assert {t.name for t in model.graph.initializer} & {"W1", "W2", "W3"} == set()
+    y = outputs_of(out, {"x": rand(1, K, seed=9)})[0]
+    assert y.shape == (1, K) and np.all(np.isfinite(y))
+
+
+def test_a_weight_read_from_its_file_cannot_be_edited_in_place(limit, big_path):
+    graph = gograph.import_graph(io.load_model(big_path))
+    w = graph.tensors()["W1"]
+    assert isinstance(w, gograph.FileConstant)
+    np.testing.assert_array_equal(w.values, rand(K, K, seed=1, lo=-0.08, hi=0.08))
+    with pytest.raises(ValueError, match="read-only"):
+        w.values[0, 0] = 1.0
+    w.values = np.zeros((K, K), np.float32)       # replacing the values is how a pass changes a weight
+    assert not np.any(w.values)

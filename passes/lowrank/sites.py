@@ -39,10 +39,22 @@ class Site:
 
     node: gs.Node
     weight: gs.Constant
-    w: np.ndarray          # K×N float64
     x: gs.Tensor           # activation input
     axis: int              # the activation's feature axis (rows of X are vectors along it)
     has_bias: bool
+
+    @property
+    def w(self) -> np.ndarray:
+        """The K×N matrix (float64), read from the weight when asked (not kept: a big model's weights are read
+        one at a time, graphopt.graph.FileConstant); take it once per use."""
+        values = np.asarray(self.weight.values)
+        if self.node.op == "Gemm":
+            w = values.T if self.node.attrs.get("transB", 0) else values
+        elif self.node.op == "MatMul":
+            w = values
+        else:  # Conv
+            w = values.reshape(values.shape[0], values.shape[1]).T
+        return np.asarray(w, np.float64)
 
     @property
     def name(self) -> str:
@@ -54,8 +66,11 @@ class Site:
 
     @property
     def dims(self) -> tuple[int, int]:
-        """(K, N): in and out features."""
-        return int(self.w.shape[0]), int(self.w.shape[1])
+        """(K, N): in and out features (from the weight's shape, without reading it)."""
+        shape = [int(d) for d in self.weight.shape]
+        if self.node.op == "Conv" or (self.node.op == "Gemm" and self.node.attrs.get("transB", 0)):
+            return shape[1], shape[0]
+        return shape[0], shape[1]
 
 
 class SiteDeclined(Exception):
@@ -70,28 +85,34 @@ def site_of(node: gs.Node) -> Site:
     if not isinstance(wt, gs.Constant):
         raise SiteDeclined("weight is not a constant (an activation, a graph input, or a Constant node: run "
                            "fold-constants first)")
-    values = np.asarray(wt.values)
-    if values.dtype not in FLOATS:
-        raise SiteDeclined(f"weight dtype {values.dtype} is not float")
+    dtype, shape = _dtype(wt), tuple(wt.shape)     # the weight's values are read when factorized (Site.w)
+    if dtype not in FLOATS:
+        raise SiteDeclined(f"weight dtype {dtype} is not float")
     c = node.inputs[2] if len(node.inputs) > 2 else None
     # A zero constant C is no bias (the first factor of a Gemm below opset 11 carries one).
     bias = c is not None and not c.is_empty() and not (isinstance(c, gs.Constant) and not np.any(c.values))
     if node.op == "Gemm":
-        if values.ndim != 2:
-            raise SiteDeclined(f"weight of rank {values.ndim}")
-        w = values.T if node.attrs.get("transB", 0) else values
+        if len(shape) != 2:
+            raise SiteDeclined(f"weight of rank {len(shape)}")
         axis = 0 if node.attrs.get("transA", 0) else -1
     elif node.op == "MatMul":
-        if values.ndim != 2:
-            raise SiteDeclined(f"constant weight of rank {values.ndim} (need a 2-D matrix)")
-        w, axis = values, -1
+        if len(shape) != 2:
+            raise SiteDeclined(f"constant weight of rank {len(shape)} (need a 2-D matrix)")
+        axis = -1
     else:  # Conv
-        if values.ndim < 3 or any(d != 1 for d in values.shape[2:]):
-            raise SiteDeclined(f"kernel {'x'.join(map(str, values.shape[2:])) or 'of rank < 3'} is not 1x1")
+        if len(shape) < 3 or any(d != 1 for d in shape[2:]):
+            raise SiteDeclined(f"kernel {'x'.join(map(str, shape[2:])) or 'of rank < 3'} is not 1x1")
         if node.attrs.get("group", 1) != 1:
             raise SiteDeclined(f"group={node.attrs.get('group')} (need 1)")
-        w, axis = values.reshape(values.shape[0], values.shape[1]).T, 1
-    return Site(node, wt, np.asarray(w, np.float64), x, axis, bias)
+        axis = 1
+    return Site(node, wt, x, axis, bias)
+
+
+def _dtype(t: gs.Constant) -> np.dtype | None:
+    try:
+        return np.dtype(t.dtype)
+    except TypeError:   # a type numpy lacks (bfloat16 as an onnx type number)
+        return None
 
 
 def factor_pairs(sites: list[Site], outputs: set[str]) -> dict[int, str]:
@@ -145,7 +166,7 @@ def _unique(graph: gs.Graph, base: str) -> str:
 
 def splice(graph: gs.Graph, site: Site, a: np.ndarray, b: np.ndarray) -> None:
     """Replace the site's weight by factors: a new first node x -> h, the original node turned into h -> y."""
-    node, dtype = site.node, np.asarray(site.weight.values).dtype
+    node, dtype = site.node, _dtype(site.weight)
     wname = site.weight.name
     out = node.outputs[0]
     h = gs.Variable(_unique(graph, f"{out.name}_svd"), dtype=out.dtype)
@@ -158,7 +179,7 @@ def splice(graph: gs.Graph, site: Site, a: np.ndarray, b: np.ndarray) -> None:
     elif node.op == "MatMul":
         w1, w2 = a, b
     else:  # Conv: weights [out, in, 1, ...]
-        ones = [1] * (np.asarray(site.weight.values).ndim - 2)
+        ones = [1] * (len(site.weight.shape) - 2)
         w1 = a.T.reshape(a.shape[1], a.shape[0], *ones)
         w2 = b.T.reshape(b.shape[1], b.shape[0], *ones)
         attrs = {key: v for key, v in node.attrs.items() if key in CONV_SPATIAL}
