@@ -4,8 +4,9 @@
     python benchmarks/bench_bigmodel.py run DIR NAME -- ARGS  # /usr/bin/time -v python -m graphopt DIR/big.onnx
                                                               #   DIR/NAME.onnx ARGS; one JSON line on stdout
 
-The model is a stack of 19 transformer-FFN-like blocks ``x·W_up (1024x16384) -> Relu -> ·W_down (16384x1024)``
-with random float32 weights (38 tensors of 64 MiB: 2.55 GB in one external-data file), then a per-feature scale
+The model is a stack of 19 transformer-FFN-like blocks ``x·W_up (1024x16384) -> Relu -> ·W_down (16384x1024) ->
+Relu`` (a Relu after every MatMul, so that no two MatMuls form a factor pair svd leaves alone) with random float32
+weights (38 tensors of 64 MiB: 2.55 GB in one external-data file), then a per-feature scale
 computed by a small constant subgraph (``Constant + Add``, for fold-constants). Random weights suit memory and
 time, not fidelity: their spectra are flat, so ``svd`` at a small rank loses most of the output (measure it with
 ``--no-gate``). The weights are written one at a time (64 KiB-aligned, as graphopt writes them), so building the
@@ -56,9 +57,8 @@ def build(folder: Path) -> Path:
                 out = f"{kind}{b}"
                 nodes.append(helper.make_node("MatMul", [x, name], [out], name=f"mm_{kind}{b}"))
                 x = out
-                if kind == "up":
-                    nodes.append(helper.make_node("Relu", [x], [f"relu{b}"]))
-                    x = f"relu{b}"
+                nodes.append(helper.make_node("Relu", [x], [f"relu_{kind}{b}"]))   # no MatMul pair is low-rank
+                x = f"relu_{kind}{b}"
     nodes += [helper.make_node("Constant", [], ["c"], value=onnx.numpy_helper.from_array(
                   np.full(HIDDEN, 0.5, np.float32))),
               helper.make_node("Add", ["c", "one"], ["scale"]),

@@ -102,14 +102,12 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
     check_calibration(specs, calib_data is not None or calibration_ranges is not None)
     shapes = _input_shapes(model, input_shapes)
     report = Report(input=path or "<model>", output=None)
-    # A model over 2 GB: one onnxruntime session at a time (each holds the weights), none while the passes run.
-    big = io.is_big(model)
     ref_session = make_session(model, "input model")
     calib, val = _open_data(model, calib_data, val_data, calib_samples, shapes, seed, preprocess)
     ranges = {k: (float(v[0]), float(v[1])) for k, v in calibration_ranges.items()} if calibration_ranges else None
     check_metric(fidelity, ref_session, next(iter(val), None))
-    if big:
-        ref_session = None
+    # Over 2 GB: one session at a time (each holds the weights), none while the passes run.
+    ref_session = None if io.is_big(model) else ref_session
     targets = pipeline_targets(gate=gate, min_cosine=min_cosine, min_top1=min_top1, fidelity=fidelity,
                                max_accuracy_drop=max_accuracy_drop, max_rel_error=max_rel_error)
     ctx = PassContext(original=model, calib=calib, input_shapes=shapes, seed=seed, calibration_ranges=ranges,
@@ -134,16 +132,13 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
         report.warnings.append("the lossy pipeline's default targets were not checked on synthetic data: give "
                                "--val-data (or set --min-cosine/--min-top1 to check them on random inputs)")
     if validate_output:
-        big = big or io.is_big(out)
-        report.validation = validate(model, out, val, exact=not lossy, description=val.description,
-                                     thresholds=thresholds, in_turn=big, sessions=None if big else (
-                                         ref_session, make_session(out, "rewritten model")))
-    ref_session = None
+        report.validation = _validate(model, out, val, ref_session, exact=not lossy, thresholds=thresholds)
     report.warnings.extend(data_warnings(calib, val if validate_output else None))
     report.before = model_stats(model, feed)
     report.after = model_stats(out, feed)
     if latency_runs > 0 and feed is not None:
-        _measure_latency(report, model, out, feed, latency_runs, threads, [s.name for s in specs], in_turn=big)
+        _measure_latency(report, model, out, feed, latency_runs, threads, [s.name for s in specs],
+                         in_turn=ref_session is None or io.is_big(out))
     if validate_output and len(lossy) > 1:
         report.losses = step_losses(model, [(r.spec, *r.models) for r in records if r.models], val)
     if report.validation is not None and not report.validation.passed and not force:
@@ -151,6 +146,17 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
         raise ValidationFailed(f"validation failed: {report.validation.failures[0]}" + (f": {what}" if what else ""),
                                model=out, report=report)
     return out, report
+
+
+def _validate(model: onnx.ModelProto, out: onnx.ModelProto, val: DataSource, ref_session: Any, *, exact: bool,
+              thresholds: Thresholds) -> Any:
+    """The rewritten model against the input on ``val``: beside the input's session, or one session at a time when
+    either model is over 2 GB (``ref_session`` None; each session holds the weights: validate_in_turn)."""
+    if ref_session is None or io.is_big(out):
+        return validate(model, out, val, exact=exact, description=val.description, thresholds=thresholds,
+                        in_turn=True)
+    return validate(model, out, val, exact=exact, description=val.description, thresholds=thresholds,
+                    sessions=(ref_session, make_session(out, "rewritten model")))
 
 
 def _checked_targets(targets: Thresholds, specs: Sequence[PassSpec], model: onnx.ModelProto, *, synthetic: bool,
