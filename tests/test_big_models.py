@@ -19,8 +19,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from graphopt import api, runtime, tensor_data, validate
 from graphopt import graph as gograph
-from graphopt import io, tensor_data
+from graphopt import io
 from graphs import assert_one_line_error, make_model, node, rand
 
 LIMIT = 100_000
@@ -274,3 +275,29 @@ def test_a_weight_read_from_its_file_cannot_be_edited_in_place(limit, big_path):
         w.values[0, 0] = 1.0
     w.values = np.zeros((K, K), np.float32)       # replacing the values is how a pass changes a weight
     assert not np.any(w.values)
+
+
+def test_a_big_model_run_holds_one_session_at_a_time(cli, limit, big_path, tmp_path, monkeypatch):
+    """Every onnxruntime session of the run (input check, validation and its rounding spread, MAC counts, latency)
+    is dropped before the next one is made: the original and the result run one after the other."""
+    live = [0, 0]    # now, most at once
+
+    class Tracked:
+        def __init__(self, sess):
+            self.sess = sess
+            live[0] += 1
+            live[1] = max(live)
+
+        def __del__(self):
+            live[0] -= 1
+
+        def __getattr__(self, name):
+            return getattr(self.sess, name)
+
+    for module in (api, runtime, validate):
+        real = module.make_session
+        monkeypatch.setattr(module, "make_session", lambda *a, _real=real, **k: Tracked(_real(*a, **k)))
+    res = cli(big_path, tmp_path / "o.onnx", "--latency-runs", "2")
+    assert res.code == 0, res.err
+    assert "one model after the other" in res.out
+    assert live == [0, 1]
