@@ -1,7 +1,7 @@
 """The collector: observe chosen tensors of a model while calibration data streams through it.
 
-It adds the tensors to observe as extra outputs of an in-memory *copy* of the model (no files anywhere), runs the
-copy in onnxruntime (CPU) batch by batch, hands each batch's arrays to the tensors' observers and drops them, so
+It adds the tensors to observe as extra outputs of an in-memory *copy* of the model (no files; a model over 2 GB
+from a temporary one, ``graphopt.runtime.session_for``), runs the copy in onnxruntime (CPU) batch by batch, hands each batch's arrays to the tensors' observers and drops them, so
 memory holds one run's activations however many samples there are; a run is cut to as many rows as keep its
 observed tensors under a fixed budget (256 MB, measured on the first row) and to at most 16 rows, so that the
 peak is the same for 16 calibration samples as for 16,000. A tqdm progress bar counts samples when
@@ -18,7 +18,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from graphopt.errors import InputError, one_line
-from graphopt.runtime import session_options
+from graphopt.runtime import session_for, session_options
 
 from .observers import MinMaxObserver
 from .readers import Batch, model_inputs
@@ -39,13 +39,8 @@ def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[Ba
     splittable = all(spec.shape is not None and len(spec.shape) > 0 and spec.shape[0] is None
                      for spec in model_inputs(model) if not spec.has_default)
     names = list(dict.fromkeys(tensors))
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
-    so = session_options(threads)
-    try:
-        sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    try:    # a model over 2 GB runs from a temporary file (session_for), its weights left in their files
+        sess = session_for(model, session_options(threads), extra_outputs=names)
     except Exception as e:
         raise InputError(f"onnxruntime cannot run the model for calibration: {one_line(e)}") from e
     seen = 0

@@ -11,19 +11,25 @@ i.e. below 1/3 nonzero for float32 (4 + 8 bytes per nonzero against 4 per entry)
 when it loads the model. ``import_graph`` makes them dense too (onnx-graphsurgeon does not read them).
 Shapes: ``infer_model`` is onnx shape inference on a copy, ``None`` where it fails; ``infer_shapes`` applies it to
 a gs graph in place; ``tensor_shapes`` reads the inferred dims (int, symbol string, or None when unknown).
+A big model's weights stay in their files (``graphopt.io``): their constants read them when a pass asks for
+``.values`` and keep them only while the pass holds the array (``FileConstant``), so a pass that takes one weight
+at a time holds one; the exported model refers to the files again for the weights no pass replaced.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Iterable
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from . import __version__, io
 from .errors import InputError, one_line
-from .tensor_data import data_bytes
+from .external_data import read_tensor
+from .tensor_data import data_bytes, file_location
 
 STANDARD = ("", "ai.onnx", None)   # the default domain, as onnx and onnx-graphsurgeon spell it
 MS_DOMAIN = "com.microsoft"
@@ -196,7 +202,55 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
                 t.type = "tensor_type"
         graph.inputs = [tensors[n] for n in order if n in tensors]
     _patch_gs_import(graph, model.graph)
+    _read_on_demand(graph)
     return graph
+
+
+class FileValues(LazyValues):
+    """A file-held tensor's values: read when asked for (``read_tensor``, read-only) and kept only while someone
+    holds the array (a weak reference). onnx-graphsurgeon exports it as the tensor it came from, still in its file."""
+
+    def __init__(self, tensor: onnx.TensorProto) -> None:
+        super().__init__(tensor)
+        self._ref: weakref.ref[np.ndarray] | None = None
+
+    def load(self) -> np.ndarray:
+        arr = self._ref() if self._ref is not None else None
+        if arr is None:
+            arr = read_tensor(self.tensor)
+            self._ref = weakref.ref(arr)
+        return arr
+
+
+class FileConstant(gs.Constant):
+    """A constant whose values are ``FileValues``: unlike gs.Constant, it does not keep what it read."""
+
+    @property
+    def values(self) -> Any:
+        v = self._values
+        return v.load() if isinstance(v, FileValues) else v
+
+    @values.setter
+    def values(self, values: Any) -> None:
+        self._values = values
+
+
+def _read_on_demand(graph: gs.Graph) -> None:
+    """Make the file-held constants of a graph (its tensors, Constant-node values, subgraphs) ``FileConstant``s."""
+    def held(t: Any) -> None:
+        if (isinstance(t, gs.Constant) and type(t._values) is LazyValues
+                and isinstance(t._values.tensor, onnx.TensorProto) and file_location(t._values.tensor)):
+            t._values = FileValues(t._values.tensor)
+            t.__class__ = FileConstant
+
+    for t in graph.tensors().values():
+        held(t)
+    for node in graph.nodes:
+        for v in node.attrs.values():
+            if isinstance(v, gs.Graph):
+                _read_on_demand(v)
+            else:
+                held(v)
 
 
 def _patch_gs_import(graph: gs.Graph, proto: onnx.GraphProto) -> None:

@@ -10,10 +10,14 @@ an error or Ctrl-C never leaves a partial OUT. Models whose protobuf would excee
 in one external-data file beside OUT (``OUT.data``), moved into place before OUT itself.
 
 Models over the protobuf limit (``PROTOBUF_LIMIT``, read at call time so tests can lower it) are never serialized
-whole: ``is_big`` tells one from its tensors' dims and types; it is checked by path (``onnx.checker`` on the file);
-``write_external`` writes it with its tensors of 1 KiB or more in one data file, without copying its data in memory
-(``graphopt.tensor_data``); ``temporary_external`` does so in a temporary folder (sessions, checks);
-``model_size_bytes`` counts what ``save_model`` writes without writing it.
+whole, and their weights are never all in memory: ``load_model`` leaves them in the input's files (file-held
+tensors, ``graphopt.tensor_data``; ``graph.import_graph`` reads each one when a pass asks for it, with
+``external_data.read_tensor``). ``is_big`` tells such a model (over the limit by its tensors' dims, or holding tensors in files);
+it is checked by path (``onnx.checker`` on the file; after a pass, on the model written without data beside a
+sparse data file); ``write_external`` writes it with its tensors of 1 KiB or more in one data file, tensor by
+tensor, file-held ones copied file to file (``graphopt.external_data``); ``temporary_external`` writes it to a
+temporary folder for onnxruntime, with the source files hard-linked there rather than copied;
+``model_size_bytes`` counts what ``save_model`` writes without writing it. The input's files are only read.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import onnx
 from onnx import external_data_helper
 
 from .errors import InputError, OutputError, one_line
-from .tensor_data import DataFile, all_tensors, data_bytes, detached
+from .external_data import Linker, copy_tensor, hold_in_files, sparse_file
+from .tensor_data import DataFile, all_tensors, data_bytes, detached, file_location
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -115,14 +120,15 @@ def load_model_and_files(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto,
     _check_versions(model, str(p))
     files = [p, *external_data_files(model, p.parent)]
     big = len(files) > 1 and tensor_bytes(model, external=True) >= _big_threshold()
-    if big:     # checked as it is on disk, before its data is loaded: a big model is never serialized whole
+    if big:     # checked as it is on disk; its weights stay in their files (read one at a time by the passes)
         _check_path(p, str(p))
+        hold_in_files(all_tensors(model), p.parent, str(p))
+        return model, files
     try:
         external_data_helper.load_external_data_for_model(model, str(p.parent))
     except Exception as e:
         raise InputError(f"{p}: cannot load external data: {one_line(e)}") from e
-    if not big:
-        check_model(model, str(p))
+    check_model(model, str(p))
     return model, files
 
 
@@ -139,7 +145,9 @@ def tensor_bytes(model: onnx.ModelProto, *, external: bool = False) -> int:
 
 def is_big(model: onnx.ModelProto) -> bool:
     """Would the model's protobuf reach the limit? Told from its tensors, serializing it only when they leave room
-    for the rest (then it is safe)."""
+    for the rest (then it is safe). A model holding tensors in files (as ``load_model`` holds a big one) is."""
+    if any(file_location(t) is not None for t in all_tensors(model)):
+        return True
     limit = _big_threshold()
     data = tensor_bytes(model)
     return data >= limit or (data >= limit // 2 and model.ByteSize() >= limit)
@@ -148,9 +156,15 @@ def is_big(model: onnx.ModelProto) -> bool:
 def check_model(model: onnx.ModelProto, where: str) -> None:
     """``onnx.checker`` on a model, turning failures into a one-line InputError. A model over the protobuf limit is
     written with its tensors external to a temporary folder and checked by path."""
-    if is_big(model):
-        with temporary_external(model) as path:
-            _check_path(path, where)
+    if is_big(model):   # written without its data, beside a sparse data file of the right size
+        folder = Path(tempfile.mkdtemp(prefix="graphopt-check-"))
+        try:
+            data = DataFile(None)
+            (folder / "model.onnx").write_bytes(detached(model, data).SerializeToString())
+            sparse_file(folder / data.location, data.size)
+            _check_path(folder / "model.onnx", where)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         return
     try:
         onnx.checker.check_model(model)
@@ -263,12 +277,15 @@ def data_free_copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def write_external(model: onnx.ModelProto, path: Path, data_name: str | None = None,
-                   edit: Callable[[onnx.ModelProto], None] | None = None) -> list[Path]:
+                   edit: Callable[[onnx.ModelProto], None] | None = None, link: bool = False) -> list[Path]:
     """Write ``model`` to ``path`` with its tensors in ``data_name`` beside it (``PATH.data`` by default), not
-    atomically (see ``save_model``); ``edit`` may change the written copy (not the model) before it is saved."""
+    atomically (see ``save_model``); ``edit`` may change the written copy (not the model) before it is saved.
+    File-held tensors are copied into the data file, or with ``link`` refer to their files linked beside ``path``
+    (a temporary model: the folder then holds those links too)."""
     data_name = data_name or path.name + ".data"
     with open(path.parent / data_name, "wb") as f:
-        skeleton = detached(model, DataFile(f, data_name))
+        skeleton = detached(model, DataFile(f, data_name, copy=copy_tensor,
+                                            keep=Linker(path.parent) if link else None))
     if edit is not None:
         edit(skeleton)
     path.write_bytes(skeleton.SerializeToString())
@@ -278,11 +295,11 @@ def write_external(model: onnx.ModelProto, path: Path, data_name: str | None = N
 @contextmanager
 def temporary_external(model: onnx.ModelProto, edit: Callable[[onnx.ModelProto], None] | None = None
                        ) -> Iterator[Path]:
-    """The model written with external data (``write_external``) in a temporary folder, removed afterwards; yields
-    the model's path (for onnxruntime or ``onnx.checker``)."""
+    """The model written with external data (``write_external``, its files linked) in a temporary folder, removed
+    afterwards; yields the model's path (for onnxruntime)."""
     folder = Path(tempfile.mkdtemp(prefix="graphopt-"))
     try:
-        yield write_external(model, folder / "model.onnx", edit=edit)[0]
+        yield write_external(model, folder / "model.onnx", edit=edit, link=True)[0]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

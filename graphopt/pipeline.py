@@ -227,7 +227,10 @@ def _run_pass(p: Pass, graph: Any, ctx: PassContext) -> PassResult:
     return result
 
 
-# Passes that run on a model over the 2 GB protobuf limit (never serializing it whole); others are refused there.
+# Passes that run on a model over the 2 GB protobuf limit (never serializing it whole, reading its weights one at a
+# time from the input's files: graphopt.graph.FileConstant); others are refused there. A pass joins when it holds at
+# most one weight's values (and what it computes from them) at a time: svd's sites hold their weights since the
+# k×k convolutions joined it, so it waits for the sites to read them lazily again.
 BIG_MODEL_PASSES = ("fold-constants", "fold-bn", "fuse-conv-relu")
 
 

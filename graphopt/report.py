@@ -188,7 +188,8 @@ def format_report(r: Report, *, header: bool = True, steps: bool = True) -> str:
             lines.append(f"  {op:<20}{b.op_counts.get(op, 0):>14}{a.op_counts.get(op, 0):>14}")
         if r.latency_ms:
             s = r.latency_setup
-            lines.append(f"  (latency: median of {s.get('runs')} interleaved runs after {s.get('warmup')} warm-up, "
+            how = f"runs, {s['order']}," if "order" in s else "interleaved runs"   # models over 2 GB: in turn
+            lines.append(f"  (latency: median of {s.get('runs')} {how} after {s.get('warmup')} warm-up, "
                          f"input {s.get('feed_shapes')}, {s.get('optimization')})")
     v = r.validation
     if v is not None:

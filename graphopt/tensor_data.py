@@ -2,11 +2,18 @@
 a copy of a model whose larger tensors refer to one external-data file (their bytes appended to it, or only
 counted) while the model and its data stay as they are. ``graphopt.io`` opens the files and decides when a model
 is over the protobuf limit; this module never opens a file itself.
+
+File-held tensors: a big model is held in memory with its weights left in their files (``graphopt.io`` loads it
+so): such a tensor is external with an *absolute* ``location`` (``file_location``), which no ONNX file may carry
+(onnx and onnxruntime refuse absolute paths), so it never reaches a file as it is: ``detached`` appends its bytes
+to the new data file through ``DataFile.copy`` (io copies them file to file), or refers to the same file linked
+beside the written model (``DataFile.keep``), or only counts them.
 """
 
 from __future__ import annotations
 
-from typing import Any, BinaryIO, Iterator
+import os
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -35,20 +42,45 @@ def data_bytes(t: onnx.TensorProto) -> int:
         return t.ByteSize()
 
 
-class DataFile:
-    """Where detached tensor data goes: appended to ``f`` (or only counted, when ``f`` is None)."""
+def file_location(t: onnx.TensorProto) -> str | None:
+    """The absolute path of the file holding a file-held tensor's data (see the module docstring), else None."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    location = next((e.value for e in t.external_data if e.key == "location"), "")
+    return location if os.path.isabs(location) else None
 
-    def __init__(self, f: BinaryIO | None, location: str = "model.onnx.data") -> None:
+
+def external_span(t: onnx.TensorProto) -> tuple[int, int]:
+    """(offset, length) of an external tensor's data in its file (length from its dims when not given)."""
+    info = {e.key: e.value for e in t.external_data}
+    return int(info.get("offset", 0)), int(info["length"]) if "length" in info else data_bytes(t)
+
+
+class DataFile:
+    """Where detached tensor data goes: appended to ``f`` (or only counted, when ``f`` is None). File-held tensors
+    are appended by ``copy(tensor, f)`` (bytes copied file to file), unless ``keep(tensor)`` names the location under
+    which the written model refers to the tensor's own file, linked beside it."""
+
+    def __init__(self, f: BinaryIO | None, location: str = "model.onnx.data",
+                 copy: Callable[[onnx.TensorProto, BinaryIO], None] | None = None,
+                 keep: Callable[[onnx.TensorProto], str] | None = None) -> None:
         self.f, self.location, self.size = f, location, 0
+        self.copy, self.keep = copy, keep
 
     def place(self, t: onnx.TensorProto, n: int) -> tuple[int, int]:
         """Append the tensor's data (``n`` bytes by its dims); its offset and length in the file."""
         pad = -self.size % ALIGN if n >= ALIGN_MIN_BYTES else 0
         if self.f is not None:
-            data = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
             self.f.write(b"\0" * pad)
-            self.f.write(data)
-            n = len(data)
+            if file_location(t) is not None:
+                if self.copy is None:
+                    raise ValueError(f"tensor '{t.name}' is held in a file and no copier was given")
+                n = external_span(t)[1]
+                self.copy(t, self.f)
+            else:
+                data = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
+                self.f.write(data)
+                n = len(data)
         offset = self.size + pad
         self.size = offset + n
         return offset, n
@@ -79,9 +111,14 @@ def _copy_fields(src: Any, dst: Any, data: DataFile, skip: frozenset[str] = froz
 
 def _copy_message(src: Any, dst: Any, data: DataFile) -> None:
     if isinstance(src, onnx.TensorProto):
+        held = file_location(src) is not None
+        if held and data.keep is not None:
+            dst.CopyFrom(src)
+            next(e for e in dst.external_data if e.key == "location").value = data.keep(src)
+            return
         n = data_bytes(src)
-        if (n < EXTERNAL_MIN_BYTES or src.data_type == onnx.TensorProto.STRING
-                or external_data_helper.uses_external_data(src)):
+        if not held and (n < EXTERNAL_MIN_BYTES or src.data_type == onnx.TensorProto.STRING
+                         or external_data_helper.uses_external_data(src)):
             dst.CopyFrom(src)
             return
         _copy_fields(src, dst, data, _DATA_FIELDS)

@@ -118,12 +118,16 @@ class ValidationResult:
 
 def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Iterable[Any], *, exact: bool,
              thresholds: Thresholds, description: str = "", sessions: tuple[Any, Any] | None = None,
-             roles: onnx.ModelProto | None = None) -> ValidationResult:
+             roles: onnx.ModelProto | None = None, in_turn: bool = False) -> ValidationResult:
     """Compare the two models on every batch; the result lists failures (empty when validation passed).
 
     ``roles``: the model whose graph says which outputs are class scores (``class_score_outputs``,
     ``sequence_score_outputs``), when ``original`` is a rewrite of it (a pass's own float model, whose opset upgrade
-    may have wrapped a Softmax in Flatten/Reshape); by default ``original``."""
+    may have wrapped a Softmax in Flatten/Reshape); by default ``original``. ``in_turn``: one onnxruntime session
+    at a time (``validate_in_turn``; models over 2 GB), ``batches`` then being re-iterable."""
+    if in_turn:
+        return validate_in_turn(original, rewritten, batches, exact=exact, thresholds=thresholds,
+                                description=description, roles=roles)
     ref_sess, new_sess = sessions or (make_session(original, "input model"),
                                       make_session(rewritten, "rewritten model"))
     ref_names = [o.name for o in ref_sess.get_outputs()]
@@ -169,6 +173,64 @@ def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Ite
     comparison.finish(res)
     _judge(res, thresholds)
     return res
+
+
+def _outputs(model: onnx.ModelProto, what: str, batches: Iterable[Any], level: Any = None
+             ) -> tuple[list[str], list[Any]]:
+    """The output names and each batch's outputs of ``model``, from one session dropped when done."""
+    sess = make_session(model, what, level=level)
+    return [o.name for o in sess.get_outputs()], [sess.run(None, b.feed) for b in batches]
+
+
+def validate_in_turn(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Iterable[Any], *, exact: bool,
+                     thresholds: Thresholds, description: str = "", roles: onnx.ModelProto | None = None
+                     ) -> ValidationResult:
+    """``validate`` with one onnxruntime session alive at a time, for models whose sessions each hold gigabytes:
+    the original runs over every batch and its session is dropped, then the rewritten model; their outputs are
+    kept (small next to the weights) and compared batch by batch. Exact pipelines add the two unoptimized runs
+    (the rounding spread), each in its own turn. ``batches`` is iterated once per run."""
+    res = ValidationResult(data=description, exact=exact)
+    level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ref_names, ref_all = _outputs(original, "input model", batches)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"the input model fails on the validation data: {ort_message(e)}") from e
+    spread = _unoptimized(original, "input model", batches, level, True) if exact else []
+    try:
+        names, new_all = _outputs(rewritten, "rewritten model", batches)
+    except InputError:
+        raise
+    except Exception as e:
+        res.failures.append(f"the rewritten model fails in onnxruntime: {ort_message(e)}")
+        return res
+    if ref_names != names:
+        res.failures.append(f"outputs changed from {ref_names} to {names}")
+        return res
+    if exact:
+        spread += _unoptimized(rewritten, "rewritten model", batches, level, False)
+    comparison = Comparison(roles or original, names, thresholds)
+    for i, (batch, ref, out) in enumerate(zip(batches, ref_all, new_all)):
+        res.feeds += 1
+        res.samples += batch.rows
+        comparison.add(ref, out, batch.labels, batch.rows)
+        for unoptimized, is_input in spread:
+            for s, r, o in zip(comparison.stats, ref if is_input else out, unoptimized[i]):
+                s.add_noise(r, o)
+    comparison.finish(res)
+    _judge(res, thresholds)
+    return res
+
+
+def _unoptimized(model: onnx.ModelProto, what: str, batches: Iterable[Any], level: Any,
+                 is_input: bool) -> list[tuple[list[Any], bool]]:
+    """The model's outputs with onnxruntime's optimizations off (its rounding spread), or none when it cannot run
+    so (the other model's spread, or EXACT_REL_TOL, applies)."""
+    try:
+        return [(_outputs(model, what, batches, level)[1], is_input)]
+    except Exception:
+        return []
 
 
 class Comparison:

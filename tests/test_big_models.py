@@ -1,13 +1,17 @@
 """Models over the 2 GB protobuf limit, without 2 GB files: ``graphopt.io.PROTOBUF_LIMIT`` is lowered to 100 kB so
-a model with a few 100 kB weights takes the big-model path everywhere (loaded and checked by path, sessions from
-files, saved with external data, its size counted without serializing). The ``limit`` fixture also makes the entry
+a model with a few 100 kB weights takes the big-model path everywhere (loaded and checked by path, its weights left
+in the input's file and read one at a time by the passes, sessions from files, saved with external data copied
+tensor by tensor, its size counted without serializing). The ``limit`` fixture also makes the entry
 points that would serialize a model whole (onnxruntime from bytes, ``onnx.checker`` and shape inference in memory)
 fail on such a model, as protobuf does on a real one: a code path that forgets the limit fails here too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +19,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from graphopt import io, tensor_data
+from graphopt import api, runtime, tensor_data, validate
+from graphopt import graph as gograph
+from graphopt import io
 from graphs import assert_one_line_error, make_model, node, rand
 
 LIMIT = 100_000
@@ -189,3 +195,92 @@ def test_normal_models_are_not_big():
     model = big_model()
     assert not io.is_big(model)
     assert io.model_size_bytes(model) == model.ByteSize()
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Every weight a pass reads from the input's files (graph.read_tensor), with how many weights read before it
+    were still in memory when it was read."""
+    log: list[tuple[str, int]] = []
+    alive: list[weakref.ref] = []
+    real = gograph.read_tensor
+
+    def counted(t):
+        log.append((t.name, sum(1 for r in alive if r() is not None)))
+        arr = real(t)
+        alive.append(weakref.ref(arr))
+        return arr
+
+    monkeypatch.setattr(gograph, "read_tensor", counted)
+    return log
+
+
+def _digest(folder: Path) -> dict[str, tuple[str, float]]:
+    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime) for p in folder.iterdir()}
+
+
+def test_a_big_model_is_held_without_its_weights(limit, big_path):
+    model = io.load_model(big_path)
+    held = [t for t in model.graph.initializer if tensor_data.file_location(t)]
+    assert sorted(t.name for t in held) == ["W1", "W2", "W3"]
+    assert all(not t.raw_data for t in held) and model.ByteSize() < 20_000
+    assert io.is_big(model) and io.model_size_bytes(model) > 3 * K * K * 4
+
+
+def test_fold_constants_reads_no_weight_and_writes_them_all(cli, limit, big_path, tmp_path, reads):
+    """The whole run (checks after the pass, validation, latency, saving) reads no weight into Python; the output's
+    data file holds every weight, byte for byte, without the input's files, which are left as they were."""
+    before = _digest(big_path.parent)
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir()
+    res = cli(big_path, out, "--pass", "fold-constants", "--latency-runs", "2")
+    assert res.code == 0, res.err
+    assert reads == []
+    assert _digest(big_path.parent) == before
+    assert (big_path.parent / "big.onnx.data").stat().st_nlink == 1    # the sessions' links are gone
+    feed = {"x": rand(1, K, seed=9)}
+    expected = outputs_of(big_path, feed)[0]
+    original = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(big_path).graph.initializer}
+    shutil.rmtree(big_path.parent)
+    assert_saved_external(out)
+    np.testing.assert_array_equal(outputs_of(out, feed)[0], expected)
+    for t in onnx.load(out).graph.initializer:
+        if t.name in original:
+            np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), original[t.name])
+
+
+def test_a_weight_read_from_its_file_cannot_be_edited_in_place(limit, big_path):
+    graph = gograph.import_graph(io.load_model(big_path))
+    w = graph.tensors()["W1"]
+    assert isinstance(w, gograph.FileConstant)
+    np.testing.assert_array_equal(w.values, rand(K, K, seed=1, lo=-0.08, hi=0.08))
+    with pytest.raises(ValueError, match="read-only"):
+        w.values[0, 0] = 1.0
+    w.values = np.zeros((K, K), np.float32)       # replacing the values is how a pass changes a weight
+    assert not np.any(w.values)
+
+
+def test_a_big_model_run_holds_one_session_at_a_time(cli, limit, big_path, tmp_path, monkeypatch):
+    """Every onnxruntime session of the run (input check, validation and its rounding spread, MAC counts, latency)
+    is dropped before the next one is made: the original and the result run one after the other."""
+    live = [0, 0]    # now, most at once
+
+    class Tracked:
+        def __init__(self, sess):
+            self.sess = sess
+            live[0] += 1
+            live[1] = max(live)
+
+        def __del__(self):
+            live[0] -= 1
+
+        def __getattr__(self, name):
+            return getattr(self.sess, name)
+
+    for module in (api, runtime, validate):
+        real = module.make_session
+        monkeypatch.setattr(module, "make_session", lambda *a, _real=real, **k: Tracked(_real(*a, **k)))
+    res = cli(big_path, tmp_path / "o.onnx", "--latency-runs", "2")
+    assert res.code == 0, res.err
+    assert "one model after the other" in res.out
+    assert live == [0, 1]
