@@ -668,7 +668,7 @@ def test_ratio_auto_prunes_as_far_as_the_targets_allow(cli, tmp_path):
     half with the one-sided margins, keeps the pipeline's targets; the held-out eval data then agrees."""
     out, rep = tmp_path / "auto.onnx", tmp_path / "r.json"
     res = cli(MODELS / "mnist_cnn.onnx", out, "--pass", "prune-channels:ratio=auto,objective=macs", "--calib-data",
-              MODELS / "mnist_calib.npz", "--calib-samples", "128", "--val-data", MODELS / "mnist_eval.npz",
+              MODELS / "mnist_calib.npz", "--calib-samples", "64", "--val-data", MODELS / "mnist_eval.npz",
               "--report", rep, "--latency-runs", "0")
     assert res.code == 0, res.err
     step = json.loads(rep.read_text())["passes"][-1]
