@@ -724,3 +724,19 @@ def test_silu_and_leaky_relu_run_integer_between_int8_layers(tmp_path):
                 for x in (m, out))
     cosine = float((ref * got).sum() / np.sqrt((ref * ref).sum() * (got * got).sum()))
     assert cosine >= 0.999 and rep.passes[-1]["counts"][UNITS_INT8] == 3
+
+
+def test_a_mul_by_a_float_ops_output_stays_float():
+    """Hard-swish written out, x·HardSigmoid(x): HardSigmoid has no integer kernel, so its output is not quantized
+    only to feed a QLinearMul (an extra rounding for no integer op saved); the Mul stays float."""
+    rng = np.random.default_rng(0)
+    m = parse_model("""g (float[N, 3, 16, 16] x) => (float[N, 8, 16, 16] y) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, w1)
+        h = HardSigmoid(c)
+        m = Mul(c, h)
+        y = Conv <pads = [1, 1, 1, 1]> (m, w2)
+    }""", w1=(rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32),
+        w2=(rng.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32))
+    out, _ = graphopt.optimize(m, [f"{Q},method=minmax"], calib_data=calib(), latency_runs=0)
+    quantized = {n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"}
+    assert {"x", "c", "m"} <= quantized and "h" not in quantized and "Mul" in ops(out)

@@ -13,7 +13,8 @@ MatMulInteger kernels.
     integer (its selectors: Sigmoid and LeakyRelu become QLinearSigmoid / QLinearLeakyRelu, a 256-entry lookup
     table of the fixed scales; Mul of two activations becomes QLinearMul), so SiLU = x·Sigmoid(x) after an int8
     layer stays int8 instead of a DequantizeLinear, two float ops and a QuantizeLinear; each with its own output
-    scale. objective=latency keeps them int8 only where the region measures faster;
+    scale; a Mul only where both its inputs already are quantized (x·HardSigmoid(x) keeps it float: the build).
+    objective=latency keeps them int8 only where the region measures faster;
   * a Gemm's or MatMul's output is quantized only where another planned op reads it (``plan_reads``): onnxruntime
     runs DequantizeLinear → Gemm/MatMul with a float output as QGemm / MatMulIntegerToFloat, integer all the same,
     so logits or a dense layer's output before a float bias Add or Softmax carry no rounding; a Conv needs its
