@@ -110,7 +110,9 @@ QUICK = ["ours:kl", "ort:entropy2048", "ours:minmax", "ours:percentile", "ort:mi
 TIME_PAIRS = [("ours:kl", "ort:entropy2048", "kl / entropy2048"),
               ("ours:kl-nofallback", "ort:entropy2048", "kl-nofallback / entropy2048"),
               ("ours:kl", "ort:entropy", "kl / entropy(128)"), ("ours:minmax", "ort:minmax", "minmax / minmax"),
-              ("ours:percentile", "ort:percentile", "pct / pct")]
+              ("ours:percentile", "ort:percentile", "pct / pct"),
+              # issue 24: the default (mse, objective=latency) and objective=size within 3x of MinMax
+              ("ours:mse", "ort:minmax", "mse / minmax"), ("ours:size", "ort:minmax", "size / minmax")]
 LATENCY = ["float", "ours:kl", "ours:percentile", "ours:mse", "ours:size", "ort:entropy2048", "ort:entropy", "ort:minmax",
            "ort:minmax@prefold", "ort:default"]
 # ours/theirs latency pairs shown; the target uses the first onnxruntime config of THEIRS_SAME_FILE that exists

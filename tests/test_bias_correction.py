@@ -234,6 +234,16 @@ def test_segments_run_an_unsorted_model_as_the_whole_model_does():
     assert np.allclose(got["c1"], whole[1], atol=1e-5) and np.allclose(got["y"], whole[0], atol=1e-5)
 
 
+def test_segments_run_on_one_thread():
+    """Each segment is a few layers run once per feed, hundreds of runs per build: its session has one intra-op
+    thread, since a pool's start and spin per run cost more CPU than the parallel work saves (PP-OCR cls: 0.9 s of
+    CPU per build with one thread, 11-19 s with the default two on a loaded 2-core machine)."""
+    from graphopt.calibration.bias_correction import _Segments
+    m, _ = _two_convs()
+    seg = _Segments(m, ["c1", "y"])
+    assert [sess.get_session_options().intra_op_num_threads for sess, *_ in seg.parts] == [1, 1]
+
+
 def test_a_model_the_mean_matching_cannot_run_keeps_the_weights_offsets(monkeypatch):
     """Where the layer-by-layer matching fails (a model onnxruntime cannot run cut in pieces), the pass still
     quantizes, with the weights' rounding offsets corrected, and says why."""

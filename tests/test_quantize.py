@@ -685,3 +685,58 @@ def test_quantize_a_model_with_a_0d_input(cli, tmp_path):
               "--force")   # a target int8 misses: the fallback runs, on one-row samples
     assert res.code in (0, 1) and "Traceback" not in res.err, res.err
     assert "left float: tensor" in res.out and out.exists()
+
+
+def _silu_net(scale: float = 1.0) -> onnx.ModelProto:
+    """Conv, SiLU (x·Sigmoid(x)), Conv, LeakyRelu, a Mul by a constant, GlobalAveragePool, Flatten, Gemm."""
+    rng = np.random.default_rng(0)
+    f = np.float32
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(f), "w1"),
+             numpy_helper.from_array((rng.standard_normal((8, 8, 3, 3)) * 0.2).astype(f), "w2"),
+             numpy_helper.from_array(np.full((1, 8, 1, 1), scale, f), "k"),
+             numpy_helper.from_array(rng.standard_normal((10, 8)).astype(f), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Sigmoid", ["c1"], ["s1"], name="sigmoid"),
+             helper.make_node("Mul", ["c1", "s1"], ["m1"], name="silu"),
+             helper.make_node("Conv", ["m1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+             helper.make_node("LeakyRelu", ["c2"], ["l2"], alpha=0.1, name="leaky"),
+             helper.make_node("Mul", ["l2", "k"], ["sc"], name="scale"),
+             helper.make_node("GlobalAveragePool", ["sc"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["fl"], name="flat"),
+             helper.make_node("Gemm", ["fl", "fc"], ["y"], transB=1, name="fc")]
+    return xy_model(nodes, inits, ["N", 3, 16, 16], ["N", 10])
+
+
+def test_silu_and_leaky_relu_run_integer_between_int8_layers(tmp_path):
+    """SiLU = x·Sigmoid(x) and LeakyRelu after an int8 Conv are quantized, so onnxruntime runs QLinearSigmoid,
+    QLinearMul and QLinearLeakyRelu (no float activation between the integer convolutions); a Mul by a constant
+    has no integer kernel and stays float. Stated bound: output cosine >= 0.999 against float."""
+    m = _silu_net()
+    out, rep = graphopt.optimize(m, [f"{Q},method=minmax"], calib_data=calib(), latency_runs=0)
+    onnx.checker.check_model(out)
+    kernels = ort_kernels(out, tmp_path)
+    for k in ("QLinearConv", "QLinearSigmoid", "QLinearMul", "QLinearLeakyRelu", "QGemm"):
+        assert k in kernels, kernels
+    assert "Sigmoid" not in kernels and "LeakyRelu" not in kernels and kernels.count("Mul") == 1
+    quantized = {n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"}
+    assert {"c1", "s1", "m1", "c2", "l2"} <= quantized and "sc" not in quantized
+    ref, got = (ort.InferenceSession(x.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, calib()[0])[0]
+                for x in (m, out))
+    cosine = float((ref * got).sum() / np.sqrt((ref * ref).sum() * (got * got).sum()))
+    assert cosine >= 0.999 and rep.passes[-1]["counts"][UNITS_INT8] == 3
+
+
+def test_a_mul_by_a_float_ops_output_stays_float():
+    """Hard-swish written out, x·HardSigmoid(x): HardSigmoid has no integer kernel, so its output is not quantized
+    only to feed a QLinearMul (an extra rounding for no integer op saved); the Mul stays float."""
+    rng = np.random.default_rng(0)
+    m = parse_model("""g (float[N, 3, 16, 16] x) => (float[N, 8, 16, 16] y) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, w1)
+        h = HardSigmoid(c)
+        m = Mul(c, h)
+        y = Conv <pads = [1, 1, 1, 1]> (m, w2)
+    }""", w1=(rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32),
+        w2=(rng.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32))
+    out, _ = graphopt.optimize(m, [f"{Q},method=minmax"], calib_data=calib(), latency_runs=0)
+    quantized = {n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"}
+    assert {"x", "c", "m"} <= quantized and "h" not in quantized and "Mul" in ops(out)

@@ -16,19 +16,20 @@ from graphs import assert_one_line_error, ops, parse_model, rand
 
 
 def tiny_chain(n: int = 8) -> onnx.ModelProto:
-    """n 8x8 MatMuls, each followed by a Sigmoid (no integer kernel): n one-layer int8 islands, each too small for
+    """n 8x8 MatMuls, each followed by a Tanh (no integer kernel): n one-layer int8 islands, each too small for
     int8's quantize step and kernel overhead to pay."""
-    body = [f"m{i} = MatMul({'x' if i == 0 else f's{i - 1}'}, w{i})\ns{i} = Sigmoid(m{i})" for i in range(n)]
+    body = [f"m{i} = MatMul({'x' if i == 0 else f's{i - 1}'}, w{i})\ns{i} = Tanh(m{i})" for i in range(n)]
     return parse_model("g (float[N, 8] x) => (float[N, 8] y) {\n" + "\n".join(body) + f"\ny = Identity(s{n - 1})\n}}",
                        **{f"w{i}": rand(8, 8, seed=i) for i in range(n)})
 
 
 def two_big_matmuls() -> onnx.ModelProto:
-    """Two weight-bound MatMuls (2.25 and 1.1 MB of float weights) separated by a Sigmoid: two int8 regions whose
-    int8 weights are a quarter of the bytes to stream, clearly faster."""
+    """Two weight-bound MatMuls (2.25 and 1.1 MB of float weights) separated by a Tanh (no integer kernel; a Sigmoid
+    runs QLinearSigmoid and would join them): two int8 regions whose int8 weights are a quarter of the bytes to
+    stream, clearly faster."""
     return parse_model("""g (float[N, 768] x) => (float[N, 384] y) {
         h = MatMul(x, w1)
-        s = Sigmoid(h)
+        s = Tanh(h)
         y = MatMul(s, w2)
     }""", w1=rand(768, 768, seed=1) * 0.03, w2=rand(768, 384, seed=2) * 0.03)
 

@@ -83,7 +83,9 @@ def calibrate(graph: gs.Graph, float_model: onnx.ModelProto, plan: Plan, options
         feed_names = {i.name for i in graph.inputs}
         fetch = [t for t in fanned if t not in feed_names]
         batches = with_inputs_observed(ctx.require_calib(pass_name), fanned, feed_names)
-        seen = collect(float_model, fetch, batches, fanned, max_samples=o.samples)
+        # one intra-op thread: the observers' numpy work runs between the runs, while a pool's threads spin
+        # (Magika, 256 samples: 2.6 s of CPU against 3.6 with the default pool, and no slower)
+        seen = collect(float_model, fetch, batches, fanned, max_samples=o.samples, threads=1)
     if loaded is not None:
         candidates = [("loaded", {t: tuple(loaded[t]) for t in wanted})]
         return Calibration(candidates, hessians, means, seen, len(wanted))  # type: ignore[arg-type]

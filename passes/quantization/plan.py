@@ -9,12 +9,18 @@ MatMulInteger kernels.
   * others: residual Add of two activations and Concat (inputs and output share one scale, so Concat needs no
     rescale); pooling and pass-through ops (MaxPool, AveragePool, GlobalAveragePool, Reshape, Transpose, Flatten,
     Squeeze, Unsqueeze, Resize), int8 when their input already is; pass-through outputs share their input's scale,
-    so onnxruntime drops the Q/DQ pair and moves int8 data;
+    so onnxruntime drops the Q/DQ pair and moves int8 data; the activations onnxruntime's QDQ transformer runs in
+    integer (its selectors: Sigmoid and LeakyRelu become QLinearSigmoid / QLinearLeakyRelu, a 256-entry lookup
+    table of the fixed scales; Mul of two activations becomes QLinearMul), so SiLU = x·Sigmoid(x) after an int8
+    layer stays int8 instead of a DequantizeLinear, two float ops and a QuantizeLinear; each with its own output
+    scale; a Mul only where both its inputs already are quantized (x·HardSigmoid(x) keeps it float: the build).
+    objective=latency keeps them int8 only where the region measures faster;
   * a Gemm's or MatMul's output is quantized only where another planned op reads it (``plan_reads``): onnxruntime
     runs DequantizeLinear → Gemm/MatMul with a float output as QGemm / MatMulIntegerToFloat, integer all the same,
     so logits or a dense layer's output before a float bias Add or Softmax carry no rounding; a Conv needs its
     output quantized to run QLinearConv;
-  * every other op (LayerNormalization, Softmax, Sigmoid, ...) stays float: it reads the DequantizeLinear output.
+  * every other op (LayerNormalization, Softmax, HardSigmoid, a Mul by a constant, ...) stays float: it reads the
+    DequantizeLinear output.
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ WEIGHTED = {"Conv", "Gemm", "MatMul"}
 FLOAT_OUTPUT = {"Gemm", "MatMul"}
 FUSABLE_ACTIVATIONS = {"Relu", "Clip"}
 SHARED_SCALE = {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize"}
-OWN_SCALE = {"AveragePool", "GlobalAveragePool"}
-OTHERS = {"Add", "Concat"} | SHARED_SCALE | OWN_SCALE
+OWN_SCALE = {"AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu"}
+BINARY = {"Add", "Mul"}         # of two activations: QLinearAdd, QLinearMul
+OTHERS = BINARY | {"Concat"} | SHARED_SCALE | OWN_SCALE
 
 
 @dataclass
@@ -133,11 +140,11 @@ def _unit(node: gs.Node, outputs: set[str], exclude: tuple[str, ...], declined: 
 
 
 def int8_data(node: gs.Node) -> list[gs.Tensor]:
-    """An Add's, Concat's or pass-through's data inputs if it can run int8 (every one a float activation; an Add of
-    two), else []."""
-    data = [t for t in (node.inputs if node.op in {"Add", "Concat"} else node.inputs[:1]) if not t.is_empty()]
+    """An Add's, Mul's, Concat's or other op's data inputs if it can run int8 (every one a float activation; an Add
+    or Mul of two), else []."""
+    data = [t for t in (node.inputs if node.op in BINARY | {"Concat"} else node.inputs[:1]) if not t.is_empty()]
     if not data or not all(is_float32(t) and not isinstance(t, gs.Constant) for t in data) or (
-            node.op == "Add" and len(data) != 2):
+            node.op in BINARY and len(data) != 2):
         return []
     return data
 
