@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 from graphopt.calibration.collector import collect
 from graphopt.calibration.gptq import MAX_SAMPLES, MIN_ROWS_PER_DIM, Fanout, HessianObserver
 from graphopt.calibration.readers import DataSource
-from graphopt.graph import export, is_std
+from graphopt.graph import describe, export, is_std
 
 from ..base import PassResult
 from ..quantization.calibrate import conv_geometry, with_inputs_observed
@@ -57,7 +57,7 @@ class Layer:
 
     @property
     def desc(self) -> str:
-        return f"{self.node.op} '{self.name}'"
+        return describe(self.node)
 
     @property
     def values(self) -> np.ndarray:
