@@ -46,6 +46,7 @@ class PruneChannels(Pass):
     summary = ("Structured pruning of output channels with dependency groups (residuals, Concat, depthwise, "
                "Flatten->Gemm); optional least-squares reconstruction from calibration data.")
     exact = False
+    prerequisites = ("fold-constants",)    # exporters (PaddleOCR's) keep weights in Constant nodes
     must_not_follow = {"quantize": "pruning edits float weights and channel counts; quantize after pruning"}
     Options = config.Options
 

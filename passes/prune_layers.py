@@ -43,6 +43,7 @@ class PruneLayers(Pass):
     name = "prune-layers"
     summary = "Remove whole residual blocks (y = x + f(x) -> y = x) by their measured effect; refit the next layers."
     exact = False
+    prerequisites = ("fold-constants",)    # exporters (PaddleOCR's) keep weights in Constant nodes
     must_not_follow = {"quantize": "refitting needs the float weights; remove layers first, then quantize"}
 
     @dataclass(frozen=True)
