@@ -70,9 +70,14 @@ def quantized_ops(graph: gs.Graph) -> list[str]:
     return sorted({n.op for n in graph.nodes if n.op in QUANTIZED_OPS})
 
 
+def node_name(node: gs.Node) -> str:
+    """The node's name, or its first output's when it has none (exporters leave many nodes unnamed)."""
+    return node.name or (node.outputs[0].name if node.outputs else "")
+
+
 def describe(node: gs.Node) -> str:
-    """``Op 'name'`` for reports (the first output's name when the node has none)."""
-    return f"{node.op} '{node.name or (node.outputs[0].name if node.outputs else '')}'"
+    """``Op 'name'`` for reports (``node_name``)."""
+    return f"{node.op} '{node_name(node)}'"
 
 
 # ---------------------------------------------------------------------------------------------- round trip

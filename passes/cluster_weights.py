@@ -17,13 +17,12 @@ or where the indices and codebook would not halve the weight's bytes (n + 4k > 2
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.graph import is_std
+from graphopt.graph import describe, is_std
 
 from .base import Pass, PassContext, PassResult, constant, register
 from .options import option, unmatched
@@ -77,7 +76,7 @@ class ClusterWeights(Pass):
                                ops={n.op for n in weighted}, what="Conv/Gemm/MatMul node")
         for n in weighted:
             if clustered(n):
-                res.decline(f"{n.op} '{n.name or n.outputs[0].name}'", "already clustered (a codebook Gather)")
+                res.decline(describe(n), "already clustered (a codebook Gather)")
         layers = [layer for layer in find_layers(graph, o.exclude, max(o.min_size, 1), _Quiet(res, weighted))
                   if self._pays(layer, k, res)]
         moments = Moments({}, set(), 0)
@@ -133,7 +132,7 @@ class _Quiet(PassResult):
     def __init__(self, res: PassResult, weighted: list[gs.Node]) -> None:
         super().__init__()
         self.res = res
-        self.skip = {f"{n.op} '{n.name or n.outputs[0].name}'" for n in weighted if clustered(n)}
+        self.skip = {describe(n) for n in weighted if clustered(n)}
 
     def decline(self, site: str, reason: str) -> None:
         if site not in self.skip:

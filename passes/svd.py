@@ -55,7 +55,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.calibration.collector import collect_tensors
 from graphopt.calibration.readers import DataSource
-from graphopt.graph import export, is_std
+from graphopt.graph import describe, export, is_std
 
 from .autosearch import no_targets, search
 from .base import Pass, PassContext, PassResult, register
@@ -214,7 +214,7 @@ class SVD(Pass):
         for node in graph.nodes:
             if not is_std(node, *WEIGHTED):
                 continue
-            where = f"{node.op} '{node.name or node.outputs[0].name}'"
+            where = describe(node)
             if node.name in self.options.exclude or node.op in self.options.exclude:
                 res.decline(where, "excluded by option")
             elif id(node) in chains:

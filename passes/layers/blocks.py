@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.graph import describe, is_std
+from graphopt.graph import describe, is_std, node_name
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
 
@@ -34,7 +34,7 @@ class Block:
 
     @property
     def name(self) -> str:
-        return self.add.name or self.add.outputs[0].name
+        return node_name(self.add)
 
     @property
     def desc(self) -> str:

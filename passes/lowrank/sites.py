@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.graph import describe, export, infer_model, tensor_shapes
+from graphopt.graph import describe, export, infer_model, node_name, tensor_shapes
 from graphopt.passes.base import constant
 
 FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -44,7 +44,7 @@ class WeightSite:
 
     @property
     def name(self) -> str:
-        return self.node.name or self.node.outputs[0].name
+        return node_name(self.node)
 
     @property
     def desc(self) -> str:

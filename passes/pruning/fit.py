@@ -19,7 +19,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.graph import is_std
+from graphopt.graph import is_std, node_name
 from graphopt.passes.base import constant
 
 from .edits import Names
@@ -174,7 +174,7 @@ class Fit:
             add.inputs[index] = constant(names.fresh(old.name), b.reshape(shape), dtype)
         elif b is not None:
             b_old = node.inputs[2] if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
-            base = b_old.name if b_old is not None else (node.name or node.outputs[0].name) + "_bias"
+            base = b_old.name if b_old is not None else node_name(node) + "_bias"
             c = constant(names.fresh(base), b, dtype)
             if len(node.inputs) > 2:
                 node.inputs[2] = c

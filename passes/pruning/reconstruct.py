@@ -23,7 +23,7 @@ from graphopt.calibration.readers import DataSource
 from graphopt.passes.base import PassContext, PassResult
 
 from graphopt.errors import one_line
-from graphopt.graph import export, import_graph
+from graphopt.graph import describe, export, import_graph
 from graphopt.runtime import make_session, run_with_outputs
 
 from .config import LAYERS_RECONSTRUCTED, Options
@@ -49,7 +49,7 @@ def reconstruct(graph: gs.Graph, ctx: PassContext, plan: Plan, before: onnx.Mode
     rng = np.random.default_rng(ctx.seed)
     refits: list[tuple[str, float, float, int, int]] = []
     for node, fit in tqdm(fits, unit="layer", desc="refitting", leave=False, disable=None):  # shown on a terminal
-        site = f"{node.op} '{node.name or node.outputs[0].name}'"
+        site = describe(node)
         if isinstance(fit, str):
             res.notes.append(f"reconstruction skipped {site}: {fit}")
             continue

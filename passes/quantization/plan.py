@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.graph import describe, is_float32, is_std
+from graphopt.graph import describe, is_float32, is_std, node_name
 
 WEIGHTED = {"Conv", "Gemm", "MatMul"}
 # Weighted ops whose integer kernels can write float (QGemm, MatMulIntegerToFloat): their output needs no QDQ
@@ -52,7 +52,7 @@ class Unit:
 
     @property
     def name(self) -> str:
-        return self.node.name or self.node.outputs[0].name
+        return node_name(self.node)
 
     @property
     def output(self) -> gs.Tensor:

@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 from graphopt.calibration.collector import collect
 from graphopt.calibration.gptq import MAX_SAMPLES, MIN_ROWS_PER_DIM, Fanout, HessianObserver
 from graphopt.calibration.readers import DataSource
-from graphopt.graph import describe, export, is_std
+from graphopt.graph import describe, export, is_std, node_name
 
 from ..base import PassResult
 from ..quantization.calibrate import conv_geometry, with_inputs_observed
@@ -53,7 +53,7 @@ class Layer:
 
     @property
     def name(self) -> str:
-        return self.node.name or self.node.outputs[0].name
+        return node_name(self.node)
 
     @property
     def desc(self) -> str:
@@ -98,7 +98,7 @@ def find_layers(graph: gs.Graph, exclude: tuple[str, ...], min_size: int, res: P
     for node in graph.nodes:
         if not is_std(node, *WEIGHTED) or len(node.inputs) < 2:
             continue
-        site = f"{node.op} '{node.name or node.outputs[0].name}'"
+        site = describe(node)
         w = node.inputs[1]
         reason = None
         if node.name in exclude or node.op in exclude:

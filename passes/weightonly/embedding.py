@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.graph import describe, is_std
+from graphopt.graph import describe, is_std, node_name
 from graphopt.passes.base import PassResult, constant
 from graphopt.passes.lowrank.sites import unique_name
 from graphopt.passes.quantization.weights import nearest_weights, weight_qparams
@@ -49,7 +49,7 @@ def quantize_embeddings(graph: gs.Graph, res: PassResult, exclude: tuple[str, ..
 def _rewrite(graph: gs.Graph, node: gs.Node, values: np.ndarray) -> None:
     scale, zp, axis = weight_qparams(values, 0, True, False)
     q = nearest_weights(values, scale, zp, axis)
-    name, base, out = node.inputs[0].name, node.name or node.outputs[0].name, node.outputs[0]
+    name, base, out = node.inputs[0].name, node_name(node), node.outputs[0]
     ids = node.inputs[1]
     rows_q, rows_f, rows_s = (gs.Variable(unique_name(graph, f"{out.name}_rows_{s}"), dtype=t)
                               for s, t in (("int8", np.int8), ("float", np.float32), ("scale", np.float32)))
