@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# One BLAS thread before numpy loads: OpenBLAS's spinning workers make the SVD/least-squares tests up to 5x slower
+# when the two cores are shared, and a fixed thread count keeps the floating-point reductions the same from run to run.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 from dataclasses import dataclass
 from pathlib import Path
 
