@@ -11,6 +11,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
+from graphopt.calibration.readers import IterableSource, model_inputs
 from graphopt.passes.base import PassContext
 from graphopt.passes.quantize import IN_SUBGRAPH
 from graphopt.passes.subgraphs import unique_names
@@ -107,6 +108,25 @@ def test_quantize_weights_in_branches():
     assert records[-1].result.counts["weights quantized"] == 2
     check(model, out, IF_FEEDS, rtol=0.03)
     rerun_is_noop(out, [("quantize-weights", {"bits": 8, "block-size": 16})])
+
+
+@pytest.mark.parametrize("make, feed", [(if_matmul_model, {"x": rand(64, 8, seed=9), "b": np.array(True)}),
+                                        (loop_lstm_model, LOOP_FEEDS[0])])
+def test_quantize_weights_gptq_observes_what_calibration_can_see(make, feed):
+    """A branch's MatMul reading the top-level x gets GPTQ from x's moments; the Loop body's MatMul reads the
+    loop-carried state, which calibration cannot observe: rounded to nearest, with a note."""
+    model = make()
+    opts = {"bits": 8, "block-size": 16, "method": "gptq"}
+    ctx = PassContext(original=model, calib=IterableSource([feed], model_inputs(model)))
+    out, records = run_pipeline(model, [make_spec("quantize-weights", opts)], ctx)
+    res = records[-1].result
+    hidden = [n for n in res.notes if "calibration cannot observe" in n]
+    assert res.counts["weights quantized"] == (2 if make is if_matmul_model else 1)
+    assert [r["output_error"] is not None for r in res.layers] == [make is if_matmul_model] * len(res.layers)
+    assert hidden == ([] if make is if_matmul_model else
+                      ["1 weights inside If/Loop/Scan bodies read an input computed there, which calibration cannot "
+                       "observe (onnxruntime exposes no subgraph value as an output): rounded to nearest"])
+    check(model, out, [feed], rtol=0.03)
 
 
 def test_quantize_says_per_subgraph_why_it_stays_float():
