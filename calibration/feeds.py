@@ -151,6 +151,11 @@ def show_shape(shape: Sequence[Dim] | None) -> str:
 
 
 def first_row_feed(feed: dict[str, Any]) -> dict[str, Any]:
-    """Each array cut to its first row (0-d values as they are): a one-sample feed, for a probe run."""
+    """Each array cut to its first row (0-d values as they are): a one-sample feed, for a probe run. Where the
+    arrays disagree on their first dimension it is not a batch axis for all of them (a recurrent state [2, 1, 128]
+    beside audio [1, 576]): the feed is returned whole, a valid input where a cut one would not be."""
+    leading = {v.shape[0] for v in feed.values() if getattr(v, "ndim", 0)}
+    if len(leading) > 1:
+        return dict(feed)
     return {k: v[:1] if getattr(v, "ndim", 0) else v for k, v in feed.items()}
 

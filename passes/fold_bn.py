@@ -22,7 +22,7 @@ Declined, with the reason, graph untouched: the producer's output has other cons
 weight is not an initializer (e.g. a Constant node output: run fold-constants first) or is shared with another node
 (when it would change); a BN parameter, the bias or the Mul/Add operand is not a constant; a training-mode BN (more
 than one output, ``training_mode=1``) or ``spatial=0``; ``σ²+ε <= 0``; results that overflow the weight's dtype.
-Exact (up to float rounding). New tensors are named after the old ones (``conv1.weight`` -> ``conv1.weight_fold``).
+Sites inside If/Loop/Scan bodies are folded there. Exact (up to float rounding). New tensors are named after the old ones (``conv1.weight`` -> ``conv1.weight_fold``).
 Sites are folded to a fixed point (a Mul folded into a Conv makes the BN after it a site); the result counts each
 fold under ``folded_key(op, into)`` ("BatchNormalization folded into Conv").
 """
@@ -39,6 +39,7 @@ from graphopt.graph import const_value, describe, infer_shapes, is_std
 
 from .base import Pass, PassContext, PassResult, constant, register
 from .options import option
+from .subgraphs import graphs, unique_names
 
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 CONV_LIKE = ("Conv", "ConvTranspose")
@@ -101,10 +102,20 @@ class FoldBatchNorm(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         res = PassResult()
-        if any(is_std(n, "BatchNormalization", "Mul", "Add") and _unknown_rank2_site(n) for n in graph.nodes):
+        if any(is_std(n, "BatchNormalization", "Mul", "Add") and _unknown_rank2_site(n)
+               for g in graphs(graph) for n in g.nodes):
             infer_shapes(graph, ctx.original)    # whether a Gemm/MatMul output is rank 2 decides if it can take the fold
-        scope = _Scope(graph, {t.name for t in graph.outputs}, set(graph.tensors()))
+        scopes = graphs(graph)    # the model and its If/Loop/Scan bodies (``subgraphs``): folded where they are
         pending: dict[str, str] = {}   # site -> latest decline reason; a later success (fixed point) clears it
+        for g in scopes:
+            self._fold_in(g, res, pending)
+        unique_names(graph)
+        for site, reason in pending.items():
+            res.decline(site, reason)
+        return res
+
+    def _fold_in(self, graph: gs.Graph, res: PassResult, pending: dict[str, str]) -> None:
+        scope = _Scope(graph, {t.name for t in graph.outputs}, set(graph.tensors()))
         progress = True
         while progress:
             progress = False
@@ -128,9 +139,6 @@ class FoldBatchNorm(Pass):
                     res.changed = progress = True
                     res.count(folded_key(n.op, was))
                     res.layers.append({"node": site, "into": describe(into), "was": was})
-        for site, reason in pending.items():
-            res.decline(site, reason)
-        return res
 
 
 # ----------------------------------------------------------------------------------------------------- matching

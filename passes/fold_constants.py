@@ -37,6 +37,7 @@ from graphopt.runtime import session_for, session_options
 
 from .base import Pass, PassContext, PassResult, as_values, register
 from .inline_if import IF_INLINED, inline_constant_ifs
+from .subgraphs import graphs, unique_names
 
 NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
                     "Bernoulli", "Dropout"}
@@ -102,8 +103,9 @@ class FoldConstants(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         res = PassResult()
         while True:   # an inlined branch brings Constant nodes and foldable nodes (and Ifs) of its own
-            lower_constant_nodes(graph, res)
-            self._fold(graph, res)
+            for g in graphs(graph):     # the model, then the If/Loop/Scan bodies that stay (``subgraphs``)
+                lower_constant_nodes(g, res)
+                self._fold(graph, g, res)
             inlined, declined = inline_constant_ifs(graph)
             if not inlined:
                 break
@@ -111,13 +113,17 @@ class FoldConstants(Pass):
             res.changed = True
         for site, reason in declined:
             res.decline(site, reason)
+        if unique_names(graph):    # no new names here: only a clash the input had (an outer name reused inside)
+            res.changed = True
         unique = {(d["site"], d["reason"]): d for d in res.declined}   # a later round declines the same sites again
         res.declined = list(unique.values())
         return res
 
-    def _fold(self, graph: gs.Graph, res: PassResult) -> None:
+    def _fold(self, root: gs.Graph, graph: gs.Graph, res: PassResult) -> None:
+        """Fold in ``graph``, the model (``root``) or one of its subgraphs: there the constants include the outer
+        scopes' ones it reads, and a node is folded where it is (a loop-invariant one in a Loop body)."""
         graph.toposort()
-        inputs = {t.name for t in graph.inputs}
+        inputs = {t.name for t in (*graph.inputs, *root.inputs)}
         outputs = {t.name for t in graph.outputs}
         known: set[str] = {name for name, t in graph.tensors().items()
                            if isinstance(t, gs.Constant) and name not in inputs}
@@ -139,7 +145,7 @@ class FoldConstants(Pass):
             known.update(o.name for o in node.outputs)
         if not candidates:
             return
-        values = self._evaluate(graph, candidates, res)
+        values = self._evaluate(root, graph, candidates, res)
         if values is None:
             return
         folded = set(map(id, candidates))
@@ -187,9 +193,11 @@ class FoldConstants(Pass):
         return None
 
     @staticmethod
-    def _evaluate(graph: gs.Graph, candidates: list[gs.Node], res: PassResult) -> dict[str, Any] | None:
+    def _evaluate(root: gs.Graph, graph: gs.Graph, candidates: list[gs.Node], res: PassResult
+                  ) -> dict[str, Any] | None:
         names = list(dict.fromkeys(o.name for n in candidates for o in n.outputs if not o.is_empty()))
-        clone = graph.copy()
+        clone = graph.copy()     # a subgraph's copy holds copies of the outer constants it reads: a model of its own
+        clone.opset, clone.import_domains = root.opset, root.import_domains
         tensors = clone.tensors()
         clone.inputs = []
         clone.outputs = [tensors[n] for n in names]

@@ -21,30 +21,15 @@ that is not one element.
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.graph import const_value, describe, is_std
 
+from .subgraphs import subgraphs, walk
+
 IF_INLINED = "If nodes inlined"
 SUFFIX = "__inlined"
-
-
-def subgraphs(node: gs.Node) -> list[gs.Graph]:
-    """The node's subgraph attributes (If branches, Loop/Scan bodies)."""
-    return [v for v in node.attrs.values() if isinstance(v, gs.Graph)]
-
-
-def walk(graph: gs.Graph, skip: gs.Graph | None = None) -> Iterator[gs.Graph]:
-    """``graph`` and its nested subgraphs, depth first, leaving out ``skip`` and what it holds."""
-    if graph is skip:
-        return
-    yield graph
-    for node in graph.nodes:
-        for sub in subgraphs(node):
-            yield from walk(sub, skip)
 
 
 def inline_constant_ifs(root: gs.Graph) -> tuple[int, list[tuple[str, str]]]:

@@ -23,6 +23,7 @@ What the pass does, in order (each step's module says how, with the math):
     input after the exact passes). objective=size: int8 wherever the targets hold;
   * report (``report``): the layers that run float and why (fidelity or speed), the tensors left float with their
     sensitivity, the measured latency of the choice against all int8 and all float.
+Subgraphs (If branches that stay, Loop/Scan bodies) stay float, one report row each saying so (``subgraphs``).
 Declined: models already quantized (QDQ, QLinear*, *Integer ops); opset < 10 that cannot be converted.
 """
 
@@ -51,8 +52,13 @@ from .quantization.latency import Choice, choose, timing_feed
 from .quantization.plan import WEIGHTED, Plan, make_plan
 from .quantization.report import NO_UNITS, Setup, Trial, Upgrade, declined, kept_float, opset_declined, report
 from .quantization.samples import refit_feeds
+from .subgraphs import subgraph_rows
 
 DEFAULT_BINS = 2048
+RECURRENT = ("LSTM", "GRU", "RNN")
+IN_SUBGRAPH = ("float: inside an If/Loop/Scan body, where int8 QDQ would need activation ranges that onnxruntime "
+               "cannot give (it exposes no subgraph value as an output); quantize-dynamic and quantize-weights, "
+               "run before quantize, make these weights int8")
 
 
 @register
@@ -138,6 +144,7 @@ class Quantize(Pass):
                           ops={n.op for n in graph.nodes})
         res = self._quantize(graph, ctx, self.searched(ctx))
         res.notes[:0] = notes
+        res.layers += subgraph_rows(graph, (*WEIGHTED, *RECURRENT), IN_SUBGRAPH)
         return res
 
     def _quantize(self, graph: gs.Graph, ctx: PassContext, o: Any) -> PassResult:

@@ -10,6 +10,7 @@
   * Gather of a large float32 embedding table (``weightonly.embedding``): int8 rows with a scale per row;
   * Conv is left float: onnxruntime's ConvInteger measured 10x slower than float Conv here (a note says so); GRU
     has no integer kernel in onnxruntime.
+Sites inside If/Loop/Scan bodies (a weight of the body or of an outer scope; ``subgraphs``) are rewritten there.
 Lossy: validated by the pipeline's targets on --val-data (or on seeded random inputs, with a warning). Declined:
 what ``weightonly.sites`` declines; LSTM with layout=1 or non-constant weights. A second run finds no float weight.
 """
@@ -29,6 +30,7 @@ from graphopt.passes.options import option, unmatched
 
 from .quantization.cpu import reduce_range_auto
 from .quantization.weights import nearest_weights, weight_qparams
+from .subgraphs import graphs, unique_names
 from .weightonly.embedding import quantize_embeddings
 from .weightonly.emit import dynamic_nodes
 from .weightonly.sites import SITE_OPS, find_sites, replace
@@ -60,10 +62,26 @@ class QuantizeDynamic(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options
         res = PassResult()
-        names = [n.name for n in graph.nodes if n.op in (*SITE_OPS, "LSTM", "Gather")]
-        res.notes += unmatched(self.name, "exclude", o.exclude, names, ops={n.op for n in graph.nodes},
+        scopes = graphs(graph)    # the model and its If/Loop/Scan bodies: weights used there are quantized there
+        nodes = [n for g in scopes for n in g.nodes]
+        names = [n.name for n in nodes if n.op in (*SITE_OPS, "LSTM", "Gather")]
+        res.notes += unmatched(self.name, "exclude", o.exclude, names, ops={n.op for n in nodes},
                                what="MatMul/Gemm/LSTM/Gather node")
         reduce = reduce_range_auto() if o.reduce_range == "auto" else o.reduce_range == "true"
+        for g in scopes:
+            self._quantize(g, res, reduce)
+        unique_names(graph)
+        if any(is_std(n, "Conv") and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant) for n in nodes):
+            res.notes.append(CONV_NOTE)
+        res.notes.insert(0, f"int8 weights ({'per channel' if o.per_channel else 'per tensor'}"
+                            f"{', 7-bit' if reduce else ''}), uint8 activations quantized at run time: "
+                            f"{res.counts.get(QUANTIZED, 0):.0f} MatMul/Gemm, {res.counts.get(LSTMS, 0):.0f} LSTM, "
+                            f"{res.counts.get(EMBEDDINGS, 0):.0f} embedding tables")
+        return res
+
+    def _quantize(self, graph: gs.Graph, res: PassResult, reduce: bool) -> None:
+        """The sites of one graph (the model or a subgraph): new nodes go into it, activations quantized there."""
+        o = self.options
         shared: dict[tuple, list[gs.Tensor]] = {}
         quantized_x: dict[str, list[gs.Variable]] = {}
         for s in find_sites(graph, res, o.exclude):
@@ -87,13 +105,6 @@ class QuantizeDynamic(Pass):
         if o.embeddings:
             res.count(EMBEDDINGS, quantize_embeddings(graph, res, o.exclude))
             res.changed = res.changed or res.counts[EMBEDDINGS] > 0
-        if any(is_std(n, "Conv") and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant) for n in graph.nodes):
-            res.notes.append(CONV_NOTE)
-        res.notes.insert(0, f"int8 weights ({'per channel' if o.per_channel else 'per tensor'}"
-                            f"{', 7-bit' if reduce else ''}), uint8 activations quantized at run time: "
-                            f"{res.counts.get(QUANTIZED, 0):.0f} MatMul/Gemm, {res.counts.get(LSTMS, 0):.0f} LSTM, "
-                            f"{res.counts.get(EMBEDDINGS, 0):.0f} embedding tables")
-        return res
 
 
 def _lstm(graph: gs.Graph, node: gs.Node, per_channel: bool, reduce: bool) -> str | None:

@@ -13,8 +13,9 @@ handled), one weight at a time (``weightonly.blockwise`` has the math):
     kernel, measured 2.5x faster than levels 0-2 on Zen 4 — levels 0-2 run slower than float — see
     docs/quantize-weights.md); format=qdq: int4/uint4 (int8/uint8) blockwise DequantizeLinear → MatMul (opset 21;
     a model below opset 21 is declined, and a weight whose K is not a multiple of the block, with the reason).
-Declined: sites as ``weightonly.sites`` says; weights already quantized are no longer float constants, so a second
-run changes nothing.
+Sites inside If/Loop/Scan bodies are rewritten there (gptq/awq need the input observed: one the body computes
+is not, and its weights are rounded to nearest, with a note). Declined: sites as ``weightonly.sites`` says; weights
+already quantized are no longer float constants, so a second run changes nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from graphopt.passes.base import Pass, PassContext, PassResult, constant, regist
 from graphopt.passes.lowrank.sites import unique_name
 from graphopt.passes.options import option, unmatched
 
+from .subgraphs import graphs, unique_names
 from .weightonly import awq
 from .weightonly.blockwise import BlockQuant, output_error, quantize_gptq, quantize_rtn
 from .weightonly.emit import nbits_nodes, qdq_nodes
@@ -88,34 +90,44 @@ class QuantizeWeights(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options
         res = PassResult()
-        weighted = [n for n in graph.nodes if n.op in SITE_OPS]
+        scopes = graphs(graph)     # the model and its If/Loop/Scan bodies (``subgraphs``)
+        weighted = [n for g in scopes for n in g.nodes if n.op in SITE_OPS]
         res.notes += unmatched(self.name, "exclude", o.exclude, [n.name for n in weighted],
                                ops={n.op for n in weighted}, what="MatMul/Gemm node")
-        sites = [s for s in find_sites(graph, res, o.exclude) if self._block_fits(s, res)]
+        sites = [(g, s) for g in scopes for s in find_sites(g, res, o.exclude) if self._block_fits(s, res)]
+        top = {id(t) for t in graph.tensors().values()}   # calibration observes the model's own tensors only
         moments: dict[str, Any] = {}
         if sites and o.method != "rtn":
-            moments, seen = input_moments(export(graph, ctx.original), sites, ctx.require_calib(self.name),
-                                          o.samples)
+            moments, seen = input_moments(export(graph, ctx.original), [s for _, s in sites if id(s.x) in top],
+                                          ctx.require_calib(self.name), o.samples)
             res.counts[CALIBRATION_SAMPLES] = seen
-        groups: dict[str, list[WeightSite]] = {}
-        for s in sites:
-            groups.setdefault(s.x.name, []).append(s)
-        shared: dict[tuple, list[gs.Tensor]] = {}
-        for name, group in groups.items():
-            obs = moments.get(name)
+            hidden = sum(1 for _, s in sites if id(s.x) not in top)
+            if hidden:
+                res.notes.append(f"{hidden} weights inside If/Loop/Scan bodies read an input computed there, which "
+                                 "calibration cannot observe (onnxruntime exposes no subgraph value as an output): "
+                                 "rounded to nearest")
+        groups: dict[tuple[int, str], list[WeightSite]] = {}
+        for g, s in sites:
+            groups.setdefault((id(g), s.x.name), []).append(s)
+        where = {id(g): g for g in scopes}
+        shared_in: dict[int, dict[tuple, list[gs.Tensor]]] = {}
+        for (gid, name), group in groups.items():
+            g, shared = where[gid], shared_in.setdefault(gid, {})
+            obs = moments.get(name) if id(group[0].x) in top else None
             # H from fewer input rows than 8 per dimension fits those rows, not other data (calibration.gptq)
             h = obs.h[0] if obs is not None and obs.enough_rows() else None
             if o.method != "rtn" and h is None and obs is not None:
                 res.notes.append(f"'{name}': too few calibration rows for its {group[0].weight().shape[0]} "
                                  "input channels; rounded to nearest")
             if o.method == "awq" and h is not None:
-                self._awq(graph, group, h, obs.rows, shared, res)
+                self._awq(g, group, h, obs.rows, shared, res)
                 continue
             for s in group:
                 w = s.weight()
                 bq = quantize_gptq(w, h, o.bits, o.block_size, o.symmetric) if h is not None and o.method == "gptq" \
                     else quantize_rtn(w, o.bits, o.block_size, o.symmetric)
-                self._emit(graph, s, w, bq, h, shared, res)
+                self._emit(g, s, w, bq, h, shared, res)
+        unique_names(graph)
         res.notes.insert(0, f"bits={o.bits}, block-size={o.block_size}, {'symmetric' if o.symmetric else 'asymmetric'}"
                             f", method={o.method}, format={o.format}"
                             + (f" (accuracy_level {o.accuracy_level})" if o.format == "nbits" else "")

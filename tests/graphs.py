@@ -396,3 +396,42 @@ def two_layer_mlp(k: int = 32, hidden: int = 32, *, shared: bool = False, bias: 
     if shared:
         nodes.append(node("MatMul", ["r", "w2"], ["y2"], "fc2b"))
     return make_model(nodes, [("x", ["N", k])], ["y", "y2"] if shared else ["y"], inits)
+
+
+# ------------------------------------------------------------------------------- models with subgraphs (If, Loop)
+
+
+def _literal(a: np.ndarray) -> str:
+    """An onnx.parser tensor literal of a float32 array: ``float[4, 8] {...}``."""
+    return f"float[{', '.join(map(str, a.shape))}] {{{', '.join(repr(float(v)) for v in a.reshape(-1))}}}"
+
+
+def if_matmul_model(shared: bool = False) -> onnx.ModelProto:
+    """y = If(b), b a graph input (a condition computed at run time): then y = MatMul(x, wa)·s, wa an outer-scope
+    weight, s a per-column constant; else y = MatMul(x, Transpose(c)), c a Constant node of the branch. Beside it a
+    top-level tensor named 'wa_int8' (the name quantize-dynamic gives wa's int8 copy). ``shared``: the else branch
+    reads wa instead (one weight in two branches)."""
+    other = "e = MatMul(x, wa)" if shared else \
+        f"c = Constant <value = {_literal(rand(4, 8, seed=3))}> ()  ct = Transpose(c)  e = MatMul(x, ct)"
+    return parse_model(f"""
+    agraph (float[N, 8] x, bool b) => (float[N, 4] y, float[N, 8] wa_int8) {{
+        wa_int8 = Relu(x)
+        y = If (b) <then_branch = g1 () => (float[N, 4] t) {{ m = MatMul(x, wa)  t = Mul(m, s) }},
+                    else_branch = g2 () => (float[N, 4] e) {{ {other} }}>
+    }}""", wa=rand(8, 4, seed=1), s=rand(4, seed=2, lo=0.5, hi=2.0))
+
+
+def loop_lstm_model() -> onnx.ModelProto:
+    """h = Loop(n, h0), a decoder step: h <- Squeeze(LSTM(MatMul(h, Transpose(w)), wl, rl).Y) with w, wl, rl
+    outer-scope weights (the Transpose is loop-invariant)."""
+    return parse_model("""
+    agraph (float[1, 1, 8] h0, int64 n) => (float[1, 1, 8] h) {
+        t = Constant <value = bool {1}> ()
+        h = Loop (n, t, h0) <body = step (int64 i, bool cin, float[1, 1, 8] hin) => (bool cout, float[1, 1, 8] hout) {
+            cout = Identity(cin)
+            wt = Transpose(w)
+            p = MatMul(hin, wt)
+            y, yh, yc = LSTM <hidden_size = 8> (p, wl, rl)
+            hout = Squeeze(y, one) }>
+    }""", w=rand(8, 8, seed=4), wl=rand(1, 32, 8, seed=5), rl=rand(1, 32, 8, seed=6),
+        one=np.array([1], np.int64))

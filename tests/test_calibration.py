@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from graphopt.calibration.feeds import first_row_feed
 from graphopt.calibration.observers import HistogramObserver, MinMaxObserver
 from graphopt.calibration.qparams import dequantize, qparams, qrange, quantize
 from graphopt.calibration.ranges import compute_range, kl_threshold_bin, percentile_range
@@ -261,3 +262,12 @@ def test_mse_range_is_near_the_best_clip_on_the_raw_values(kind):
 
     best = min(error(max(x.min(), -t), min(x.max(), t)) for t in np.linspace(0.05, np.abs(x).max(), 400))
     assert error(*compute_range(obs, "mse")) <= 1.05 * best
+
+
+def test_first_row_feed_keeps_a_feed_whose_first_dims_disagree():
+    """Silero VAD's state [2, 1, 128] beside its audio [1, 576]: axis 0 is no batch axis for the state, so the probe
+    feed stays whole (cutting it made quantize's fallback crash with exit 3); a batch is cut, 0-d values kept."""
+    vad = {"input": np.zeros((1, 576), np.float32), "state": np.zeros((2, 1, 128), np.float32)}
+    assert {k: v.shape for k, v in first_row_feed(vad).items()} == {"input": (1, 576), "state": (2, 1, 128)}
+    batch = {"x": np.zeros((4, 3), np.float32), "m": np.zeros((4, 7), np.int64), "flag": np.array(True)}
+    assert {k: v.shape for k, v in first_row_feed(batch).items()} == {"x": (1, 3), "m": (1, 7), "flag": ()}
