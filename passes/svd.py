@@ -37,11 +37,8 @@ activations instead of the weight error (``lowrank``: the SVD of S·W, SᵀS the
 directions the calibration data never excites; measured flat from 0.001 to 0.01 (benchmarks/results/svd.md). In
 this mode energy and max-error refer to the singular values of S·W, i.e. to the (regularized) output error on the
 calibration data. The second moments of all sites come from one streamed run over the calibration data.
-Big models (over 2 GB, weights in the input's files): each site reads its weight when it is factorized and drops it
-before the next (``lowrank.sites``), so the pass holds one weight and its factors at a time; the SVD is the Gram
-eigen-decomposition of ``lowrank.factor`` (1024x16384: 0.55 s against 6.1 s for a full SVD). data-aware and
-rank=auto are refused there (they hold every layer's input moment at once), and the report's calibration output
-errors are not measured.
+Over 2 GB (docs/big-models.md) each site reads its weight when factorized (``lowrank.sites``): one weight at a time;
+the report's calibration output errors are not measured there (every layer's input moment would be held at once).
 
 Report: a layers row per candidate layer (name, op, shape K×N, rank, params and MACs before/after — MACs at batch
 1 from shape inference, per output vector when shapes are unknown — relative weight error, and with calibration
@@ -163,9 +160,7 @@ class SVD(Pass):
         sites, convs = self._sites(graph, res)
         rows = rows_per_run(graph, ctx.original, [s.node for s in [*sites, *convs]])
         moments: dict[int, np.ndarray] = {}
-        # Over 2 GB the report's output errors are left out: every layer's input moment would be held at once
-        # (data-aware=true is refused there: graphopt.pipeline.BIG_MODEL_REFUSED).
-        big = io.is_big(ctx.original)
+        big = io.is_big(ctx.original)     # data-aware=true is refused there (pipeline.BIG_MODEL_REFUSED)
         if (sites or convs) and (o.data_aware or (ctx.calib is not None and not big)):
             calib = ctx.require_calib(self.name) if o.data_aware else ctx.calib
             moments = self._observe(graph, ctx, sites, convs, calib, res)
