@@ -11,7 +11,9 @@ computed by a small constant subgraph (``Constant + Add``, for fold-constants). 
 time, not fidelity: their spectra are flat, so ``svd`` at a small rank loses most of the output (measure it with
 ``--no-gate``). The weights are written one at a time (64 KiB-aligned, as graphopt writes them), so building the
 model needs one tensor's memory. Peak RSS is ``Maximum resident set size`` of ``/usr/bin/time -v``: the whole
-process (interpreter, imports, onnxruntime sessions, page-cache pages it maps).
+process (interpreter, imports, onnxruntime sessions, page-cache pages it maps). Measured runs (one at a time, each
+holds ~2.5 GB): ``--pass fold-constants``, ``--pass quantize-dynamic``, ``--pass quantize-weights``, ``--pass
+svd:rank=32 --no-gate`` (benchmarks/results/bigmodel.md).
 """
 
 from __future__ import annotations

@@ -8,16 +8,22 @@ over the protobuf limit, which are held in memory with their weights left in the
   copy that is dropped.
 * ``copy_tensor``: a tensor's bytes appended to an open output file, file to file in the kernel
   (``os.copy_file_range``; in chunks where that is unavailable): writing an output costs no memory.
+* ``Spill``: a data file of the run's own, in a temporary folder removed when the process exits, for the weights the
+  passes make on a big model: each is written there and then held like an input weight (``file_tensor``), so the
+  rewritten model holds no weight in memory either (``graph.hold_in_file``).
 * ``Linker``: a folder's view of the source files, for onnxruntime and ``onnx.checker``, which refuse absolute,
   ``..`` and symlinked locations: each source file is hard-linked into the folder (copied when the link fails,
   e.g. across file systems), and the written model refers to it there at the same offsets.
-Memory: reading a tensor takes its size; copying and linking take none (the page cache is not the process's).
+Memory: reading a tensor takes its size; copying and linking take none (the page cache is not the process's);
+spilling a tensor takes the one tensor's bytes while it is written.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
@@ -25,7 +31,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError
-from .tensor_data import external_span, file_location
+from .tensor_data import DataFile, data_bytes, external_span, file_location
 
 CHUNK = 1 << 24     # bytes per read/write when os.copy_file_range is unavailable
 
@@ -96,6 +102,36 @@ def copy_tensor(t: onnx.TensorProto, out: BinaryIO) -> None:
                     raise InputError(f"tensor '{t.name}': '{path}' ended before its {length} bytes")
                 out.write(chunk)
                 done += len(chunk)
+
+
+class Spill:
+    """Tensors written one after the other to ``made.data`` in a temporary folder (made at the first tensor; the
+    file closed and the folder removed when the process exits, since models refer to it until they are saved).
+    ``file_tensor`` returns the tensor as a file-held one: dims and type, its span, no data."""
+
+    def __init__(self) -> None:
+        self.data: DataFile | None = None
+
+    def file_tensor(self, t: onnx.TensorProto) -> onnx.TensorProto:
+        if self.data is None:
+            folder = Path(tempfile.mkdtemp(prefix="graphopt-made-"))
+            f = open(folder / "made.data", "wb")
+            atexit.register(_remove, f, folder)
+            self.data = DataFile(f, str(folder / "made.data"))
+        assert self.data.f is not None
+        offset, length = self.data.place(t, data_bytes(t))
+        self.data.f.flush()          # read back by path (read_tensor, sessions) from now on
+        held = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, doc_string=t.doc_string,
+                                data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", self.data.location), ("offset", str(offset)), ("length", str(length))):
+            entry = held.external_data.add()
+            entry.key, entry.value = key, value
+        return held
+
+
+def _remove(f: BinaryIO, folder: Path) -> None:
+    f.close()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 class Linker:

@@ -24,12 +24,13 @@ from typing import Any, Iterable
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from . import __version__, io
 from .errors import InputError, one_line
-from .external_data import read_tensor
-from .tensor_data import data_bytes, file_location
+from .external_data import Spill, read_tensor
+from .tensor_data import EXTERNAL_MIN_BYTES, data_bytes, file_location
 
 STANDARD = ("", "ai.onnx", None)   # the default domain, as onnx and onnx-graphsurgeon spell it
 MS_DOMAIN = "com.microsoft"
@@ -256,6 +257,31 @@ def _read_on_demand(graph: gs.Graph) -> None:
                 _read_on_demand(v)
             else:
                 held(v)
+
+
+def hold_in_file(graph: gs.Graph, spill: Spill) -> int:
+    """Write the graph's in-memory constants of ``EXTERNAL_MIN_BYTES`` or more (on a big model: the weights a pass
+    made) to ``spill`` one at a time, as onnx-graphsurgeon would export them, and make them ``FileConstant``s read
+    from there when asked; the number written. The graph, and every model exported from it, then holds no weight in
+    memory."""
+    done = 0
+    for t in graph.tensors().values():
+        if not isinstance(t, gs.Constant) or isinstance(t._values, FileValues):
+            continue
+        lazy = isinstance(t._values, LazyValues)
+        if lazy and (not isinstance(t._values.tensor, onnx.TensorProto) or file_location(t._values.tensor)):
+            continue
+        size = data_bytes(t._values.tensor) if lazy else getattr(t._values, "nbytes", 0)
+        if size < EXTERNAL_MIN_BYTES:
+            continue
+        t._values = FileValues(spill.file_tensor(OnnxExporter.export_tensor_proto(t)))
+        t.__class__ = FileConstant
+        done += 1
+    for node in graph.nodes:
+        for v in node.attrs.values():
+            if isinstance(v, gs.Graph):
+                done += hold_in_file(v, spill)
+    return done
 
 
 def _patch_gs_import(graph: gs.Graph, proto: onnx.GraphProto) -> None:

@@ -26,7 +26,8 @@ from graphopt.passes.base import Pass, PassContext, PassResult, registered
 
 from . import io
 from .errors import GraphoptError, InputError, InternalError, UsageError, one_line
-from .graph import SPARSE_STORAGE, export, import_graph, to_sparse_initializers
+from .external_data import Spill
+from .graph import SPARSE_STORAGE, export, hold_in_file, import_graph, to_sparse_initializers
 from .validate import Thresholds
 
 log = logging.getLogger("graphopt")
@@ -229,17 +230,32 @@ def _run_pass(p: Pass, graph: Any, ctx: PassContext) -> PassResult:
 
 # Passes that run on a model over the 2 GB protobuf limit (never serializing it whole, reading its weights one at a
 # time from the input's files: graphopt.graph.FileConstant); others are refused there. A pass joins when it holds at
-# most one weight's values (and what it computes from them) at a time: svd's sites hold their weights since the
-# k×k convolutions joined it, so it waits for the sites to read them lazily again.
-BIG_MODEL_PASSES = ("fold-constants", "fold-bn", "fuse-conv-relu")
+# most one weight's values (and what it computes from them) at a time.
+BIG_MODEL_PASSES = ("fold-constants", "fold-bn", "fuse-conv-relu", "quantize-dynamic", "quantize-weights", "svd")
+# Options of those passes that would hold more (why, as the refusal says it); the pass's options -> reason or None.
+_MOMENTS = ("gathers every layer's K x K input second moment at once in one calibration run (beside the model's "
+            "session), not one weight at a time")
+BIG_MODEL_REFUSED: dict[str, Callable[[Any], str | None]] = {
+    "quantize-weights": lambda o: f"method={o.method} {_MOMENTS}; use method=rtn" if o.method != "rtn" else None,
+    "svd": lambda o: ("rank=auto judges each candidate's session beside the input's (two copies of the weights) "
+                      f"and {_MOMENTS}; give a rank, ratio, energy or max-error" if o.rank == "auto" else
+                      f"data-aware=true {_MOMENTS}" if o.data_aware else None),
+}
 
 
 def _check_big_model(model: onnx.ModelProto, specs: Sequence[PassSpec]) -> None:
-    """Refuse, before any pass runs, a pass that cannot handle a model over the protobuf limit, in one line."""
+    """Refuse, before any pass runs, a pass (or a pass's option) that cannot handle a model over the protobuf limit,
+    in one line."""
+    if not io.is_big(model):
+        return
     unable = [s.name for s in specs if s.name not in BIG_MODEL_PASSES]
-    if unable and io.is_big(model):
+    if unable:
         raise InputError(f"pass '{unable[0]}' cannot handle a model over the 2 GB protobuf limit yet; passes that "
                          f"can: {', '.join(BIG_MODEL_PASSES)}")
+    for s in specs:
+        why = BIG_MODEL_REFUSED[s.name](s.options) if s.name in BIG_MODEL_REFUSED else None
+        if why:
+            raise UsageError(f"pass '{s}' cannot run on a model over the 2 GB protobuf limit: {why}")
 
 
 @dataclass
@@ -267,6 +283,7 @@ def run_pipeline(model: onnx.ModelProto, specs: Sequence[PassSpec], ctx: PassCon
     check_order(specs)
     _check_big_model(model, specs)
     graph = import_graph(model)
+    spill = Spill() if io.is_big(model) else None
     records: list[StepRecord] = []
     current = model
     lossy = sum(1 for s in specs if not s.build().exact)
@@ -283,6 +300,8 @@ def run_pipeline(model: onnx.ModelProto, specs: Sequence[PassSpec], ctx: PassCon
             raise InternalError(f"pass '{spec.name}' crashed: {type(e).__name__}: {one_line(e)}") from e
         before, previous = len(graph.nodes), current
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        if spill is not None:       # a big model: the weights the pass made go to a file too (graph.hold_in_file)
+            hold_in_file(graph, spill)
         removed = before - len(graph.nodes)
         current = export(graph, ctx.original)
         if verify:

@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.graph import MS_DOMAIN, describe, is_std
+from graphopt.graph import MS_DOMAIN, describe, is_float32, is_std
 from graphopt.passes.base import Pass, PassContext, PassResult, constant, register
 from graphopt.passes.lowrank.sites import unique_name
 from graphopt.passes.options import option, unmatched
@@ -33,7 +33,7 @@ from .quantization.weights import nearest_weights, weight_qparams
 from .subgraphs import graphs, unique_names
 from .weightonly.embedding import quantize_embeddings
 from .weightonly.emit import dynamic_nodes
-from .weightonly.sites import SITE_OPS, find_sites, replace
+from .weightonly.sites import SITE_OPS, WeightSite, find_sites, replace
 
 QUANTIZED = "MatMul/Gemm quantized"
 LSTMS = "LSTM quantized"
@@ -85,10 +85,7 @@ class QuantizeDynamic(Pass):
         shared: dict[tuple, list[gs.Tensor]] = {}
         quantized_x: dict[str, list[gs.Variable]] = {}
         for s in find_sites(graph, res, o.exclude):
-            w = s.weight()
-            scale, zp, axis = weight_qparams(w, 1, o.per_channel, reduce)
-            q = nearest_weights(w, scale, zp, axis)
-            replace(graph, s, lambda y: dynamic_nodes(graph, s, q, scale, y, shared, quantized_x))
+            _matmul(graph, s, o.per_channel, reduce, shared, quantized_x)
             res.changed = True
             res.count(QUANTIZED)
         if o.lstm:
@@ -107,13 +104,24 @@ class QuantizeDynamic(Pass):
             res.changed = res.changed or res.counts[EMBEDDINGS] > 0
 
 
+def _matmul(graph: gs.Graph, s: WeightSite, per_channel: bool, reduce: bool, shared: dict[tuple, list[gs.Tensor]],
+            quantized_x: dict[str, list[gs.Variable]]) -> None:
+    """One MatMul/Gemm site with int8 weights: the float weight is read here and dropped on return, before the next
+    (a big model's weights one at a time)."""
+    w = s.weight()
+    scale, zp, axis = weight_qparams(w, 1, per_channel, reduce)
+    q = nearest_weights(w, scale, zp, axis)
+    del w
+    replace(graph, s, lambda y: dynamic_nodes(graph, s, q, scale, y, shared, quantized_x))
+
+
 def _lstm(graph: gs.Graph, node: gs.Node, per_channel: bool, reduce: bool) -> str | None:
     """Rewrite one LSTM as DynamicQuantizeLSTM, or the reason it stays float."""
     if node.attrs.get("layout", 0):
         return "layout=1 (batch first): DynamicQuantizeLSTM takes sequence-first inputs"
     ins = list(node.inputs) + [gs.Variable.empty()] * (8 - len(node.inputs))
     w, r = ins[1], ins[2]
-    if not all(isinstance(t, gs.Constant) and np.asarray(t.values).dtype == np.float32 for t in (w, r)):
+    if not all(isinstance(t, gs.Constant) and is_float32(t) for t in (w, r)):
         return "W or R is not a float32 constant"
     if any(len(t.outputs) > 1 for t in (w, r)):
         return "W or R is shared with another node"
@@ -129,6 +137,7 @@ def _lstm(graph: gs.Graph, node: gs.Node, per_channel: bool, reduce: bool) -> st
         new += [constant(unique_name(graph, f"{t.name}_int8"), q),
                 (constant(unique_name(graph, f"{t.name}_scale"), np.asarray(s, np.float32).reshape(shape))),
                 constant(unique_name(graph, f"{t.name}_zero_point"), np.zeros(shape, np.int8))]
+        del v, flat, q          # W's float values gone before R's are read
     outs = list(node.outputs)
     inputs = [ins[0], new[0], new[3], *ins[3:8], new[1], new[2], new[4], new[5]]
     graph.nodes.append(gs.Node("DynamicQuantizeLSTM", name=unique_name(graph, f"{node.name or 'lstm'}_dynamic"),

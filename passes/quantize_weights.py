@@ -117,16 +117,13 @@ class QuantizeWeights(Pass):
             # H from fewer input rows than 8 per dimension fits those rows, not other data (calibration.gptq)
             h = obs.h[0] if obs is not None and obs.enough_rows() else None
             if o.method != "rtn" and h is None and obs is not None:
-                res.notes.append(f"'{name}': too few calibration rows for its {group[0].weight().shape[0]} "
+                res.notes.append(f"'{name}': too few calibration rows for its {group[0].k} "
                                  "input channels; rounded to nearest")
             if o.method == "awq" and h is not None:
                 self._awq(g, group, h, obs.rows, shared, res)
                 continue
             for s in group:
-                w = s.weight()
-                bq = quantize_gptq(w, h, o.bits, o.block_size, o.symmetric) if h is not None and o.method == "gptq" \
-                    else quantize_rtn(w, o.bits, o.block_size, o.symmetric)
-                self._emit(g, s, w, bq, h, shared, res)
+                self._quantize(g, s, h, shared, res)
         unique_names(graph)
         res.notes.insert(0, f"bits={o.bits}, block-size={o.block_size}, {'symmetric' if o.symmetric else 'asymmetric'}"
                             f", method={o.method}, format={o.format}"
@@ -136,12 +133,22 @@ class QuantizeWeights(Pass):
         return res
 
     def _block_fits(self, s: WeightSite, res: PassResult) -> bool:
-        k = np.shape(s.source.values)[-1 if s.key[1] else 0]
+        k = s.k
         if self.options.format == "qdq" and k % self.options.block_size:
             res.decline(s.desc, f"K={k} is not a multiple of block-size {self.options.block_size} (format=qdq has "
                                 "no padding; format=nbits pads)")
             return False
         return True
+
+    def _quantize(self, graph: gs.Graph, s: WeightSite, h: np.ndarray | None, shared: dict[tuple, list[gs.Tensor]],
+                  res: PassResult) -> None:
+        """One weight read, rounded (gptq given ``h``, else to nearest) and emitted; its float array and integers are
+        dropped on return, before the next weight is read (a big model's weights one at a time)."""
+        o = self.options
+        w = s.weight()
+        bq = quantize_gptq(w, h, o.bits, o.block_size, o.symmetric) if h is not None and o.method == "gptq" \
+            else quantize_rtn(w, o.bits, o.block_size, o.symmetric)
+        self._emit(graph, s, w, bq, h, shared, res)
 
     def _awq(self, graph: gs.Graph, group: list[WeightSite], h: np.ndarray, rows: int,
              shared: dict[tuple, list[gs.Tensor]], res: PassResult) -> None:

@@ -37,6 +37,8 @@ activations instead of the weight error (``lowrank``: the SVD of S·W, SᵀS the
 directions the calibration data never excites; measured flat from 0.001 to 0.01 (benchmarks/results/svd.md). In
 this mode energy and max-error refer to the singular values of S·W, i.e. to the (regularized) output error on the
 calibration data. The second moments of all sites come from one streamed run over the calibration data.
+Over 2 GB (docs/big-models.md) each site reads its weight when factorized (``lowrank.sites``): one weight at a time;
+the report's calibration output errors are not measured there (every layer's input moment would be held at once).
 
 Report: a layers row per candidate layer (name, op, shape K×N, rank, params and MACs before/after — MACs at batch
 1 from shape inference, per output vector when shapes are unknown — relative weight error, and with calibration
@@ -53,6 +55,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt import io
 from graphopt.calibration.collector import collect_tensors
 from graphopt.calibration.readers import DataSource
 from graphopt.graph import describe, export, is_std
@@ -157,7 +160,8 @@ class SVD(Pass):
         sites, convs = self._sites(graph, res)
         rows = rows_per_run(graph, ctx.original, [s.node for s in [*sites, *convs]])
         moments: dict[int, np.ndarray] = {}
-        if (sites or convs) and (o.data_aware or ctx.calib is not None):
+        big = io.is_big(ctx.original)     # data-aware=true is refused there (pipeline.BIG_MODEL_REFUSED)
+        if (sites or convs) and (o.data_aware or (ctx.calib is not None and not big)):
             calib = ctx.require_calib(self.name) if o.data_aware else ctx.calib
             moments = self._observe(graph, ctx, sites, convs, calib, res)
         white: dict[int, Whitening] = {}   # by id(moment): Q, K and V projections share one input: whiten it once
@@ -180,6 +184,9 @@ class SVD(Pass):
             res.notes.insert(1, "hint: trained weights have flat spectra; data-aware=true (with --calib-data) "
                                 "reaches the same output error at far lower ranks")
         res.notes[1:1] = typos
+        if big and ctx.calib is not None and not o.data_aware:
+            res.notes.append("model over 2 GB: calibration output errors not measured (each layer's K x K input "
+                             "moment would be held at once)")
         return res
 
     def _auto(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -230,7 +237,7 @@ class SVD(Pass):
         sites: list[Site] = []
         convs: list[ConvSite] = []
         for s in found:
-            size = s.w.size
+            size = s.size
             reason = paired.get(id(s))
             if reason is None and (len(s.weight.outputs) > 1 or s.weight.name in outputs):
                 others = len(s.weight.outputs) - 1
@@ -253,7 +260,7 @@ class SVD(Pass):
         obs: dict[str, TensorMoments] = {}
         per_site: dict[int, SecondMoment | PatchMoment] = {}
         for s in sites:
-            per_site[id(s)] = obs.setdefault(s.x.name, TensorMoments()).get(s.w.shape[0], s.axis)
+            per_site[id(s)] = obs.setdefault(s.x.name, TensorMoments()).get(s.dims[0], s.axis)
         for c in convs:
             pm = per_site[id(c)] = PatchMoment(c.node, ctx.seed)
             obs.setdefault(c.x.name, TensorMoments()).hooks.append(pm.see_x)
@@ -293,7 +300,8 @@ class SVD(Pass):
             if id(moment) not in white:
                 white[id(moment)] = whitening(moment, o.damping)
             whitened = white[id(moment)]
-        dec = decompose(site.w, white=whitened)
+        w = site.w     # read now, dropped when this site is done (a big model's weights one at a time)
+        dec = decompose(w, white=whitened)
         r = self._choose(dec, k, n)
         if not self._pays(r, k, n) and self.require_gain:
             why = self._why_not(r, k, n)
@@ -302,9 +310,10 @@ class SVD(Pass):
             return
         a, b = dec.factors(r)
         approx = a @ b
-        w_norm = float(np.linalg.norm(site.w))
-        w_err = float(np.linalg.norm(site.w - approx)) / w_norm if w_norm > 0 else 0.0
-        out_err = relative_output_error(site.w, approx, moment) if moment is not None else None
+        w_norm = float(np.linalg.norm(w))
+        w_err = float(np.linalg.norm(w - approx)) / w_norm if w_norm > 0 else 0.0
+        out_err = relative_output_error(w, approx, moment) if moment is not None else None
+        del w, approx
         splice(graph, site, a, b)
         res.changed = True
         res.count(LAYERS_FACTORIZED)
@@ -318,20 +327,21 @@ class SVD(Pass):
     def _factorize_conv(self, graph: gs.Graph, site: ConvSite, moment: np.ndarray | None,
                         measured: np.ndarray | None, rows: int | None, rule: Rule, res: PassResult) -> None:
         """Factorize one k×k Conv if a scheme pays (``moment``: data-aware; ``measured``: for the report)."""
-        f, _, why = choose(site, moment, rule, self.memo)
+        w = site.w     # read now, dropped when this site is done
+        f, _, why = choose(site, w, moment, rule, self.memo)
         if why and self.require_gain:
             res.decline(site.desc, why)
             res.layers.append(conv_row(site, f, rows=rows, status="declined: " + why))
             return
-        w_err = error_of(site.w, f, None)
-        out_err = error_of(site.w, f, measured) if measured is not None else None
+        w_err = error_of(w, f, None)
+        out_err = error_of(w, f, measured) if measured is not None else None
         splice_conv(graph, site, f)
-        dense = site.w.size
+        dense = site.size
         res.changed = True
         res.count(LAYERS_FACTORIZED)
         res.count(PARAMS_REMOVED, dense - f.params)
         res.layers.append(conv_row(site, f, rows=rows, status="factorized", weight_error=w_err, output_error=out_err))
-        res.notes.append(f"{site.desc} {'x'.join(map(str, site.w.shape))} -> {f.kind} rank {f.rank_text}: MACs "
+        res.notes.append(f"{site.desc} {'x'.join(map(str, site.shape))} -> {f.kind} rank {f.rank_text}: MACs "
                          f"{100 * (1 - f.macs / dense):.0f}% fewer, weight error {w_err:.4f}"
                          + ("" if out_err is None else f", calibration output error {out_err:.4f}"))
 

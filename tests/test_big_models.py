@@ -22,6 +22,7 @@ import pytest
 from graphopt import api, runtime, tensor_data, validate
 from graphopt import graph as gograph
 from graphopt import io
+from graphopt.passes.lowrank.factor import decompose, truncation_error
 from graphs import assert_one_line_error, make_model, node, rand
 
 LIMIT = 100_000
@@ -94,7 +95,7 @@ def assert_saved_external(out: Path) -> None:
     skeleton = onnx.load(out, load_external_data=False)
     assert out.stat().st_size < LIMIT
     for t in skeleton.graph.initializer:
-        if int(np.prod(t.dims)) * 4 >= tensor_data.EXTERNAL_MIN_BYTES:
+        if tensor_data.data_bytes(t) >= tensor_data.EXTERNAL_MIN_BYTES:
             assert onnx.external_data_helper.uses_external_data(t), t.name
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
 
@@ -284,3 +285,88 @@ def test_a_big_model_run_holds_one_session_at_a_time(cli, limit, big_path, tmp_p
     assert res.code == 0, res.err
     assert "one model after the other" in res.out
     assert live == [0, 1]
+
+
+# ------------------------------------------------------------------------- lossy passes over 2 GB (issue 25, item 3)
+
+
+def _conv_model() -> onnx.ModelProto:
+    """x[1, 64, 6, 6] -> 3x3 Conv C1 -> Relu -> 3x3 Conv C2 -> y: two k x k conv sites of 147 kB each."""
+    nodes = [node("Conv", ["x", "C1"], ["h"], pads=[1, 1, 1, 1]), node("Relu", ["h"], ["r"]),
+             node("Conv", ["r", "C2"], ["y"], pads=[1, 1, 1, 1])]
+    weights = {f"C{i}": rand(64, 64, 3, 3, seed=i, lo=-0.05, hi=0.05) for i in (1, 2)}
+    return make_model(nodes, inputs=[("x", [1, 64, 6, 6])], outputs=[("y", [1, 64, 6, 6])], initializers=weights)
+
+
+_CONV = _conv_model()
+NEW_PASSES = [(_BIG, "quantize-weights", 3), (_BIG, "quantize-dynamic", 3), (_BIG, "svd:rank=32", 3),
+              (_CONV, "svd:rank=16", 2)]
+
+
+@pytest.mark.parametrize("source,spec,weights", NEW_PASSES, ids=[s for _, s, _ in NEW_PASSES])
+def test_a_lossy_pass_reads_one_weight_at_a_time_and_writes_the_small_paths_graph(request, tmp_path, source, spec,
+                                                                                weights):
+    """On a big model the pass reads each weight once, none still held when the next is read; the weights it made
+    are held in a file, not in memory; the output is the graph the in-memory path writes, value for value."""
+    model = onnx.ModelProto()
+    model.CopyFrom(source)
+    small, _ = api.optimize(model, [spec], validate_output=False, latency_runs=0)   # before the limit is lowered
+    request.getfixturevalue("limit")
+    reads = request.getfixturevalue("reads")
+    p = tmp_path / "big.onnx"
+    onnx.save_model(model, p, save_as_external_data=True, location="big.onnx.data")
+    out, report = api.optimize(p, [spec], gate=False, latency_runs=0)
+    assert report.validation is not None and report.before is not None and report.before.macs
+    assert len(reads) == weights and len({name for name, _ in reads}) == weights
+    assert all(alive == 0 for _, alive in reads), reads
+    assert all(tensor_data.file_location(t) or tensor_data.data_bytes(t) < tensor_data.EXTERNAL_MIN_BYTES
+               for t in tensor_data.all_tensors(out))
+    io.save_model(out, tmp_path / "o.onnx")
+    assert_saved_external(tmp_path / "o.onnx")
+    saved = onnx.load(tmp_path / "o.onnx")
+    assert [(n.op_type, list(n.input)) for n in saved.graph.node] == [(n.op_type, list(n.input))
+                                                                      for n in small.graph.node]
+    expected = {t.name: onnx.numpy_helper.to_array(t) for t in small.graph.initializer}
+    got = {t.name: onnx.numpy_helper.to_array(t) for t in saved.graph.initializer}
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("spec,why", [
+    ("quantize-weights:method=gptq", "method=gptq gathers every layer's K x K input second moment at once"),
+    ("svd:rank=auto", "rank=auto judges each candidate's session beside the input's"),
+    ("svd:data-aware=true", "data-aware=true gathers every layer's K x K input second moment at once")])
+def test_options_that_hold_more_than_one_weight_are_refused_on_a_big_model(cli, limit, big_path, tmp_path, spec,
+                                                                           why):
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=rand(8, K, seed=4))
+    out = tmp_path / "o.onnx"
+    res = cli(big_path, out, "--pass", spec, "--calib-data", calib)
+    assert_one_line_error(res, 2, f"pass '{spec}' cannot run on a model over the 2 GB protobuf limit: {why}")
+    assert not out.exists()
+
+
+def _spectrum(k: int, n: int, sigma: np.ndarray, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    u = np.linalg.qr(rng.standard_normal((k, len(sigma))))[0]
+    v = np.linalg.qr(rng.standard_normal((n, len(sigma))))[0]
+    return (u * sigma) @ v.T
+
+
+@pytest.mark.parametrize("shape", [(96, 600), (600, 96)])
+def test_gram_factors_are_as_exact_as_the_full_svd(shape):
+    """svd factorizes through the eigen-decomposition of the smaller Gram matrix (lowrank.factor.gram_svd): its
+    rank-r error matches the full SVD's within 1e-8 of the norm on a spectrum falling to 1e-13·σ₁ (squaring loses
+    the singular values below ~1e-8·σ₁) and to rounding on a flat one."""
+    falling = _spectrum(*shape, 10.0 ** (-np.arange(96) / 7.3), seed=1)
+    flat = np.random.default_rng(2).standard_normal(shape)
+    for w, tol in ((falling, 1e-8), (flat, 1e-12)):
+        sigma = np.linalg.svd(w, compute_uv=False)
+        dec = decompose(w)
+        assert np.max(np.abs(dec.s - sigma)) <= tol * sigma[0]
+        for r in (1, 8, 32, 95, 96):
+            a, b = dec.factors(r)
+            assert a.shape == (shape[0], r) and b.shape == (r, shape[1])
+            err = np.linalg.norm(w - a @ b) / np.linalg.norm(w)
+            assert abs(err - truncation_error(sigma, r)) <= tol, (r, err)

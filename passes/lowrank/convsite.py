@@ -11,8 +11,9 @@ multiple of ``align`` where that still pays) — then, with ``conv=auto``, the s
 or the smaller error (rank/ratio). A factorization is kept only if it cuts the layer's MACs by ``min-reduction``.
 Chains this pass writes (a kh×1 Conv feeding only a 1×kw Conv; a 1×1 -> k×k -> 1×1 chain narrowing the channels, no
 bias before the last) are found by ``conv_chains`` and declined, so a second run changes nothing.
-Statistic: ``PatchMoment`` streams the sampled im2col rows of the layer's input into ``pruning.fit.ConvFit`` (its
-AᵀA: the second moment), fed with the layer's input and output of the same run.
+Statistic: ``PatchMoment`` streams the sampled im2col rows of the layer's input (``pruning.fit.ConvFit``'s sampling)
+into a ``factor.SecondMoment``, fed with the layer's input and output of the same run.
+A site reads its kernel when asked (``WeightSite.w``): the pass holds one weight (and its factorizations) at a time.
 """
 
 from __future__ import annotations
@@ -25,18 +26,19 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.passes.base import constant
-from graphopt.passes.pruning.fit import ConvFit, Fit
+from graphopt.passes.pruning.fit import ConvFit
 
 from .conv import (SPATIAL, TUCKER, ConvFactors, error_of, mode_svds, spatial, spatial_macs, spatial_svd, tucker,
                    tucker_macs, tucker_ranks)
-from .sites import CONV_SPATIAL, FLOATS, SiteDeclined, WeightSite, unique_name
+from .factor import SecondMoment
+from .sites import CONV_SPATIAL, FLOATS, SiteDeclined, WeightSite, unique_name, weight_dtype
 
 PATCH_ROWS = 256      # im2col rows sampled per calibration sample and layer
 
 
 @dataclass
 class ConvSite(WeightSite):
-    """A k×k Conv; ``w`` is its kernel [C_out, C_in, kh, kw]."""
+    """A k×k Conv; ``w`` is its kernel [C_out, C_in, kh, kw] (read when asked, ``WeightSite``)."""
 
     @property
     def strides(self) -> tuple[int, int]:
@@ -56,27 +58,26 @@ class Rule:
 
 
 def conv_site_of(node: gs.Node) -> ConvSite:
-    """A k×k Conv as a site, or raise SiteDeclined with the reason."""
+    """A k×k Conv as a site, or raise SiteDeclined with the reason (from the weight's dtype and shape)."""
     wt = node.inputs[1] if len(node.inputs) > 1 else None
     if not isinstance(wt, gs.Constant):
         raise SiteDeclined("weight is not a constant (run fold-constants first)")
-    values = np.asarray(wt.values)
-    if values.dtype not in FLOATS:
-        raise SiteDeclined(f"weight dtype {values.dtype} is not float")
+    dtype, shape = weight_dtype(wt), tuple(int(d) for d in wt.shape)
+    if dtype not in FLOATS:
+        raise SiteDeclined(f"weight dtype {dtype} is not float")
     group = int(node.attrs.get("group", 1))
     if group != 1:
-        kind = "depthwise" if group == values.shape[0] and values.shape[1] == 1 else "grouped"
+        kind = "depthwise" if group == shape[0] and shape[1] == 1 else "grouped"
         raise SiteDeclined(f"{kind} Conv (group={group}): only group 1 is factorized")
-    if values.ndim != 4:
-        raise SiteDeclined(f"{values.ndim - 2}-D Conv: only 2-D kernels are factorized")
-    return ConvSite(node, wt, np.asarray(values, np.float64), node.inputs[0])
+    if len(shape) != 4:
+        raise SiteDeclined(f"{len(shape) - 2}-D Conv: only 2-D kernels are factorized")
+    return ConvSite(node, wt, node.inputs[0])
 
 
 def is_kxk(node: gs.Node) -> bool:
     """A Conv whose constant weight has a kernel larger than 1×1 (1×1 Convs are matrix sites)."""
     w = node.inputs[1] if len(node.inputs) > 1 else None
-    return isinstance(w, gs.Constant) and np.asarray(w.values).ndim >= 3 and \
-        any(d != 1 for d in np.asarray(w.values).shape[2:])
+    return isinstance(w, gs.Constant) and len(w.shape) >= 3 and any(d != 1 for d in w.shape[2:])
 
 
 def _no_bias(node: gs.Node) -> bool:
@@ -88,7 +89,7 @@ def _kernel(node: gs.Node) -> tuple[int, ...] | None:
     if node.op != "Conv" or node.domain not in ("", "ai.onnx") or not isinstance(w, gs.Constant) \
             or int(node.attrs.get("group", 1)) != 1:
         return None
-    return tuple(np.asarray(w.values).shape)
+    return tuple(int(d) for d in w.shape)
 
 
 def _only_consumer(node: gs.Node, outputs: set[str]) -> gs.Node | None:
@@ -146,12 +147,12 @@ def _smallest(ladder: list[Any], error: Callable[[Any], float], bound: float) ->
 Memo = dict[tuple[Any, ...], tuple[ConvFactors, float]]
 
 
-def _scheme(site: ConvSite, kind: str, moment: np.ndarray | None, rule: Rule, memo: Memo
+def _scheme(site: ConvSite, w: np.ndarray, kind: str, moment: np.ndarray | None, rule: Rule, memo: Memo
             ) -> tuple[ConvFactors, float, str | None]:
     """The factorization of one scheme that the criterion asks for (aligned where that still pays), its error, and
     why it does not pay (None when it does). Error criteria search only the ranks that pay. ``memo`` keeps every
     factorization built, by weight, statistic and ranks (rank=auto builds the same ones for each bound it tries)."""
-    w, strides = site.w, site.strides
+    strides = site.strides
     tag = (kind, hashlib.sha1(w.tobytes()).hexdigest(), w.shape, rule.damping,
            None if moment is None else hashlib.sha1(np.ascontiguousarray(moment).tobytes()).hexdigest())
     o, c = w.shape[:2]
@@ -213,14 +214,15 @@ def _scheme(site: ConvSite, kind: str, moment: np.ndarray | None, rule: Rule, me
     return done(up if _pays(up.macs, dense, rule) else best)
 
 
-def choose(site: ConvSite, moment: np.ndarray | None, rule: Rule, memo: Memo | None = None
+def choose(site: ConvSite, w: np.ndarray, moment: np.ndarray | None, rule: Rule, memo: Memo | None = None
            ) -> tuple[ConvFactors, float, str | None]:
-    """The factorization for the site, its error, and why it does not pay (None when it does)."""
+    """The factorization for the site (``w``: its kernel, ``site.w`` read once by the caller), its error, and why
+    it does not pay (None when it does)."""
     memo = {} if memo is None else memo
     kinds = (SPATIAL, TUCKER) if rule.scheme == "auto" else (rule.scheme,)
-    if site.w.shape[2] == 1 or site.w.shape[3] == 1:
+    if w.shape[2] == 1 or w.shape[3] == 1:
         kinds = tuple(k for k in kinds if k != SPATIAL) or (TUCKER,)   # a k×1 kernel has no spatial split
-    found = [_scheme(site, k, moment, rule, memo) for k in kinds]
+    found = [_scheme(site, w, k, moment, rule, memo) for k in kinds]
     paying = [x for x in found if x[2] is None]
     if not paying:
         return found[0][0], found[0][1], "; ".join(x[2] or "" for x in found)
@@ -229,14 +231,16 @@ def choose(site: ConvSite, moment: np.ndarray | None, rule: Rule, memo: Memo | N
 
 
 class PatchMoment:
-    """Second moment of a Conv's sampled im2col input rows: ``x`` and then ``y`` (its output) of each run, via
-    ``ConvFit.update``. A graph input comes once per batch and its runs may be row slices: ``y`` takes the rows
-    next in line."""
+    """Second moment of a Conv's sampled im2col input rows: ``x`` and then ``y`` (its output) of each run (the
+    patches at the output's positions, ``ConvFit.rows_of``'s sampling). A graph input comes once per batch and its
+    runs may be row slices: ``y`` takes the rows next in line. Holds the K×K moment only, never the weight."""
 
     def __init__(self, node: gs.Node, seed: int = 0) -> None:
-        fit = Fit.make(node)
-        assert isinstance(fit, ConvFit)
-        self.fit, self.rng = fit, np.random.default_rng(seed)
+        shape = tuple(int(d) for d in node.inputs[1].shape)
+        k = int(np.prod(shape[1:]))
+        self.patches = ConvFit(node, np.zeros((k, 0)), None, False)    # for its rows_of only: no weight in it
+        self.patches.kernel = shape[2:]
+        self.moment, self.rng = SecondMoment(k, -1), np.random.default_rng(seed)
         self.x: np.ndarray | None = None
         self.offset = 0
 
@@ -250,16 +254,15 @@ class PatchMoment:
         x = self.x[self.offset:self.offset + n]
         self.offset += n
         if x.shape[0] == n:
-            self.fit.update(x, np.asarray(y), self.rng, n * PATCH_ROWS)
+            self.moment.update(self.patches.rows_of(x, np.asarray(y), self.rng, n * PATCH_ROWS)[0])
 
     def matrix(self) -> np.ndarray | None:
-        k = self.fit.w0.shape[0]
-        return self.fit.ata[:k, :k] / self.fit.rows if self.fit.rows else None
+        return self.moment.matrix()
 
 
 def splice_conv(graph: gs.Graph, site: ConvSite, f: ConvFactors) -> None:
     """Put the factors in: new Convs before the site's node, which becomes the last factor (it keeps the bias)."""
-    node, dtype = site.node, np.asarray(site.weight.values).dtype
+    node, dtype = site.node, site.dtype
     attrs = {k: v for k, v in node.attrs.items() if k in CONV_SPATIAL}
     nd = 2
     pads = list(attrs.get("pads", [0] * 2 * nd))

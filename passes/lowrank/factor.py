@@ -2,7 +2,10 @@
 
 A weight seen as ``y = x·W`` with W of shape K×N (in features × out features) is replaced by two factors of its
 truncated SVD ``W = U·Σ·Vᵀ``: ``A = U_r·Σ_r^½`` (K×r) and ``B = Σ_r^½·V_rᵀ`` (r×N), so ``y = (x·A)·B``. The best
-rank-r approximation (Eckart–Young) has the relative Frobenius error ``√(Σ_{i>r} σᵢ²) / √(Σ σᵢ²)``.
+rank-r approximation (Eckart–Young) has the relative Frobenius error ``√(Σ_{i>r} σᵢ²) / √(Σ σᵢ²)``. U (or V) and
+σ come from the eigen-decomposition of the smaller Gram matrix W·Wᵀ (or WᵀW) in float64 (``gram_svd``: an order of
+magnitude cheaper than a full SVD of a 1024x16384 weight, and as exact as a float32 weight is stored); the other
+factor is the projection Σ_r·V_rᵀ = U_rᵀ·W.
 
 Data-aware: to minimize the output error ``‖X·W − X·A·B‖`` on activations X instead of ``‖W − A·B‖``, the second
 moment ``M = XᵀX/n`` (K×K; streamed by ``SecondMoment``: each batch's product in the activations' precision, summed
@@ -26,19 +29,40 @@ DEFAULT_DAMPING = 0.01
 
 @dataclass
 class Decomposition:
-    """SVD of W (plain) or of S·W (data-aware, ``s_inv`` = S⁻¹); ``factors(r)`` gives A (K×r) and B (r×N)."""
+    """The singular values ``s`` of a K×N matrix M (W, or S·W in data-aware mode with ``s_inv`` = S⁻¹), descending,
+    and the eigenvectors ``basis`` of its Gram matrix on the smaller side (``left``: U of M·Mᵀ, K×K; else V of
+    MᵀM, N×N). ``factors(r)`` gives A (K×r) and B (r×N) with A·B = U_r·U_rᵀ·M = M·V_r·V_rᵀ (data-aware: S⁻¹ on A)."""
 
-    u: np.ndarray
     s: np.ndarray
-    vt: np.ndarray
+    basis: np.ndarray
+    left: bool
+    m: np.ndarray
     s_inv: np.ndarray | None = None
 
     def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
-        root = np.sqrt(self.s[:rank])
-        a = self.u[:, :rank] * root
-        if self.s_inv is not None:
-            a = self.s_inv @ a
-        return a, root[:, None] * self.vt[:rank]
+        vecs = self.basis[:, :rank]
+        inner = vecs.T @ self.m if self.left else self.m @ vecs      # Σ_r·V_rᵀ (r×N), or U_r·Σ_r (K×r)
+        sigma = np.linalg.norm(inner, axis=1 if self.left else 0)    # σ of the exact projection, not from ev
+        root = np.where(sigma > 0, np.sqrt(sigma), 1.0)
+        if self.left:
+            a, b = vecs * root, inner / root[:, None]
+        else:
+            a, b = inner / root, root[:, None] * vecs.T
+        return (a if self.s_inv is None else self.s_inv @ a), b
+
+
+def gram_svd(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(σ descending, the Gram matrix's eigenvectors, left) of M through the eigen-decomposition of the smaller
+    Gram matrix, M·Mᵀ (left) or MᵀM, in float64: K·N·min(K, N) + min(K, N)³ flops instead of a full SVD's larger
+    constant (0.55 s against 6.1 s for 1024x16384 here). Squaring M loses the singular values below about
+    √ε·σ₁ ≈ 1e-8·σ₁ (ε of float64); the truncation error of a projection is stationary at the optimal subspace, so
+    the factors' relative error differs from the SVD's by at most about that (measured: 7e-9 on a spectrum falling
+    to 1e-13·σ₁, 2e-15 on a flat one; tests/test_big_models.py): below a float32 weight's own rounding (6e-8)."""
+    left = m.shape[0] <= m.shape[1]
+    gram = m @ m.T if left else m.T @ m
+    ev, vecs = np.linalg.eigh(gram)
+    order = np.argsort(ev)[::-1]
+    return np.sqrt(np.maximum(ev[order], 0.0)), vecs[:, order], left
 
 
 def whitening(moment: np.ndarray, damping: float = DEFAULT_DAMPING) -> tuple[np.ndarray, np.ndarray] | None:
@@ -64,17 +88,14 @@ def whitening(moment: np.ndarray, damping: float = DEFAULT_DAMPING) -> tuple[np.
 
 def decompose(w: np.ndarray, moment: np.ndarray | None = None, damping: float = DEFAULT_DAMPING, *,
               white: tuple[np.ndarray, np.ndarray] | None = None) -> Decomposition:
-    """Plain SVD of ``w`` (K×N), or with ``moment`` (K×K second moment of the inputs; or its precomputed
-    ``white``-ning) the SVD of S·w."""
+    """Truncated-SVD factors of ``w`` (K×N) (``gram_svd``), or with ``moment`` (K×K second moment of the inputs;
+    or its precomputed ``white``-ning) of S·w."""
     w = np.asarray(w, np.float64)
     if white is None and moment is not None:
         white = whitening(moment, damping)
-    if white is None:
-        u, s, vt = np.linalg.svd(w, full_matrices=False)
-        return Decomposition(u, s, vt)
-    s_mat, s_inv = white
-    u, s, vt = np.linalg.svd(s_mat @ w, full_matrices=False)
-    return Decomposition(u, s, vt, s_inv)
+    m = w if white is None else white[0] @ w
+    s, basis, left = gram_svd(m)
+    return Decomposition(s, basis, left, m, None if white is None else white[1])
 
 
 def truncation_error(s: np.ndarray, rank: int) -> float:

@@ -27,10 +27,10 @@ def matrix_row(site: Site, *, status: str, rank: int | None = None, rows: int | 
 def conv_row(site: ConvSite, f: ConvFactors | None = None, *, status: str, rows: int | None = None,
               weight_error: float | None = None, output_error: float | None = None) -> dict[str, Any]:
     """The report's layers row of a k×k Conv site (MACs per output pixel times the pixels at batch 1)."""
-    dense = site.w.size
+    dense = site.size
     per = rows or 1
     done = f is not None and status == "factorized"
-    return {"layer": site.name, "op": "Conv", "shape": "x".join(map(str, site.w.shape)),
+    return {"layer": site.name, "op": "Conv", "shape": "x".join(map(str, site.shape)),
             "rank": None if f is None else f"{f.kind} {f.rank_text}",
             "params_before": dense, "params_after": f.params if done else dense,
             "macs_before": dense * per, "macs_after": round(f.macs * per) if done else dense * per,

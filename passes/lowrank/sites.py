@@ -1,7 +1,8 @@
 """Where the ``svd`` pass can factorize, and the graph rewrite that puts the two factors in.
 
 A site is a weighted ai.onnx node whose weight is a float initializer, seen as a K×N matrix in the ``y = x·W``
-convention (``Site.w``), with the activation's feature axis (``Site.axis``: a row of X is the vector along it):
+convention (``Site.w``, read from the weight when asked and not kept: a big model's weights are read one at a time;
+``Site.dims`` from its shape), with the activation's feature axis (``Site.axis``: a row of X is the vector along it):
   * Gemm: ``Y = alpha·A'·B' + beta·C``; the weight is B (B' = Bᵀ with ``transB``), the activation A (transposed by
     ``transA``: features on axis 0). Becomes ``Gemm(A, W1; transA) -> Gemm(H, W2, C; alpha, beta)``: the bias
     (vector, matrix or scalar) and alpha/beta stay on the second factor; both factors keep the original ``transB``
@@ -35,11 +36,12 @@ CONV_SPATIAL = ("strides", "pads", "auto_pad", "dilations")
 
 @dataclass
 class WeightSite:
-    """A weighted node, its constant weight (as a float64 array ``w``) and its activation input ``x``."""
+    """A weighted node, its constant weight and its activation input ``x``. The weight's values are read when asked
+    (``w``, float64) and not kept: a big model's weights are read one at a time (graphopt.graph.FileConstant), so
+    take ``w`` once per use; shape and dtype come from the tensor without reading it."""
 
     node: gs.Node
     weight: gs.Constant
-    w: np.ndarray
     x: gs.Tensor
 
     @property
@@ -50,6 +52,23 @@ class WeightSite:
     def desc(self) -> str:
         return describe(self.node)
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.weight.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        return weight_dtype(self.weight)
+
+    @property
+    def w(self) -> np.ndarray:
+        """The weight as stored, in float64 (read now)."""
+        return np.asarray(self.weight.values, np.float64)
+
 
 @dataclass
 class Site(WeightSite):
@@ -59,9 +78,24 @@ class Site(WeightSite):
     has_bias: bool
 
     @property
+    def w(self) -> np.ndarray:
+        """The K×N matrix (float64), read now."""
+        values = np.asarray(self.weight.values)
+        if self.node.op == "Gemm":
+            w = values.T if self.node.attrs.get("transB", 0) else values
+        elif self.node.op == "MatMul":
+            w = values
+        else:  # Conv [N, K, 1, ...]
+            w = values.reshape(values.shape[0], values.shape[1]).T
+        return np.asarray(w, np.float64)
+
+    @property
     def dims(self) -> tuple[int, int]:
-        """(K, N): in and out features."""
-        return int(self.w.shape[0]), int(self.w.shape[1])
+        """(K, N): in and out features (from the weight's shape, without reading it)."""
+        shape = self.shape
+        if self.node.op == "Conv" or (self.node.op == "Gemm" and self.node.attrs.get("transB", 0)):
+            return shape[1], shape[0]
+        return shape[0], shape[1]
 
 
 class SiteDeclined(Exception):
@@ -69,35 +103,44 @@ class SiteDeclined(Exception):
 
 
 def site_of(node: gs.Node) -> Site:
-    """The node (a Gemm, MatMul or Conv) as a factorization site, or raise SiteDeclined with the reason."""
+    """The node (a Gemm, MatMul or Conv) as a factorization site, or raise SiteDeclined with the reason (from the
+    weight's dtype and shape: its values are not read)."""
     if len(node.inputs) < 2:
         raise SiteDeclined("missing weight input")
     x, wt = node.inputs[0], node.inputs[1]
     if not isinstance(wt, gs.Constant):
         raise SiteDeclined("weight is not a constant (an activation, a graph input, or a Constant node: run "
                            "fold-constants first)")
-    values = np.asarray(wt.values)
-    if values.dtype not in FLOATS:
-        raise SiteDeclined(f"weight dtype {values.dtype} is not float")
+    dtype, shape = weight_dtype(wt), tuple(wt.shape)
+    if dtype not in FLOATS:
+        raise SiteDeclined(f"weight dtype {dtype} is not float")
     c = node.inputs[2] if len(node.inputs) > 2 else None
     # A zero constant C is no bias (the first factor of a Gemm below opset 11 carries one).
     bias = c is not None and not c.is_empty() and not (isinstance(c, gs.Constant) and not np.any(c.values))
     if node.op == "Gemm":
-        if values.ndim != 2:
-            raise SiteDeclined(f"weight of rank {values.ndim}")
-        w = values.T if node.attrs.get("transB", 0) else values
+        if len(shape) != 2:
+            raise SiteDeclined(f"weight of rank {len(shape)}")
         axis = 0 if node.attrs.get("transA", 0) else -1
     elif node.op == "MatMul":
-        if values.ndim != 2:
-            raise SiteDeclined(f"constant weight of rank {values.ndim} (need a 2-D matrix)")
-        w, axis = values, -1
+        if len(shape) != 2:
+            raise SiteDeclined(f"constant weight of rank {len(shape)} (need a 2-D matrix)")
+        axis = -1
     else:  # Conv
-        if values.ndim < 3 or any(d != 1 for d in values.shape[2:]):
-            raise SiteDeclined(f"kernel {'x'.join(map(str, values.shape[2:])) or 'of rank < 3'} is not 1x1")
+        if len(shape) < 3 or any(d != 1 for d in shape[2:]):
+            raise SiteDeclined(f"kernel {'x'.join(map(str, shape[2:])) or 'of rank < 3'} is not 1x1")
         if node.attrs.get("group", 1) != 1:
             raise SiteDeclined(f"group={node.attrs.get('group')} (need 1)")
-        w, axis = values.reshape(values.shape[0], values.shape[1]).T, 1
-    return Site(node, wt, np.asarray(w, np.float64), x, axis, bias)
+        axis = 1
+    return Site(node, wt, x, axis, bias)
+
+
+def weight_dtype(t: gs.Constant) -> np.dtype | None:
+    """A constant's numpy dtype, without reading its values; None for a type numpy lacks (bfloat16 as an onnx
+    type number)."""
+    try:
+        return np.dtype(t.dtype)
+    except TypeError:
+        return None
 
 
 def factor_pairs(sites: list[Site], outputs: set[str]) -> dict[int, str]:
@@ -151,7 +194,7 @@ def unique_name(graph: gs.Graph, base: str) -> str:
 
 def splice(graph: gs.Graph, site: Site, a: np.ndarray, b: np.ndarray) -> None:
     """Replace the site's weight by factors: a new first node x -> h, the original node turned into h -> y."""
-    node, dtype = site.node, np.asarray(site.weight.values).dtype
+    node, dtype = site.node, site.dtype
     wname = site.weight.name
     out = node.outputs[0]
     h = gs.Variable(unique_name(graph, f"{out.name}_svd"), dtype=out.dtype)
@@ -164,7 +207,7 @@ def splice(graph: gs.Graph, site: Site, a: np.ndarray, b: np.ndarray) -> None:
     elif node.op == "MatMul":
         w1, w2 = a, b
     else:  # Conv: weights [out, in, 1, ...]
-        ones = [1] * (np.asarray(site.weight.values).ndim - 2)
+        ones = [1] * (len(site.shape) - 2)
         w1 = a.T.reshape(a.shape[1], a.shape[0], *ones)
         w2 = b.T.reshape(b.shape[1], b.shape[0], *ones)
         attrs = {key: v for key, v in node.attrs.items() if key in CONV_SPATIAL}

@@ -47,6 +47,12 @@ class WeightSite:
         return w * np.float32(self.alpha) if self.alpha != 1.0 else w
 
     @property
+    def k(self) -> int:
+        """K, the input features (from the weight's shape, without reading it)."""
+        shape = self.source.shape
+        return int(shape[-1] if self.node.op == "Gemm" and self.node.attrs.get("transB", 0) else shape[0])
+
+    @property
     def key(self) -> tuple[str, bool, float]:
         """What makes two sites' quantized weights the same: the stored weight, its layout, alpha."""
         return self.source.name, bool(self.node.op == "Gemm" and self.node.attrs.get("transB", 0)), self.alpha
@@ -54,7 +60,7 @@ class WeightSite:
 
 def _site(node: gs.Node) -> WeightSite:
     s = site_of(node)
-    if not isinstance(s.weight, gs.Constant) or np.asarray(s.weight.values).dtype != np.float32:
+    if s.dtype != np.float32:       # from the tensor's type: the weight is read when quantized
         raise SiteDeclined("weight is not float32")
     if node.op == "MatMul":
         return WeightSite(node, s.x, s.weight, 1.0, None)
