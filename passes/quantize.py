@@ -48,6 +48,7 @@ from .quantization.calibrate import Calibration, calibrate
 from .quantization.cpu import reduce_range_auto
 from .quantization.fallback import fall_back
 from .quantization.latency import Choice, choose, timing_feed
+from .quantization.pads import fold_pads
 from .quantization.plan import WEIGHTED, Plan, make_plan
 from .quantization.report import NO_UNITS, Setup, Trial, Upgrade, declined, kept_float, opset_declined, report
 from .quantization.samples import refit_feeds
@@ -153,6 +154,7 @@ class Quantize(Pass):
             return declined(setup, None, opset_declined(graph.opset))
         # dtypes (only float32 tensors are quantized; unknown ones stay float) and shapes (a Conv's SAME padding)
         infer_shapes(graph, ctx.original)
+        fold_pads(graph)            # exact: a Pad between QDQ pairs would break the int8 run (``pads``)
         plan = make_plan(graph, o.exclude)
         if not plan.units:
             return declined(setup, plan, NO_UNITS)
