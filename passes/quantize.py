@@ -6,6 +6,7 @@ What the pass does, in order (each step's module says how, with the math):
     requantization, forcing a dequantize and float work per layer) run right before, unless the pipeline ran them
     earlier; both are exact. Below opset 13 the model is converted to opset 13 for per-channel weights (to 10 with
     per-channel=false); where that fails, weights are per tensor (opset 10-12) or the model is declined (< 10);
+  * zero Pads read only by Conv nodes folded into their ``pads`` (``pads``; exact), so no Pad splits an int8 run;
   * plan (``plan``): the units (Conv, Gemm, MatMul, with a fused Relu/Clip) and the other ops that can run int8;
   * calibrate (``calibrate``): activation ranges per tensor, mse by default (minmax, kl, percentile; with
     ``method=percentile``, ``percentile=auto`` tries 99.99 and 99.999 and keeps whichever leaves the most units
@@ -19,8 +20,9 @@ What the pass does, in order (each step's module says how, with the math):
     left float, fewest first, until both targets hold. Its budgets are modelled seconds, so the result does not
     depend on the machine or its load;
   * objective=latency (``latency``, the default): the int8 regions of that build are timed on this CPU, alone and
-    together, and only those measured faster stay int8; where nothing is faster the model is written float (the
-    input after the exact passes). objective=size: int8 wherever the targets hold;
+    together, and only those measured faster stay int8, or the fallback's contiguous candidate (one float run at
+    the input or output end, one boundary) where it measures fastest; where nothing is faster the model is written
+    float (the input after the exact passes). objective=size: int8 wherever the targets hold;
   * report (``report``): the layers that run float and why (fidelity or speed), the tensors left float with their
     sensitivity, the measured latency of the choice against all int8 and all float.
 Subgraphs (If branches that stay, Loop/Scan bodies) stay float, one report row each saying so (``subgraphs``).
@@ -49,6 +51,7 @@ from .quantization.calibrate import Calibration, calibrate
 from .quantization.cpu import reduce_range_auto
 from .quantization.fallback import fall_back
 from .quantization.latency import Choice, choose, timing_feed
+from .quantization.pads import fold_pads
 from .quantization.plan import WEIGHTED, Plan, make_plan
 from .quantization.report import NO_UNITS, Setup, Trial, Upgrade, declined, kept_float, opset_declined, report
 from .quantization.samples import refit_feeds
@@ -160,6 +163,7 @@ class Quantize(Pass):
             return declined(setup, None, opset_declined(graph.opset))
         # dtypes (only float32 tensors are quantized; unknown ones stay float) and shapes (a Conv's SAME padding)
         infer_shapes(graph, ctx.original)
+        fold_pads(graph)            # exact: a Pad between QDQ pairs would break the int8 run (``pads``)
         plan = make_plan(graph, o.exclude)
         if not plan.units:
             return declined(setup, plan, NO_UNITS)
@@ -167,7 +171,8 @@ class Quantize(Pass):
         calibration = calibrate(graph, float_model, plan, o, ctx, self.name)
         best, tried, builder = self._trials(graph, plan, calibration, float_model, setup, ctx)
         choice = None
-        if before is not None and best.built.int8_units:
+        contiguous = best.fallback.contiguous if best.fallback is not None else None
+        if before is not None and (best.built.int8_units or contiguous is not None):
             best, choice = self._fastest(best, builder, before, ctx)
             if choice.written == "float":
                 replace_graph(graph, import_graph(before))
@@ -179,8 +184,12 @@ class Quantize(Pass):
     def _fastest(best: Trial, builder: Builder, before: onnx.ModelProto, ctx: PassContext) -> tuple[Trial, Choice]:
         """objective=latency (``latency``): the trial with the regions measured slower left float, and the choice."""
         keep = set(best.floated)
+        alt = best.fallback.contiguous if best.fallback is not None else None
         choice = choose(best.built, before, lambda extra: builder.build(keep | extra, refit=False).model,
-                        timing_feed(ctx.require_calib("quantize")))
+                        timing_feed(ctx.require_calib("quantize")), alt.built.model if alt is not None else None)
+        if choice.written == "contiguous":
+            assert alt is not None
+            best = best._replace(built=alt.built, fallback=alt)
         if choice.written == "chosen":
             slow = {t for r, on in zip(choice.regions, choice.int8) if not on for t in r.tensors}
             best = best._replace(built=builder.build(keep | slow))
@@ -206,7 +215,8 @@ class Quantize(Pass):
             built = builder.build()
             fb = fall_back(builder, built, float_model, ctx.original, ctx.require_calib(self.name),
                            dataclasses.replace(ctx.targets, min_cosine=o.min_cosine, min_top1=o.min_top1,
-                                               max_accuracy_drop=None)) if setup.fallback else None
+                                               max_accuracy_drop=None),
+                           contiguous=o.objective == "latency" and ctx.calib is not None) if setup.fallback else None
             trial = Trial(label, ranges, fb.built if fb is not None else built, fb)
             tried.append(trial)
             if best is None or trial.rank > best.rank:

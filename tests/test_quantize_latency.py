@@ -3,16 +3,22 @@ the input), the choice reproducible where the gains are clear; regions; the opti
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
 
 import graphopt
+import graphopt.passes.quantize as quantize_module
 from graphopt.errors import UsageError
+from graphopt.graph import export, import_graph
 from graphopt.passes.quantization import latency
 from graphopt.passes.quantization.build import Built
+from graphopt.passes.quantization.fallback import contiguous_order
 from graphopt.passes.quantization.latency import Region, Timing, choose, regions
-from graphs import assert_one_line_error, ops, parse_model, rand
+from graphopt.passes.quantization.pads import fold_pads
+from graphs import assert_one_line_error, attrs, ops, parse_model, rand, random_feeds, run
 
 
 def tiny_chain(n: int = 8) -> onnx.ModelProto:
@@ -108,3 +114,104 @@ def test_an_unknown_objective_is_one_line_exit_2(cli, tmp_path):
     onnx.save(tiny_chain(), src)
     res = cli(src, tmp_path / "o.onnx", "--pass", "quantize:objective=speed")
     assert_one_line_error(res, 2, "objective")
+
+
+# ----------------------------------------------------------------------------------- pads folded into the Conv
+
+
+def padded_convs(value: float = 0.0, mode: str = "constant", pads: tuple[int, ...] = (0, 0, 1, 1, 0, 0, 2, 2),
+                 extra_reader: bool = False) -> onnx.ModelProto:
+    """Pad → Conv (3x3, stride 2, pads 0) → Relu → Pad → Conv, TensorFlow's 'SAME' padding as exported; the
+    options change the first Pad only."""
+    extra = "z = Relu(p1)" if extra_reader else "z = Relu(c1)"
+    return parse_model(f"""g (float[1, 4, 9, 9] x) => (float[1, 4, 5, 5] y, float z) {{
+        p0 = Pad <mode = "{mode}"> (x, pads, value)
+        c0 = Conv <strides = [2, 2]> (p0, w0, b0)
+        r0 = Relu(c0)
+        p1 = Pad(r0, pads1, zero)
+        c1 = Conv <pads = [0, 0, 0, 0]> (p1, w1)
+        y = Identity(c1)
+        {extra}
+    }}""", pads=np.array(pads, np.int64), pads1=np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64),
+        value=np.array(value, np.float32), zero=np.array(0, np.float32), w0=rand(4, 4, 3, 3, seed=1), b0=rand(4, seed=2), w1=rand(4, 4, 3, 3, seed=3))
+
+
+def folded(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    g = import_graph(model)
+    n = fold_pads(g)
+    return export(g, model), n
+
+
+def test_zero_pads_fold_into_the_convs_exactly():
+    model = padded_convs()
+    out, n = folded(model)
+    assert n == 2 and ops(out) == ["Conv", "Relu", "Conv", "Identity", "Relu"]
+    assert [attrs(c)["pads"] for c in out.graph.node if c.op_type == "Conv"] == [[1, 1, 2, 2], [1, 1, 1, 1]]
+    feeds = random_feeds(model)
+    for ref, got in zip(run(model, feeds), run(out, feeds)):
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    assert folded(out)[1] == 0                                  # a second run changes nothing
+
+
+@pytest.mark.parametrize("model", [padded_convs(value=1.0), padded_convs(mode="reflect"),
+                                   padded_convs(pads=(0, 1, 1, 1, 0, 0, 1, 1))], ids=["value", "reflect", "channels"])
+def test_pads_that_are_not_a_convs_zero_padding_stay(model):
+    out, n = folded(model)
+    assert n == 1 and ops(out).count("Pad") == 1                # the second Pad (zero, spatial) still folds
+
+
+def test_a_pad_read_by_another_op_stays():
+    out, n = folded(padded_convs(extra_reader=True))
+    assert n == 1 and ops(out).count("Pad") == 1
+
+
+# ----------------------------------------------------------------------------------- the contiguous candidate
+
+
+@pytest.mark.parametrize("confirm, written", [
+    ([10.0, 12.0, 6.0], "contiguous"),          # the only one faster than float
+    ([10.0, 6.0, 6.05], "int8"),                # not measured faster than all int8: all int8 stays
+    ([10.0, 6.0, 4.0], "contiguous"),           # faster than all int8
+    ([10.0, 12.0, 9.95], "float"),              # within the noise of float
+])
+def test_the_contiguous_candidate_is_taken_only_where_measured_faster(monkeypatch, confirm, written):
+    monkeypatch.setattr(latency, "time_models", lambda *timed: [Timing(t, 0.1) for t in confirm])
+    choice = choose(fake_built([("fc1", ("a", "b"))]), two_big_matmuls(), lambda keep: onnx.ModelProto(),
+                    {"x": np.zeros((1, 768), np.float32)}, contiguous=onnx.ModelProto())
+    assert choice.written == written and choice.contiguous == Timing(confirm[2], 0.1)
+
+
+def test_contiguous_order_is_the_order_the_model_computes():
+    model = padded_convs()
+    assert contiguous_order(["y", "r0", "x", "c1"], model) == ["x", "r0", "c1", "y"]
+
+
+def outlier_mlp() -> onnx.ModelProto:
+    """Three Gemm+Relu layers; the input carries a column 300x the others that the first layer reads strongly, so
+    quantizing the input (its range clipped or its step coarse) costs the output most."""
+    w0 = rand(16, 16, seed=1)
+    w0[0] *= 0.02
+    return parse_model("""g (float[N, 16] x) => (float[N, 16] y) {
+        a = Gemm(x, w0, b0)
+        ra = Relu(a)
+        b = Gemm(ra, w1, b1)
+        rb = Relu(b)
+        y = Gemm(rb, w2, b2)
+    }""", w0=w0, b0=rand(16, seed=2), w1=rand(16, 16, seed=3), b1=rand(16, seed=4), w2=rand(16, 16, seed=5),
+        b2=rand(16, seed=6))
+
+
+def test_a_float_prefix_is_written_where_it_measures_fastest(monkeypatch):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    x[:, 0] *= 300
+    real = quantize_module.choose
+    monkeypatch.setattr(quantize_module, "choose", lambda *a, **k: dataclasses.replace(real(*a, **k),
+                                                                                       written="contiguous"))
+    out, rep = graphopt.optimize(outlier_mlp(), ["quantize:min-top1=0,min-cosine=0.9999"], calib_data=[{"x": x}],
+                                 latency_runs=0, validate_output=False)
+    notes = rep.passes[-1]["notes"]
+    assert any("a float prefix of 1 tensors" in n for n in notes), notes
+    assert any("one float run at an end" in n for n in notes), notes
+    q = [n for n in out.graph.node if n.op_type == "QuantizeLinear"]
+    assert "x" not in [n.input[0] for n in q] and len(q) >= 2      # the input float, the rest int8

@@ -20,8 +20,9 @@ m_float − m_region. The regions with a positive gain are int8 (taking gains as
 small layers where int8's overhead exceeds its gain, islands whose boundaries cost more than they save. That
 assignment is then timed against all float and all int8 (the fidelity search's build), interleaved: of the two,
 those measured faster than float are candidates, all int8 taken over the table's choice only where measured faster
-than it (the gains need not add up: on mnist_cnn no region alone pays, all three together 1.37x); no candidate: the
-model stays float. The same model, data and CPU give the same assignment wherever the gains exceed the noise.
+than it (the gains need not add up: on mnist_cnn no region alone pays, all three together 1.37x); the fallback's
+contiguous candidate (one float run at an end of the model, ``fallback``), where there is one, is timed with them and
+taken only where measured faster than the others taken; no candidate: the model stays float. The same model, data and CPU give the same assignment wherever the gains exceed the noise.
 Time: at most TABLE_BUDGET_S + CONFIRM_BUDGET_S of runs (at least 5 rounds per model), one build and session per
 region.
 """
@@ -87,16 +88,19 @@ class Choice:
     all_int8: Timing
     all_float: Timing
     written: str
+    contiguous: Timing | None = None
 
     @property
     def timed(self) -> Timing:
         """The timing of what is written."""
-        return {"chosen": self.chosen, "int8": self.all_int8}.get(self.written) or self.all_float
+        return {"chosen": self.chosen, "int8": self.all_int8, "contiguous": self.contiguous}.get(
+            self.written) or self.all_float
 
     @property
     def noise(self) -> float:
         """The relative noise of the final comparison: float's notch and the best candidate's, over float's median."""
-        best = min((t for t in (self.chosen, self.all_int8) if t is not None), key=lambda t: t.median)
+        best = min((t for t in (self.chosen, self.all_int8, self.contiguous) if t is not None),
+                   key=lambda t: t.median)
         return (self.all_float.notch + (self.timed if self.written != "float" else best).notch) / self.all_float.median
 
 
@@ -147,9 +151,10 @@ def timing_feed(calib: Iterable[Batch]) -> dict[str, np.ndarray]:
 
 
 def choose(built: Built, float_model: onnx.ModelProto, build: Callable[[set[str]], onnx.ModelProto],
-           feed: dict[str, np.ndarray]) -> Choice:
+           feed: dict[str, np.ndarray], contiguous: onnx.ModelProto | None = None) -> Choice:
     """The assignment to write (module docstring). ``build(keep_float)`` builds the model with those tensors
-    float (on top of those the fidelity search left float), for timing only."""
+    float (on top of those the fidelity search left float), for timing only; ``contiguous``: the fallback's
+    contiguous candidate, timed in the final comparison with the others."""
     found = regions(built)
     cost = modelled_cost(float_model, [Batch(feed, None)])
     rewarm = REWARM if cost is not None and cost < REWARM_ABOVE_S else 1
@@ -165,18 +170,26 @@ def choose(built: Built, float_model: onnx.ModelProto, build: Callable[[set[str]
     models = [float_model, built.model]
     if partial:
         models.append(build({t for r, on in zip(found, faster) if not on for t in r.tensors}))
+    if contiguous is not None:
+        models.append(contiguous)
     final = time_models(models, feed, CONFIRM_BUDGET_S, CONFIRM_RUNS, rewarm)
-    written = pick(final[0], final[1], final[2] if partial else None)
+    chosen = final[2] if partial else None
+    alt = final[-1] if contiguous is not None else None
+    written = pick(final[0], final[1], chosen, alt)
     int8 = {"chosen": faster, "int8": (True,) * len(found)}.get(written, (False,) * len(found))
-    return Choice(tuple(found), gains, faster, int8, final[2] if partial else None, final[1], final[0], written)
+    return Choice(tuple(found), gains, faster, int8, chosen, final[1], final[0], written, alt)
 
 
-def pick(all_float: Timing, all_int8: Timing, chosen: Timing | None) -> str:
-    """What to write: of the table's choice and all int8, those measured faster than float; of both, all int8 only
-    where measured faster than the table's choice; none: float."""
-    fast = [(name, t) for name, t in (("chosen", chosen), ("int8", all_int8)) if t is not None and t.faster(all_float)]
+def pick(all_float: Timing, all_int8: Timing, chosen: Timing | None, contiguous: Timing | None = None) -> str:
+    """What to write: of the table's choice, all int8 and the contiguous candidate, those measured faster than
+    float; of these, in that order, a later one only where measured faster than the one taken so far (all int8
+    over the table's choice only where faster than it); none: float."""
+    fast = [(name, t) for name, t in (("chosen", chosen), ("int8", all_int8), ("contiguous", contiguous))
+            if t is not None and t.faster(all_float)]
     if not fast:
         return "float"
-    if len(fast) == 2 and not all_int8.faster(chosen):      # type: ignore[arg-type]
-        return "chosen"
-    return fast[-1][0]
+    name, best = fast[0]
+    for other, t in fast[1:]:
+        if t.faster(best):
+            name, best = other, t
+    return name

@@ -167,6 +167,12 @@ def _said(q: Quality) -> str:
 
 def _left_float(fb: FallbackResult, o: Any) -> dict[str, str]:
     """Each tensor the fallback left float, with the reason."""
+    if fb.shape is not None:
+        end = "input" if fb.shape == "prefix" else "output"
+        reasons = {t: f"float {fb.shape}: the {len(fb.harmful)} tensors nearest the model's {end} stay float for the "
+                      f"targets (one int8/float boundary)" for t in fb.harmful}
+        return reasons | {t: "no op next to it runs int8 once the tensors above stay float" for t in fb.built.idle
+                          if t not in reasons}
     reasons = {t: f"quantizing it alone gives {_said(fb.sensitivity[t])} (all int8: {_said(fb.full)}; targets "
                   f"min-cosine {o.min_cosine}, min-top1 {o.min_top1})" for t in fb.harmful}
     reasons.update({t: "no op next to it runs int8 once the tensors above stay float (a quantize/dequantize pair "
@@ -187,6 +193,11 @@ def _fallback(res: PassResult, fb: FallbackResult, o: Any, floated: int) -> None
         res.counts[TOP1] = round(fb.final.top1, 4)
     s = fb.search
     if s is None:
+        return
+    if fb.shape is not None:
+        res.notes.append(f"fallback: a float {fb.shape} of {len(fb.harmful)} tensors (searched on {s.search_rows} "
+                         "samples in the order the model computes them, checked on every calibration sample)")
+        res.counts[TENSORS_FLOAT] = floated
         return
     if s.late and s.sweep_samples > 1:
         res.notes.append(f"sensitivity of {s.late} of {s.sites} tensors measured on 1 sample (time budget "
@@ -219,11 +230,17 @@ def _ms(t: Any) -> str:
 def _latency(res: PassResult, c: Choice) -> None:
     """objective=latency's line: what was written and the timings it was decided on; its counts."""
     chosen = f", the {sum(c.faster)} regions faster alone {_ms(c.chosen)}" if c.chosen is not None else ""
-    timed = (f"all int8 {_ms(c.all_int8)}{chosen}, float {_ms(c.all_float)}; median per run, 1 thread, noise "
+    run = f", one float run at an end {_ms(c.contiguous)}" if c.contiguous is not None else ""
+    timed = (f"all int8 {_ms(c.all_int8)}{chosen}{run}, float {_ms(c.all_float)}; median per run, 1 thread, noise "
              f"±{100 * c.noise:.1f}%")
     if c.written == "float":
         res.notes.append(f"objective=latency: kept float: no int8 assignment that meets the targets is measured "
                          f"faster on this CPU ({timed})")
+        return
+    if c.written == "contiguous":
+        res.notes.append(f"objective=latency: one float run at an end, the rest int8, measured fastest ({timed}; "
+                         "'all int8' is the fallback's scattered choice)")
+        res.counts[SPEEDUP] = round(c.all_float.median / c.timed.median, 3)
         return
     n = len(c.regions)
     res.notes.append(f"objective=latency: {sum(c.int8)} of {n} int8 regions kept ({timed})")
@@ -234,8 +251,9 @@ def _latency(res: PassResult, c: Choice) -> None:
 
 
 def _speed_reasons(c: Choice | None) -> dict[str, tuple[int, str | None]]:
-    """Each unit in a region: the region's number and, where the region is left float, why (speed)."""
-    if c is None:
+    """Each unit in a region: the region's number and, where the region is left float, why (speed); nothing where
+    the contiguous candidate is written (its float layers are float for fidelity)."""
+    if c is None or c.written == "contiguous":
         return {}
     out: dict[str, tuple[int, str | None]] = {}
     for i, (r, on) in enumerate(zip(c.regions, c.int8)):
