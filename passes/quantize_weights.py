@@ -32,6 +32,7 @@ from graphopt.passes.options import option, unmatched
 
 from .weightonly import awq
 from .weightonly.blockwise import BlockQuant, output_error, quantize_gptq, quantize_rtn
+from .weightonly.embedding import quantize_embeddings_blockwise
 from .weightonly.emit import nbits_nodes, qdq_nodes
 from .weightonly.observe import input_moments
 from .weightonly.sites import SITE_OPS, WeightSite, find_sites, replace
@@ -42,6 +43,7 @@ QUANTIZED = "weights quantized"
 BYTES_BEFORE = "weight bytes before"
 BYTES_AFTER = "weight bytes after"
 CALIBRATION_SAMPLES = "calibration samples"
+EMBEDDINGS = "embedding tables quantized"
 
 
 @register
@@ -69,6 +71,8 @@ class QuantizeWeights(Pass):
             4, "MatMulNBits' compute type: 0/1 fp32, 2 fp16, 3 bf16, 4 int8 activations (fastest here, measured)")
         exclude: tuple[str, ...] = option((), "node names or op types to keep float (repeat the key)")
         samples: int | None = option(None, "gptq/awq: use at most this many calibration samples", lo=1)
+        embeddings: bool = option(True, "large embedding tables (Gather) blockwise too, rounded to nearest "
+                                        "(GatherBlockQuantized, or DequantizeLinear -> Gather for format=qdq)")
 
         def __post_init__(self) -> None:
             if self.format == "qdq" and self.accuracy_level != 4:
@@ -88,9 +92,9 @@ class QuantizeWeights(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options
         res = PassResult()
-        weighted = [n for n in graph.nodes if n.op in SITE_OPS]
+        weighted = [n for n in graph.nodes if n.op in (*SITE_OPS, "Gather")]
         res.notes += unmatched(self.name, "exclude", o.exclude, [n.name for n in weighted],
-                               ops={n.op for n in weighted}, what="MatMul/Gemm node")
+                               ops={n.op for n in weighted}, what="MatMul/Gemm/Gather node")
         sites = [s for s in find_sites(graph, res, o.exclude) if self._block_fits(s, res)]
         moments: dict[str, Any] = {}
         if sites and o.method != "rtn":
@@ -116,6 +120,10 @@ class QuantizeWeights(Pass):
                 bq = quantize_gptq(w, h, o.bits, o.block_size, o.symmetric) if h is not None and o.method == "gptq" \
                     else quantize_rtn(w, o.bits, o.block_size, o.symmetric)
                 self._emit(graph, s, w, bq, h, shared, res)
+        if o.embeddings:
+            res.count(EMBEDDINGS, quantize_embeddings_blockwise(graph, res, o.bits, o.block_size, o.symmetric,
+                                                                o.format, o.exclude))
+            res.changed = res.changed or res.counts[EMBEDDINGS] > 0
         res.notes.insert(0, f"bits={o.bits}, block-size={o.block_size}, {'symmetric' if o.symmetric else 'asymmetric'}"
                             f", method={o.method}, format={o.format}"
                             + (f" (accuracy_level {o.accuracy_level})" if o.format == "nbits" else "")
