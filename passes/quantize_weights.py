@@ -12,7 +12,8 @@ handled), one weight at a time (``weightonly.blockwise`` has the math):
   * format=nbits: com.microsoft.MatMulNBits with ``accuracy-level`` (default 4: int8 activations inside the
     kernel, measured 2.5x faster than levels 0-2 on Zen 4 — levels 0-2 run slower than float — see
     docs/quantize-weights.md); format=qdq: int4/uint4 (int8/uint8) blockwise DequantizeLinear → MatMul (opset 21;
-    a model below opset 21 is declined, and a weight whose K is not a multiple of the block, with the reason).
+    a model below opset 21 is declined, and a weight whose K is not a multiple of the block, with the reason);
+  * embeddings=true: large embedding Gathers blockwise too, rounded to nearest (``weightonly.embedding``).
 Declined: sites as ``weightonly.sites`` says; weights already quantized are no longer float constants, so a second
 run changes nothing.
 """
