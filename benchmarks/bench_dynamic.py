@@ -5,7 +5,7 @@
 Models: models/decoder.onnx (byte-level GPT, decoder_calib/eval.npz), MiniLM-L6 from ~/.cache/graphopt-bench/minilm/
 (benchmarks/build_minilm.py; skipped when absent), models/mnist_mlp.onnx and mnist_vit.onnx (mnist_calib/eval.npz).
 Each quantizer runs alone in a fresh process (``--worker SPEC RESULT``, the result written to a file): wall time from
-the worker's start (its imports included) and peak RSS (ru_maxrss). Settings are the same on both sides: dynamic
+the worker's start (its imports included) and peak RSS (VmHWM). Settings are the same on both sides: dynamic
 int8 with each tool's defaults (onnxruntime: one weight scale per tensor; graphopt: per-channel=auto); weight-only
 4 bits, asymmetric, accuracy_level 4, at each block size of ``--blocks``: onnxruntime's MatMulNBitsQuantizer with
 its default (C++ round-to-nearest, asked to take MatMul and Gather, as graphopt's embeddings=true), its RTN and
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import numpy as np
 T0 = time.perf_counter()
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _rss import _status_kb  # noqa: E402  (benchmarks/ is this script's directory)
 MODELS = ROOT / "models"
 MINILM = Path.home() / ".cache" / "graphopt-bench" / "minilm"
 SETS = {"decoder": (MODELS / "decoder.onnx", MODELS / "decoder_calib.npz", MODELS / "decoder_eval.npz"),
@@ -116,7 +116,8 @@ def worker(spec: dict) -> dict:
         m, _ = optimize(model, [spec["pass"]], calib_data=spec["calib"] if data else None, validate_output=False,
                         latency_runs=0, calib_samples=CALIB_SAMPLES)
         io.save_model(m, out)
-    return {"seconds": time.perf_counter() - T0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec, so every worker reported the parent's peak
+    return {"seconds": time.perf_counter() - T0, "peak_rss_mb": _status_kb("VmHWM") / 1024}
 
 
 def quantize(key: str, cfg: dict, tmp: Path) -> dict:
@@ -174,6 +175,7 @@ def row(key: str, label: str, r: dict, lat: dict, i: int, fid: dict, base: dict)
 
 def bench(key: str, blocks: list[int], tmp: Path) -> list[str]:
     import onnx
+    from graphopt.errors import InputError
     from graphopt.runtime import measure_latency
     src, _, evals = SETS[key]
     if not src.exists():
@@ -182,11 +184,16 @@ def bench(key: str, blocks: list[int], tmp: Path) -> list[str]:
     for cfg in configs(key, blocks):
         rows[cfg["label"]] = quantize(key, cfg, tmp)
         print(key, cfg["label"], {k: v for k, v in rows[cfg["label"]].items() if k != "path"}, flush=True)
-    ok = [c for c, r in rows.items() if "error" not in r]
     data = np.load(evals)
     feed = feeds(data, len(data[data.files[0]]))
     ref = outputs(str(src), feed)
-    fids = {c: fidelity(key, ref, outputs(rows[c]["path"], feed), data) for c in ok}
+    fids = {}
+    for c in [c for c, r in rows.items() if "error" not in r]:
+        try:
+            fids[c] = fidelity(key, ref, outputs(rows[c]["path"], feed), data)
+        except InputError as e:         # a quantizer wrote a model onnxruntime refuses
+            rows[c] = {"error": str(e).replace(str(tmp) + "/", "")[:300]}
+    ok = [c for c, r in rows.items() if "error" not in r]
     models = [onnx.load(rows[c]["path"]) for c in ok]
     lat = {n: measure_latency(models, feeds(data, n), runs=300 if n == 1 else 25, budget_s=90, clock=time.thread_time)
            for n in (1, 64)}
