@@ -1,8 +1,10 @@
 """Large embedding tables looked up by Gather, stored in fewer bits: int8 per row (``quantize-dynamic``) or blockwise
 4/8-bit (``quantize-weights``).
 
-A site is ``Gather(T, ids)`` on axis 0 of a float32 constant table T [V, D] (at least ``MIN_ELEMENTS`` values, D at
-least ``MIN_WIDTH``; ids not a constant). Declined, with the reason: a table shared with another node or a graph
+A site is ``Gather(T, ids)`` on axis 0 of a float32 constant table T [V, D] (D at least ``MIN_WIDTH``, ids not a
+constant) of at least ``MIN_ELEMENTS`` values for int8 (three extra nodes: a BERT's two token types stay float), at
+least ``MIN_BLOCKWISE`` for blockwise (one node for one; the byte decoder's 256×128 table, 0.13 MB of its 0.82 MB
+at 4 bits, is taken). Declined, with the reason: a table shared with another node or a graph
 output, a Gather on another axis, an excluded node.
   * int8 per row (``quantize_embeddings``): ``Mul(Cast(Gather(Q, ids)), Gather(S, ids))`` with Q int8 symmetric per
     row (the quantize pass's ``weight_qparams``: s_v = max|T[v]| / 127) and S [V, 1]: 4x smaller, the lookup reads
@@ -16,7 +18,6 @@ output, a Gather on another axis, an excluded node.
     MatMulNBits), which gathers the rows and dequantizes only them; or, ``qdq``, as the standard opset-21 blockwise
     ``DequantizeLinear(q, s[, z]; axis 1, block_size B) → Gather`` (D must be a multiple of B: no padding there).
     4-bit blocks of 32 store ~5.1 bits per value: MiniLM's 30522×384 word table 46.9 MB → 7.5 MB.
-Tables under ``MIN_ELEMENTS`` (a BERT's two token types) stay float: not worth the extra nodes.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ from graphopt.passes.quantization.weights import nearest_weights, weight_qparams
 from .blockwise import BlockQuant, quantize_rtn
 
 MIN_ELEMENTS = 1 << 16
+MIN_BLOCKWISE = 1 << 12
 MIN_WIDTH = 8           # rows narrower than this are not embeddings (and a rewritten table's [V, 1] scales stay float)
 
 
-def embedding_sites(graph: gs.Graph, res: PassResult, exclude: tuple[str, ...] = ()) -> list[tuple[gs.Node, np.ndarray]]:
-    """(Gather, its float32 table) for every large embedding lookup; the others declined in ``res``."""
+def embedding_sites(graph: gs.Graph, res: PassResult, exclude: tuple[str, ...] = (),
+                    min_elements: int = MIN_ELEMENTS) -> list[tuple[gs.Node, np.ndarray]]:
+    """(Gather, its float32 table) for every embedding lookup of ``min_elements`` or more; others declined in ``res``."""
     outputs = {t.name for t in graph.outputs}
     sites = []
     for node in [n for n in graph.nodes if is_std(n, "Gather")]:
@@ -44,7 +47,7 @@ def embedding_sites(graph: gs.Graph, res: PassResult, exclude: tuple[str, ...] =
         if not isinstance(table, gs.Constant) or isinstance(node.inputs[1], gs.Constant):
             continue
         values = np.asarray(table.values)
-        if values.dtype != np.float32 or values.ndim != 2 or values.size < MIN_ELEMENTS or values.shape[1] < MIN_WIDTH:
+        if values.dtype != np.float32 or values.ndim != 2 or values.size < min_elements or values.shape[1] < MIN_WIDTH:
             continue
         if node.name in exclude or "Gather" in exclude:
             res.decline(describe(node), "excluded by option")
@@ -88,7 +91,7 @@ def quantize_embeddings_blockwise(graph: gs.Graph, res: PassResult, bits: int, b
                                   fmt: str, exclude: tuple[str, ...] = ()) -> int:
     """Every large embedding Gather blockwise-quantized along its rows (module docstring); the number rewritten."""
     done = 0
-    for node, values in embedding_sites(graph, res, exclude):
+    for node, values in embedding_sites(graph, res, exclude, MIN_BLOCKWISE):
         v, d = values.shape
         if fmt == "qdq" and d % block:
             res.decline(describe(node), f"row width {d} is not a multiple of block-size {block} (format=qdq has no "
