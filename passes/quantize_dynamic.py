@@ -32,12 +32,13 @@ from .quantization.cpu import reduce_range_auto
 from .quantization.weights import nearest_weights, weight_qparams
 from .subgraphs import graphs, unique_names
 from .weightonly.embedding import quantize_embeddings
-from .weightonly.emit import dynamic_nodes
+from .weightonly.emit import dynamic_nodes, dynamic_weight
 from .weightonly.sites import SITE_OPS, WeightSite, find_sites, replace
 
 QUANTIZED = "MatMul/Gemm quantized"
 LSTMS = "LSTM quantized"
 EMBEDDINGS = "embedding tables quantized"
+PER_COLUMN = "weights with per-column scales"
 CONV_NOTE = ("Conv left float: onnxruntime's ConvInteger measured ~10x slower than float Conv on Zen 4 "
              "(docs/quantize-dynamic.md)")
 
@@ -52,7 +53,9 @@ class QuantizeDynamic(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        per_channel: bool = option(True, "one weight scale per output column (per tensor otherwise)")
+        per_channel: Literal["auto", "true", "false"] = option(
+            "auto", "one weight scale per output column; auto: per tensor unless that errs by over 3% of the weight "
+                    "(per-column scales cost 0.5-2 us per call, weightonly.emit)")
         reduce_range: Literal["auto", "true", "false"] = option(
             "auto", "7-bit weights; auto: where this CPU's u8s8 kernel saturates (x86 without VNNI; probed)")
         lstm: bool = option(True, "LSTM weights int8 too (com.microsoft.DynamicQuantizeLSTM)")
@@ -73,7 +76,8 @@ class QuantizeDynamic(Pass):
         unique_names(graph)
         if any(is_std(n, "Conv") and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant) for n in nodes):
             res.notes.append(CONV_NOTE)
-        res.notes.insert(0, f"int8 weights ({'per channel' if o.per_channel else 'per tensor'}"
+        res.notes.insert(0, f"int8 weights (per-channel={o.per_channel}: {res.counts.get(PER_COLUMN, 0):.0f} with a "
+                            "scale per column"
                             f"{', 7-bit' if reduce else ''}), uint8 activations quantized at run time: "
                             f"{res.counts.get(QUANTIZED, 0):.0f} MatMul/Gemm, {res.counts.get(LSTMS, 0):.0f} LSTM, "
                             f"{res.counts.get(EMBEDDINGS, 0):.0f} embedding tables")
@@ -85,7 +89,7 @@ class QuantizeDynamic(Pass):
         shared: dict[tuple, list[gs.Tensor]] = {}
         quantized_x: dict[str, list[gs.Variable]] = {}
         for s in find_sites(graph, res, o.exclude):
-            _matmul(graph, s, o.per_channel, reduce, shared, quantized_x)
+            res.count(PER_COLUMN, _matmul(graph, s, o.per_channel, reduce, shared, quantized_x))
             res.changed = True
             res.count(QUANTIZED)
         if o.lstm:
@@ -93,7 +97,7 @@ class QuantizeDynamic(Pass):
                 if node.name in o.exclude or "LSTM" in o.exclude:
                     res.decline(describe(node), "excluded by option")
                     continue
-                reason = _lstm(graph, node, o.per_channel, reduce)
+                reason = _lstm(graph, node, o.per_channel != "false", reduce)
                 if reason:
                     res.decline(describe(node), reason)
                 else:
@@ -104,15 +108,15 @@ class QuantizeDynamic(Pass):
             res.changed = res.changed or res.counts[EMBEDDINGS] > 0
 
 
-def _matmul(graph: gs.Graph, s: WeightSite, per_channel: bool, reduce: bool, shared: dict[tuple, list[gs.Tensor]],
-            quantized_x: dict[str, list[gs.Variable]]) -> None:
-    """One MatMul/Gemm site with int8 weights: the float weight is read here and dropped on return, before the next
-    (a big model's weights one at a time)."""
+def _matmul(graph: gs.Graph, s: WeightSite, per_channel: str, reduce: bool, shared: dict[tuple, list[gs.Tensor]],
+            quantized_x: dict[str, list[gs.Variable]]) -> bool:
+    """One MatMul/Gemm site with int8 weights, whether with a scale per column: the float weight is read here and
+    dropped on return, before the next (a big model's weights one at a time)."""
     w = s.weight()
-    scale, zp, axis = weight_qparams(w, 1, per_channel, reduce)
-    q = nearest_weights(w, scale, zp, axis)
+    q, scale = dynamic_weight(w, per_channel, reduce)
     del w
     replace(graph, s, lambda y: dynamic_nodes(graph, s, q, scale, y, shared, quantized_x))
+    return scale.ndim > 0
 
 
 def _lstm(graph: gs.Graph, node: gs.Node, per_channel: bool, reduce: bool) -> str | None:

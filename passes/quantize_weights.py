@@ -12,7 +12,8 @@ handled), one weight at a time (``weightonly.blockwise`` has the math):
   * format=nbits: com.microsoft.MatMulNBits with ``accuracy-level`` (default 4: int8 activations inside the
     kernel, measured 2.5x faster than levels 0-2 on Zen 4 — levels 0-2 run slower than float — see
     docs/quantize-weights.md); format=qdq: int4/uint4 (int8/uint8) blockwise DequantizeLinear → MatMul (opset 21;
-    a model below opset 21 is declined, and a weight whose K is not a multiple of the block, with the reason).
+    a model below opset 21 is declined, and a weight whose K is not a multiple of the block, with the reason);
+  * embeddings=true: large embedding Gathers blockwise too, rounded to nearest (``weightonly.embedding``).
 Sites inside If/Loop/Scan bodies are rewritten there (gptq/awq need the input observed: one the body computes
 is not, and its weights are rounded to nearest, with a note). Declined: sites as ``weightonly.sites`` says; weights
 already quantized are no longer float constants, so a second run changes nothing.
@@ -34,6 +35,7 @@ from graphopt.passes.options import option, unmatched
 from .subgraphs import graphs, unique_names
 from .weightonly import awq
 from .weightonly.blockwise import BlockQuant, output_error, quantize_gptq, quantize_rtn
+from .weightonly.embedding import quantize_embeddings_blockwise
 from .weightonly.emit import nbits_nodes, qdq_nodes
 from .weightonly.observe import input_moments
 from .weightonly.sites import SITE_OPS, WeightSite, find_sites, replace
@@ -44,6 +46,7 @@ QUANTIZED = "weights quantized"
 BYTES_BEFORE = "weight bytes before"
 BYTES_AFTER = "weight bytes after"
 CALIBRATION_SAMPLES = "calibration samples"
+EMBEDDINGS = "embedding tables quantized"
 
 
 @register
@@ -71,6 +74,8 @@ class QuantizeWeights(Pass):
             4, "MatMulNBits' compute type: 0/1 fp32, 2 fp16, 3 bf16, 4 int8 activations (fastest here, measured)")
         exclude: tuple[str, ...] = option((), "node names or op types to keep float (repeat the key)")
         samples: int | None = option(None, "gptq/awq: use at most this many calibration samples", lo=1)
+        embeddings: bool = option(True, "large embedding tables (Gather) blockwise too, rounded to nearest "
+                                        "(GatherBlockQuantized, or DequantizeLinear -> Gather for format=qdq)")
 
         def __post_init__(self) -> None:
             if self.format == "qdq" and self.accuracy_level != 4:
@@ -91,9 +96,9 @@ class QuantizeWeights(Pass):
         o = self.options
         res = PassResult()
         scopes = graphs(graph)     # the model and its If/Loop/Scan bodies (``subgraphs``)
-        weighted = [n for g in scopes for n in g.nodes if n.op in SITE_OPS]
+        weighted = [n for g in scopes for n in g.nodes if n.op in (*SITE_OPS, "Gather")]
         res.notes += unmatched(self.name, "exclude", o.exclude, [n.name for n in weighted],
-                               ops={n.op for n in weighted}, what="MatMul/Gemm node")
+                               ops={n.op for n in weighted}, what="MatMul/Gemm/Gather node")
         sites = [(g, s) for g in scopes for s in find_sites(g, res, o.exclude) if self._block_fits(s, res)]
         top = {id(t) for t in graph.tensors().values()}   # calibration observes the model's own tensors only
         moments: dict[str, Any] = {}
@@ -124,6 +129,10 @@ class QuantizeWeights(Pass):
                 continue
             for s in group:
                 self._quantize(g, s, h, shared, res)
+        if o.embeddings:
+            res.count(EMBEDDINGS, quantize_embeddings_blockwise(graph, res, o.bits, o.block_size, o.symmetric,
+                                                                o.format, o.exclude))
+            res.changed = res.changed or res.counts[EMBEDDINGS] > 0
         unique_names(graph)
         res.notes.insert(0, f"bits={o.bits}, block-size={o.block_size}, {'symmetric' if o.symmetric else 'asymmetric'}"
                             f", method={o.method}, format={o.format}"

@@ -76,3 +76,17 @@ def test_embedding_table_int8_per_row():
     small, rec = run_passes(make_model([node("Gather", ["t", "ids"], ["y"])], [("ids", [3], np.int64)], ["y"],
                                        {"t": rand(2, 8)}), ["quantize-dynamic"])
     assert ops(small) == ["Gather"]
+
+
+def test_per_channel_auto_takes_one_scale_unless_columns_differ():
+    """auto: one scale per tensor for similar columns (cheaper kernel call), per column when a per-tensor scale would
+    err by more than 3% of the weight (one outlier weight 30x the others sets the tensor's step)."""
+    similar = rand(K, N, seed=1)
+    skewed = similar.copy()
+    skewed[0, 0] = 30.0
+    for w, per_column in ((similar, False), (skewed, True)):
+        model = make_model([node("MatMul", ["x", "w"], ["y"])], [("x", ["n", K])], ["y"], {"w": w})
+        out, rec = run_passes(model, ["quantize-dynamic"])
+        scales = [t for t in out.graph.initializer if t.name.endswith("weight_scale")]
+        assert list(scales[0].dims) == ([N] if per_column else [])
+        assert f"{int(per_column)} with a scale per column" in rec[-1].result.notes[0]

@@ -102,3 +102,32 @@ def test_rtn_error_is_at_most_half_a_step(w, bits, block, symmetric):
     w_hat = bq.dequantize()
     assert np.all(np.abs(w_hat - w) <= step / 2 * (1 + 1e-5) + 1e-30)
     assert np.all(w_hat[w == 0] == 0)
+
+
+@pytest.mark.parametrize("fmt,symmetric,bits", [("nbits", False, 4), ("nbits", True, 8), ("qdq", False, 4),
+                                                ("qdq", True, 4)])
+def test_embedding_gather_blockwise_is_exactly_dequantize_then_gather(fmt, symmetric, bits):
+    """GatherBlockQuantized (uint8 packed, nbits) / DequantizeLinear -> Gather (qdq) give the dequantized rows exactly;
+    a second run changes nothing."""
+    v, d = 1024, 80 if fmt == "nbits" else 96              # 80: the last block padded (nbits only)
+    table = rand(v, d, seed=1)
+    model = make_model([node("Gather", ["table", "ids"], ["y"], name="emb")], [("ids", [2, 5], np.int64)], ["y"],
+                       {"table": table}, opset=21)
+    out, rec = run_passes(model, [("quantize-weights", {"format": fmt, "symmetric": symmetric, "bits": bits})])
+    assert ops(out) == (["com.microsoft.GatherBlockQuantized"] if fmt == "nbits" else ["DequantizeLinear", "Gather"])
+    ids = np.array([[0, 1, 2, 500, 1023], [3, 3, 7, 900, 10]], np.int64)
+    expect = quantize_rtn(table.T, bits, 32, symmetric).dequantize().T[ids]
+    assert np.array_equal(run(out, {"ids": ids})[0], expect)
+    again, rec2 = run_passes(out, ["quantize-weights"])
+    assert same_graph(out, again) and not rec2[-1].result.changed
+
+
+def test_embedding_declines():
+    model = make_model([node("Gather", ["table", "ids"], ["y"], name="emb")], [("ids", [3], np.int64)], ["y"],
+                       {"table": rand(2048, 40, seed=1)}, opset=21)
+    out, rec = run_passes(model, [("quantize-weights", {"format": "qdq"})])
+    assert ops(out) == ["Gather"] and "row width 40 is not a multiple of block-size 32" in declined(rec)[0]
+    out, rec = run_passes(model, [("quantize-weights", {"exclude": ("emb",)})])
+    assert ops(out) == ["Gather"] and "excluded" in declined(rec)[0]
+    out, _ = run_passes(model, [("quantize-weights", {"embeddings": False})])
+    assert ops(out) == ["Gather"]

@@ -117,6 +117,7 @@ def quantize_gptq(w: np.ndarray, h: np.ndarray, bits: int, block: int, symmetric
 
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
-    """E‖x·(W − Ŵ)‖² up to the row count: tr(ΔWᵀ H ΔW)."""
+    """E‖x·(W − Ŵ)‖² up to the row count: tr(ΔWᵀ H ΔW) = Σ (H·ΔW) ⊙ ΔW (one BLAS product; einsum's three-operand
+    loop took 30x longer on MiniLM's 1536×384 weights)."""
     d = (w_hat - w).astype(np.float64)
-    return float(np.einsum("kn,kj,jn->", d, h, d))
+    return float(np.sum((h @ d) * d))
