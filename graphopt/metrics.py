@@ -129,16 +129,22 @@ class OutputStats:
             return
         x = ref.astype(np.float64)
         y = out.astype(np.float64)
-        fin_x = np.isfinite(x)
-        fin_y = np.isfinite(y)
-        self.new_nonfinite += int(np.count_nonzero(fin_x & ~fin_y))
-        # Non-finite values in the original must be reproduced exactly (same NaN/Inf positions and signs).
-        nf = ~fin_x
-        if nf.any():
-            same = (np.isnan(x[nf]) & np.isnan(y[nf])) | (x[nf] == y[nf])
-            self.mismatches += int(np.count_nonzero(~same))
-        both = fin_x & fin_y
-        xb, yb = x[both], y[both]
+        # Where every value of both is finite (the common case), the masked copies below equal x and y themselves
+        # (boolean indexing keeps C order), so the sums run on the arrays as they are: the same values in the same
+        # order, the same figures to the last bit, without a third of the passes over the output.
+        finite = ref.dtype.kind == "f" and bool(np.isfinite(ref).all()) and bool(np.isfinite(out).all())
+        both: Any = True
+        if not finite:
+            fin_x = np.isfinite(x)
+            fin_y = np.isfinite(y)
+            self.new_nonfinite += int(np.count_nonzero(fin_x & ~fin_y))
+            # Non-finite values in the original must be reproduced exactly (same NaN/Inf positions and signs).
+            nf = ~fin_x
+            if nf.any():
+                same = (np.isnan(x[nf]) & np.isnan(y[nf])) | (x[nf] == y[nf])
+                self.mismatches += int(np.count_nonzero(~same))
+            both = fin_x & fin_y
+        xb, yb = (x.ravel(), y.ravel()) if finite else (x[both], y[both])
         if xb.size:
             err = np.abs(yb - xb)
             self.max_abs_error = max(self.max_abs_error, float(err.max()))
@@ -146,13 +152,14 @@ class OutputStats:
             self.sum_ref2 += float(np.dot(xb.ravel(), xb.ravel()) if xb.dtype.kind == "f" else np.sum(np.abs(xb) ** 2))
             self.sum_out2 += float(np.sum(np.abs(yb) ** 2))
             self.sum_err2 += float(np.sum(err ** 2))
-            self.dot += float(np.real(np.sum(xb * np.conj(yb))))
+            self.dot += float(np.real(np.sum(xb * (yb if finite else np.conj(yb)))))
             if x.ndim and x.dtype.kind == "f":
-                xr, yr = np.where(both, x, 0.0).reshape(x.shape[0], -1), np.where(both, y, 0.0).reshape(x.shape[0], -1)
+                xm, ym = (x, y) if finite else (np.where(both, x, 0.0), np.where(both, y, 0.0))
+                xr, yr = xm.reshape(x.shape[0], -1), ym.reshape(x.shape[0], -1)
                 self.row_terms += zip(np.einsum("ij,ij->i", xr, yr).tolist(), np.einsum("ij,ij->i", xr, xr).tolist(),
                                        np.einsum("ij,ij->i", yr, yr).tolist())
                 if self.slices is not None and x.ndim > 1:
-                    self.slices.update(np.where(both, x, 0.0), np.where(both, y, 0.0))
+                    self.slices.update(xm, ym)
         if self.score_axis is not None and ref.ndim > 1:
             ref, out, top1, sequence = np.moveaxis(ref, self.score_axis, -1), np.moveaxis(out, self.score_axis, -1), \
                 True, True

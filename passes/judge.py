@@ -21,8 +21,10 @@ from typing import Any, Iterable, Mapping, NamedTuple
 import numpy as np
 import onnx
 
+from graphopt.calibration.feeds import first_row_feed
 from graphopt.calibration.readers import Batch
-from graphopt.runtime import make_session
+from graphopt.io import is_big
+from graphopt.runtime import count_macs, make_session, run_threads
 from graphopt.metrics import OutputStats
 from graphopt.validate import Comparison, Thresholds, class_score_outputs, validate
 
@@ -52,6 +54,10 @@ def take(source: Iterable[Batch], n: int, max_bytes: int | None = None) -> list[
 def judge_samples(source: Iterable[Batch]) -> list[Batch]:
     """The calibration samples a judge checks on: the first FALLBACK_SAMPLES, FALLBACK_INPUT_BYTES at most."""
     return take(source, FALLBACK_SAMPLES, FALLBACK_INPUT_BYTES)
+
+# The float model's outputs on the judge's samples are kept for every later check, up to this many bytes (PP-OCRv4
+# rec's [16, 40, 6625] scores: 17 MB per 16 samples); past it they are computed again for each check.
+REFERENCE_BYTES = 256 << 20
 
 # The check asks for what a one-sided 95% test needs to put the targets' true values above them, on other data
 # drawn like the calibration samples: stopping exactly at min-top1 on 256 calibration crops left EfficientNet-Lite0
@@ -102,10 +108,10 @@ class Judge:
         self.min_top1 = targets.min_top1 or 0.0
         self.max_accuracy_drop = targets.max_accuracy_drop   # points, on the samples' labels where they have them
         self.scores = class_score_outputs(roles)
-        self.ref = make_session(float_model, "float model")   # one float session for every check
+        self.threads = check_threads(float_model, batches)
+        self.ref = Reference(make_session(float_model, "float model", threads=self.threads))  # for every check
         self.names = [o.name for o in self.ref.get_outputs()]
         self.checked: dict[str, int] = {}    # class-score output -> rows its top-1 agreement is checked on
-        self._ref_outputs: dict[int, list[Any]] = {}
 
     def judged(self, stats: list[OutputStats], metric: tuple[float, float] | None, spread: bool = True) -> Quality:
         """``Quality`` from the outputs' figures (``spread``: with the cosines' standard errors, else none) and the
@@ -141,7 +147,8 @@ class Judge:
     def quality(self, model: onnx.ModelProto) -> Quality:
         """``judged`` for ``model`` against float on every judge sample."""
         v = validate(self.float_model, model, self.batches, exact=False, thresholds=self.targets.measures(),
-                     sessions=(self.ref, make_session(model, "quantized model")), roles=self.roles)
+                     sessions=(self.ref, make_session(model, "quantized model", threads=self.threads)),
+                     roles=self.roles)
         self.checked.update({s.name: s.top1_rows for i, s in enumerate(v.outputs)
                              if s.top1 is not None and (i in self.scores or s.score_axis is not None)})
         q = self.judged(v.outputs, None if v.metric is None else v.metric[1:])
@@ -149,10 +156,8 @@ class Judge:
         return q._replace(accuracy_drop=(acc[0] - acc[1]) * 100, labelled=v.labelled) if acc else q
 
     def reference(self, b: Batch) -> list[Any]:
-        """The float model's outputs on ``b`` (cached)."""
-        if id(b) not in self._ref_outputs:
-            self._ref_outputs[id(b)] = self.ref.run(None, b.feed)
-        return self._ref_outputs[id(b)]
+        """The float model's outputs on ``b`` (kept: ``Reference``)."""
+        return self.ref.run(None, b.feed)
 
     def switched_quality(self, sess: Any, switches: Mapping[str, str], quantized: set[str], feeds: list[Batch]
                          ) -> Quality:
@@ -163,3 +168,37 @@ class Judge:
         for b in feeds:
             comparison.add(self.reference(b), sess.run(None, {**b.feed, **flags}), b.labels, b.rows)
         return self.judged(comparison.stats, comparison.metric_values(), spread=False)
+
+
+def check_threads(float_model: onnx.ModelProto, batches: list[Batch]) -> int | None:
+    """Intra-op threads for the judge's sessions (``runtime.run_threads``): from the MACs of a run on its first
+    batch (counted on one row, times the batch's rows)."""
+    if not batches or is_big(float_model):     # counting would load a model over 2 GB once more
+        return None
+    macs = count_macs(float_model, first_row_feed(batches[0].feed))
+    return run_threads(None if macs is None else macs * batches[0].rows)
+
+
+class Reference:
+    """The float model's session, its outputs on each feed kept (by the feed's identity, the feed held so that
+    the identity stays its own) while they fit REFERENCE_BYTES: a judge checks every candidate on the same
+    samples, and validation asks it as it asks any session (``get_outputs``, ``run(None, feed)``)."""
+
+    def __init__(self, sess: Any) -> None:
+        self.sess = sess
+        self.kept: dict[int, tuple[Mapping[str, Any], list[Any]]] = {}
+        self.held = 0
+
+    def get_outputs(self) -> Any:
+        return self.sess.get_outputs()
+
+    def run(self, names: None, feed: Mapping[str, Any]) -> list[Any]:
+        hit = self.kept.get(id(feed))
+        if hit is not None and hit[0] is feed:
+            return hit[1]
+        out = self.sess.run(names, feed)
+        size = sum(v.nbytes for v in out if isinstance(v, np.ndarray))
+        if self.held + size <= REFERENCE_BYTES:
+            self.kept[id(feed)] = (feed, out)
+            self.held += size
+        return out

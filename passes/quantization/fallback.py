@@ -82,9 +82,9 @@ class Fallback:
         self.sites = list(built.tensors)
         switchable = builder.build(switchable=True)
         self.switches = switchable.switches
-        # one thread: the search runs it hundreds of times on a few samples, where a thread pool's start and spin
-        # per run cost more CPU than it saves (as the full mean correction's segments)
-        self.session = make_session(switchable.model, "switchable quantized model", threads=1)
+        # the judge's threads (runtime.run_threads): one on small runs, which the search makes hundreds of, where a
+        # pool's wake-ups per op cost more than they save; the pool where a run is long enough to split
+        self.session = make_session(switchable.model, "switchable quantized model", threads=judge.threads)
         batches = judge.batches
         self.one = first_row(batches)
         self.per_sample = sample_cost(judge.float_model, self.one, lambda: self.quality(set(self.sites), self.one))
