@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from graphopt.calibration.readers import Batch
+from graphopt.graph import cleanup, export, import_graph
 from graphopt.metrics import OutputStats
 from graphopt.passes import judge as judge_mod
 from graphopt.passes.judge import Judge
@@ -14,7 +16,7 @@ from graphopt.runtime import POOL_MACS, run_threads, session_options
 from graphopt.validate import Thresholds
 from onnx import numpy_helper
 
-from graphs import calib, conv_net
+from graphs import calib, conv_net, parse_model
 
 SPIN = "session.intra_op.allow_spinning"
 
@@ -109,3 +111,27 @@ def test_output_stats_all_finite_path_matches_the_masked_sums() -> None:
     t = OutputStats("y")
     t.update(ref, out)
     assert t.new_nonfinite == 1 and t.sum_ref2 < s.sum_ref2
+
+
+IF_DEAD = """
+agraph (float[2] x, bool c) => (float[2] y) {
+    dead = Mul(x, x)
+    k = Constant<value = float[3] {1, 2, 3}>()
+    y = If(c) <then_branch = g1 () => (float[2] t) { u = Neg(x)  t = Abs(x) },
+               else_branch = g2 () => (float[2] e) { e = Relu(x) }>
+}
+"""
+
+
+def test_cleanup_removes_what_graphsurgeon_does_without_formatting_nodes(monkeypatch) -> None:
+    model = parse_model(IF_DEAD)
+    expected = export(import_graph(model).cleanup(), model)
+
+    def no_format(node) -> str:
+        raise AssertionError(f"{node.op} formatted")
+
+    graph = import_graph(model)
+    monkeypatch.setattr(gs.Node, "__str__", no_format)
+    got = export(cleanup(graph), model)
+    assert got.SerializeToString() == expected.SerializeToString()
+    assert [n.op for n in graph.nodes] == ["If"] and [n.op for n in graph.nodes[0].attrs["then_branch"].nodes] == ["Abs"]

@@ -33,7 +33,7 @@ from graphopt.calibration.bias_correction import BiasSite, PatchMeanObserver, re
 from graphopt.calibration.gptq import HessianObserver
 from graphopt.calibration.qparams import qparams
 
-from graphopt.graph import export, is_float32
+from graphopt.graph import cleanup, export, is_float32
 from graphopt.passes.base import constant
 
 from .plan import FLOAT_OUTPUT, SHARED_SCALE, Plan, Unit, int8_data, plan_reads
@@ -225,7 +225,7 @@ class Builder:
             if u.weight_axis is not None:
                 self._weights(edit, node, u, params[x_names[0]][0], edit.switches.get(x_names[0]))
             int8_units.append(u.name)
-        edit.graph.cleanup().toposort()
+        cleanup(edit.graph).toposort()
         model = export(edit.graph, self.template)
         skipped = None
         if refit and self.refit is not None and not switchable and edit.bias_sites:
