@@ -135,3 +135,38 @@ def test_cleanup_removes_what_graphsurgeon_does_without_formatting_nodes(monkeyp
     got = export(cleanup(graph), model)
     assert got.SerializeToString() == expected.SerializeToString()
     assert [n.op for n in graph.nodes] == ["If"] and [n.op for n in graph.nodes[0].attrs["then_branch"].nodes] == ["Abs"]
+
+
+class _Flipping:
+    """A stand-in for the switchable session: float's outputs with the logits of the given rows negated (their
+    top-1 changes), counting its runs."""
+
+    def __init__(self, judge: Judge, flipped: set[int]) -> None:
+        self.judge, self.flipped, self.runs = judge, flipped, 0
+
+    def run(self, names, feed):
+        out = [o.copy() for o in self.judge.ref.sess.run(None, {"x": feed["x"]})]
+        rows = out[0].shape[0]
+        for r in range(rows):
+            if self.runs * rows + r in self.flipped:
+                out[0][r] = -out[0][r]
+        self.runs += 1
+        return out
+
+
+@pytest.mark.parametrize("flipped", [set(), {0, 1, 2}, {5, 40, 63}, {0, 9, 18, 27, 36, 45, 54}, set(range(12)),
+                                     {1, 2}, set(range(50, 64))])
+def test_switched_check_stops_once_top1_is_lost_with_the_same_answer(flipped: set[int]) -> None:
+    batches = [Batch(feed, None) for feed in calib(64)]
+    judge = Judge(conv_net(), conv_net(), batches, Thresholds(0.0, 0.9))
+    full = judge.switched_quality(_Flipping(judge, flipped), {}, set(), batches)
+    assert full is not None
+    for confident in (True, False):
+        sess = _Flipping(judge, flipped)
+        q = judge.switched_quality(sess, {}, set(), batches, confident)
+        assert (q is not None and judge.meets(q, confident)) == judge.meets(full, confident)
+        assert (q is None) == (sess.runs < len(batches))
+        if q is not None:
+            assert q == full
+    early = _Flipping(judge, {0, 1, 2})
+    assert judge.switched_quality(early, {}, set(), batches, True) is None and early.runs == 1
