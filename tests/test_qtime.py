@@ -8,15 +8,17 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from graphopt.calibration.readers import Batch
-from graphopt.graph import cleanup, export, import_graph
+from graphopt.graph import cleanup, export, import_graph, infer_shapes
 from graphopt.metrics import OutputStats
 from graphopt.passes import judge as judge_mod
 from graphopt.passes.judge import Judge
+from graphopt.passes.quantization.build import Builder
+from graphopt.passes.quantization.plan import candidate_tensors, make_plan
 from graphopt.runtime import POOL_MACS, run_threads, session_options
 from graphopt.validate import Thresholds
 from onnx import numpy_helper
 
-from graphs import calib, conv_net, parse_model
+from graphs import calib, conv_net, parse_model, run
 
 SPIN = "session.intra_op.allow_spinning"
 
@@ -170,3 +172,23 @@ def test_switched_check_stops_once_top1_is_lost_with_the_same_answer(flipped: se
             assert q == full
     early = _Flipping(judge, {0, 1, 2})
     assert judge.switched_quality(early, {}, set(), batches, True) is None and early.runs == 1
+
+
+def test_switchable_build_switches_with_if_off_is_float_on_is_the_real_builds_fake_quantization() -> None:
+    model = conv_net()
+    graph = import_graph(model)
+    infer_shapes(graph, model)
+    plan = make_plan(graph, ())
+    builder = Builder(graph, plan, {t: (-4.0, 4.0) for t in candidate_tensors(plan)}, model, per_channel=True,
+                      reduce_range=False, activations="uint8")
+    sw = builder.build(switchable=True)
+    assert "Where" not in {n.op_type for n in sw.model.graph.node}
+    assert sum(n.op_type == "If" for n in sw.model.graph.node) >= len(sw.switches) > 0
+    feed = calib(8)[0]
+    off = {name: np.array(False) for name in sw.switches.values()}
+    on = {name: np.array(True) for name in sw.switches.values()}
+    for a, b in zip(run(sw.model, {**feed, **off}), run(model, feed)):
+        assert np.array_equal(a, b)                  # every switch off: the float model to the bit
+    real = builder.build()                           # no mean correction (no refit): the same weights and biases
+    for a, b in zip(run(sw.model, {**feed, **on}), run(real.model, feed)):
+        assert np.allclose(a, b, rtol=1e-5, atol=1e-5)   # fake quantization as the QDQ graph runs it unfused
