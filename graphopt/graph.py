@@ -94,6 +94,27 @@ def replace_graph(graph: gs.Graph, new: gs.Graph) -> None:
     graph.functions = new.functions
 
 
+def cleanup(graph: gs.Graph, remove_unused_graph_inputs: bool = False, recurse_functions: bool = True) -> gs.Graph:
+    """``graph.cleanup`` (removes the nodes no graph output depends on, in subgraphs and local functions too) without
+    its cost: onnx-graphsurgeon formats every node it removes, arrays included, for a log line it then drops (2.3 s
+    of CPU on PP-OCR cls). The dead nodes go first, each graph's own way (``_get_used_node_ids``), so its cleanup
+    finds none left to format."""
+    graphs = [graph, *(graph.functions if recurse_functions else [])]
+    while graphs:
+        g = graphs.pop()
+        with g.node_ids():
+            for inp in g.inputs:
+                inp.inputs.clear()
+            used, _ = g._get_used_node_ids()
+            for node in g.nodes:
+                if g._get_node_id(node) not in used:
+                    node.inputs.clear()
+                    node.outputs.clear()
+            g.nodes = [n for n in g.nodes if g._get_node_id(n) in used]
+        graphs += g.subgraphs()
+    return graph.cleanup(remove_unused_graph_inputs=remove_unused_graph_inputs, recurse_functions=recurse_functions)
+
+
 def _input_defaults(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     """Initializers that are also graph inputs (IR < 4 style): defaults the caller may override, not constants."""
     inputs = {i.name for i in model.graph.input}

@@ -27,7 +27,7 @@ from graphopt.passes.base import Pass, PassContext, PassResult, registered
 from . import io
 from .errors import GraphoptError, InputError, InternalError, UsageError, one_line
 from .external_data import Spill
-from .graph import SPARSE_STORAGE, export, hold_in_file, import_graph, to_sparse_initializers
+from .graph import SPARSE_STORAGE, cleanup, export, hold_in_file, import_graph, to_sparse_initializers
 from .validate import Thresholds
 
 log = logging.getLogger("graphopt")
@@ -299,7 +299,7 @@ def run_pipeline(model: onnx.ModelProto, specs: Sequence[PassSpec], ctx: PassCon
         except Exception as e:
             raise InternalError(f"pass '{spec.name}' crashed: {type(e).__name__}: {one_line(e)}") from e
         before, previous = len(graph.nodes), current
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        cleanup(graph).toposort()
         if spill is not None:       # a big model: the weights the pass made go to a file too (graph.hold_in_file)
             hold_in_file(graph, spill)
         removed = before - len(graph.nodes)

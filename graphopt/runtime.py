@@ -247,9 +247,10 @@ def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], 
 
 def latency_runs(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, threads: int = 1, runs: int = 20,
                  warmup: int = 3, budget_s: float = 20.0, clock: Callable[[], float] = time.perf_counter,
-                 rewarm: int = 0) -> list[list[float]]:
+                 rewarm: int = 0, done: Callable[[list[list[float]]], bool] | None = None) -> list[list[float]]:
     """Every run's latency in ms of each model (``measure_latency``'s protocol): warm-up, then runs interleaved,
-    alternating which goes first, at least 5 and at most ``runs``, stopping once ``budget_s`` has passed.
+    alternating which goes first, at least 5 and at most ``runs``, stopping once ``budget_s`` has passed or
+    ``done(times so far)`` says the caller has its answer (asked after each round from the fifth on).
     ``rewarm``: untimed runs of a model right before each timed one, so that it is timed with its weights in the
     caches as a model run repeatedly is, not after the other models evicted them."""
     sessions = [make_session(m, "model (latency)", threads=threads, mem_pattern=True, spin=True) for m in models]
@@ -268,7 +269,7 @@ def latency_runs(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, 
                 sessions[i].run(None, feed)
                 times[i].append((clock() - t0) * 1e3)
             bar.update()
-            if r >= 4 and time.perf_counter() - start > budget_s:
+            if r >= 4 and (time.perf_counter() - start > budget_s or (done is not None and done(times))):
                 break
     return times
 

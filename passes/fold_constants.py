@@ -32,7 +32,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from graphopt.graph import describe, is_std
+from graphopt.graph import cleanup, describe, is_std
 from graphopt.runtime import session_for, session_options
 
 from .base import Pass, PassContext, PassResult, as_values, register
@@ -201,7 +201,7 @@ class FoldConstants(Pass):
         tensors = clone.tensors()
         clone.inputs = []
         clone.outputs = [tensors[n] for n in names]
-        clone.cleanup(remove_unused_graph_inputs=True, recurse_functions=False)
+        cleanup(clone, remove_unused_graph_inputs=True, recurse_functions=False)
         try:
             model = gs.export_onnx(clone, do_type_check=False)
             sess = session_for(model, session_options(level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL))

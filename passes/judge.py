@@ -159,15 +159,34 @@ class Judge:
         """The float model's outputs on ``b`` (kept: ``Reference``)."""
         return self.ref.run(None, b.feed)
 
-    def switched_quality(self, sess: Any, switches: Mapping[str, str], quantized: set[str], feeds: list[Batch]
-                         ) -> Quality:
+    def switched_quality(self, sess: Any, switches: Mapping[str, str], quantized: set[str], feeds: list[Batch],
+                         confident: bool | None = None) -> Quality | None:
         """``judged`` for the switchable model's session with the tensors in ``quantized`` switched to int8 (the
-        cosines over all rows of ``feeds``, standard error 0)."""
+        cosines over all rows of ``feeds``, standard error 0). Given ``confident`` (a search that only asks
+        ``meets(q, confident)``): None as soon as the top-1 target cannot hold on ``feeds`` (``top1_lost``), the
+        rest of the feeds not run."""
         flags = {name: np.array(t in quantized) for t, name in switches.items()}
         comparison = Comparison(self.roles, self.names, self.targets.measures())
+        total, seen = sum(b.rows for b in feeds), 0
         for b in feeds:
             comparison.add(self.reference(b), sess.run(None, {**b.feed, **flags}), b.labels, b.rows)
+            seen += b.rows
+            if confident is not None and seen < total and self.top1_lost(comparison.stats, seen, total, confident):
+                return None
         return self.judged(comparison.stats, comparison.metric_values(), spread=False)
+
+    def top1_lost(self, stats: list[OutputStats], seen: int, total: int, confident: bool) -> bool:
+        """Whether ``meets`` must fail on its top-1 check after ``seen`` of ``total`` rows: a class-score output
+        with one position per row whose agreement stays below what is asked even if every row left agrees (the
+        same expression as ``judged``'s, at its largest possible value; exact, as agreement only adds)."""
+        if self.min_top1 <= 0:
+            return False
+        for i, s in enumerate(stats):
+            if s.top1_rows == seen and (i in self.scores or s.score_axis is not None):
+                best = (s.top1_agree + total - seen) / total
+                if (best < top1_required(self.min_top1, total)) if confident else best < self.min_top1:
+                    return True
+        return False
 
 
 def check_threads(float_model: onnx.ModelProto, batches: list[Batch]) -> int | None:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import onnx_graphsurgeon as gs
 
-from graphopt.graph import export, infer_model, tensor_shapes
+from graphopt.graph import cleanup, export, infer_model, tensor_shapes
 
 from .autosearch import no_targets, search
 from .base import Pass, PassContext, PassResult, register
@@ -118,7 +118,7 @@ class PruneLayers(Pass):
         refit: list[str] = []
         for name in names:
             # found again after each removal: removing x1 = x0 + f(x0) rewires the next block x1 + g(x1) to x0
-            graph.cleanup()
+            cleanup(graph)
             block = {b.name: b for b in find_blocks(graph, {})[0]}.get(name)
             if block is None or not block.add.outputs:
                 continue
@@ -127,7 +127,7 @@ class PruneLayers(Pass):
                 res.count(BLOCKS_REMOVED)
                 res.notes.append(f"removed the residual block of {block.desc} ({len(block.branch)} branch nodes)")
                 refit.extend(n.outputs[0].name for n in after if n.outputs and n.outputs[0].name not in refit)
-        graph.cleanup().toposort()
+        cleanup(graph).toposort()
         alive = {t.name for n in graph.nodes for t in n.outputs}    # a later removal may take a layer to refit
         refit = [name for name in refit if name in alive]
         res.changed = res.counts.get(BLOCKS_REMOVED, 0) > 0
@@ -143,6 +143,6 @@ def _without(graph: gs.Graph, ctx: PassContext, blocks: list[Block]) -> Any:
     found = {b.name: b for b in find_blocks(copy, {})[0]}
     for b in blocks:
         remove(copy, found[b.name])
-    copy.cleanup()
+    cleanup(copy)
     return export(copy, ctx.original)
 

@@ -43,7 +43,7 @@ from graphopt.passes.fold_constants import lower_constant_nodes
 from graphopt.passes.options import option, unmatched
 from onnx import version_converter
 
-from graphopt.graph import export, import_graph, infer_shapes, quantized_ops, replace_graph
+from graphopt.graph import cleanup, export, import_graph, infer_shapes, quantized_ops, replace_graph
 from graphopt.validate import Thresholds
 
 from .quantization.build import Builder
@@ -239,5 +239,5 @@ class Quantize(Pass):
             return Upgrade(old, target, str(e) or type(e).__name__)
         replace_graph(graph, import_graph(converted))
         lower_constant_nodes(graph, PassResult())
-        graph.cleanup()             # shape inference fails on the lowered Constant nodes' leftovers
+        cleanup(graph)              # shape inference fails on the lowered Constant nodes' leftovers
         return Upgrade(old, target, None)

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from graphopt.calibration.readers import Batch
+from graphopt.graph import cleanup, export, import_graph, infer_shapes
 from graphopt.metrics import OutputStats
 from graphopt.passes import judge as judge_mod
 from graphopt.passes.judge import Judge
+from graphopt.passes.quantization.build import Builder
+from graphopt.passes.quantization.plan import candidate_tensors, make_plan
 from graphopt.runtime import POOL_MACS, run_threads, session_options
 from graphopt.validate import Thresholds
 from onnx import numpy_helper
 
-from graphs import calib, conv_net
+from graphs import calib, conv_net, parse_model, run
 
 SPIN = "session.intra_op.allow_spinning"
 
@@ -109,3 +113,82 @@ def test_output_stats_all_finite_path_matches_the_masked_sums() -> None:
     t = OutputStats("y")
     t.update(ref, out)
     assert t.new_nonfinite == 1 and t.sum_ref2 < s.sum_ref2
+
+
+IF_DEAD = """
+agraph (float[2] x, bool c) => (float[2] y) {
+    dead = Mul(x, x)
+    k = Constant<value = float[3] {1, 2, 3}>()
+    y = If(c) <then_branch = g1 () => (float[2] t) { u = Neg(x)  t = Abs(x) },
+               else_branch = g2 () => (float[2] e) { e = Relu(x) }>
+}
+"""
+
+
+def test_cleanup_removes_what_graphsurgeon_does_without_formatting_nodes(monkeypatch) -> None:
+    model = parse_model(IF_DEAD)
+    expected = export(import_graph(model).cleanup(), model)
+
+    def no_format(node) -> str:
+        raise AssertionError(f"{node.op} formatted")
+
+    graph = import_graph(model)
+    monkeypatch.setattr(gs.Node, "__str__", no_format)
+    got = export(cleanup(graph), model)
+    assert got.SerializeToString() == expected.SerializeToString()
+    assert [n.op for n in graph.nodes] == ["If"] and [n.op for n in graph.nodes[0].attrs["then_branch"].nodes] == ["Abs"]
+
+
+class _Flipping:
+    """A stand-in for the switchable session: float's outputs with the logits of the given rows negated (their
+    top-1 changes), counting its runs."""
+
+    def __init__(self, judge: Judge, flipped: set[int]) -> None:
+        self.judge, self.flipped, self.runs = judge, flipped, 0
+
+    def run(self, names, feed):
+        out = [o.copy() for o in self.judge.ref.sess.run(None, {"x": feed["x"]})]
+        rows = out[0].shape[0]
+        for r in range(rows):
+            if self.runs * rows + r in self.flipped:
+                out[0][r] = -out[0][r]
+        self.runs += 1
+        return out
+
+
+@pytest.mark.parametrize("flipped", [set(), {0, 1, 2}, {5, 40, 63}, {0, 9, 18, 27, 36, 45, 54}, set(range(12)),
+                                     {1, 2}, set(range(50, 64))])
+def test_switched_check_stops_once_top1_is_lost_with_the_same_answer(flipped: set[int]) -> None:
+    batches = [Batch(feed, None) for feed in calib(64)]
+    judge = Judge(conv_net(), conv_net(), batches, Thresholds(0.0, 0.9))
+    full = judge.switched_quality(_Flipping(judge, flipped), {}, set(), batches)
+    assert full is not None
+    for confident in (True, False):
+        sess = _Flipping(judge, flipped)
+        q = judge.switched_quality(sess, {}, set(), batches, confident)
+        assert (q is not None and judge.meets(q, confident)) == judge.meets(full, confident)
+        assert (q is None) == (sess.runs < len(batches))
+        if q is not None:
+            assert q == full
+    early = _Flipping(judge, {0, 1, 2})
+    assert judge.switched_quality(early, {}, set(), batches, True) is None and early.runs == 1
+
+
+def test_switchable_build_switches_with_if_off_is_float_on_is_the_real_builds_fake_quantization() -> None:
+    model = conv_net()
+    graph = import_graph(model)
+    infer_shapes(graph, model)
+    plan = make_plan(graph, ())
+    builder = Builder(graph, plan, {t: (-4.0, 4.0) for t in candidate_tensors(plan)}, model, per_channel=True,
+                      reduce_range=False, activations="uint8")
+    sw = builder.build(switchable=True)
+    assert "Where" not in {n.op_type for n in sw.model.graph.node}
+    assert sum(n.op_type == "If" for n in sw.model.graph.node) >= len(sw.switches) > 0
+    feed = calib(8)[0]
+    off = {name: np.array(False) for name in sw.switches.values()}
+    on = {name: np.array(True) for name in sw.switches.values()}
+    for a, b in zip(run(sw.model, {**feed, **off}), run(model, feed)):
+        assert np.array_equal(a, b)                  # every switch off: the float model to the bit
+    real = builder.build()                           # no mean correction (no refit): the same weights and biases
+    for a, b in zip(run(sw.model, {**feed, **on}), run(real.model, feed)):
+        assert np.allclose(a, b, rtol=1e-5, atol=1e-5)   # fake quantization as the QDQ graph runs it unfused

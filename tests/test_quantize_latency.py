@@ -215,3 +215,14 @@ def test_a_float_prefix_is_written_where_it_measures_fastest(monkeypatch):
     assert any("one float run at an end" in n for n in notes), notes
     q = [n for n in out.graph.node if n.op_type == "QuantizeLinear"]
     assert "x" not in [n.input[0] for n in q] and len(q) >= 2      # the input float, the rest int8
+
+
+def test_timing_stops_once_the_comparisons_it_is_for_are_decided():
+    rng = np.random.default_rng(0)
+    flt, fast, near = (list(m + rng.normal(0, 0.01, 60)) for m in (2.0, 1.0, 1.001))
+    table = latency.separated([(0, 1), (0, 2)])              # each against float (index 0) only
+    assert not table([flt[:5], fast[:5], near[:5]])           # too few rounds to look
+    assert table([flt[:10], fast[:10], near[:10]])            # both apart from float; 1 and 2 need not be
+    assert not table([flt[:11], fast[:11], near[:11]])        # looked at every 5 rounds only
+    every = latency.separated([(0, 1), (0, 2), (1, 2)])
+    assert not every([flt, fast, near])                       # 1.0 and 1.001 overlap after 60 rounds

@@ -23,7 +23,7 @@ from graphopt.calibration.readers import DataSource
 from graphopt.passes.base import PassContext, PassResult
 
 from graphopt.errors import one_line
-from graphopt.graph import describe, export, import_graph
+from graphopt.graph import cleanup, describe, export, import_graph
 from graphopt.runtime import make_session, run_with_outputs
 
 from .config import LAYERS_RECONSTRUCTED, Options
@@ -101,7 +101,7 @@ def _prefix_session(graph: gs.Graph, name: str, template: onnx.ModelProto) -> or
     """A session computing only tensor ``name`` (the part of the graph it depends on)."""
     g = graph.copy()
     g.outputs = [g.tensors()[name]]
-    g.cleanup(remove_unused_graph_inputs=False)
+    cleanup(g)
     return make_session(export(g, template), WHAT)
 
 

@@ -19,7 +19,7 @@ from graphopt.calibration.readers import RandomSource, model_inputs
 from graphopt.passes.base import PassContext, PassResult
 
 from graphopt.errors import one_line
-from graphopt.graph import infer_model, infer_shapes, tensor_shapes
+from graphopt.graph import cleanup, infer_model, infer_shapes, tensor_shapes
 from graphopt.runtime import run_with_outputs
 
 log = logging.getLogger("graphopt")
@@ -72,6 +72,6 @@ def reinfer(graph: gs.Graph, ctx: PassContext) -> None:
     for t in graph.tensors().values():
         if isinstance(t, gs.Variable) and t.name not in keep:
             t.shape = None
-    graph.cleanup(remove_unused_graph_inputs=False)
+    cleanup(graph)
     if not infer_shapes(graph, ctx.original):
         log.info("  shape inference after pruning failed")

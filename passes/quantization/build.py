@@ -10,9 +10,9 @@ dropped (``drop_idle``): it would add rounding error and two ops for nothing. A 
 ``weights``) when its data inputs are quantized; else its weights stay float too, as onnxruntime would run it.
 
 Switchable builds (for the fallback's search): every quantized tensor, and the weights and bias of the unit it
-feeds, pass through ``Where(switch, dequantized, float)`` with a boolean graph input per tensor, so that one session
-evaluates any subset of tensors quantized (fake quantization in float), a unit with a float input running with
-float weights as a real build does.
+feeds, pass through ``If(switch)`` (then: quantized and dequantized, else: float as it is) with a boolean graph
+input per tensor, so that one session evaluates any subset of tensors quantized (fake quantization in float), a
+unit with a float input running with float weights as a real build does.
 
 Every real build with bias sites gets the full mean correction (``refit_biases``) on the feeds ``refit`` gives; the
 float side of it and the GPTQ-rounded weights are kept across builds.
@@ -33,7 +33,7 @@ from graphopt.calibration.bias_correction import BiasSite, PatchMeanObserver, re
 from graphopt.calibration.gptq import HessianObserver
 from graphopt.calibration.qparams import qparams
 
-from graphopt.graph import export, is_float32
+from graphopt.graph import cleanup, export, is_float32
 from graphopt.passes.base import constant
 
 from .plan import FLOAT_OUTPUT, SHARED_SCALE, Plan, Unit, int8_data, plan_reads
@@ -124,8 +124,7 @@ class _Edit:
             sw = gs.Variable(self.name(f"graphopt_switch_{len(self.switches)}"), dtype=np.bool_, shape=[])
             g.inputs.append(sw)
             self.switches[t.name] = sw.name
-            out = gs.Variable(self.name(f"{t.name}_switched"), dtype=np.float32, shape=t.shape)
-            g.nodes.append(gs.Node("Where", name=self.name(f"{t.name}_Where"), inputs=[sw, dq, t], outputs=[out]))
+            out = self.switched(sw.name, dq, t, g.nodes[-2:])
         for c in consumers:
             for i, inp in enumerate(c.inputs):
                 if inp is t:
@@ -136,14 +135,28 @@ class _Edit:
             out.name = name
             g.outputs = [out if o is t else o for o in g.outputs]
 
-    def switched(self, switch: str | None, quantized: gs.Variable, original: gs.Tensor) -> gs.Tensor:
-        """``quantized``, or in a switchable build ``Where(switch, quantized, original)``."""
+    def switched(self, switch: str | None, quantized: gs.Variable, original: gs.Tensor,
+                 steps: list[gs.Node] | None = None) -> gs.Tensor:
+        """``quantized``, or in a switchable build ``If(switch)``: then ``quantized``, computed by ``steps`` (the
+        last nodes appended to the graph; by default the node that made ``quantized``) moved into the branch, else
+        ``original``. A switch off costs no quantize/dequantize work and the output is the branch's tensor as it
+        is (the same values as a Where of both, without computing both and selecting element by element:
+        EfficientNet-Lite0's switchable model 0.93 -> 0.65 s per 16 rows, the outputs equal to the bit)."""
         if switch is None:
             return quantized
-        sw = next(t for t in self.graph.inputs if t.name == switch)
+        g = self.graph
+        steps = steps if steps is not None else [g.nodes[-1]]
+        assert g.nodes[-len(steps):] == steps and steps[-1].outputs[0] is quantized
+        del g.nodes[-len(steps):]
+        sw = next(t for t in g.inputs if t.name == switch)
         out = gs.Variable(self.name(f"{original.name}_switched"), dtype=np.float32, shape=quantized.shape)
-        self.graph.nodes.append(gs.Node("Where", name=self.name(f"{original.name}_Where"),
-                                        inputs=[sw, quantized, original], outputs=[out]))
+        kept = gs.Variable(self.name(f"{original.name}_kept"), dtype=np.float32, shape=quantized.shape)
+        then = gs.Graph(nodes=steps, outputs=[quantized], name=self.name(f"{original.name}_int8"), opset=g.opset)
+        other = gs.Graph(nodes=[gs.Node("Identity", name=self.name(f"{original.name}_Identity"),
+                                        inputs=[original], outputs=[kept])],
+                         outputs=[kept], name=self.name(f"{original.name}_float"), opset=g.opset)
+        g.nodes.append(gs.Node("If", name=self.name(f"{original.name}_If"), inputs=[sw], outputs=[out],
+                               attrs={"then_branch": then, "else_branch": other}))
         return out
 
 
@@ -225,7 +238,7 @@ class Builder:
             if u.weight_axis is not None:
                 self._weights(edit, node, u, params[x_names[0]][0], edit.switches.get(x_names[0]))
             int8_units.append(u.name)
-        edit.graph.cleanup().toposort()
+        cleanup(edit.graph).toposort()
         model = export(edit.graph, self.template)
         skipped = None
         if refit and self.refit is not None and not switchable and edit.bias_sites:
@@ -292,7 +305,7 @@ class Builder:
     def _weights(self, edit: _Edit, node: gs.Node, u: Unit, x_scale: np.ndarray, switch: str | None) -> None:
         """int8 weights and int32 bias of the unit's op ``node`` in the copy (``weights``), with the bias's
         rounding correction where the unit has a mean input patch, put behind DequantizeLinear (and, in a
-        switchable build, ``Where(switch, ...)``); records the unit's bias site for the full mean correction."""
+        switchable build, ``If(switch)``); records the unit's bias site for the full mean correction."""
         w = node.inputs[1]
         if not isinstance(w, gs.Constant):
             return

@@ -102,7 +102,15 @@ class Fallback:
         self.order: list[str] = []
 
     def quality(self, quantized: set[str], feeds: list[Batch]) -> Quality:
-        return self.judge.switched_quality(self.session, self.switches, quantized, feeds)
+        q = self.judge.switched_quality(self.session, self.switches, quantized, feeds)
+        assert q is not None
+        return q
+
+    def meets(self, quantized: set[str], feeds: list[Batch], confident: bool) -> bool:
+        """Whether the switchable model meets the targets with ``quantized`` int8 on ``feeds``; its runs stop where
+        the top-1 check is already lost (``Judge.switched_quality``)."""
+        q = self.judge.switched_quality(self.session, self.switches, quantized, feeds, confident)
+        return q is not None and self.judge.meets(q, confident)
 
     def measure(self, t: str, quick: bool) -> Quality:
         """The sensitivity of ``t`` on the sweep's samples (one when ``quick``), its modelled cost spent."""
@@ -120,7 +128,7 @@ class Fallback:
         hi = len(self.order)
         while lo < hi:
             mid = (lo + hi) // 2
-            if self.judge.meets(self.quality(set(self.order[mid:]), feeds), confident):
+            if self.meets(set(self.order[mid:]), feeds, confident):
                 hi = mid
             else:
                 lo = mid + 1

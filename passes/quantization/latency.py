@@ -24,7 +24,10 @@ than it (the gains need not add up: on mnist_cnn no region alone pays, all three
 contiguous candidate (one float run at an end of the model, ``fallback``), where there is one, is timed with them and
 taken only where measured faster than the others taken; no candidate: the model stays float. The same model, data and CPU give the same assignment wherever the gains exceed the noise.
 Time: at most TABLE_BUDGET_S + CONFIRM_BUDGET_S of runs (at least 5 rounds per model), one build and session per
-region.
+region. Sequential stop (``separated``): the timing stops before TABLE_RUNS / CONFIRM_RUNS rounds once every
+comparison it is for is decided, the table's each region against float, the final one's every pair, their notches
+apart (looked at every 5 rounds from the 10th: a few looks, so the 5% of one look grows little; on MTCNN O-Net the
+runs were half the pass's time).
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ CONFIRM_BUDGET_S = 1.5      # seconds of runs for the final comparison
 TABLE_RUNS = 30          # runs per model in the table, and in the final comparison (tiny models reach them well
 CONFIRM_RUNS = 60        # within the budgets)
 NOTCH = 1.57
+SEQUENTIAL_MIN = 10      # rounds before the sequential stop looks, and how often it looks then
+SEQUENTIAL_EVERY = 5
 REWARM = 3
 REWARM_ABOVE_S = 5e-3
 
@@ -135,11 +140,24 @@ def timing(runs: list[float]) -> Timing:
     return Timing(statistics.median(runs), NOTCH * float(q[1] - q[0]) / math.sqrt(len(runs)))
 
 
+def separated(pairs: list[tuple[int, int]]) -> Callable[[list[list[float]]], bool]:
+    """The sequential stop (module docstring): every pair of models' notches apart, looked at every SEQUENTIAL_EVERY
+    rounds from SEQUENTIAL_MIN on."""
+    def done(times: list[list[float]]) -> bool:
+        n = len(times[-1])
+        if n < SEQUENTIAL_MIN or n % SEQUENTIAL_EVERY:
+            return False
+        t = [timing(x) for x in times]
+        return all(t[a].faster(t[b]) or t[b].faster(t[a]) for a, b in pairs)
+    return done
+
+
 def time_models(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], budget_s: float, runs: int,
-                rewarm: int) -> list[Timing]:
-    """Each model's median and notch (module docstring), interleaved."""
+                rewarm: int, pairs: list[tuple[int, int]]) -> list[Timing]:
+    """Each model's median and notch (module docstring), interleaved, until the ``pairs`` (indices into
+    ``models``) are told apart (``separated``), ``runs`` rounds or ``budget_s``."""
     times = latency_runs(models, feed, threads=1, runs=runs, warmup=1, budget_s=budget_s, clock=time.thread_time,
-                         rewarm=rewarm)
+                         rewarm=rewarm, done=separated(pairs))
     return [timing(t) for t in times]
 
 
@@ -161,7 +179,8 @@ def choose(built: Built, float_model: onnx.ModelProto, build: Callable[[set[str]
     every = {t for r in found for t in r.tensors}
     if len(found) > 1:
         alone = [build(every - set(r.tensors)) for r in found]
-        table = time_models([float_model, *alone], feed, TABLE_BUDGET_S, TABLE_RUNS, rewarm)
+        table = time_models([float_model, *alone], feed, TABLE_BUDGET_S, TABLE_RUNS, rewarm,
+                            [(0, i) for i in range(1, len(alone) + 1)])
         gains = tuple(Timing(table[0].median - t.median, table[0].notch + t.notch) for t in table[1:])
     else:
         gains = ()
@@ -172,7 +191,8 @@ def choose(built: Built, float_model: onnx.ModelProto, build: Callable[[set[str]
         models.append(build({t for r, on in zip(found, faster) if not on for t in r.tensors}))
     if contiguous is not None:
         models.append(contiguous)
-    final = time_models(models, feed, CONFIRM_BUDGET_S, CONFIRM_RUNS, rewarm)
+    final = time_models(models, feed, CONFIRM_BUDGET_S, CONFIRM_RUNS, rewarm,
+                        [(a, b) for a in range(len(models)) for b in range(a + 1, len(models))])
     chosen = final[2] if partial else None
     alt = final[-1] if contiguous is not None else None
     written = pick(final[0], final[1], chosen, alt)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.graph import const_value, is_std
+from graphopt.graph import cleanup, const_value, is_std
 
 
 def conv_pads(pad: gs.Node) -> list[int] | None:
@@ -57,5 +57,5 @@ def fold_pads(graph: gs.Graph) -> int:
             conv.inputs[0] = pad.inputs[0]
         folded += 1
     if folded:
-        graph.cleanup()
+        cleanup(graph)
     return folded
