@@ -6,7 +6,7 @@ model once with the operands of the counted ops exposed as extra outputs (``run_
 inference does not know (com.microsoft ones) are counted too.
   Conv / FusedConv / QLinearConv / ConvInteger:  MACs = |Y| · (C_in / group) · prod(kernel)
   ConvTranspose:                                  MACs = |X| · (C_out / group) · prod(kernel)
-  Gemm / MatMul / QLinearMatMul / MatMulInteger / FusedMatMul / FusedGemm:  MACs = |Y| · K
+  Gemm / MatMul / QLinearMatMul / MatMulInteger / FusedMatMul / FusedGemm / MatMulNBits:  MACs = |Y| · K
 Latency: the models in one process, a fixed thread count, warm-up runs, then runs interleaved (alternating which
 goes first) so that machine noise hits all alike; the median of each is reported.
 """
@@ -30,7 +30,7 @@ from .errors import InputError, one_line
 
 _CONV = {"Conv", "FusedConv", "QLinearConv", "ConvInteger", "NhwcConv"}
 _MATMUL = {"Gemm", "MatMul", "QLinearMatMul", "MatMulInteger", "FusedMatMul", "FusedGemm", "MatMulIntegerToFloat",
-           "DynamicQuantizeMatMul", "QGemm"}
+           "DynamicQuantizeMatMul", "QGemm", "MatMulNBits"}
 
 
 def session_options(threads: int | None = None, level: ort.GraphOptimizationLevel | None = None,

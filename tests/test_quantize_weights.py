@@ -18,6 +18,7 @@ from graphopt.calibration.readers import open_source
 from graphopt.passes.base import PassContext
 from graphopt.passes.weightonly.blockwise import quantize_rtn
 from graphopt.pipeline import make_spec, run_pipeline
+from graphopt.runtime import count_macs
 from graphs import declined, make_model, node, ops, rand, run, run_passes, same_graph
 
 K, N = 64, 48
@@ -45,6 +46,14 @@ def test_nbits_fires_and_computes_the_dequantized_weights():
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.15      # 4-bit blocks of 32: ~0.08 per weight
     again, rec2 = run_passes(out, ["quantize-weights"])
     assert same_graph(out, again) and not rec2[-1].result.changed
+
+
+def test_macs_are_counted_through_matmulnbits():
+    """MatMulNBits multiplies as the MatMul it replaces: the report's MAC count must not drop to zero."""
+    model = mlp()
+    out, _ = run_passes(model, [("quantize-weights", {})])
+    feed = {"x": rand(3, K, seed=5)}
+    assert count_macs(out, feed) == count_macs(model, feed) == 3 * N * K + 3 * 16 * N
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
