@@ -46,18 +46,34 @@ def environment() -> dict[str, Any]:
 def count_parameters(model: onnx.ModelProto) -> tuple[int, int]:
     """Elements and bytes of every stored tensor: initializers (sparse ones too) and Constant-node tensors, in the
     main graph and its subgraphs (If/Loop/Scan bodies). Bytes as stored: 4-bit types two to a byte, strings by their
-    length, sparse tensors as their values and indices."""
+    length, sparse tensors as their values and indices. Weights packed into uint8 bytes for onnxruntime's
+    MatMulNBits / GatherBlockQuantized count as the values they hold (8 / bits per byte), not as bytes."""
     elements = stored = 0
     for g in graph_protos(model.graph):
+        packed = _packed_values_per_byte(g)
         tensors = list(g.initializer) + [a.t for n in g.node if n.op_type == "Constant" and n.domain in STANDARD
                                          for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
         for t in tensors:
-            elements += int(np.prod(t.dims, dtype=np.int64))
+            per_byte = packed.get(t.name, 1) if t.data_type == onnx.TensorProto.UINT8 else 1
+            elements += int(np.prod(t.dims, dtype=np.int64)) * per_byte
             stored += data_bytes(t)
         for sp in g.sparse_initializer:
             elements += int(np.prod(sp.dims, dtype=np.int64))
             stored += data_bytes(sp.values) + data_bytes(sp.indices)
     return elements, stored
+
+
+def _packed_values_per_byte(g: onnx.GraphProto) -> dict[str, int]:
+    """uint8 weights and zero points of com.microsoft.MatMulNBits (inputs 1, 3) and GatherBlockQuantized (0, 3):
+    values per byte."""
+    packed: dict[str, int] = {}
+    for n in g.node:
+        if n.domain == "com.microsoft" and n.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            bits = next((a.i for a in n.attribute if a.name == "bits"), 4)
+            weight, zero_points = (n.input[1] if n.op_type == "MatMulNBits" else n.input[0]), n.input[3:4]
+            for name in (weight, *zero_points):
+                packed[name] = max(8 // bits, 1)
+    return packed
 
 
 def model_stats(model: onnx.ModelProto, feed: dict[str, np.ndarray] | None) -> ModelStats:

@@ -18,6 +18,7 @@ from graphopt.calibration.readers import open_source
 from graphopt.passes.base import PassContext
 from graphopt.passes.weightonly.blockwise import quantize_rtn
 from graphopt.pipeline import make_spec, run_pipeline
+from graphopt.report import count_parameters
 from graphopt.runtime import count_macs
 from graphs import declined, make_model, node, ops, rand, run, run_passes, same_graph
 
@@ -48,12 +49,15 @@ def test_nbits_fires_and_computes_the_dequantized_weights():
     assert same_graph(out, again) and not rec2[-1].result.changed
 
 
-def test_macs_are_counted_through_matmulnbits():
-    """MatMulNBits multiplies as the MatMul it replaces: the report's MAC count must not drop to zero."""
+def test_macs_and_parameters_are_counted_through_matmulnbits():
+    """MatMulNBits multiplies as the MatMul it replaces and its uint8 bytes hold two 4-bit weights each: the report's
+    MACs and parameters must not drop with the packing."""
     model = mlp()
     out, _ = run_passes(model, [("quantize-weights", {})])
     feed = {"x": rand(3, K, seed=5)}
     assert count_macs(out, feed) == count_macs(model, feed) == 3 * N * K + 3 * 16 * N
+    blocks = N * 2 + 16 * 2                 # K=64 and K=48, in blocks of 32 (the second padded to 64)
+    assert count_parameters(out)[0] == blocks * 32 + blocks * 2 + 16      # weights, a scale and a zero point each, bias
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
