@@ -46,14 +46,16 @@ from onnx import version_converter
 from graphopt.graph import cleanup, export, import_graph, infer_shapes, quantized_ops, replace_graph
 from graphopt.validate import Thresholds
 
+from .judge import Judge, judge_samples
 from .quantization.build import Builder
 from .quantization.calibrate import Calibration, calibrate
 from .quantization.cpu import reduce_range_auto
 from .quantization.fallback import fall_back
 from .quantization.latency import Choice, choose, timing_feed
 from .quantization.pads import fold_pads
+from .quantization.pertensor import PerTensor, try_per_tensor
 from .quantization.plan import WEIGHTED, Plan, make_plan
-from .quantization.report import NO_UNITS, Setup, Trial, Upgrade, declined, kept_float, opset_declined, report
+from .quantization.report import NO_UNITS, SPEEDUP, Setup, Trial, Upgrade, declined, kept_float, opset_declined, report
 from .quantization.samples import refit_feeds
 from .subgraphs import subgraph_rows
 
@@ -62,6 +64,11 @@ RECURRENT = ("LSTM", "GRU", "RNN")
 IN_SUBGRAPH = ("float: inside an If/Loop/Scan body, where int8 QDQ would need activation ranges that onnxruntime "
                "cannot give (it exposes no subgraph value as an output); quantize-dynamic and quantize-weights, "
                "run before quantize, make these weights int8")
+
+
+def judge_targets(ctx: PassContext, o: Any) -> Thresholds:
+    """The targets the fallback (and per-channel=auto's candidate) is judged against on calibration data."""
+    return dataclasses.replace(ctx.targets, min_cosine=o.min_cosine, min_top1=o.min_top1, max_accuracy_drop=None)
 
 
 @register
@@ -87,7 +94,10 @@ class Quantize(Pass):
             "after the fallback", lo=50, hi=100, lo_open=True)
         bins: int = option(DEFAULT_BINS, "histogram bins per sign (a power of two) of methods kl, percentile and mse",
                            lo=128, hi=1 << 16)
-        per_channel: bool = option(True, "per-output-channel weight scales (needs opset 13; upgraded if possible)")
+        per_channel: Literal["auto", "true", "false"] = option(
+            "auto", "per-output-channel weight scales (needs opset 13; upgraded if possible); auto: per channel, and "
+            "with objective=latency one scale per tensor on the int8 Gemm/MatMul layers where that errs little, meets "
+            "the targets and measures faster (onnxruntime's kernels pay per call for per-channel scales)")
         activations: Literal["uint8", "int8"] = option("uint8", "activation integer type")
         reduce_range: Literal["auto", "true", "false"] = option(
             "auto", "7-bit weights; auto: where this CPU's u8s8 kernel saturates (x86 without VNNI; probed)")
@@ -153,11 +163,11 @@ class Quantize(Pass):
     def _quantize(self, graph: gs.Graph, ctx: PassContext, o: Any) -> PassResult:
         # objective=latency: the input after the exact passes, the model written where int8 is not faster
         before = export(graph, ctx.original) if o.objective == "latency" and ctx.calib is not None else None
-        upgrade = self._upgrade(graph, ctx, 13 if o.per_channel else 10) if graph.opset < 13 else None
+        upgrade = self._upgrade(graph, ctx, 13 if o.per_channel != "false" else 10) if graph.opset < 13 else None
         failed = upgrade is not None and upgrade.error is not None
         reduce = reduce_range_auto() if o.reduce_range == "auto" else o.reduce_range == "true"
         targets = o.min_cosine > 0 or o.min_top1 > 0 or ctx.targets.metric_targets
-        setup = Setup(o, upgrade, o.per_channel and not failed, reduce, ctx.calib is not None,
+        setup = Setup(o, upgrade, o.per_channel != "false" and not failed, reduce, ctx.calib is not None,
                       targets and ctx.calib is not None)
         if failed and graph.opset < 10:
             return declined(setup, None, opset_declined(graph.opset))
@@ -172,17 +182,46 @@ class Quantize(Pass):
         best, tried, builder = self._trials(graph, plan, calibration, float_model, setup, ctx)
         choice = None
         contiguous = best.fallback.contiguous if best.fallback is not None else None
+        per_tensor = None
         if before is not None and (best.built.int8_units or contiguous is not None):
-            best, choice = self._fastest(best, builder, before, ctx)
+            best, choice, keep = self._fastest(best, builder, before, ctx)
             if choice.written == "float":
                 replace_graph(graph, import_graph(before))
                 return kept_float(setup, plan, best, choice)
+            if o.per_channel == "auto" and setup.per_channel:
+                best, per_tensor = self._per_tensor(best, keep, builder, plan, (float_model, before), setup, ctx)
         replace_graph(graph, import_graph(best.built.model))
-        return report(setup, plan, calibration, best, tried, choice)
+        res = report(setup, plan, calibration, best, tried, choice)
+        if per_tensor is not None:
+            res.notes.append(per_tensor.line())
+            tensor_units = {u for u, _ in per_tensor.units} if per_tensor.written else set()
+            for row in res.layers:
+                if row.get("layer") in tensor_units:
+                    row["weights"] = "per-tensor"
+            if per_tensor.written and per_tensor.timings is not None:
+                res.counts[SPEEDUP] = round(per_tensor.timings[0].median / per_tensor.timings[2].median, 3)
+        return res
 
     @staticmethod
-    def _fastest(best: Trial, builder: Builder, before: onnx.ModelProto, ctx: PassContext) -> tuple[Trial, Choice]:
-        """objective=latency (``latency``): the trial with the regions measured slower left float, and the choice."""
+    def _per_tensor(best: Trial, keep: set[str], builder: Builder, plan: Plan,
+                    models: tuple[onnx.ModelProto, onnx.ModelProto], setup: Setup, ctx: PassContext
+                    ) -> tuple[Trial, PerTensor]:
+        """per-channel=auto (``pertensor``): the chosen assignment with per-tensor Gemm/MatMul weights where that
+        meets the targets (the fallback's judge, ``models[0]`` the float model it judges against) and measures
+        faster than per channel (against ``models[1]``, the float model written where int8 is not faster)."""
+        calib = ctx.require_calib("quantize")
+        judge = Judge(models[0], ctx.original, judge_samples(calib), judge_targets(ctx, setup.options)) \
+            if setup.fallback else None
+        built, decision = try_per_tensor(plan, best.built, setup.reduce_range,
+                                         lambda units: builder.build(keep, per_tensor=units), judge, models[1],
+                                         timing_feed(calib))
+        return best._replace(built=built), decision
+
+    @staticmethod
+    def _fastest(best: Trial, builder: Builder, before: onnx.ModelProto, ctx: PassContext
+                 ) -> tuple[Trial, Choice, set[str]]:
+        """objective=latency (``latency``): the trial with the regions measured slower left float, the choice, and
+        the tensors that build leaves float."""
         keep = set(best.floated)
         alt = best.fallback.contiguous if best.fallback is not None else None
         choice = choose(best.built, before, lambda extra: builder.build(keep | extra, refit=False).model,
@@ -190,10 +229,11 @@ class Quantize(Pass):
         if choice.written == "contiguous":
             assert alt is not None
             best = best._replace(built=alt.built, fallback=alt)
+            keep = set(alt.floated)
         if choice.written == "chosen":
-            slow = {t for r, on in zip(choice.regions, choice.int8) if not on for t in r.tensors}
-            best = best._replace(built=builder.build(keep | slow))
-        return best, choice
+            keep |= {t for r, on in zip(choice.regions, choice.int8) if not on for t in r.tensors}
+            best = best._replace(built=builder.build(keep))
+        return best, choice, keep
 
     def _trials(self, graph: gs.Graph, plan: Plan, calibration: Calibration, float_model: onnx.ModelProto,
                 setup: Setup, ctx: PassContext) -> tuple[Trial, list[Trial], Builder]:
@@ -214,8 +254,7 @@ class Quantize(Pass):
                               hessians=calibration.hessians, means=calibration.means, refit=refit)
             built = builder.build()
             fb = fall_back(builder, built, float_model, ctx.original, ctx.require_calib(self.name),
-                           dataclasses.replace(ctx.targets, min_cosine=o.min_cosine, min_top1=o.min_top1,
-                                               max_accuracy_drop=None),
+                           judge_targets(ctx, o),
                            contiguous=o.objective == "latency" and ctx.calib is not None) if setup.fallback else None
             trial = Trial(label, ranges, fb.built if fb is not None else built, fb)
             tried.append(trial)

@@ -209,10 +209,10 @@ class Builder:
         self._rounded: dict[tuple[str, bytes], np.ndarray] = {}   # GPTQ weights by (unit, scales)
 
     def build(self, keep_float: set[str] | frozenset[str] = frozenset(), switchable: bool = False,
-              refit: bool = True) -> Built:
+              refit: bool = True, per_tensor: frozenset[str] = frozenset()) -> Built:
         """The QDQ model with the tensors in ``keep_float`` left float; ``switchable``: see the module docstring;
         ``refit=False``: without the full mean correction (a build only timed: its biases do not change its
-        latency)."""
+        latency); ``per_tensor``: units whose weights get one scale per tensor where the build is per channel."""
         edit = _Edit(self.graph.copy(), switchable)
         tensors = edit.graph.tensors()
         p = self._placement(edit.graph)
@@ -236,7 +236,8 @@ class Builder:
             if not all(t in p.qdq for t in x_names):
                 continue  # an input stays float: the unit cannot run integer, so its weights stay float too
             if u.weight_axis is not None:
-                self._weights(edit, node, u, params[x_names[0]][0], edit.switches.get(x_names[0]))
+                self._weights(edit, node, u, params[x_names[0]][0], edit.switches.get(x_names[0]),
+                              self.per_channel and u.name not in per_tensor)
             int8_units.append(u.name)
         cleanup(edit.graph).toposort()
         model = export(edit.graph, self.template)
@@ -302,7 +303,8 @@ class Builder:
             r[0], r[1] = min(r[0], lo), max(r[1], hi)
         return {n: qparams(*group_range[find(n)], self.activations, symmetric=False) for n in names}
 
-    def _weights(self, edit: _Edit, node: gs.Node, u: Unit, x_scale: np.ndarray, switch: str | None) -> None:
+    def _weights(self, edit: _Edit, node: gs.Node, u: Unit, x_scale: np.ndarray, switch: str | None,
+                 per_channel: bool) -> None:
         """int8 weights and int32 bias of the unit's op ``node`` in the copy (``weights``), with the bias's
         rounding correction where the unit has a mean input patch, put behind DequantizeLinear (and, in a
         switchable build, ``If(switch)``); records the unit's bias site for the full mean correction."""
@@ -313,7 +315,7 @@ class Builder:
         assert axis is not None
         values = np.asarray(w.values, dtype=np.float32)
         n_out = values.shape[axis]
-        w_scale, w_zp, dq_axis = weight_qparams(values, axis, self.per_channel, self.reduce_range)
+        w_scale, w_zp, dq_axis = weight_qparams(values, axis, per_channel, self.reduce_range)
         bias = node.inputs[2] if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) else None
         b = np.asarray(bias.values, dtype=np.float64) if bias is not None else None
         if b is not None and b.ndim == 1 and b.shape[0] == n_out:

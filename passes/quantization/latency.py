@@ -161,6 +161,12 @@ def time_models(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], budg
     return [timing(t) for t in times]
 
 
+def rewarm_runs(float_model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int:
+    """Untimed runs before each timed one (module docstring)."""
+    cost = modelled_cost(float_model, [Batch(feed, None)])
+    return REWARM if cost is not None and cost < REWARM_ABOVE_S else 1
+
+
 def timing_feed(calib: Iterable[Batch]) -> dict[str, np.ndarray]:
     """The first calibration sample, as one row."""
     for b in calib:
@@ -174,8 +180,7 @@ def choose(built: Built, float_model: onnx.ModelProto, build: Callable[[set[str]
     float (on top of those the fidelity search left float), for timing only; ``contiguous``: the fallback's
     contiguous candidate, timed in the final comparison with the others."""
     found = regions(built)
-    cost = modelled_cost(float_model, [Batch(feed, None)])
-    rewarm = REWARM if cost is not None and cost < REWARM_ABOVE_S else 1
+    rewarm = rewarm_runs(float_model, feed)
     every = {t for r in found for t in r.tensors}
     if len(found) > 1:
         alone = [build(every - set(r.tensors)) for r in found]

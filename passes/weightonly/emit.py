@@ -9,8 +9,7 @@
     Its int8 weight (``dynamic_weight``): symmetric, one scale per output column or one per tensor. The kernel pays
     0.5-2 µs per call for per-column scales (MNIST MLP at 1 row: 21.4 vs 18.9 µs, equal at 64 rows; Zen 4), so
     ``auto`` takes one scale per tensor unless its rounding error ‖W − Ŵ‖ exceeds ``MAX_PER_TENSOR_ERROR`` of ‖W‖
-    (per-tensor int8 errs ~0.5-2% on the MNIST and decoder weights, 5-40% on 8 of MiniLM's 36, whose columns
-    differ by 10x and more; per column those are ~1%).
+    (``quantization.weights.per_tensor_error``, the rule quantize's per-channel=auto uses too).
 """
 
 from __future__ import annotations
@@ -21,12 +20,12 @@ import onnx_graphsurgeon as gs
 from graphopt.graph import MS_DOMAIN
 from graphopt.passes.base import constant
 from graphopt.passes.lowrank.sites import unique_name
-from graphopt.passes.quantization.weights import nearest_weights, weight_qparams
+from graphopt.passes.quantization.weights import (MAX_PER_TENSOR_ERROR, nearest_weights, per_tensor_error,
+                                                  weight_qparams)
 
 from .blockwise import BlockQuant
 from .sites import WeightSite
 
-MAX_PER_TENSOR_ERROR = 0.03
 
 
 def nbits_nodes(graph: gs.Graph, site: WeightSite, bq: BlockQuant, accuracy_level: int, y: gs.Variable,
@@ -99,6 +98,4 @@ def dynamic_weight(w: np.ndarray, per_channel: str, reduce: bool) -> tuple[np.nd
 
     if per_channel != "auto":
         return make(per_channel == "true")
-    q, scale = make(False)
-    error = float(np.linalg.norm(q * scale - w)) / max(float(np.linalg.norm(w)), 1e-30)
-    return make(True) if error > MAX_PER_TENSOR_ERROR else (q, scale)
+    return make(per_tensor_error(w, reduce) > MAX_PER_TENSOR_ERROR)
