@@ -195,6 +195,9 @@ class Quantize(Pass):
         if per_tensor is not None:
             res.notes.append(per_tensor.line())
             tensor_units = {u for u, _ in per_tensor.units} if per_tensor.written else set()
+            if tensor_units:
+                res.notes = [n.replace(", weights per-channel", f", weights per-channel ({len(tensor_units)} "
+                                       "Gemm/MatMul per-tensor)") for n in res.notes]
             for row in res.layers:
                 if row.get("layer") in tensor_units:
                     row["weights"] = "per-tensor"

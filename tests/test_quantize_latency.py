@@ -238,6 +238,7 @@ def test_per_channel_auto_writes_per_tensor_gemm_weights_where_faster_within_tar
     assert res.code == 0, res.err
     line = [x for x in res.out.splitlines() if "per-channel=auto:" in x]
     assert len(line) == 1 and "weights per tensor (measured faster: per tensor" in line[0], res.out
+    assert "weights per-channel (3 Gemm/MatMul per-tensor)" in res.out           # the setup line says so too
     written = onnx.load(out)
     consts = {t.name: onnx.numpy_helper.to_array(t) for t in written.graph.initializer}
     gemm_w = [n.input[1] for n in written.graph.node if n.op_type == "Gemm"]
