@@ -13,7 +13,7 @@ import graphopt
 import graphopt.passes.quantize as quantize_module
 from graphopt.errors import UsageError
 from graphopt.graph import export, import_graph, infer_shapes
-from graphopt.passes.quantization import latency
+from graphopt.passes.quantization import latency, pertensor
 from graphopt.passes.quantization.build import Builder, Built
 from graphopt.passes.quantization.fallback import contiguous_order
 from graphopt.passes.quantization.latency import Region, Timing, choose, regions
@@ -230,8 +230,13 @@ def test_timing_stops_once_the_comparisons_it_is_for_are_decided():
     assert not every([flt, fast, near])                       # 1.0 and 1.001 overlap after 60 rounds
 
 
-def test_per_channel_auto_writes_per_tensor_gemm_weights_where_faster_within_targets(cli, tmp_path):
-    """mnist_mlp's three Gemms: per-column scales cost onnxruntime's QGemm ~2 µs per call; per tensor errs ~2%."""
+def test_per_channel_auto_writes_per_tensor_gemm_weights_where_faster_within_targets(cli, tmp_path, monkeypatch):
+    """mnist_mlp's three Gemms: per-column scales cost onnxruntime's QGemm ~2 µs per call; per tensor errs ~2%.
+    The 4 µs gain is real (docs/quantize.md) but inside the noise of a machine that adds ~10 µs per run in its slow
+    state, so the per-tensor step's timing is given here (float, per channel, per tensor): the test is of the
+    decision and what it writes, not of this machine's clock."""
+    monkeypatch.setattr(pertensor, "time_models", lambda *a, **k: [Timing(1.0, 0.01), Timing(0.6, 0.01),
+                                                                   Timing(0.5, 0.01)])
     out, again = tmp_path / "out.onnx", tmp_path / "again.onnx"
     calib_npz, eval_npz = MODELS / "mnist_calib.npz", MODELS / "mnist_eval.npz"
     res = cli(MODELS / "mnist_mlp.onnx", out, "--pass", "quantize", "--calib-data", calib_npz, "--latency-runs", "0")
