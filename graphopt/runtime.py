@@ -18,7 +18,7 @@ import platform
 import re
 import statistics
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -247,29 +247,36 @@ def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], 
 
 def latency_runs(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, threads: int = 1, runs: int = 20,
                  warmup: int = 3, budget_s: float = 20.0, clock: Callable[[], float] = time.perf_counter,
-                 rewarm: int = 0, done: Callable[[list[list[float]]], bool] | None = None) -> list[list[float]]:
+                 rewarm: int = 0, done: Callable[[list[list[float]]], Collection[int] | None] | None = None
+                 ) -> list[list[float]]:
     """Every run's latency in ms of each model (``measure_latency``'s protocol): warm-up, then runs interleaved,
-    alternating which goes first, at least 5 and at most ``runs``, stopping once ``budget_s`` has passed or
-    ``done(times so far)`` says the caller has its answer (asked after each round from the fifth on).
-    ``rewarm``: untimed runs of a model right before each timed one, so that it is timed with its weights in the
-    caches as a model run repeatedly is, not after the other models evicted them."""
+    alternating which goes first, at least 5 and at most ``runs`` rounds, stopping once ``budget_s`` has passed.
+    ``done(times so far)``, asked after each round from the fifth on, names the models the caller still needs timed
+    (None: all): the others leave the rotation, and none left stops. ``rewarm``: untimed runs of a model right before
+    each timed one, so that it is timed with its weights in the caches as a model run repeatedly is, not after the
+    other models evicted them."""
     sessions = [make_session(m, "model (latency)", threads=threads, mem_pattern=True, spin=True) for m in models]
     for s in sessions:
         for _ in range(warmup):
             s.run(None, feed)
     times: list[list[float]] = [[] for _ in sessions]
+    active = list(range(len(sessions)))
     start = time.perf_counter()
     with tqdm(total=runs, unit="run", desc="latency", leave=False, disable=None) as bar:  # shown on a terminal
         for r in range(runs):
-            order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
-            for i in order:
+            for i in (active if r % 2 == 0 else active[::-1]):
                 for _ in range(rewarm):
                     sessions[i].run(None, feed)
                 t0 = clock()
                 sessions[i].run(None, feed)
                 times[i].append((clock() - t0) * 1e3)
             bar.update()
-            if r >= 4 and (time.perf_counter() - start > budget_s or (done is not None and done(times))):
+            if r < 4:
+                continue
+            needed = done(times) if done is not None else None
+            if needed is not None:
+                active = [i for i in active if i in needed]
+            if time.perf_counter() - start > budget_s or not active:
                 break
     return times
 

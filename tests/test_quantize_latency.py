@@ -10,6 +10,7 @@ import onnx
 import pytest
 
 import graphopt
+import graphopt.runtime as runtime
 import graphopt.passes.quantize as quantize_module
 from graphopt.errors import UsageError
 from graphopt.graph import export, import_graph, infer_shapes
@@ -222,12 +223,57 @@ def test_a_float_prefix_is_written_where_it_measures_fastest(monkeypatch):
 def test_timing_stops_once_the_comparisons_it_is_for_are_decided():
     rng = np.random.default_rng(0)
     flt, fast, near = (list(m + rng.normal(0, 0.01, 60)) for m in (2.0, 1.0, 1.001))
-    table = latency.separated([(0, 1), (0, 2)])              # each against float (index 0) only
-    assert not table([flt[:5], fast[:5], near[:5]])           # too few rounds to look
-    assert table([flt[:10], fast[:10], near[:10]])            # both apart from float; 1 and 2 need not be
-    assert not table([flt[:11], fast[:11], near[:11]])        # looked at every 5 rounds only
-    every = latency.separated([(0, 1), (0, 2), (1, 2)])
-    assert not every([flt, fast, near])                       # 1.0 and 1.001 overlap after 60 rounds
+    table = latency.separated([(0, 1), (0, 2)], 60)          # each against float (index 0) only
+    assert table([flt[:5], fast[:5], near[:5]]) is None       # too few rounds to look
+    assert table([flt[:10], fast[:10], near[:10]]) == set()   # both apart from float; 1 and 2 need not be
+    assert table([flt[:11], fast[:11], near[:11]]) is None    # looked at every 5 rounds only
+    every = latency.separated([(0, 1), (0, 2), (1, 2)], 60)
+    assert every([flt, fast, near]) == set()                  # 1.0 and 1.001: futile, they would not come apart
+
+
+def runs(median: float, spread: float, n: int) -> list[float]:
+    """n fake run times: ``median`` with quartiles at ±``spread`` (IQR 2·spread), the same at every prefix of 4k."""
+    return [median + d for _ in range(n // 4) for d in (-2 * spread, -spread / 2, spread / 2, 2 * spread)]
+
+
+def test_a_model_leaves_the_rotation_once_its_own_comparison_is_decided():
+    looks = latency.separated([(0, 1), (0, 2), (0, 3)], 30, 0)
+    # 1 is apart from float, 2 is not yet (its gain about one notch sum: not futile), 3 is not either
+    assert looks([runs(1.0, 0.02, 12)[:10], runs(0.8, 0.02, 12)[:10], runs(0.975, 0.02, 12)[:10],
+                  runs(0.97, 0.02, 12)[:10]]) == {0, 2, 3}
+    # five rounds on, 1 keeps its 10 runs: 2 is now futile (its difference under half the notches at 30 rounds)
+    # and 3 apart; 1's decision stays
+    t = [runs(1.0, 0.02, 16)[:15], runs(0.8, 0.02, 12)[:10], runs(0.995, 0.02, 16)[:15], runs(0.9, 0.02, 16)[:15]]
+    assert looks(t) == set()
+
+
+def test_a_pair_of_candidates_is_moot_once_either_is_not_faster_than_float():
+    # 2 is futile against float (the same median, narrow notches): never written, so 1 vs 2 (wide, undecided) does
+    # not matter; 1 vs float is still open; a model in no pair (3) is timed while others are
+    t = [runs(1.0, 0.005, 12)[:10], runs(0.9, 0.2, 12)[:10], runs(1.0, 0.005, 12)[:10], runs(0.5, 0.005, 12)[:10]]
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    assert latency.separated(pairs, 60, 0)(t) == {0, 1, 3}
+    assert latency.separated(pairs, 60)(t) == {0, 1, 2, 3}                # no anchor: 1 vs 2 still timed
+
+
+def test_latency_runs_times_only_the_models_still_needed(monkeypatch):
+    calls: list[int] = []
+
+    class Session:
+        def __init__(self, i):
+            self.i = i
+
+        def run(self, names, feed):
+            calls.append(self.i)
+
+    made = iter(range(6))
+    monkeypatch.setattr(runtime, "make_session", lambda *a, **k: Session(next(made) % 3))
+    ticks = iter(float(k) for k in range(10 ** 6))
+    needed = lambda times: {0, 2} if len(times[0]) >= 5 else None       # noqa: E731  model 1 leaves after round 5
+    times = runtime.latency_runs([None] * 3, {}, runs=8, warmup=0, clock=lambda: next(ticks), done=needed)
+    assert [len(t) for t in times] == [8, 5, 8]
+    stop = runtime.latency_runs([None] * 3, {}, runs=8, warmup=0, clock=lambda: 0.0, done=lambda t: set())
+    assert [len(t) for t in stop] == [5, 5, 5]                          # at least 5 rounds, then none needed
 
 
 def test_per_channel_auto_writes_per_tensor_gemm_weights_where_faster_within_targets(cli, tmp_path, monkeypatch):

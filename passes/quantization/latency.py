@@ -24,10 +24,14 @@ than it (the gains need not add up: on mnist_cnn no region alone pays, all three
 contiguous candidate (one float run at an end of the model, ``fallback``), where there is one, is timed with them and
 taken only where measured faster than the others taken; no candidate: the model stays float. The same model, data and CPU give the same assignment wherever the gains exceed the noise.
 Time: at most TABLE_BUDGET_S + CONFIRM_BUDGET_S of runs (at least 5 rounds per model), one build and session per
-region. Sequential stop (``separated``): the timing stops before TABLE_RUNS / CONFIRM_RUNS rounds once every
-comparison it is for is decided, the table's each region against float, the final one's every pair, their notches
-apart (looked at every 5 rounds from the 10th: a few looks, so the 5% of one look grows little; on MTCNN O-Net the
-runs were half the pass's time).
+region. Sequential stop (``separated``): looked at every 5 rounds from the 10th (a few looks, so the 5% of one look
+grows little), each model leaves the rotation once every comparison it is in is decided (the table's region against
+float; the final one's every pair), and the timing stops when none is left, before TABLE_RUNS / CONFIRM_RUNS rounds.
+A comparison is decided when the notches are apart; futile when the medians' difference is under FUTILITY times the
+notches' sum projected to the cap (notch ∝ 1/√n): the two would stay together at the cap unless the difference grew
+by 1/FUTILITY, so the cap's answer is the answer now; moot (final comparison) when it is between two candidates and
+either is decided not faster than float (never written). On MTCNN O-Net, where some region's gain sits inside its
+notch, the table and the final comparison ran to their caps: 1.1 s of the pass's 1.6.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ CONFIRM_RUNS = 60        # within the budgets)
 NOTCH = 1.57
 SEQUENTIAL_MIN = 10      # rounds before the sequential stop looks, and how often it looks then
 SEQUENTIAL_EVERY = 5
+FUTILITY = 0.5           # a pair whose difference is under half its notches projected to the cap is futile
 REWARM = 3
 REWARM_ABOVE_S = 5e-3
 
@@ -140,24 +145,46 @@ def timing(runs: list[float]) -> Timing:
     return Timing(statistics.median(runs), NOTCH * float(q[1] - q[0]) / math.sqrt(len(runs)))
 
 
-def separated(pairs: list[tuple[int, int]]) -> Callable[[list[list[float]]], bool]:
-    """The sequential stop (module docstring): every pair of models' notches apart, looked at every SEQUENTIAL_EVERY
-    rounds from SEQUENTIAL_MIN on."""
-    def done(times: list[list[float]]) -> bool:
-        n = len(times[-1])
+def separated(pairs: list[tuple[int, int]], cap: int, anchor: int | None = None
+              ) -> Callable[[list[list[float]]], set[int] | None]:
+    """The sequential stop (module docstring): looked at every SEQUENTIAL_EVERY rounds from SEQUENTIAL_MIN on, the
+    models still needed, those in a pair not yet decided (None between looks). A pair is decided once its notches
+    are apart, or once it is futile (``futile``: it would not come apart by ``cap`` rounds), and stays decided.
+    ``anchor`` (float): a pair of two others is moot once either is decided not faster than the anchor (what is not
+    faster than float is never written, so how it compares with another candidate does not matter). A model in no
+    pair stays timed while any other is."""
+    decided: set[tuple[int, int]] = set()
+
+    def needed(times: list[list[float]]) -> set[int] | None:
+        n = max(len(t) for t in times)
         if n < SEQUENTIAL_MIN or n % SEQUENTIAL_EVERY:
-            return False
+            return None
         t = [timing(x) for x in times]
-        return all(t[a].faster(t[b]) or t[b].faster(t[a]) for a, b in pairs)
-    return done
+        for a, b in pairs:
+            if t[a].faster(t[b]) or t[b].faster(t[a]) or futile(t[a], t[b], min(len(times[a]), len(times[b])), cap):
+                decided.add((a, b))
+        slower = {m for a, b in decided for m in (a, b) if anchor in (a, b) and m != anchor
+                  and not t[m].faster(t[anchor])}
+        left = [(a, b) for a, b in pairs if (a, b) not in decided and not (anchor not in (a, b) and {a, b} & slower)]
+        if not left:
+            return set()
+        return {m for p in left for m in p} | (set(range(len(times))) - {m for p in pairs for m in p})
+    return needed
+
+
+def futile(a: Timing, b: Timing, n: int, cap: int) -> bool:
+    """The futility stop: the medians' difference is under FUTILITY times the notches' sum projected to ``cap``
+    rounds (notch ∝ 1/√n), so that, unless it grows by 1/FUTILITY over the rounds left, the two stay apart no more
+    at ``cap`` than now: the answer at ``cap`` ("neither is faster") is the answer now."""
+    return abs(a.median - b.median) < FUTILITY * (a.notch + b.notch) * math.sqrt(n / cap)
 
 
 def time_models(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], budget_s: float, runs: int,
-                rewarm: int, pairs: list[tuple[int, int]]) -> list[Timing]:
-    """Each model's median and notch (module docstring), interleaved, until the ``pairs`` (indices into
-    ``models``) are told apart (``separated``), ``runs`` rounds or ``budget_s``."""
+                rewarm: int, pairs: list[tuple[int, int]], anchor: int | None = None) -> list[Timing]:
+    """Each model's median and notch (module docstring), interleaved, each until the ``pairs`` (indices into
+    ``models``) it is in are decided (``separated``, ``anchor``: float's index), ``runs`` rounds or ``budget_s``."""
     times = latency_runs(models, feed, threads=1, runs=runs, warmup=1, budget_s=budget_s, clock=time.thread_time,
-                         rewarm=rewarm, done=separated(pairs))
+                         rewarm=rewarm, done=separated(pairs, runs, anchor))
     return [timing(t) for t in times]
 
 
@@ -185,7 +212,7 @@ def choose(built: Built, float_model: onnx.ModelProto, build: Callable[[set[str]
     if len(found) > 1:
         alone = [build(every - set(r.tensors)) for r in found]
         table = time_models([float_model, *alone], feed, TABLE_BUDGET_S, TABLE_RUNS, rewarm,
-                            [(0, i) for i in range(1, len(alone) + 1)])
+                            [(0, i) for i in range(1, len(alone) + 1)], 0)
         gains = tuple(Timing(table[0].median - t.median, table[0].notch + t.notch) for t in table[1:])
     else:
         gains = ()
@@ -197,7 +224,7 @@ def choose(built: Built, float_model: onnx.ModelProto, build: Callable[[set[str]
     if contiguous is not None:
         models.append(contiguous)
     final = time_models(models, feed, CONFIRM_BUDGET_S, CONFIRM_RUNS, rewarm,
-                        [(a, b) for a in range(len(models)) for b in range(a + 1, len(models))])
+                        [(a, b) for a in range(len(models)) for b in range(a + 1, len(models))], 0)
     chosen = final[2] if partial else None
     alt = final[-1] if contiguous is not None else None
     written = pick(final[0], final[1], chosen, alt)
