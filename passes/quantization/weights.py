@@ -44,11 +44,17 @@ def weight_qparams(values: np.ndarray, axis: int, per_channel: bool, reduce_rang
     return w_scale, w_zp, dq_axis
 
 
-def per_tensor_error(values: np.ndarray, reduce_range: bool) -> float:
-    """‖W − Ŵ‖ / ‖W‖ of ``values`` rounded to int8 symmetric with one scale per tensor."""
+def per_tensor_weights(values: np.ndarray, reduce_range: bool) -> tuple[np.ndarray, np.ndarray, float]:
+    """(q, scale, ‖W − Ŵ‖ / ‖W‖) of ``values`` rounded to int8 symmetric with one scale per tensor."""
     scale, zp, _ = weight_qparams(values, 0, False, reduce_range)
     q = nearest_weights(values, scale, zp, None)
-    return float(np.linalg.norm(q * np.float32(scale) - values)) / max(float(np.linalg.norm(values)), 1e-30)
+    error = float(np.linalg.norm(q * np.float32(scale) - values)) / max(float(np.linalg.norm(values)), 1e-30)
+    return q, scale, error
+
+
+def per_tensor_error(values: np.ndarray, reduce_range: bool) -> float:
+    """‖W − Ŵ‖ / ‖W‖ of ``values`` rounded to int8 symmetric with one scale per tensor (``per_tensor_weights``)."""
+    return per_tensor_weights(values, reduce_range)[2]
 
 
 def fit_bias(w_scale: np.ndarray, b: np.ndarray, x_scale: np.ndarray, dq_axis: int | None) -> np.ndarray:
