@@ -11,9 +11,12 @@ constants as initializers (``standalone``) computes exactly what the branch comp
 quantize pass's whole machinery (plan, calibrate, build, the fallback judged on the branch's outputs against the
 same targets, objective=latency's timing against the float branch) runs on it unchanged, on the captured feeds
 (``Captured``). The result's nodes replace the branch's (``put_back``); its inputs are mapped back to the outer
-tensors, as are the outer constants it left as they were (so no weight is copied into the branch), and
-``unique_names`` keeps the names valid. Ifs nested in a branch are reached by the same call on the standalone
-model (the caller's ``quantize`` recurses). The whole model is then validated by the pipeline as usual.
+tensors and each constant it left as it was to the original tensor (an outer weight stays the outer one, not a
+copy), and ``unique_names`` keeps the names valid. Ifs nested in a branch are reached by the same call on the
+standalone model (the caller's ``quantize`` recurses). The branches are captured after the enclosing graph is
+quantized, so each is calibrated on the inputs it will see; the whole model is then validated by the pipeline.
+The standalone model's inputs keep the enclosing graph's dims (symbolic where it has none), so onnxruntime
+optimizes it as it will the branch inside the model (``_input``).
 
 What stays float, with one line each (``why``): a branch no calibration feed takes; a branch when there is no
 calibration data; a branch one of whose outputs is an outer value (the standalone model would pass an input
@@ -35,7 +38,8 @@ from graphopt.graph import const_value, describe, export, graph_protos, import_g
 from graphopt.passes.base import PassContext, PassResult
 from graphopt.runtime import make_session
 
-from .report import BIASES_CORRECTED, TENSORS_QUANTIZED, UNITS_FLOAT, UNITS_INT8
+from .report import (BIASES_CORRECTED, CALIBRATION_SAMPLES, COSINE, COSINE_LOW, GPTQ_ROUNDED, TENSORS_FLOAT,
+                     TENSORS_QUANTIZED, TOP1, UNITS_FLOAT, UNITS_INT8)
 from ..subgraphs import subgraphs, unique_names, walk
 
 NO_DATA = "float: an If branch is calibrated on the outer values it reads, which needs --calib-data"
@@ -45,7 +49,10 @@ IN_LOOP = "float: an If inside a Loop/Scan body (its outer values are iteration-
 PASSES_THROUGH = "float: an output of the branch is an outer-scope value (nothing of the branch's own to calibrate)"
 ALREADY = "float: the branch is already quantized ({})"
 
-ADDITIVE = (UNITS_INT8, UNITS_FLOAT, TENSORS_QUANTIZED, BIASES_CORRECTED)   # counts summed over the branches
+# counts summed over the quantized branches (they partition the feeds), and those whose worst branch is given
+ADDITIVE = (CALIBRATION_SAMPLES, UNITS_INT8, UNITS_FLOAT, TENSORS_QUANTIZED, TENSORS_FLOAT, BIASES_CORRECTED,
+            GPTQ_ROUNDED)
+WORST = (COSINE, COSINE_LOW, TOP1)
 Quantizer = Callable[[gs.Graph, PassContext], PassResult]
 
 
@@ -74,18 +81,19 @@ class Branches:
     ranges: dict[str, list[float]] = field(default_factory=dict)
 
     def merge_into(self, res: PassResult, nothing_here: str) -> None:
-        """Add what the branches did to the enclosing graph's result: rows, notes, the additive counts and the
-        calibration ranges; where a branch changed, the enclosing graph's own ``nothing_here`` decline goes."""
+        """Add what the branches did to the enclosing graph's result: rows, notes, the counts (summed, or the worst
+        of a fidelity figure) and the calibration ranges; where the branches had units to quantize, the enclosing graph's own ``nothing_here``
+        decline goes."""
         res.layers += self.layers
         res.notes += self.notes
         for k, v in self.counts.items():
-            res.counts[k] = res.counts.get(k, 0) + v
+            res.counts[k] = min(res.counts.get(k, v), v) if k in WORST else res.counts.get(k, 0) + v
         if self.ranges:
             cal = res.artifacts.setdefault("calibration", {"method": None, "ranges": {}})
             cal["ranges"].update(self.ranges)
-        if self.changed:
-            res.changed = True
+        if self.layers:     # the branches had something to quantize, whatever the enclosing graph has
             res.declined = [d for d in res.declined if d["reason"] != nothing_here]
+        res.changed = res.changed or self.changed
 
 
 def holds(graph: gs.Graph, ops: Sequence[str]) -> bool:
@@ -223,6 +231,8 @@ def quantize_branches(graph: gs.Graph, ctx: PassContext, ops: Sequence[str], qua
             feeds = [Batch({t.name: v[t.name] for t in free}, None, b.rows)
                      for (b, v), t in zip(captured, takes) if t == side]
             where = f"{describe(node)}.{key}"
+            if not holds(branch, ops):
+                continue
             if not feeds:
                 why: str | None = (f"float: no calibration sample takes this branch (condition "
                                    f"'{node.inputs[0].name}' was {str(not side).lower()} for every feed)")
@@ -254,9 +264,12 @@ def _one(root: gs.Graph, branch: gs.Graph, free: list[gs.Variable], feeds: list[
         return None if res.layers else f"float: {reasons[0]}"
     put_back(branch, sub, free)
     out.changed = True
-    for k in ADDITIVE:
-        if k in res.counts:
-            out.counts[k] = out.counts.get(k, 0) + res.counts[k]
+    for k, v in res.counts.items():
+        if k in ADDITIVE:
+            out.counts[k] = out.counts.get(k, 0) + v
+        elif k in WORST:
+            out.counts[k] = min(out.counts.get(k, v), v)
     out.ranges.update(res.artifacts.get("calibration", {}).get("ranges", {}))
-    out.notes += [f"{where} (calibrated on {len(feeds)} feed(s) of its outer values): {n}" for n in res.notes]
+    out.notes += [f"{where}: int8 QDQ, calibrated on its outer values ({', '.join(t.name for t in free)}) captured "
+                  f"on {len(feeds)} feed(s)", *(f"{where}: {n}" for n in res.notes)]
     return None
