@@ -25,7 +25,8 @@ What the pass does, in order (each step's module says how, with the math):
     float (the input after the exact passes). objective=size: int8 wherever the targets hold;
   * report (``report``): the layers that run float and why (fidelity or speed), the tensors left float with their
     sensitivity, the measured latency of the choice against all int8 and all float.
-Subgraphs (If branches that stay, Loop/Scan bodies) stay float, one report row each saying so (``subgraphs``).
+If branches that stay (a condition computed at run time) are quantized as models of their own, calibrated on the
+outer values they read (``branches``); Loop/Scan bodies stay float, one report row each saying so (``subgraphs``).
 Declined: models already quantized (QDQ, QLinear*, *Integer ops); opset < 10 that cannot be converted.
 """
 
@@ -47,6 +48,7 @@ from graphopt.graph import cleanup, export, import_graph, infer_shapes, quantize
 from graphopt.validate import Thresholds
 
 from .judge import Judge, judge_samples
+from .quantization.branches import quantize_branches
 from .quantization.build import Builder
 from .quantization.calibrate import Calibration, calibrate
 from .quantization.cpu import reduce_range_auto
@@ -57,13 +59,12 @@ from .quantization.pertensor import PerTensor, try_per_tensor
 from .quantization.plan import WEIGHTED, Plan, make_plan
 from .quantization.report import NO_UNITS, SPEEDUP, Setup, Trial, Upgrade, declined, kept_float, opset_declined, report
 from .quantization.samples import refit_feeds
-from .subgraphs import subgraph_rows
+from .subgraphs import graphs, subgraph_rows
 
 DEFAULT_BINS = 2048
 RECURRENT = ("LSTM", "GRU", "RNN")
-IN_SUBGRAPH = ("float: inside an If/Loop/Scan body, where int8 QDQ would need activation ranges that onnxruntime "
-               "cannot give (it exposes no subgraph value as an output); quantize-dynamic and quantize-weights, "
-               "run before quantize, make these weights int8")
+IN_SUBGRAPH = ("float: a recurrent layer in a subgraph (quantize's int8 is for Conv, Gemm and MatMul; "
+               "quantize-dynamic, run before quantize, makes LSTM weights int8)")   # ``branches`` says the others
 
 
 def judge_targets(ctx: PassContext, o: Any) -> Thresholds:
@@ -152,12 +153,21 @@ class Quantize(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         # An exclude entry that names no node (likely a typo) is said first, whatever the pass then does.
-        weighted = [n.name for n in graph.nodes if n.op in WEIGHTED]
-        notes = unmatched(self.name, "exclude", self.options.exclude, weighted + [n.name for n in graph.nodes],
-                          ops={n.op for n in graph.nodes})
-        res = self._quantize(graph, ctx, self.searched(ctx))
+        nodes = [n for g in graphs(graph) for n in g.nodes]       # If branches are quantized too (``branches``)
+        weighted = [n.name for n in nodes if n.op in WEIGHTED]
+        notes = unmatched(self.name, "exclude", self.options.exclude, weighted + [n.name for n in nodes],
+                          ops={n.op for n in nodes})
+        res = self._everywhere(graph, ctx, self.searched(ctx))
         res.notes[:0] = notes
-        res.layers += subgraph_rows(graph, (*WEIGHTED, *RECURRENT), IN_SUBGRAPH)
+        return res
+
+    def _everywhere(self, graph: gs.Graph, ctx: PassContext, o: Any) -> PassResult:
+        """The pass on ``graph``, then in its If branches, each as a model of its own (``branches``; this method
+        again, for the Ifs nested there); one float row per subgraph it leaves."""
+        res = self._quantize(graph, ctx, o)
+        done = quantize_branches(graph, ctx, WEIGHTED, lambda g, c: self._everywhere(g, c, o))
+        done.merge_into(res, NO_UNITS)
+        res.layers += subgraph_rows(graph, (*WEIGHTED, *RECURRENT), IN_SUBGRAPH, done.why)
         return res
 
     def _quantize(self, graph: gs.Graph, ctx: PassContext, o: Any) -> PassResult:

@@ -12,13 +12,13 @@ gives another tensor (the model's top-level names are never renamed), so a pass 
 once at the end. A tensor is *defined* by a subgraph when no enclosing scope holds it: a body-local initializer, a
 node output, a body input; an outer constant read only inside subgraphs counts as theirs (onnx-graphsurgeon exports
 it as their initializer), which is harmless since it keeps one name.
-``subgraph_rows`` gives the per-subgraph report rows of a pass that does not descend (one line each: which
-subgraph, its weighted nodes, why they stay float).
+``subgraph_rows`` gives the per-subgraph report rows of a pass that leaves subgraphs as they are (one line each:
+which subgraph, its weighted nodes, why they stay float), leaving out those the pass reported itself.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import onnx_graphsurgeon as gs
 
@@ -92,17 +92,23 @@ def unique_names(root: gs.Graph) -> int:
     return renamed
 
 
-def subgraph_rows(root: gs.Graph, ops: Iterable[str], status: str) -> list[dict[str, str]]:
+def subgraph_rows(root: gs.Graph, ops: Iterable[str], status: str,
+                  why: Mapping[int, str | None] | None = None) -> list[dict[str, str]]:
     """One report row per subgraph holding nodes of ``ops`` (directly, not in its own nested subgraphs): where it
-    sits, how many of which, and ``status`` (why they stay as they are)."""
+    sits, how many of which, and ``status`` (why they stay as they are), or ``why[id(subgraph)]`` where given (None:
+    no row, the pass reported that subgraph itself, and what it holds)."""
     wanted = set(ops)
+    why = why or {}
+    covered = {id(g) for where, sub in owners(root) if id(sub) in why and why[id(sub)] is None for g in walk(sub)}
     rows = []
     for where, sub in owners(root):
+        if id(sub) in covered:
+            continue
         found: dict[str, int] = {}
         for n in sub.nodes:
             if n.op in wanted:
                 found[n.op] = found.get(n.op, 0) + 1
         if found:
             rows.append({"layer": where, "op": ", ".join(f"{k} x{v}" for k, v in sorted(found.items())),
-                         "weights": "in a subgraph", "status": status})
+                         "weights": "in a subgraph", "status": why.get(id(sub)) or status})
     return rows

@@ -435,3 +435,23 @@ def loop_lstm_model() -> onnx.ModelProto:
             hout = Squeeze(y, one) }>
     }""", w=rand(8, 8, seed=4), wl=rand(1, 32, 8, seed=5), rl=rand(1, 32, 8, seed=6),
         one=np.array([1], np.int64))
+
+
+def if_conv_model(nested: bool = False) -> onnx.ModelProto:
+    """y = If(b), b a graph input (a condition computed at run time), each branch two 3x3 Convs (the first with a
+    Relu) on the top-level x: then-branch weights w1, w2, else-branch w3, w4 (outer-scope initializers).
+    ``nested``: the then-branch is itself an If on a second input c, with w1, w2 in its then-branch and w3, w4 in
+    its else-branch."""
+    def convs(w: str, v: str, out: str) -> str:
+        return (f"{out}_c = Conv <pads = [1, 1, 1, 1]> (x, {w}, {w}_b)  {out}_r = Relu({out}_c)  "
+                f"{out} = Conv <pads = [1, 1, 1, 1]> ({out}_r, {v}, {v}_b)")
+    weights = {f"w{i}": rand(4, 3 if i % 2 else 4, 3, 3, seed=20 + i, lo=-0.5, hi=0.5) for i in range(1, 5)}
+    biases = {f"w{i}_b": rand(4, seed=30 + i, lo=-0.1, hi=0.1) for i in range(1, 5)}
+    then = (f"t = If (c) <then_branch = h1 () => (float[N, 4, 8, 8] u) {{ {convs('w1', 'w2', 'u')} }}, "
+            f"else_branch = h2 () => (float[N, 4, 8, 8] v) {{ {convs('w3', 'w4', 'v')} }}>"
+            if nested else convs("w1", "w2", "t"))
+    return parse_model(f"""
+    agraph (float[N, 3, 8, 8] x, bool b{", bool c" if nested else ""}) => (float[N, 4, 8, 8] y) {{
+        y = If (b) <then_branch = g1 () => (float[N, 4, 8, 8] t) {{ {then} }},
+                    else_branch = g2 () => (float[N, 4, 8, 8] e) {{ {convs("w3", "w4", "e")} }}>
+    }}""", **weights, **biases)

@@ -13,7 +13,7 @@ import pytest
 
 from graphopt.calibration.readers import IterableSource, model_inputs
 from graphopt.passes.base import PassContext
-from graphopt.passes.quantize import IN_SUBGRAPH
+from graphopt.passes.quantization.branches import NO_DATA
 from graphopt.passes.subgraphs import unique_names
 from graphopt.pipeline import make_spec, run_pipeline
 from graphs import (assert_same_outputs, declined, if_matmul_model, loop_lstm_model, rand, run_passes,
@@ -133,7 +133,7 @@ def test_quantize_says_per_subgraph_why_it_stays_float():
     model = if_matmul_model()
     specs = [make_spec("quantize", {})]
     out, records = run_pipeline(model, specs, PassContext(original=model))
-    rows = [r for r in records[-1].result.layers if r["status"] == IN_SUBGRAPH]
+    rows = [r for r in records[-1].result.layers if r["status"] == NO_DATA]
     # its prerequisites ran in the branches (fold-bn made the then-branch's MatMul·s a Gemm); quantize did not
     assert [(r["layer"], r["op"]) for r in rows] == [("If 'y'.then_branch", "Gemm x1"),
                                                      ("If 'y'.else_branch", "MatMul x1")]
