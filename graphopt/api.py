@@ -30,7 +30,7 @@ from .fixed_inputs import with_fixed_inputs
 from .pipeline import (PassSpec, StepRecord, check_calibration, check_order, default_pipeline, make_spec,
                        parse_pass_arg, run_pipeline, with_prerequisites)
 from .report import Report, model_stats
-from .runtime import make_session, measure_latency
+from .runtime import make_session, measure_latency, ort_message
 from .validate import Thresholds, validate
 
 log = logging.getLogger("graphopt")
@@ -139,7 +139,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike[str], passes: Sequence[P
         report.validation = _validate(model, out, val, ref_session, exact=not lossy, thresholds=thresholds)
     report.warnings.extend(data_warnings(calib, val if validate_output else None))
     _measure(report, model, out, feed, latency_runs, threads, [s.name for s in specs],
-             in_turn=ref_session is None or io.is_big(out))
+             in_turn=ref_session is None or io.is_big(out), synthetic=isinstance(val, RandomSource))
     if validate_output and len(lossy) > 1:
         report.losses = step_losses(model, [(r.spec, *r.models) for r in records if r.models], val)
     if report.validation is not None and not report.validation.passed and not force:
@@ -157,12 +157,22 @@ def _dump_dir(dump_dir: str | os.PathLike[str] | None) -> Path | None:
 
 
 def _measure(report: Report, model: onnx.ModelProto, out: onnx.ModelProto, feed: dict[str, Any] | None,
-             latency_runs: int, threads: int, passes: list[str], in_turn: bool) -> None:
-    """The report's before/after figures: size, parameters, MACs, and the latency when asked."""
+             latency_runs: int, threads: int, passes: list[str], in_turn: bool, synthetic: bool) -> None:
+    """The report's before/after figures: size, parameters, MACs, and the latency when asked. A random feed
+    (no data given) that a model rejects (a Pad or reshape that needs real sizes) leaves the latency out with a
+    warning: that says nothing of the rewrite, which the user's data would time."""
     report.before = model_stats(model, feed)
     report.after = model_stats(out, feed)
-    if latency_runs > 0 and feed is not None:
+    if latency_runs <= 0 or feed is None:
+        return
+    try:
         _measure_latency(report, model, out, feed, latency_runs, threads, passes, in_turn=in_turn)
+    except Exception as e:  # onnxruntime's run errors have no common base class
+        if not synthetic:
+            raise
+        shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feed.items())
+        report.warnings.append(f"latency not measured: a model rejects the random input ({shapes}: "
+                               f"{ort_message(e)}); give --val-data or --calib-data to time it on real inputs")
 
 
 def _validate(model: onnx.ModelProto, out: onnx.ModelProto, val: DataSource, ref_session: Any, *, exact: bool,
