@@ -25,7 +25,9 @@ What the pass does, in order (each step's module says how, with the math):
     float (the input after the exact passes). objective=size: int8 wherever the targets hold;
   * report (``report``): the layers that run float and why (fidelity or speed), the tensors left float with their
     sensitivity, the measured latency of the choice against all int8 and all float.
-Subgraphs (If branches that stay, Loop/Scan bodies) stay float, one report row each saying so (``subgraphs``).
+LSTMs (in the model and in If/Loop/Scan bodies) get int8 weights as DynamicQuantizeLSTM where that meets the targets
+and, with objective=latency, measures faster (``recurrent``); GRU/RNN stay float (no integer kernel). Otherwise
+subgraphs (If branches that stay, Loop/Scan bodies) stay float, one report row each saying so (``subgraphs``).
 Declined: models already quantized (QDQ, QLinear*, *Integer ops); opset < 10 that cannot be converted.
 """
 
@@ -55,12 +57,12 @@ from .quantization.latency import Choice, choose, timing_feed
 from .quantization.pads import fold_pads
 from .quantization.pertensor import PerTensor, try_per_tensor
 from .quantization.plan import WEIGHTED, Plan, make_plan
+from .quantization.recurrent import quantize_recurrent, recurrent_sites
 from .quantization.report import NO_UNITS, SPEEDUP, Setup, Trial, Upgrade, declined, kept_float, opset_declined, report
 from .quantization.samples import refit_feeds
 from .subgraphs import subgraph_rows
 
 DEFAULT_BINS = 2048
-RECURRENT = ("LSTM", "GRU", "RNN")
 IN_SUBGRAPH = ("float: inside an If/Loop/Scan body, where int8 QDQ would need activation ranges that onnxruntime "
                "cannot give (it exposes no subgraph value as an output); quantize-dynamic and quantize-weights, "
                "run before quantize, make these weights int8")
@@ -153,11 +155,16 @@ class Quantize(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         # An exclude entry that names no node (likely a typo) is said first, whatever the pass then does.
         weighted = [n.name for n in graph.nodes if n.op in WEIGHTED]
-        notes = unmatched(self.name, "exclude", self.options.exclude, weighted + [n.name for n in graph.nodes],
-                          ops={n.op for n in graph.nodes})
-        res = self._quantize(graph, ctx, self.searched(ctx))
+        recurrent = [s.node for s in recurrent_sites(graph)]
+        notes = unmatched(self.name, "exclude", self.options.exclude, weighted + [n.name for n in graph.nodes] +
+                          [n.name for n in recurrent], ops={n.op for n in [*graph.nodes, *recurrent]})
+        reference = export(graph, ctx.original) if recurrent else None      # float: what the LSTMs are judged against
+        o = self.searched(ctx)
+        res = self._quantize(graph, ctx, o)
         res.notes[:0] = notes
-        res.layers += subgraph_rows(graph, (*WEIGHTED, *RECURRENT), IN_SUBGRAPH)
+        res.layers += subgraph_rows(graph, WEIGHTED, IN_SUBGRAPH)
+        if reference is not None:       # LSTM weights int8 where that meets the targets and measures faster
+            quantize_recurrent(graph, reference, ctx, o, judge_targets(ctx, o), res)
         return res
 
     def _quantize(self, graph: gs.Graph, ctx: PassContext, o: Any) -> PassResult:
