@@ -27,6 +27,8 @@ What the pass does, in order (each step's module says how, with the math):
     sensitivity, the measured latency of the choice against all int8 and all float.
 If branches that stay (a condition computed at run time) are quantized as models of their own, calibrated on the
 outer values they read (``branches``); Loop/Scan bodies stay float, one report row each saying so (``subgraphs``).
+LSTMs (in the model and in If/Loop/Scan bodies) get int8 weights as DynamicQuantizeLSTM where that meets the targets
+and, with objective=latency, measures faster (``recurrent``); GRU/RNN stay float (no integer kernel).
 Declined: models already quantized (QDQ, QLinear*, *Integer ops); opset < 10 that cannot be converted.
 """
 
@@ -57,14 +59,13 @@ from .quantization.latency import Choice, choose, timing_feed
 from .quantization.pads import fold_pads
 from .quantization.pertensor import PerTensor, try_per_tensor
 from .quantization.plan import WEIGHTED, Plan, make_plan
+from .quantization.recurrent import quantize_recurrent, recurrent_sites
 from .quantization.report import NO_UNITS, SPEEDUP, Setup, Trial, Upgrade, declined, kept_float, opset_declined, report
 from .quantization.samples import refit_feeds
 from .subgraphs import graphs, subgraph_rows
 
 DEFAULT_BINS = 2048
-RECURRENT = ("LSTM", "GRU", "RNN")
-IN_SUBGRAPH = ("float: a recurrent layer in a subgraph (quantize's int8 is for Conv, Gemm and MatMul; "
-               "quantize-dynamic, run before quantize, makes LSTM weights int8)")   # ``branches`` says the others
+IN_SUBGRAPH = "float: in a subgraph the pass does not calibrate"    # ``branches`` gives each subgraph's reason
 
 
 def judge_targets(ctx: PassContext, o: Any) -> Thresholds:
@@ -157,8 +158,12 @@ class Quantize(Pass):
         weighted = [n.name for n in nodes if n.op in WEIGHTED]
         notes = unmatched(self.name, "exclude", self.options.exclude, weighted + [n.name for n in nodes],
                           ops={n.op for n in nodes})
-        res = self._everywhere(graph, ctx, self.searched(ctx))
+        reference = export(graph, ctx.original) if recurrent_sites(graph) else None   # what LSTMs are judged against
+        o = self.searched(ctx)
+        res = self._everywhere(graph, ctx, o)
         res.notes[:0] = notes
+        if reference is not None:       # LSTM weights int8 where that meets the targets and measures faster
+            quantize_recurrent(graph, reference, ctx, o, judge_targets(ctx, o), res)
         return res
 
     def _everywhere(self, graph: gs.Graph, ctx: PassContext, o: Any) -> PassResult:
@@ -167,7 +172,7 @@ class Quantize(Pass):
         res = self._quantize(graph, ctx, o)
         done = quantize_branches(graph, ctx, WEIGHTED, lambda g, c: self._everywhere(g, c, o))
         done.merge_into(res, NO_UNITS)
-        res.layers += subgraph_rows(graph, (*WEIGHTED, *RECURRENT), IN_SUBGRAPH, done.why)
+        res.layers += subgraph_rows(graph, WEIGHTED, IN_SUBGRAPH, done.why)
         return res
 
     def _quantize(self, graph: gs.Graph, ctx: PassContext, o: Any) -> PassResult:

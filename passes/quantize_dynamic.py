@@ -6,7 +6,8 @@
     onnxruntime fuses it into its DynamicQuantizeMatMul kernel; 3.4x faster than float at 64 rows and 2x at 1 row
     on a 384×1536 weight (Zen 4, docs/quantize-dynamic.md);
   * LSTM with constant W and R: com.microsoft.DynamicQuantizeLSTM, W and R int8 per gate row, transposed to the
-    kernel's [directions, input, 4·hidden] layout (1.7-2.9x faster than float LSTM, measured);
+    kernel's [directions, input, 4·hidden] layout (``quantization.recurrent.dynamic_lstm``, the rewrite ``quantize``
+    makes too; 1.7-2.9x faster than float LSTM, measured);
   * Gather of a large float32 embedding table (``weightonly.embedding``): int8 rows with a scale per row;
   * Conv is left float: onnxruntime's ConvInteger measured 10x slower than float Conv here (a note says so); GRU
     has no integer kernel in onnxruntime.
@@ -20,16 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.graph import MS_DOMAIN, describe, is_float32, is_std
-from graphopt.passes.base import Pass, PassContext, PassResult, constant, register
-from graphopt.passes.lowrank.sites import unique_name
+from graphopt.graph import describe, is_std
+from graphopt.passes.base import Pass, PassContext, PassResult, register
 from graphopt.passes.options import option, unmatched
 
 from .quantization.cpu import reduce_range_auto
-from .quantization.weights import nearest_weights, weight_qparams
+from .quantization.recurrent import dynamic_lstm, lstm_declined
 from .subgraphs import graphs, unique_names
 from .weightonly.embedding import quantize_embeddings
 from .weightonly.emit import dynamic_nodes, dynamic_weight
@@ -49,7 +48,9 @@ class QuantizeDynamic(Pass):
     summary = "int8 weights, activations quantized at run time (MatMul/Gemm, LSTM); needs no calibration data."
     exact = False
     prerequisites = ("fold-constants",)
-    must_not_follow = {"quantize": "quantize leaves no float MatMul weights"}
+    must_not_follow = {"quantize": "quantize already chose, per layer, int8 weights where they meet the targets and "
+                                   "(objective=latency) measure faster, LSTMs included (as DynamicQuantizeLSTM); "
+                                   "quantize-dynamic after it would make int8 the layers it chose to keep float"}
 
     @dataclass(frozen=True)
     class Options:
@@ -97,10 +98,11 @@ class QuantizeDynamic(Pass):
                 if node.name in o.exclude or "LSTM" in o.exclude:
                     res.decline(describe(node), "excluded by option")
                     continue
-                reason = _lstm(graph, node, o.per_channel != "false", reduce)
+                reason = lstm_declined(node)
                 if reason:
                     res.decline(describe(node), reason)
                 else:
+                    dynamic_lstm(graph, node, o.per_channel != "false", reduce)
                     res.changed = True
                     res.count(LSTMS)
         if o.embeddings:
@@ -118,34 +120,3 @@ def _matmul(graph: gs.Graph, s: WeightSite, per_channel: str, reduce: bool, shar
     replace(graph, s, lambda y: dynamic_nodes(graph, s, q, scale, y, shared, quantized_x))
     return scale.ndim > 0
 
-
-def _lstm(graph: gs.Graph, node: gs.Node, per_channel: bool, reduce: bool) -> str | None:
-    """Rewrite one LSTM as DynamicQuantizeLSTM, or the reason it stays float."""
-    if node.attrs.get("layout", 0):
-        return "layout=1 (batch first): DynamicQuantizeLSTM takes sequence-first inputs"
-    ins = list(node.inputs) + [gs.Variable.empty()] * (8 - len(node.inputs))
-    w, r = ins[1], ins[2]
-    if not all(isinstance(t, gs.Constant) and is_float32(t) for t in (w, r)):
-        return "W or R is not a float32 constant"
-    if any(len(t.outputs) > 1 for t in (w, r)):
-        return "W or R is shared with another node"
-    new = []
-    for t in (w, r):
-        v = np.asarray(t.values, np.float32)                      # [D, 4H, I]
-        d, g, i = v.shape
-        flat = v.reshape(d * g, i)
-        scale, zp, axis = weight_qparams(flat, 0, per_channel, reduce)
-        q = nearest_weights(flat, scale, zp, axis).reshape(d, g, i).transpose(0, 2, 1)
-        shape = (d, g) if per_channel else (d,)
-        s = np.broadcast_to(scale.reshape(-1) if per_channel else scale, (d * g,) if per_channel else (d,))
-        new += [constant(unique_name(graph, f"{t.name}_int8"), q),
-                (constant(unique_name(graph, f"{t.name}_scale"), np.asarray(s, np.float32).reshape(shape))),
-                constant(unique_name(graph, f"{t.name}_zero_point"), np.zeros(shape, np.int8))]
-        del v, flat, q          # W's float values gone before R's are read
-    outs = list(node.outputs)
-    inputs = [ins[0], new[0], new[3], *ins[3:8], new[1], new[2], new[4], new[5]]
-    graph.nodes.append(gs.Node("DynamicQuantizeLSTM", name=unique_name(graph, f"{node.name or 'lstm'}_dynamic"),
-                               domain=MS_DOMAIN, attrs=dict(node.attrs), inputs=inputs, outputs=outs))
-    node.outputs.clear()
-    node.inputs.clear()
-    return None

@@ -71,12 +71,15 @@ def test_branch_no_feed_takes_stays_float_with_reason():
 
 
 def test_loop_body_stays_float_with_reason():
+    """The body's MatMul stays float (no QDQ there, one row with the reason); its LSTM gets int8 weights by
+    ``recurrent`` (DynamicQuantizeLSTM needs no calibrated range), with a row of its own."""
     model = loop_lstm_model()
     out, res = quantize(model, [{"h0": rand(1, 1, 8, seed=8), "n": np.array(3, np.int64)}])
     assert "QuantizeLinear" not in {n.op_type for n in out.graph.node}
     body = next(a.g for n in out.graph.node for a in n.attribute if a.name == "body")
     assert "QuantizeLinear" not in {n.op_type for n in body.node}
-    assert [(r["op"], r["status"]) for r in res.layers] == [("LSTM x1, MatMul x1", LOOP_BODY)]
+    assert [(r["op"], r["status"]) for r in res.layers] == [("MatMul x1", LOOP_BODY), ("LSTM", "int8")]
+    assert "DynamicQuantizeLSTM" in {n.op_type for n in body.node}
 
 
 def test_nested_if_is_reached_through_the_enclosing_branch():
