@@ -31,6 +31,7 @@ from . import __version__, io
 from .errors import InputError, one_line
 from .external_data import Spill, read_tensor
 from .tensor_data import EXTERNAL_MIN_BYTES, data_bytes, file_location
+from .scopes import share_initializers
 
 STANDARD = ("", "ai.onnx", None)   # the default domain, as onnx and onnx-graphsurgeon spell it
 MS_DOMAIN = "com.microsoft"
@@ -360,6 +361,8 @@ def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model = gs.export_onnx(graph, do_type_check=False)
     _restore_types(model, template)
     model.ir_version = max(template.ir_version, _min_ir_for(model))
+    if model.ir_version >= 4:           # (before IR 4 an initializer of the main graph must also be an input)
+        share_initializers(model)       # gs writes a constant into every subgraph that reads it
     defaults = _input_defaults(template)
     if defaults:
         have = {t.name for t in model.graph.initializer}

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"graphopt": "graphopt", "passes": "graphopt.passes", "calibration": "graphopt.calibration"}
 # Bottom to top; a module may import its own layer and those below it.
 LAYERS = [
-    {"graphopt", "graphopt.errors", "graphopt.tensor_data", "graphopt.external_data", "graphopt.io", "graphopt.graph"},
+    {"graphopt", "graphopt.errors", "graphopt.tensor_data", "graphopt.external_data", "graphopt.io", "graphopt.graph",
+     "graphopt.scopes"},
     {"graphopt.runtime", "graphopt.metrics", "graphopt.validate", "graphopt.slices", "graphopt.taskmetric"},
     {"graphopt.calibration", "graphopt.calibration.feeds", "graphopt.calibration.checks", "graphopt.calibration.npz",
      "graphopt.calibration.readers", "graphopt.calibration.images", "graphopt.calibration.preprocess"},
