@@ -9,6 +9,10 @@ copy (their lowest common ancestor in the graph tree), the others are dropped an
 Exact: the values read are the same bytes. Left as they are: initializers with external data (not in memory),
 those a subgraph returns as an output (a branch output naming an outer value trips onnxruntime), and the main
 graph's own (nothing encloses it).
+Speed: onnxruntime does not prepack an LSTM's weight read from an enclosing graph. Silero VAD with
+``--fix-input sr=16000`` after fold-constants: 1.27 MB and 2.4% slower per chunk than with one copy per branch
+(2.33 MB); without --fix-input no slower than either the copies or the input model (Zen 4, onnxruntime 1.32.0,
+interleaved medians of 3000 runs). MatMul reading an outer weight measured the same as a local one.
 """
 
 from __future__ import annotations
