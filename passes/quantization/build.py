@@ -9,10 +9,9 @@ z = round(−lo / s). Where the tensors left float leave a pair that no integer 
 dropped (``drop_idle``): it would add rounding error and two ops for nothing. A unit runs int8 (weights included,
 ``weights``) when its data inputs are quantized; else its weights stay float too, as onnxruntime would run it.
 
-Switchable builds (for the fallback's search): every quantized tensor, and the weights and bias of the unit it
-feeds, pass through ``If(switch)`` (then: quantized and dequantized, else: float as it is) with a boolean graph
-input per tensor, so that one session evaluates any subset of tensors quantized (fake quantization in float), a
-unit with a float input running with float weights as a real build does.
+Switchable builds (for the fallback's search, ``switch``): every quantized tensor and every int8 unit's op sit
+in ``If(switch)`` with a boolean graph input per tensor, so that one session evaluates any subset of tensors
+quantized (fake quantization in float), a unit with a float input running with float weights as a real build does.
 
 Every real build with bias sites gets the full mean correction (``refit_biases``) on the feeds ``refit`` gives; the
 float side of it and the GPTQ-rounded weights are kept across builds.
@@ -36,6 +35,7 @@ from graphopt.calibration.qparams import qparams
 from graphopt.graph import cleanup, export, is_float32
 from graphopt.passes.base import constant
 
+from .switch import dequantized, switched, switched_op
 from .plan import FLOAT_OUTPUT, SHARED_SCALE, Plan, Unit, int8_data, plan_reads
 from .weights import (
     bias_scale,
@@ -124,7 +124,7 @@ class _Edit:
             sw = gs.Variable(self.name(f"graphopt_switch_{len(self.switches)}"), dtype=np.bool_, shape=[])
             g.inputs.append(sw)
             self.switches[t.name] = sw.name
-            out = self.switched(sw.name, dq, t, g.nodes[-2:])
+            out = switched(g, self.name, sw, dq, t, g.nodes[-2:])
         for c in consumers:
             for i, inp in enumerate(c.inputs):
                 if inp is t:
@@ -134,65 +134,6 @@ class _Edit:
             t.name = self.name(f"{name}_float")
             out.name = name
             g.outputs = [out if o is t else o for o in g.outputs]
-
-    def switched(self, switch: str | None, quantized: gs.Variable, original: gs.Tensor,
-                 steps: list[gs.Node] | None = None) -> gs.Tensor:
-        """``quantized``, or in a switchable build ``If(switch)``: then ``quantized``, computed by ``steps`` (the
-        last nodes appended to the graph; by default the node that made ``quantized``) moved into the branch, else
-        ``original``. A switch off costs no quantize/dequantize work and the output is the branch's tensor as it
-        is (the same values as a Where of both, without computing both and selecting element by element:
-        EfficientNet-Lite0's switchable model 0.93 -> 0.65 s per 16 rows, the outputs equal to the bit)."""
-        if switch is None:
-            return quantized
-        g = self.graph
-        steps = steps if steps is not None else [g.nodes[-1]]
-        assert g.nodes[-len(steps):] == steps and steps[-1].outputs[0] is quantized
-        del g.nodes[-len(steps):]
-        sw = next(t for t in g.inputs if t.name == switch)
-        out = gs.Variable(self.name(f"{original.name}_switched"), dtype=np.float32, shape=quantized.shape)
-        kept = gs.Variable(self.name(f"{original.name}_kept"), dtype=np.float32, shape=quantized.shape)
-        then = gs.Graph(nodes=steps, outputs=[quantized], name=self.name(f"{original.name}_int8"), opset=g.opset)
-        other = gs.Graph(nodes=[gs.Node("Identity", name=self.name(f"{original.name}_Identity"),
-                                        inputs=[original], outputs=[kept])],
-                         outputs=[kept], name=self.name(f"{original.name}_float"), opset=g.opset)
-        g.nodes.append(gs.Node("If", name=self.name(f"{original.name}_If"), inputs=[sw], outputs=[out],
-                               attrs={"then_branch": then, "else_branch": other}))
-        return out
-
-    def switched_op(self, switch: str, node: gs.Node, fake: dict[int, gs.Constant]) -> None:
-        """Replace ``node`` (a unit's op) by ``If(switch)``: then the op on the fake-quantized constants ``fake``
-        (by input index), else the op as it is. Both read constant weights, so onnxruntime prepacks them (a weight
-        computed by a DequantizeLinear in the graph is not constant to it: EfficientNet-Lite0's Convs ran 2.6x
-        float's time per batch that way); the values are those the real build's DequantizeLinear gives."""
-        g = self.graph
-        sw = next(t for t in g.inputs if t.name == switch)
-        then, other = _branch(self, node, fake, "int8"), _branch(self, node, {}, "float")
-        outs = list(node.outputs)
-        node.inputs.clear()
-        node.outputs.clear()
-        del g.nodes[next(i for i, n in enumerate(g.nodes) if n is node)]
-        g.nodes.append(gs.Node("If", name=self.name(f"{outs[0].name}_If"), inputs=[sw], outputs=outs,
-                               attrs={"then_branch": then, "else_branch": other}))
-
-
-def dequantized(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int | None) -> np.ndarray:
-    """DequantizeLinear in numpy, as onnxruntime computes it: float32(q − zp) · scale, per ``axis`` (None: one
-    scale), so a switchable build's fake-quantized constant holds the values its DequantizeLinear would give."""
-    shape = [1] * q.ndim
-    if axis is not None:
-        shape[axis] = -1
-    diff = q.astype(np.int64) - np.reshape(np.asarray(zp), shape if np.size(zp) > 1 else [1] * q.ndim)
-    return diff.astype(np.float32) * np.reshape(np.asarray(scale, np.float32), shape if np.size(scale) > 1 else
-                                                [1] * q.ndim)
-
-
-def _branch(edit: _Edit, node: gs.Node, inputs: dict[int, gs.Tensor], label: str) -> gs.Graph:
-    """A one-node graph: ``node``'s op with its inputs replaced at the indices of ``inputs``, its own outputs."""
-    outs = [gs.Variable(edit.name(f"{o.name}_{label}"), dtype=o.dtype, shape=o.shape) for o in node.outputs]
-    clone = gs.Node(node.op, name=edit.name(f"{node.name or node.outputs[0].name}_{label}"), attrs=dict(node.attrs),
-                    inputs=[inputs.get(i, t) for i, t in enumerate(node.inputs)], outputs=outs)
-    return gs.Graph(nodes=[clone], outputs=outs, name=edit.name(f"{node.outputs[0].name}_{label}"),
-                    opset=edit.graph.opset)
 
 
 def drop_idle(qdq: dict[str, None], ops_io: list[tuple[list[str], str | None, bool]]) -> list[str]:
@@ -379,8 +320,9 @@ class Builder:
             if b is not None and bias is not None:
                 bq = quantize_bias(b, b_scale)
                 fake[2] = constant(edit.name(f"{bias.name}_fake_quantized"),
-                                   dequantized(bq, b_scale, np.zeros(1, np.int32), 0 if per_axis else None))
-            edit.switched_op(switch, node, fake)
+                                   dequantized(bq, b_scale if per_axis else b_scale[:1], np.zeros(1, np.int32),
+                                               0 if per_axis else None))
+            switched_op(edit.graph, edit.name, switch, node, fake)
             return
         wq = constant(edit.name(f"{w.name}_quantized"), qw)
         s = constant(edit.name(f"{w.name}_scale"), w_scale if per_axis else np.reshape(w_scale, ()))
