@@ -16,12 +16,12 @@ from onnx import TensorProto, helper, numpy_helper
 from graphs import calib, conv_net, run
 
 
-def _switchable() -> tuple[onnx.ModelProto, Builder]:
+def _switchable(per_channel: bool = True) -> tuple[onnx.ModelProto, Builder]:
     model = conv_net()
     graph = import_graph(model)
     infer_shapes(graph, model)
     plan = make_plan(graph, ())
-    builder = Builder(graph, plan, {t: (-4.0, 4.0) for t in candidate_tensors(plan)}, model, per_channel=True,
+    builder = Builder(graph, plan, {t: (-4.0, 4.0) for t in candidate_tensors(plan)}, model, per_channel=per_channel,
                       reduce_range=False, activations="uint8")
     return model, builder
 
@@ -72,12 +72,7 @@ def test_dequantized_equals_onnxruntime_dequantize_linear_to_the_bit(dtype: type
 
 
 def test_switchable_per_tensor_weights_all_on_match_the_real_build_unfused() -> None:
-    model = conv_net()
-    graph = import_graph(model)
-    infer_shapes(graph, model)
-    plan = make_plan(graph, ())
-    builder = Builder(graph, plan, {t: (-4.0, 4.0) for t in candidate_tensors(plan)}, model, per_channel=False,
-                      reduce_range=False, activations="uint8")
+    _, builder = _switchable(per_channel=False)
     sw = builder.build(switchable=True)
     on = {name: np.array(True) for name in sw.switches.values()}
     feed = calib(8)[0]
