@@ -9,10 +9,9 @@ z = round(−lo / s). Where the tensors left float leave a pair that no integer 
 dropped (``drop_idle``): it would add rounding error and two ops for nothing. A unit runs int8 (weights included,
 ``weights``) when its data inputs are quantized; else its weights stay float too, as onnxruntime would run it.
 
-Switchable builds (for the fallback's search): every quantized tensor, and the weights and bias of the unit it
-feeds, pass through ``If(switch)`` (then: quantized and dequantized, else: float as it is) with a boolean graph
-input per tensor, so that one session evaluates any subset of tensors quantized (fake quantization in float), a
-unit with a float input running with float weights as a real build does.
+Switchable builds (for the fallback's search, ``switch``): every quantized tensor and every int8 unit's op sit
+in ``If(switch)`` with a boolean graph input per tensor, so that one session evaluates any subset of tensors
+quantized (fake quantization in float), a unit with a float input running with float weights as a real build does.
 
 Every real build with bias sites gets the full mean correction (``refit_biases``) on the feeds ``refit`` gives; the
 float side of it and the GPTQ-rounded weights are kept across builds.
@@ -36,6 +35,7 @@ from graphopt.calibration.qparams import qparams
 from graphopt.graph import cleanup, export, is_float32
 from graphopt.passes.base import constant
 
+from .switch import dequantized, switched, switched_op
 from .plan import FLOAT_OUTPUT, SHARED_SCALE, Plan, Unit, int8_data, plan_reads
 from .weights import (
     bias_scale,
@@ -124,7 +124,7 @@ class _Edit:
             sw = gs.Variable(self.name(f"graphopt_switch_{len(self.switches)}"), dtype=np.bool_, shape=[])
             g.inputs.append(sw)
             self.switches[t.name] = sw.name
-            out = self.switched(sw.name, dq, t, g.nodes[-2:])
+            out = switched(g, self.name, sw, dq, t, g.nodes[-2:])
         for c in consumers:
             for i, inp in enumerate(c.inputs):
                 if inp is t:
@@ -134,30 +134,6 @@ class _Edit:
             t.name = self.name(f"{name}_float")
             out.name = name
             g.outputs = [out if o is t else o for o in g.outputs]
-
-    def switched(self, switch: str | None, quantized: gs.Variable, original: gs.Tensor,
-                 steps: list[gs.Node] | None = None) -> gs.Tensor:
-        """``quantized``, or in a switchable build ``If(switch)``: then ``quantized``, computed by ``steps`` (the
-        last nodes appended to the graph; by default the node that made ``quantized``) moved into the branch, else
-        ``original``. A switch off costs no quantize/dequantize work and the output is the branch's tensor as it
-        is (the same values as a Where of both, without computing both and selecting element by element:
-        EfficientNet-Lite0's switchable model 0.93 -> 0.65 s per 16 rows, the outputs equal to the bit)."""
-        if switch is None:
-            return quantized
-        g = self.graph
-        steps = steps if steps is not None else [g.nodes[-1]]
-        assert g.nodes[-len(steps):] == steps and steps[-1].outputs[0] is quantized
-        del g.nodes[-len(steps):]
-        sw = next(t for t in g.inputs if t.name == switch)
-        out = gs.Variable(self.name(f"{original.name}_switched"), dtype=np.float32, shape=quantized.shape)
-        kept = gs.Variable(self.name(f"{original.name}_kept"), dtype=np.float32, shape=quantized.shape)
-        then = gs.Graph(nodes=steps, outputs=[quantized], name=self.name(f"{original.name}_int8"), opset=g.opset)
-        other = gs.Graph(nodes=[gs.Node("Identity", name=self.name(f"{original.name}_Identity"),
-                                        inputs=[original], outputs=[kept])],
-                         outputs=[kept], name=self.name(f"{original.name}_float"), opset=g.opset)
-        g.nodes.append(gs.Node("If", name=self.name(f"{original.name}_If"), inputs=[sw], outputs=[out],
-                               attrs={"then_branch": then, "else_branch": other}))
-        return out
 
 
 def drop_idle(qdq: dict[str, None], ops_io: list[tuple[list[str], str | None, bool]]) -> list[str]:
@@ -339,20 +315,28 @@ class Builder:
                         node.inputs[2] = bias
                 b = b - offset
         per_axis = dq_axis is not None
+        if switch is not None:      # switchable: the op itself in If(switch), on constant weights either way
+            fake = {1: constant(edit.name(f"{w.name}_fake_quantized"), dequantized(qw, w_scale, w_zp, dq_axis))}
+            if b is not None and bias is not None:
+                bq = quantize_bias(b, b_scale)
+                fake[2] = constant(edit.name(f"{bias.name}_fake_quantized"),
+                                   dequantized(bq, b_scale if per_axis else b_scale[:1], np.zeros(1, np.int32),
+                                               0 if per_axis else None))
+            switched_op(edit.graph, edit.name, switch, node, fake)
+            return
         wq = constant(edit.name(f"{w.name}_quantized"), qw)
         s = constant(edit.name(f"{w.name}_scale"), w_scale if per_axis else np.reshape(w_scale, ()))
         z = constant(edit.name(f"{w.name}_zero_point"), w_zp if per_axis else np.reshape(w_zp, ()))
         wdq = edit.dequantized(wq, s, z, w.name, list(values.shape), {"axis": dq_axis} if per_axis else {})
-        node.inputs[1] = edit.switched(switch, wdq, w)
+        node.inputs[1] = wdq
         if b is None or bias is None:
             return
         bq = constant(edit.name(f"{bias.name}_quantized"), quantize_bias(b, b_scale))
         bs = constant(edit.name(f"{bias.name}_scale"), b_scale if per_axis else np.reshape(b_scale[:1], ()))
         bz = constant(edit.name(f"{bias.name}_zero_point"), np.zeros(n_out if per_axis else (), np.int32))
         bdq = edit.dequantized(bq, bs, bz, bias.name, [n_out], {"axis": 0} if per_axis else {})
-        node.inputs[2] = edit.switched(switch, bdq, bias)
-        if switch is None:
-            edit.bias_sites[u.name] = BiasSite(node.outputs[0].name, u.node.outputs[0].name, bq.name, b_scale)
+        node.inputs[2] = bdq
+        edit.bias_sites[u.name] = BiasSite(node.outputs[0].name, u.node.outputs[0].name, bq.name, b_scale)
 
     def _rounded_weights(self, values: np.ndarray, axis: int, unit: str, w_scale: np.ndarray, n_out: int,
                          w_zp: np.ndarray, dq_axis: int | None) -> np.ndarray:
