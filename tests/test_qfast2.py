@@ -1,13 +1,24 @@
-"""Fewer switchable-model runs in the quantize fallback's searches (issue 24, the pass's own time): the first search
-tries one tensor float first, and the contiguous candidate searches the suffix only below the prefix's k. Where the
-targets hold from some k on (what the binary search assumes), both find what the full searches found."""
+"""The quantize fallback's own time (issue 24): fewer switchable-model runs in the searches (the first search tries
+one tensor float first, the contiguous candidate searches the suffix only below the prefix's k: where the targets
+hold from some k on, what the binary search assumes, both find what the full searches found), and a cheaper
+switchable model (a unit's own input quantization, op and fused activation in one If: the same values)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
+import numpy as np
 import pytest
+from graphopt.graph import import_graph, infer_shapes
+from graphopt.passes.quantization import build as build_mod
+from graphopt.passes.quantization import switch as switch_mod
+from graphopt.passes.quantization.build import Builder
 from graphopt.passes.quantization.fallback import Fallback
+from graphopt.passes.quantization.plan import candidate_tensors, make_plan
+from onnx import helper
+
+from graphs import calib, conv_net, session
 
 
 def _search(n: int, answer: int, suffix_answer: int | None = None) -> tuple[Fallback, list[tuple[str, int]]]:
@@ -51,7 +62,7 @@ def test_first_k_is_the_binary_searchs_answer(n: int) -> None:
             assert len(runs) == 1
 
 
-@pytest.mark.parametrize("n", [2, 9, 40])
+@pytest.mark.parametrize("n", [2, 9, 24])
 def test_shortest_run_is_the_shorter_of_both_full_searches(n: int) -> None:
     sites = [f"t{i}" for i in range(n)]
     for prefix in range(0, n + 1):
@@ -64,3 +75,39 @@ def test_shortest_run_is_the_shorter_of_both_full_searches(n: int) -> None:
             assert fb.order == (sites if side == "prefix" else sites[::-1])
             if ks >= kp:    # a suffix no shorter than the prefix costs one run at most
                 assert sum(s == "suffix" for s, _ in runs) <= 1
+
+
+def _switchable_conv_net() -> Builder:
+    model = conv_net()
+    graph = import_graph(model)
+    infer_shapes(graph, model)
+    plan = make_plan(graph, ())
+    return Builder(graph, plan, {t: (-4.0, 4.0) for t in candidate_tensors(plan)}, model, per_channel=True,
+                   reduce_range=False, activations="uint8")
+
+
+def test_a_units_own_input_quantization_op_and_activation_share_one_if(monkeypatch: pytest.MonkeyPatch) -> None:
+    builder = _switchable_conv_net()
+    sw = builder.build(switchable=True)
+    branches = {n.name: [[x.op_type for x in helper.get_attribute_value(a).node] for a in n.attribute]
+                for n in sw.model.graph.node if n.op_type == "If"}
+    # conv1 alone reads x: its If quantizes x itself and runs Conv+Relu; r1 (read by conv2 and the Add) and the
+    # Gemm's input f (read by the Gemm alone) likewise
+    assert [["QuantizeLinear", "DequantizeLinear", "Conv", "Relu"], ["Conv", "Relu"]] in branches.values()
+    assert [["QuantizeLinear", "DequantizeLinear", "Gemm"], ["Gemm"]] in branches.values()
+    assert [["Conv", "Clip"], ["Conv", "Clip"]] in branches.values()         # conv2: r1 has its own If
+    assert [["QuantizeLinear", "DequantizeLinear"], ["Identity"]] in branches.values()
+    assert not any(n.op_type in ("Conv", "Relu", "Clip", "Gemm") for n in sw.model.graph.node)
+    # the same values, to the bit, as with every input's quantization in an If of its own
+    real = switch_mod.switched_op
+    monkeypatch.setattr(build_mod, "switched_op", lambda g, name, s, node, fake, act=None, source=None:
+                        real(g, name, s, node, fake, None, None))
+    apart = builder.build(switchable=True)
+    assert len(apart.model.graph.node) > len(sw.model.graph.node) and apart.switches == sw.switches
+    feed = calib(8)[0]
+    names = list(sw.switches.values())
+    merged, separate = session(sw.model, True), session(apart.model, True)
+    for bits in itertools.product([False, True], repeat=len(names)):
+        on = {n: np.array(b) for n, b in zip(names, bits)}
+        for a, b in zip(merged.run(None, {**feed, **on}), separate.run(None, {**feed, **on})):
+            assert np.array_equal(a, b)
