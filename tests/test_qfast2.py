@@ -10,15 +10,13 @@ import math
 
 import numpy as np
 import pytest
-from graphopt.graph import import_graph, infer_shapes
 from graphopt.passes.quantization import build as build_mod
 from graphopt.passes.quantization import switch as switch_mod
-from graphopt.passes.quantization.build import Builder
 from graphopt.passes.quantization.fallback import Fallback
-from graphopt.passes.quantization.plan import candidate_tensors, make_plan
 from onnx import helper
 
-from graphs import calib, conv_net, session
+from graphs import calib, session
+from test_qfast import _switchable
 
 
 def _search(n: int, answer: int, suffix_answer: int | None = None) -> tuple[Fallback, list[tuple[str, int]]]:
@@ -77,17 +75,8 @@ def test_shortest_run_is_the_shorter_of_both_full_searches(n: int) -> None:
                 assert sum(s == "suffix" for s, _ in runs) <= 1
 
 
-def _switchable_conv_net() -> Builder:
-    model = conv_net()
-    graph = import_graph(model)
-    infer_shapes(graph, model)
-    plan = make_plan(graph, ())
-    return Builder(graph, plan, {t: (-4.0, 4.0) for t in candidate_tensors(plan)}, model, per_channel=True,
-                   reduce_range=False, activations="uint8")
-
-
 def test_a_units_own_input_quantization_op_and_activation_share_one_if(monkeypatch: pytest.MonkeyPatch) -> None:
-    builder = _switchable_conv_net()
+    _, builder = _switchable()      # conv_net's switchable build, test_qfast's helper
     sw = builder.build(switchable=True)
     branches = {n.name: [[x.op_type for x in helper.get_attribute_value(a).node] for a in n.attribute]
                 for n in sw.model.graph.node if n.op_type == "If"}
