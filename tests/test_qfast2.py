@@ -13,9 +13,8 @@ import pytest
 from graphopt.passes.quantization import build as build_mod
 from graphopt.passes.quantization import switch as switch_mod
 from graphopt.passes.quantization.fallback import Fallback
-from onnx import helper
-
 from graphs import calib, session
+from onnx import helper
 from test_qfast import _switchable
 
 
@@ -50,7 +49,7 @@ def _full_search(fb: Fallback, order: list[str]) -> int:
 
 @pytest.mark.parametrize("n", [1, 2, 7, 40])
 def test_first_k_is_the_binary_searchs_answer(n: int) -> None:
-    for answer in range(0, n + 1):
+    for answer in range(n + 1):
         fb, runs = _search(n, answer)
         k = fb.first_k()
         ref, _ = _search(n, answer)
@@ -63,8 +62,8 @@ def test_first_k_is_the_binary_searchs_answer(n: int) -> None:
 @pytest.mark.parametrize("n", [2, 9, 24])
 def test_shortest_run_is_the_shorter_of_both_full_searches(n: int) -> None:
     sites = [f"t{i}" for i in range(n)]
-    for prefix in range(0, n + 1):
-        for suffix in range(0, n + 1):
+    for prefix in range(n + 1):
+        for suffix in range(n + 1):
             fb, runs = _search(n, prefix, suffix)
             k, side = fb.shortest_run(sites)
             ref, _ = _search(n, prefix, suffix)
