@@ -11,7 +11,8 @@ dropped (``drop_idle``): it would add rounding error and two ops for nothing. A 
 
 Switchable builds (for the fallback's search, ``switch``): every quantized tensor and every int8 unit's op sit
 in ``If(switch)`` with a boolean graph input per tensor, so that one session evaluates any subset of tensors
-quantized (fake quantization in float), a unit with a float input running with float weights as a real build does.
+quantized (fake quantization in float), a unit with a float input running with float weights as a real build does;
+a unit whose input no other op reads quantizes it in its own If, its fused activation included (switch.py).
 
 Every real build with bias sites gets the full mean correction (``refit_biases``) on the feeds ``refit`` gives; the
 float side of it and the GPTQ-rounded weights are kept across builds.
