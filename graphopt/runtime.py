@@ -253,17 +253,36 @@ def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], 
     return [statistics.median(t) for t in times]
 
 
+class LatencySessions:
+    """Latency sessions (one per model and thread count: memory pattern on, spinning, as deployed) of the models a
+    caller times in several ``latency_runs``, kept by the model object (held, so that its identity stays its own);
+    any other model gets a session of its own for the call. objective=latency times the float model in its table,
+    its final comparison and per-channel=auto's timing: one session, not three."""
+
+    def __init__(self, models: Iterable[onnx.ModelProto]) -> None:
+        self.models = {id(m): m for m in models}
+        self.sessions: dict[tuple[int, int], ort.InferenceSession] = {}
+
+    def get(self, model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+        if self.models.get(id(model)) is not model:
+            return make_session(model, "model (latency)", threads=threads, mem_pattern=True, spin=True)
+        key = (id(model), threads)
+        if key not in self.sessions:
+            self.sessions[key] = make_session(model, "model (latency)", threads=threads, mem_pattern=True, spin=True)
+        return self.sessions[key]
+
+
 def latency_runs(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, threads: int = 1, runs: int = 20,
                  warmup: int = 3, budget_s: float = 20.0, clock: Callable[[], float] = time.perf_counter,
-                 rewarm: int = 0, done: Callable[[list[list[float]]], Collection[int] | None] | None = None
-                 ) -> list[list[float]]:
+                 rewarm: int = 0, done: Callable[[list[list[float]]], Collection[int] | None] | None = None,
+                 kept: LatencySessions | None = None) -> list[list[float]]:
     """Every run's latency in ms of each model (``measure_latency``'s protocol): warm-up, then runs interleaved,
     alternating which goes first, at least 5 and at most ``runs`` rounds, stopping once ``budget_s`` has passed.
     ``done(times so far)``, asked after each round from the fifth on, names the models the caller still needs timed
     (None: all): the others leave the rotation, and none left stops. ``rewarm``: untimed runs of a model right before
     each timed one, so that it is timed with its weights in the caches as a model run repeatedly is, not after the
-    other models evicted them."""
-    sessions = [make_session(m, "model (latency)", threads=threads, mem_pattern=True, spin=True) for m in models]
+    other models evicted them. ``kept``: the caller's sessions of models it times more than once."""
+    sessions = [(kept or LatencySessions(())).get(m, threads) for m in models]
     for s in sessions:
         for _ in range(warmup):
             s.run(None, feed)
