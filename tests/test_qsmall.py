@@ -68,21 +68,40 @@ def test_quantile_is_numpys_percentile_to_the_bit() -> None:
             assert quantile(runs, q) == float(np.percentile(runs, 100 * q))
 
 
+def test_a_failing_feed_fails_the_mean_correction_without_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feeds wait for the earlier ones at each cut (``_Turns``): one that fails makes the others fail, not hang."""
+    import graphopt
+    m, data = _two_convs()
+    plain, _ = graphopt.optimize(m, [f"{Q},min-cosine=0,min-top1=0,bias-correction=false"], calib_data=data,
+                                 latency_runs=0)
+    real = bc._Segments.run
+
+    def second_fails(self, feed, at_cut):
+        if feed is data[1] and at_cut.__name__ == "correct":     # the quantized side, on a worker thread
+            raise ValueError("feed 1")
+        return real(self, feed, at_cut)
+
+    monkeypatch.setattr(bc._Segments, "run", second_fails)
+    with pytest.raises(ValueError, match="feed 1"):
+        bc.refit_biases(plain, m, _sites(plain), data, {})
+
+
 def test_full_mean_correction_overlapped_equals_one_after_the_other(monkeypatch: pytest.MonkeyPatch) -> None:
     import graphopt
     m, data = _two_convs()
     plain, _ = graphopt.optimize(m, [f"{Q},min-cosine=0,min-top1=0,bias-correction=false"], calib_data=data,
                                  latency_runs=0)
     sites = _sites(plain)
-    overlaps: list[bool] = []
-    monkeypatch.setattr(bc, "ahead", lambda fn, items: (overlaps.append(True), ahead(fn, items))[1])
+    workers: list[int] = []
+    pool = bc.ThreadPoolExecutor
+    monkeypatch.setattr(bc, "ThreadPoolExecutor", lambda n, **kw: (workers.append(n), pool(n, **kw))[1])
     overlapped: dict[str, list[np.ndarray]] = {}
     steps = bc.refit_biases(plain, m, sites, data, overlapped)
-    assert overlaps == [True]
+    assert workers == [2] and len(data) > 2
     monkeypatch.setattr(bc, "OVERLAP_FEED_BYTES", 0)
     alone: dict[str, list[np.ndarray]] = {}
     again = bc.refit_biases(plain, m, sites, data, alone)
-    assert overlaps == [True]
+    assert workers == [2, 1]
     assert steps.keys() == again.keys() and all(np.array_equal(steps[k], again[k]) for k in steps)
     assert overlapped.keys() == alone.keys()
     assert all(len(overlapped[k]) == len(data) and all(np.array_equal(a, b) for a, b in zip(overlapped[k], alone[k]))
