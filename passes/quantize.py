@@ -36,6 +36,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from graphopt.passes.base import Pass, PassContext, PassResult, register
@@ -195,7 +196,8 @@ class Quantize(Pass):
                 replace_graph(graph, import_graph(before))
                 return kept_float(setup, plan, best, choice)
             if o.per_channel == "auto" and setup.per_channel:
-                best, per_tensor = self._per_tensor(best, keep, builder, plan, (before, judge, kept), setup, ctx)
+                best, per_tensor = self._per_tensor(best, keep, builder, plan, before, judge, kept, setup,
+                                                    timing_feed(ctx.require_calib(self.name)))
         replace_graph(graph, import_graph(best.built.model))
         res = report(setup, plan, calibration, best, tried, choice)
         if per_tensor is not None:
@@ -212,16 +214,15 @@ class Quantize(Pass):
         return res
 
     @staticmethod
-    def _per_tensor(best: Trial, keep: set[str], builder: Builder, plan: Plan,
-                    with_: tuple[onnx.ModelProto, Judge | None, LatencySessions], setup: Setup, ctx: PassContext
+    def _per_tensor(best: Trial, keep: set[str], builder: Builder, plan: Plan, before: onnx.ModelProto,
+                    judge: Judge | None, kept: LatencySessions, setup: Setup, feed: dict[str, np.ndarray]
                     ) -> tuple[Trial, PerTensor]:
         """per-channel=auto (``pertensor``): the chosen assignment with per-tensor Gemm/MatMul weights where that
-        meets the targets (``with_``: the fallback's judge, None without targets) and measures faster than per
-        channel (against the float model written where int8 is not faster, with the latency sessions kept)."""
-        before, judge, kept = with_
+        meets the targets (the fallback's judge; None: no targets) and measures faster than per channel on ``feed``
+        (against ``before``, the float model written where int8 is not faster; ``kept``: the latency sessions)."""
         built, decision = try_per_tensor(plan, best.built, setup.reduce_range,
-                                         lambda units: builder.build(keep, per_tensor=units), judge, before,
-                                         timing_feed(ctx.require_calib("quantize")), kept)
+                                         lambda units: builder.build(keep, per_tensor=units), judge, before, feed,
+                                         kept)
         return best._replace(built=built), decision
 
     @staticmethod
