@@ -250,8 +250,10 @@ class Quantize(Pass):
         candidate that meets the targets with every tensor int8 cannot be beaten, so the search stops there."""
         o = setup.options
         # The full mean correction of every real build runs on the first calibration samples, as many as fit its
-        # budget in modelled seconds (taken once, when a build first has a bias to correct).
-        refit = (float_model, functools.cache(lambda: refit_feeds(float_model, ctx.calib))) \
+        # budget in modelled seconds (taken once, when a build first has a bias to correct), from the judge's
+        # samples where there is a judge (the same first samples, read once).
+        samples = judge.batches if judge is not None else ctx.calib
+        refit = (float_model, functools.cache(lambda: refit_feeds(float_model, samples))) \
             if o.bias_correction and ctx.calib is not None else None
         best: Trial | None = None
         best_builder: Builder | None = None
