@@ -145,10 +145,15 @@ class Judge:
         them weighs at most half the allowed drop (on fewer, one sample decides; validation checks it anyway)."""
         return self.max_accuracy_drop is not None and q.labelled * self.max_accuracy_drop >= 200
 
-    def quality(self, model: onnx.ModelProto) -> Quality:
-        """``judged`` for ``model`` against float on every judge sample."""
+    def start(self) -> None:
+        """A one-thread judge: start the float model's runs on its samples on a worker thread (``Reference.ahead``),
+        to overlap the caller's work until the first check, or that check's candidate runs."""
         if self.threads == 1:
             self.ref.ahead([b.feed for b in self.batches])
+
+    def quality(self, model: onnx.ModelProto) -> Quality:
+        """``judged`` for ``model`` against float on every judge sample."""
+        self.start()
         v = validate(self.float_model, model, self.batches, exact=False, thresholds=self.targets.measures(),
                      sessions=(self.ref, make_session(model, "quantized model", threads=self.threads)),
                      roles=self.roles)
