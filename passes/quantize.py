@@ -180,11 +180,13 @@ class Quantize(Pass):
         if not plan.units:
             return declined(setup, plan, NO_UNITS)
         float_model = export(graph, ctx.original)
-        calibration = calibrate(graph, float_model, plan, o, ctx, self.name)
         # one judge for the fallback of every candidate and for per-channel=auto: the float model's session and
-        # its outputs on the judge's samples, made once
+        # its outputs on the judge's samples, made once, the outputs beside calibration (``Judge.start``)
         judge = Judge(float_model, ctx.original, judge_samples(ctx.require_calib(self.name)),
                       judge_targets(ctx, o)) if setup.fallback else None
+        if judge is not None:
+            judge.start()
+        calibration = calibrate(graph, float_model, plan, o, ctx, self.name)
         best, tried, builder = self._trials(graph, plan, calibration, float_model, setup, ctx, judge)
         choice = None
         contiguous = best.fallback.contiguous if best.fallback is not None else None
