@@ -137,6 +137,8 @@ def test_judge_computes_float_ahead_once_with_the_same_figures(monkeypatch: pyte
     judge = Judge(f, f, batches, Thresholds(0.98, 0.95))
     counting = _Counting(judge.ref.sess)
     judge.ref.sess = counting
+    judge.start()                                   # as the pass does before calibration
+    judge.start()
     first = judge.quality(candidate)
     assert counting.runs == len(batches) and judge.ref.held > 0
     assert judge.quality(candidate) == first and counting.runs == len(batches)
