@@ -25,7 +25,7 @@ import onnx
 from graphopt.calibration.feeds import first_row_feed
 from graphopt.calibration.readers import Batch
 from graphopt.io import is_big
-from graphopt.runtime import count_macs, make_session, run_threads
+from graphopt.runtime import count_macs, make_session, run_threads, spare_core
 from graphopt.metrics import OutputStats
 from graphopt.validate import Comparison, Thresholds, class_score_outputs, validate
 
@@ -148,7 +148,7 @@ class Judge:
     def start(self) -> None:
         """A one-thread judge: start the float model's runs on its samples on a worker thread (``Reference.ahead``),
         to overlap the caller's work until the first check, or that check's candidate runs."""
-        if self.threads == 1:
+        if self.threads == 1 and spare_core():
             self.ref.ahead([b.feed for b in self.batches])
 
     def quality(self, model: onnx.ModelProto) -> Quality:
