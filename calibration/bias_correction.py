@@ -52,7 +52,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from graphopt.runtime import session_options
+from graphopt.runtime import session_options, spare_core
 
 from .gptq import ConvGeometry
 
@@ -287,9 +287,10 @@ def refit_biases(quantized: onnx.ModelProto, reference: onnx.ModelProto, sites: 
         with turns.failing():
             q.run(feed, correct)
 
-    # Small feeds: two feeds' quantized sides at once on worker threads (feed j + 1 at a cut while feed j is at a
+    # Small feeds and a spare core: two feeds' quantized sides at once on worker threads (feed j + 1 at a cut while feed j is at a
     # later one; each cut's steps in feed order: ``_Turns``), the float side on this thread; else in turn.
-    small = all(sum(v.nbytes for v in f.values() if isinstance(v, np.ndarray)) <= OVERLAP_FEED_BYTES for f in feeds)
+    small = all(sum(v.nbytes for v in f.values() if isinstance(v, np.ndarray)) <= OVERLAP_FEED_BYTES
+                for f in feeds) and spare_core()
     with ThreadPoolExecutor(2 if small else 1, thread_name_prefix="graphopt-refit") as pool:
         jobs = []
         for j, feed in enumerate(feeds):

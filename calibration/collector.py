@@ -22,7 +22,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from graphopt.errors import InputError, one_line
-from graphopt.runtime import ahead, session_for, session_options
+from graphopt.runtime import ahead, session_for, session_options, spare_core
 
 from .observers import MinMaxObserver
 from .readers import Batch, model_inputs
@@ -55,7 +55,7 @@ def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[Ba
         todo = itertools.chain([first], feeds)
         # a run's outputs within a quarter of the budget: the next run goes on a worker thread while the observers
         # take this one's (``runtime.ahead``; two runs' outputs held, within the budget), else one after the other
-        for _, values in ahead(run, todo) if runs.overlap else ((f, run(f)) for f in todo):
+        for _, values in ahead(run, todo) if runs.overlap and spare_core() else ((f, run(f)) for f in todo):
             for name, value in zip(names, values):
                 if isinstance(value, np.ndarray) and value.dtype.kind == "f":
                     observers[name].update(value)

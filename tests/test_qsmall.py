@@ -13,6 +13,8 @@ from graphopt.calibration import collector as collector_mod
 from graphopt.calibration.collector import collect
 from graphopt.calibration.observers import HistogramObserver
 from graphopt.calibration.readers import Batch
+from graphopt import runtime
+from graphopt.passes import judge as judge_mod
 from graphopt.passes.judge import Judge, Reference
 from graphopt.passes.quantization.latency import quantile
 from graphopt.runtime import LatencySessions, ahead, run_with_outputs
@@ -21,6 +23,23 @@ from graphopt.validate import Thresholds
 from graphs import calib, conv_net
 from test_bias_correction import Q, _sites, _two_convs
 from test_qtime import _Counting, _noisy
+
+
+@pytest.fixture(autouse=True)
+def _a_spare_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overlaps as on an idle machine with two cores, whatever this machine's load."""
+    for mod in (bc, collector_mod, judge_mod):
+        monkeypatch.setattr(mod, "spare_core", lambda: True)
+
+
+def test_spare_core_only_where_the_load_leaves_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "_cores", lambda: 2)
+    for load, spare in ((0.2, True), (1.0, True), (1.6, False), (4.0, False)):
+        monkeypatch.setattr(runtime.os, "getloadavg", lambda: (load, 0.0, 0.0))
+        assert runtime.spare_core() is spare
+    monkeypatch.setattr(runtime, "_cores", lambda: 1)
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert not runtime.spare_core()
 
 
 def test_ahead_gives_each_item_in_order_and_runs_the_next_on_a_worker() -> None:
