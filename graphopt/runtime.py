@@ -312,11 +312,20 @@ def latency_runs(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, 
 
 def spare_core() -> bool:
     """Whether a worker thread is likely to find a core of its own (``ahead``'s callers ask before they overlap):
-    more than one core, and the load average over the last minute (this process's running thread included) leaves
+    more than one core, and the threads runnable right now on the machine (this one included: ``runnable``) leave
     one. On a machine already busier than its cores the overlap buys nothing and each hand-over waits for a time
-    slice (MTCNN O-Net at load 4 on 2 cores: 20% more wall time overlapped); the results are the same either way."""
+    slice (MTCNN O-Net at load 4 on 2 cores: ~20% more wall time overlapped); the results are the same either way."""
     cores = _cores()
-    return cores > 1 and os.getloadavg()[0] <= cores - 1
+    return cores > 1 and runnable() <= cores - 1
+
+
+def runnable() -> int:
+    """Threads runnable on the machine now (/proc/loadavg's fourth field; else the load average rounded up)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return -int(-os.getloadavg()[0] // 1)
 
 
 def ahead(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]:

@@ -32,13 +32,14 @@ def _a_spare_core(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(mod, "spare_core", lambda: True)
 
 
-def test_spare_core_only_where_the_load_leaves_one(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spare_core_only_where_the_runnable_threads_leave_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert runtime.runnable() >= 1                 # this thread, running
     monkeypatch.setattr(runtime, "_cores", lambda: 2)
-    for load, spare in ((0.2, True), (1.0, True), (1.6, False), (4.0, False)):
-        monkeypatch.setattr(runtime.os, "getloadavg", lambda: (load, 0.0, 0.0))
+    for running, spare in ((1, True), (2, False), (5, False)):
+        monkeypatch.setattr(runtime, "runnable", lambda: running)
         assert runtime.spare_core() is spare
     monkeypatch.setattr(runtime, "_cores", lambda: 1)
-    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(runtime, "runnable", lambda: 1)
     assert not runtime.spare_core()
 
 
