@@ -252,7 +252,7 @@ def refit_biases(quantized: onnx.ModelProto, reference: onnx.ModelProto, sites: 
     Both models run cut at the sites (``_Segments``); the quantized one with each site's correction applied to what
     later segments read, so a site's correction is measured downstream of the ones above it. The correction is a
     running mean over the feeds (each feed's residual folded in by its share of the samples), so memory holds one
-    feed's live tensors however many feeds there are. ``reference_means`` ({float tensor: its channel means, one
+    feed's live tensors however many feeds there are (three on small feeds, run at once: OVERLAP_FEED_BYTES). ``reference_means`` ({float tensor: its channel means, one
     array per feed}) keeps the float model's side between calls on the same feeds: only what it lacks is run."""
     made = {o for n in quantized.graph.node for o in n.output}
     ref_made = {o for n in reference.graph.node for o in n.output}
