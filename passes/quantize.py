@@ -39,6 +39,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from graphopt.passes.base import Pass, PassContext, PassResult, register
@@ -47,6 +48,7 @@ from graphopt.passes.options import option, unmatched
 from onnx import version_converter
 
 from graphopt.graph import cleanup, export, import_graph, infer_shapes, quantized_ops, replace_graph
+from graphopt.runtime import LatencySessions
 from graphopt.validate import Thresholds
 
 from .judge import Judge, judge_samples
@@ -193,18 +195,26 @@ class Quantize(Pass):
         if not plan.units:
             return declined(setup, plan, NO_UNITS)
         float_model = export(graph, ctx.original)
+        # one judge for the fallback of every candidate and for per-channel=auto: the float model's session and
+        # its outputs on the judge's samples, made once, the outputs beside calibration (``Judge.start``)
+        judge = Judge(float_model, ctx.original, judge_samples(ctx.require_calib(self.name)),
+                      judge_targets(ctx, o)) if setup.fallback else None
+        if judge is not None:
+            judge.start()
         calibration = calibrate(graph, float_model, plan, o, ctx, self.name)
-        best, tried, builder = self._trials(graph, plan, calibration, float_model, setup, ctx)
+        best, tried, builder = self._trials(graph, plan, calibration, float_model, setup, ctx, judge)
         choice = None
         contiguous = best.fallback.contiguous if best.fallback is not None else None
         per_tensor = None
         if before is not None and (best.built.int8_units or contiguous is not None):
-            best, choice, keep = self._fastest(best, builder, before, ctx)
+            kept = LatencySessions((before, best.built.model))     # each timed more than once
+            best, choice, keep = self._fastest(best, builder, before, ctx, kept)
             if choice.written == "float":
                 replace_graph(graph, import_graph(before))
                 return kept_float(setup, plan, best, choice)
             if o.per_channel == "auto" and setup.per_channel:
-                best, per_tensor = self._per_tensor(best, keep, builder, plan, (float_model, before), setup, ctx)
+                best, per_tensor = self._per_tensor(best, keep, builder, plan, before, judge, kept, setup,
+                                                    timing_feed(ctx.require_calib(self.name)))
         replace_graph(graph, import_graph(best.built.model))
         res = report(setup, plan, calibration, best, tried, choice)
         if per_tensor is not None:
@@ -221,29 +231,26 @@ class Quantize(Pass):
         return res
 
     @staticmethod
-    def _per_tensor(best: Trial, keep: set[str], builder: Builder, plan: Plan,
-                    models: tuple[onnx.ModelProto, onnx.ModelProto], setup: Setup, ctx: PassContext
+    def _per_tensor(best: Trial, keep: set[str], builder: Builder, plan: Plan, before: onnx.ModelProto,
+                    judge: Judge | None, kept: LatencySessions, setup: Setup, feed: dict[str, np.ndarray]
                     ) -> tuple[Trial, PerTensor]:
         """per-channel=auto (``pertensor``): the chosen assignment with per-tensor Gemm/MatMul weights where that
-        meets the targets (the fallback's judge, ``models[0]`` the float model it judges against) and measures
-        faster than per channel (against ``models[1]``, the float model written where int8 is not faster)."""
-        calib = ctx.require_calib("quantize")
-        judge = Judge(models[0], ctx.original, judge_samples(calib), judge_targets(ctx, setup.options)) \
-            if setup.fallback else None
+        meets the targets (the fallback's judge; None: no targets) and measures faster than per channel on ``feed``
+        (against ``before``, the float model written where int8 is not faster; ``kept``: the latency sessions)."""
         built, decision = try_per_tensor(plan, best.built, setup.reduce_range,
-                                         lambda units: builder.build(keep, per_tensor=units), judge, models[1],
-                                         timing_feed(calib))
+                                         lambda units: builder.build(keep, per_tensor=units), judge, before, feed,
+                                         kept)
         return best._replace(built=built), decision
 
     @staticmethod
-    def _fastest(best: Trial, builder: Builder, before: onnx.ModelProto, ctx: PassContext
+    def _fastest(best: Trial, builder: Builder, before: onnx.ModelProto, ctx: PassContext, kept: LatencySessions
                  ) -> tuple[Trial, Choice, set[str]]:
         """objective=latency (``latency``): the trial with the regions measured slower left float, the choice, and
         the tensors that build leaves float."""
         keep = set(best.floated)
         alt = best.fallback.contiguous if best.fallback is not None else None
         choice = choose(best.built, before, lambda extra: builder.build(keep | extra, refit=False).model,
-                        timing_feed(ctx.require_calib("quantize")), alt.built.model if alt is not None else None)
+                        timing_feed(ctx.require_calib("quantize")), alt.built.model if alt is not None else None, kept)
         if choice.written == "contiguous":
             assert alt is not None
             best = best._replace(built=alt.built, fallback=alt)
@@ -254,14 +261,16 @@ class Quantize(Pass):
         return best, choice, keep
 
     def _trials(self, graph: gs.Graph, plan: Plan, calibration: Calibration, float_model: onnx.ModelProto,
-                setup: Setup, ctx: PassContext) -> tuple[Trial, list[Trial], Builder]:
+                setup: Setup, ctx: PassContext, judge: Judge | None) -> tuple[Trial, list[Trial], Builder]:
         """Each candidate set of ranges (in order of preference) built and, if the fallback runs, brought to the
         targets; the best (most units int8, then fewest tensors float), all those tried and the best's builder. A
         candidate that meets the targets with every tensor int8 cannot be beaten, so the search stops there."""
         o = setup.options
         # The full mean correction of every real build runs on the first calibration samples, as many as fit its
-        # budget in modelled seconds (taken once, when a build first has a bias to correct).
-        refit = (float_model, functools.cache(lambda: refit_feeds(float_model, ctx.calib))) \
+        # budget in modelled seconds (taken once, when a build first has a bias to correct), from the judge's
+        # samples where there is a judge (the same first samples, read once).
+        samples = judge.batches if judge is not None else ctx.calib
+        refit = (float_model, functools.cache(lambda: refit_feeds(float_model, samples))) \
             if o.bias_correction and ctx.calib is not None else None
         best: Trial | None = None
         best_builder: Builder | None = None
@@ -273,7 +282,8 @@ class Quantize(Pass):
             built = builder.build()
             fb = fall_back(builder, built, float_model, ctx.original, ctx.require_calib(self.name),
                            judge_targets(ctx, o),
-                           contiguous=o.objective == "latency" and ctx.calib is not None) if setup.fallback else None
+                           contiguous=o.objective == "latency" and ctx.calib is not None, judge=judge) \
+                if setup.fallback else None
             trial = Trial(label, ranges, fb.built if fb is not None else built, fb)
             tried.append(trial)
             if best is None or trial.rank > best.rank:
