@@ -300,10 +300,15 @@ def refit_biases(quantized: onnx.ModelProto, reference: onnx.ModelProto, sites: 
             jobs.append(pool.submit(fold, j, feed))
             if not small:
                 jobs[-1].result()
-        for job in jobs:
-            job.result()
+        errors = [e for e in (job.exception() for job in jobs) if e is not None]
+        if errors:      # the feed that failed, not the ones it made give up
+            raise next((e for e in errors if not isinstance(e, _GaveUp)), errors[0])
     cache.update(fresh)
     return {s.bias: st for s, st in zip(sites, steps)}
+
+
+class _GaveUp(RuntimeError):
+    """A feed that stopped waiting because another one failed (that one's error is what the caller sees)."""
 
 
 class _Turns:
@@ -321,7 +326,7 @@ class _Turns:
         with self.cond:
             self.cond.wait_for(lambda: self.next[k] == j or self.failed)
             if self.failed:
-                raise RuntimeError("an earlier feed of the mean correction failed")
+                raise _GaveUp("another feed of the mean correction failed")
         yield
         with self.cond:
             self.next[k] += 1

@@ -308,8 +308,6 @@ def latency_runs(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, 
     return times
 
 
-
-
 def spare_core() -> bool:
     """Whether a worker thread is likely to find a core of its own (``ahead``'s callers ask before they overlap):
     more than one core, and the threads runnable right now on the machine (this one included: ``runnable``) leave

@@ -94,6 +94,8 @@ def test_regions_join_the_int8_ops_that_share_a_quantized_tensor():
     ([10.0, 5.0, 6.0], "int8", (True, True)),         # all int8 measured faster than the choice: taken
     ([10.0, 6.0, 9.95], "int8", (True, True)),        # the choice is not faster than float, all int8 is
     ([10.0, 9.9, 9.95], "float", (False, False)),     # nothing faster than float beyond the noise
+    ([10.0, 9.75, 9.8], "float", (False, False)),     # faster beyond the noise, but by 2.5% < MIN_GAIN
+    ([10.0, 9.65, 9.8], "int8", (True, True)),        # 3.5%: pays
 ])
 def test_choice_from_the_table_and_the_confirmation(monkeypatch, confirm, written, int8):
     tables = iter([[Timing(10.0, 0.1), Timing(6.0, 0.1), Timing(10.5, 0.1)], [Timing(t, 0.1) for t in confirm]])

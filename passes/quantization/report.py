@@ -14,7 +14,7 @@ from .build import Built
 from .calibrate import Calibration, Ranges
 from ..judge import Quality, top1_required
 from .fallback import SENSITIVITY_BUDGET_S, FallbackResult
-from .latency import Choice
+from .latency import MIN_GAIN, Choice
 from .plan import Plan
 
 CALIBRATION_SAMPLES = "calibration samples"
@@ -235,7 +235,7 @@ def _latency(res: PassResult, c: Choice) -> None:
              f"±{100 * c.noise:.1f}%")
     if c.written == "float":
         res.notes.append(f"objective=latency: kept float: no int8 assignment that meets the targets is measured "
-                         f"faster on this CPU ({timed})")
+                         f"{100 * MIN_GAIN:.0f}% faster on this CPU ({timed})")
         return
     if c.written == "contiguous":
         res.notes.append(f"objective=latency: one float run at an end, the rest int8, measured fastest ({timed}; "
@@ -261,7 +261,7 @@ def _speed_reasons(c: Choice | None) -> dict[str, tuple[int, str | None]]:
         if not on:
             alone = f"; int8 alone saves {c.gains[i].median:+.3g} ms (±{c.gains[i].notch:.2g})" if c.gains else ""
             why = (f"speed: region {i + 1} is faster float" if c.written == "chosen" else
-                   "speed: no int8 assignment is measured faster") + alone
+                   f"speed: no int8 assignment is measured {100 * MIN_GAIN:.0f}% faster") + alone
         out.update({op: (i + 1, why) for op in r.ops})
     return out
 
