@@ -22,9 +22,9 @@ What the pass does, in order (each step's module says how, with the math):
   * objective=latency (``latency``, the default): first, right after calibration, the all-int8 build without the
     mean correction is timed against float; where int8 does not pay there, the model is written float without the
     fallback (``latency.choose_early``: what that rules out). Else the int8 regions of the fallback's build are
-    timed on this CPU, alone and together, and only those measured faster stay int8, or the fallback's contiguous candidate (one float run at
-    the input or output end, one boundary) where it measures fastest; where nothing is faster the model is written
-    float (the input after the exact passes). objective=size: int8 wherever the targets hold;
+    timed on this CPU, alone and together, and only those measured faster stay int8, or the fallback's contiguous
+    candidate (one float run at the input or output end, one boundary) where it measures fastest; where nothing is
+    faster the model is written float (the input after the exact passes). objective=size: int8 wherever the targets hold;
   * report (``report``): the layers that run float and why (fidelity or speed), the tensors left float with their
     sensitivity, the measured latency of the choice against all int8 and all float.
 If branches that stay (a condition computed at run time) are quantized as models of their own, calibrated on the
@@ -212,7 +212,7 @@ class Quantize(Pass):
             replace_graph(graph, import_graph(before))
             label, ranges = calibration.candidates[0]
             return kept_float(setup, plan, Trial(label, ranges, early[0], None), early[1])
-        if judge is not None:
+        if judge is not None and before is not None:
             judge.start()
         best, tried, builder = self._trials(graph, plan, calibration, float_model, first, setup, ctx, judge, refit)
         choice = None
