@@ -213,6 +213,9 @@ def test_a_float_prefix_is_written_where_it_measures_fastest(monkeypatch):
     real = quantize_module.choose
     monkeypatch.setattr(quantize_module, "choose", lambda *a, **k: dataclasses.replace(real(*a, **k),
                                                                                        written="contiguous"))
+    early = quantize_module.choose_early        # int8 pays before the fidelity search, so the search runs
+    monkeypatch.setattr(quantize_module, "choose_early", lambda *a, **k: dataclasses.replace(early(*a, **k),
+                                                                                             written="int8"))
     out, rep = graphopt.optimize(outlier_mlp(), ["quantize:min-top1=0,min-cosine=0.9999"], calib_data=[{"x": x}],
                                  latency_runs=0, validate_output=False)
     notes = rep.passes[-1]["notes"]

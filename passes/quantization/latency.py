@@ -32,10 +32,23 @@ notches' sum projected to the cap (notch ∝ 1/√n): the two would stay togethe
 by 1/FUTILITY, so the cap's answer is the answer now; moot (final comparison) when it is between two candidates and
 either is decided not faster than float (never written). On MTCNN O-Net, where some region's gain sits inside its
 notch, the table and the final comparison ran to their caps: 1.1 s of the pass's 1.6.
+
+Early decision (``choose_early``): speed does not depend on the biases' values nor on the ranges' (the same ops and
+shapes), so right after calibration the all-int8 build (the same QDQ placement, no full mean correction) is timed as
+above against float, before the fidelity search. Where neither all int8 nor the regions faster alone pay, the model
+is written float there: the fallback and the mean correction are not run. This rules out, untimed, the candidates
+the fidelity search would have added, all with fewer int8 ops than all int8 (each a subset of its tensors): the
+fallback's harm-ordered build, the regions of that build faster alone, and the contiguous candidate (one float
+run at an end); their regions are parts of the regions timed. It assumes that a part of an int8 run does not pay
+where neither the whole run nor all of them together did (a slower int8 part inside a region whose total gain is
+under MIN_GAIN; each cut adds a boundary's Q/DQ pair too). Where int8 pays early and the fidelity search leaves every
+tensor int8 (the same regions), the early choice is the choice (``reusable``): the two builds differ only in bias
+values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -107,6 +120,7 @@ class Choice:
     all_float: Timing
     written: str
     contiguous: Timing | None = None
+    early: bool = False         # decided before the fidelity search, on the build without the mean correction
 
     @property
     def timed(self) -> Timing:
@@ -269,3 +283,17 @@ def pick(all_float: Timing, all_int8: Timing, chosen: Timing | None, contiguous:
         if t.faster(best):
             name, best = other, t
     return name
+
+
+def choose_early(built: Built, float_model: onnx.ModelProto, build: Callable[[set[str]], onnx.ModelProto],
+                 feed: dict[str, np.ndarray], kept: LatencySessions | None = None) -> Choice:
+    """The early decision (module docstring): ``choose`` on ``built``, the all-int8 build without the full mean
+    correction, before the fidelity search (``build``, ``kept``: as ``choose``'s)."""
+    return dataclasses.replace(choose(built, float_model, build, feed, None, kept), early=True)
+
+
+def reusable(early_built: Built, early: Choice, built: Built, contiguous: bool) -> Choice | None:
+    """``early`` (the choice for ``early_built``) where it is the choice for ``built``, the fidelity search's build:
+    the same quantized tensors (so the same regions) and no contiguous candidate to time against them; else None
+    (``choose`` again)."""
+    return early if not contiguous and set(built.tensors) == set(early_built.tensors) else None
