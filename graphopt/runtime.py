@@ -9,6 +9,10 @@ inference does not know (com.microsoft ones) are counted too.
   Gemm / MatMul / QLinearMatMul / MatMulInteger / FusedMatMul / FusedGemm / MatMulNBits:  MACs = |Y| · K
 Latency: the models in one process, a fixed thread count, warm-up runs, then runs interleaved (alternating which
 goes first) so that machine noise hits all alike; the median of each is reported.
+Overlap (``ahead``): onnxruntime releases the GIL while a session runs, so a run of one item on a worker thread
+overlaps the caller's work on the previous item (numpy statistics, or another one-thread session's run): on the
+two cores of the machine the quantize pass's fixed costs on a small model run in about the time of the longer of
+the two, with the same results (each session computes what it computed alone, the caller sees the items in order).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import platform
 import re
 import statistics
 import time
-from typing import Any, Callable, Collection, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import onnx
@@ -27,6 +32,9 @@ from tqdm import tqdm
 
 from . import io
 from .errors import InputError, one_line
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 _CONV = {"Conv", "FusedConv", "QLinearConv", "ConvInteger", "NhwcConv"}
 _MATMUL = {"Gemm", "MatMul", "QLinearMatMul", "MatMulInteger", "FusedMatMul", "FusedGemm", "MatMulIntegerToFloat",
@@ -245,17 +253,36 @@ def measure_latency(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], 
     return [statistics.median(t) for t in times]
 
 
+class LatencySessions:
+    """Latency sessions (one per model and thread count: memory pattern on, spinning, as deployed) of the models a
+    caller times in several ``latency_runs``, kept by the model object (held, so that its identity stays its own);
+    any other model gets a session of its own for the call. objective=latency times the float model in its table,
+    its final comparison and per-channel=auto's timing: one session, not three."""
+
+    def __init__(self, models: Iterable[onnx.ModelProto]) -> None:
+        self.models = {id(m): m for m in models}
+        self.sessions: dict[tuple[int, int], ort.InferenceSession] = {}
+
+    def get(self, model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+        if self.models.get(id(model)) is not model:
+            return make_session(model, "model (latency)", threads=threads, mem_pattern=True, spin=True)
+        key = (id(model), threads)
+        if key not in self.sessions:
+            self.sessions[key] = make_session(model, "model (latency)", threads=threads, mem_pattern=True, spin=True)
+        return self.sessions[key]
+
+
 def latency_runs(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, threads: int = 1, runs: int = 20,
                  warmup: int = 3, budget_s: float = 20.0, clock: Callable[[], float] = time.perf_counter,
-                 rewarm: int = 0, done: Callable[[list[list[float]]], Collection[int] | None] | None = None
-                 ) -> list[list[float]]:
+                 rewarm: int = 0, done: Callable[[list[list[float]]], Collection[int] | None] | None = None,
+                 kept: LatencySessions | None = None) -> list[list[float]]:
     """Every run's latency in ms of each model (``measure_latency``'s protocol): warm-up, then runs interleaved,
     alternating which goes first, at least 5 and at most ``runs`` rounds, stopping once ``budget_s`` has passed.
     ``done(times so far)``, asked after each round from the fifth on, names the models the caller still needs timed
     (None: all): the others leave the rotation, and none left stops. ``rewarm``: untimed runs of a model right before
     each timed one, so that it is timed with its weights in the caches as a model run repeatedly is, not after the
-    other models evicted them."""
-    sessions = [make_session(m, "model (latency)", threads=threads, mem_pattern=True, spin=True) for m in models]
+    other models evicted them. ``kept``: the caller's sessions of models it times more than once."""
+    sessions = [(kept or LatencySessions(())).get(m, threads) for m in models]
     for s in sessions:
         for _ in range(warmup):
             s.run(None, feed)
@@ -281,3 +308,35 @@ def latency_runs(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, 
     return times
 
 
+def spare_core() -> bool:
+    """Whether a worker thread is likely to find a core of its own (``ahead``'s callers ask before they overlap):
+    more than one core, and the threads runnable right now on the machine (this one included: ``runnable``) leave
+    one. On a machine already busier than its cores the overlap buys nothing and each hand-over waits for a time
+    slice (MTCNN O-Net at load 4 on 2 cores: ~20% more wall time overlapped); the results are the same either way."""
+    cores = _cores()
+    return cores > 1 and runnable() <= cores - 1
+
+
+def runnable() -> int:
+    """Threads runnable on the machine now (/proc/loadavg's fourth field; else the load average rounded up)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return -int(-os.getloadavg()[0] // 1)
+
+
+def ahead(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]:
+    """``(item, fn(item))`` for each of ``items`` in order, ``fn`` of the next item running on one worker thread
+    while the caller works on the current one (module docstring): the items are taken from ``items`` on the
+    caller's thread, at most two results are held at once, and an exception of ``fn`` is raised to the caller at
+    its item. ``fn`` should release the GIL for most of its time (an onnxruntime run) to gain anything."""
+    with ThreadPoolExecutor(1, thread_name_prefix="graphopt-ahead") as pool:
+        pending: tuple[T, Future[R]] | None = None
+        for item in items:
+            running = (item, pool.submit(fn, item))
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = running
+        if pending is not None:
+            yield pending[0], pending[1].result()

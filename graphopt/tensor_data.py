@@ -12,6 +12,7 @@ beside the written model (``DataFile.keep``), or only counts them.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, BinaryIO, Callable, Iterator
 
@@ -31,7 +32,7 @@ def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 def data_bytes(t: onnx.TensorProto) -> int:
     """Bytes of a tensor's data, from its dims and type (nothing is copied or serialized)."""
-    n = int(np.prod(t.dims, dtype=np.int64))
+    n = math.prod(t.dims)       # not np.prod: 12 µs a call on a protobuf's dims, ~45 ms of a small model's quantize
     if t.data_type == onnx.TensorProto.STRING:
         return sum(len(s) for s in t.string_data)
     if t.data_type in _FOUR_BIT:

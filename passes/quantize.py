@@ -19,10 +19,12 @@ What the pass does, in order (each step's module says how, with the math):
     one-sided 95% margin for data not seen) the most harmful activation tensors, by their measured sensitivity, are
     left float, fewest first, until both targets hold. Its budgets are modelled seconds, so the result does not
     depend on the machine or its load;
-  * objective=latency (``latency``, the default): the int8 regions of that build are timed on this CPU, alone and
-    together, and only those measured faster stay int8, or the fallback's contiguous candidate (one float run at
-    the input or output end, one boundary) where it measures fastest; where nothing is faster the model is written
-    float (the input after the exact passes). objective=size: int8 wherever the targets hold;
+  * objective=latency (``latency``, the default): first, right after calibration, the all-int8 build without the
+    mean correction is timed against float; where int8 does not pay there, the model is written float without the
+    fallback (``latency.choose_early``: what that rules out). Else the int8 regions of the fallback's build are
+    timed on this CPU, alone and together, and only those measured faster stay int8, or the fallback's contiguous
+    candidate (one float run at the input or output end, one boundary) where it measures fastest; where nothing is
+    faster the model is written float (the input after the exact passes). objective=size: int8 wherever the targets hold;
   * report (``report``): the layers that run float and why (fidelity or speed), the tensors left float with their
     sensitivity, the measured latency of the choice against all int8 and all float.
 If branches that stay (a condition computed at run time) are quantized as models of their own, calibrated on the
@@ -39,6 +41,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from graphopt.passes.base import Pass, PassContext, PassResult, register
@@ -47,15 +50,16 @@ from graphopt.passes.options import option, unmatched
 from onnx import version_converter
 
 from graphopt.graph import cleanup, export, import_graph, infer_shapes, quantized_ops, replace_graph
+from graphopt.runtime import LatencySessions
 from graphopt.validate import Thresholds
 
 from .judge import Judge, judge_samples
 from .quantization.branches import quantize_branches
-from .quantization.build import Builder
-from .quantization.calibrate import Calibration, calibrate
+from .quantization.build import Builder, Built, Refit
+from .quantization.calibrate import Calibration, Ranges, calibrate
 from .quantization.cpu import reduce_range_auto
 from .quantization.fallback import fall_back
-from .quantization.latency import Choice, choose, timing_feed
+from .quantization.latency import Choice, choose, choose_early, reusable, timing_feed
 from .quantization.pads import fold_pads
 from .quantization.pertensor import PerTensor, try_per_tensor
 from .quantization.plan import WEIGHTED, Plan, make_plan
@@ -193,18 +197,38 @@ class Quantize(Pass):
         if not plan.units:
             return declined(setup, plan, NO_UNITS)
         float_model = export(graph, ctx.original)
+        # one judge for the fallback of every candidate and for per-channel=auto: the float model's session and
+        # its outputs on the judge's samples, made once, the outputs beside calibration (``Judge.start``)
+        judge = Judge(float_model, ctx.original, judge_samples(ctx.require_calib(self.name)),
+                      judge_targets(ctx, o)) if setup.fallback else None
+        if judge is not None and before is None:
+            judge.start()       # objective=latency: after the early decision (its runs would share the timing's CPU)
         calibration = calibrate(graph, float_model, plan, o, ctx, self.name)
-        best, tried, builder = self._trials(graph, plan, calibration, float_model, setup, ctx)
+        refit = self._refit_feeds(o, ctx, judge, float_model)
+        first = self._builder(graph, plan, calibration.candidates[0][1], setup, calibration, ctx, refit)
+        kept = LatencySessions((before,)) if before is not None else None     # each timed more than once
+        early = self._early(first, before, ctx, kept) if before is not None else None
+        if early is not None and early[1].written == "float":
+            replace_graph(graph, import_graph(before))
+            label, ranges = calibration.candidates[0]
+            return kept_float(setup, plan, Trial(label, ranges, early[0], None), early[1])
+        if judge is not None and before is not None:
+            judge.start()
+        best, tried, builder = self._trials(graph, plan, calibration, float_model, first, setup, ctx, judge, refit)
         choice = None
         contiguous = best.fallback.contiguous if best.fallback is not None else None
         per_tensor = None
         if before is not None and (best.built.int8_units or contiguous is not None):
-            best, choice, keep = self._fastest(best, builder, before, ctx)
+            assert kept is not None
+            kept.models[id(best.built.model)] = best.built.model
+            reuse = reusable(*early, best.built, contiguous is not None) if early is not None else None
+            best, choice, keep = self._fastest(best, builder, before, ctx, kept, reuse)
             if choice.written == "float":
                 replace_graph(graph, import_graph(before))
                 return kept_float(setup, plan, best, choice)
             if o.per_channel == "auto" and setup.per_channel:
-                best, per_tensor = self._per_tensor(best, keep, builder, plan, (float_model, before), setup, ctx)
+                best, per_tensor = self._per_tensor(best, keep, builder, plan, before, judge, kept, setup,
+                                                    timing_feed(ctx.require_calib(self.name)))
         replace_graph(graph, import_graph(best.built.model))
         res = report(setup, plan, calibration, best, tried, choice)
         if per_tensor is not None:
@@ -221,29 +245,41 @@ class Quantize(Pass):
         return res
 
     @staticmethod
-    def _per_tensor(best: Trial, keep: set[str], builder: Builder, plan: Plan,
-                    models: tuple[onnx.ModelProto, onnx.ModelProto], setup: Setup, ctx: PassContext
+    def _per_tensor(best: Trial, keep: set[str], builder: Builder, plan: Plan, before: onnx.ModelProto,
+                    judge: Judge | None, kept: LatencySessions, setup: Setup, feed: dict[str, np.ndarray]
                     ) -> tuple[Trial, PerTensor]:
         """per-channel=auto (``pertensor``): the chosen assignment with per-tensor Gemm/MatMul weights where that
-        meets the targets (the fallback's judge, ``models[0]`` the float model it judges against) and measures
-        faster than per channel (against ``models[1]``, the float model written where int8 is not faster)."""
-        calib = ctx.require_calib("quantize")
-        judge = Judge(models[0], ctx.original, judge_samples(calib), judge_targets(ctx, setup.options)) \
-            if setup.fallback else None
+        meets the targets (the fallback's judge; None: no targets) and measures faster than per channel on ``feed``
+        (against ``before``, the float model written where int8 is not faster; ``kept``: the latency sessions)."""
         built, decision = try_per_tensor(plan, best.built, setup.reduce_range,
-                                         lambda units: builder.build(keep, per_tensor=units), judge, models[1],
-                                         timing_feed(calib))
+                                         lambda units: builder.build(keep, per_tensor=units), judge, before, feed,
+                                         kept)
         return best._replace(built=built), decision
 
     @staticmethod
-    def _fastest(best: Trial, builder: Builder, before: onnx.ModelProto, ctx: PassContext
-                 ) -> tuple[Trial, Choice, set[str]]:
-        """objective=latency (``latency``): the trial with the regions measured slower left float, the choice, and
-        the tensors that build leaves float."""
+    def _early(first: Builder, before: onnx.ModelProto, ctx: PassContext, kept: LatencySessions | None
+               ) -> tuple[Built, Choice] | None:
+        """objective=latency's early decision (``latency.choose_early``): the all-int8 build without the full mean
+        correction and its choice against ``before``, timed before the fidelity search; None where it has no int8
+        unit."""
+        built = first.build(refit=False)
+        if not built.int8_units:
+            return None
+        assert kept is not None
+        kept.models[id(built.model)] = built.model
+        return built, choose_early(built, before, lambda extra: first.build(extra, refit=False).model,
+                                   timing_feed(ctx.require_calib("quantize")), kept)
+
+    @staticmethod
+    def _fastest(best: Trial, builder: Builder, before: onnx.ModelProto, ctx: PassContext, kept: LatencySessions,
+                 reuse: Choice | None = None) -> tuple[Trial, Choice, set[str]]:
+        """objective=latency (``latency``): the trial with the regions measured slower left float, the choice
+        (``reuse``: the early one, for the same regions), and the tensors that build leaves float."""
         keep = set(best.floated)
         alt = best.fallback.contiguous if best.fallback is not None else None
-        choice = choose(best.built, before, lambda extra: builder.build(keep | extra, refit=False).model,
-                        timing_feed(ctx.require_calib("quantize")), alt.built.model if alt is not None else None)
+        choice = reuse or choose(best.built, before, lambda extra: builder.build(keep | extra, refit=False).model,
+                                 timing_feed(ctx.require_calib("quantize")),
+                                 alt.built.model if alt is not None else None, kept)
         if choice.written == "contiguous":
             assert alt is not None
             best = best._replace(built=alt.built, fallback=alt)
@@ -253,27 +289,40 @@ class Quantize(Pass):
             best = best._replace(built=builder.build(keep))
         return best, choice, keep
 
-    def _trials(self, graph: gs.Graph, plan: Plan, calibration: Calibration, float_model: onnx.ModelProto,
-                setup: Setup, ctx: PassContext) -> tuple[Trial, list[Trial], Builder]:
-        """Each candidate set of ranges (in order of preference) built and, if the fallback runs, brought to the
-        targets; the best (most units int8, then fewest tensors float), all those tried and the best's builder. A
-        candidate that meets the targets with every tensor int8 cannot be beaten, so the search stops there."""
-        o = setup.options
-        # The full mean correction of every real build runs on the first calibration samples, as many as fit its
-        # budget in modelled seconds (taken once, when a build first has a bias to correct).
-        refit = (float_model, functools.cache(lambda: refit_feeds(float_model, ctx.calib))) \
+    @staticmethod
+    def _refit_feeds(o: Any, ctx: PassContext, judge: Judge | None, float_model: onnx.ModelProto) -> Refit | None:
+        """The full mean correction of every real build runs on the first calibration samples, as many as fit its
+        budget in modelled seconds (taken once, when a build first has a bias to correct), from the judge's
+        samples where there is a judge (the same first samples, read once)."""
+        samples = judge.batches if judge is not None else ctx.calib
+        return (float_model, functools.cache(lambda: refit_feeds(float_model, samples))) \
             if o.bias_correction and ctx.calib is not None else None
+
+    @staticmethod
+    def _builder(graph: gs.Graph, plan: Plan, ranges: Ranges, setup: Setup, calibration: Calibration,
+                 ctx: PassContext, refit: Refit | None) -> Builder:
+        return Builder(graph, plan, ranges, ctx.original, per_channel=setup.per_channel,
+                       reduce_range=setup.reduce_range, activations=setup.options.activations,
+                       hessians=calibration.hessians, means=calibration.means, refit=refit)
+
+    def _trials(self, graph: gs.Graph, plan: Plan, calibration: Calibration, float_model: onnx.ModelProto,
+                first: Builder, setup: Setup, ctx: PassContext, judge: Judge | None, refit: Refit | None
+                ) -> tuple[Trial, list[Trial], Builder]:
+        """Each candidate set of ranges (in order of preference) built (``first``: the first one's builder) and, if
+        the fallback runs, brought to the targets; the best (most units int8, then fewest tensors float), all those
+        tried and the best's builder. A candidate that meets the targets with every tensor int8 cannot be beaten,
+        so the search stops there."""
+        o = setup.options
         best: Trial | None = None
         best_builder: Builder | None = None
         tried: list[Trial] = []
-        for label, ranges in calibration.candidates:
-            builder = Builder(graph, plan, ranges, ctx.original, per_channel=setup.per_channel,
-                              reduce_range=setup.reduce_range, activations=o.activations,
-                              hessians=calibration.hessians, means=calibration.means, refit=refit)
+        for i, (label, ranges) in enumerate(calibration.candidates):
+            builder = first if i == 0 else self._builder(graph, plan, ranges, setup, calibration, ctx, refit)
             built = builder.build()
             fb = fall_back(builder, built, float_model, ctx.original, ctx.require_calib(self.name),
                            judge_targets(ctx, o),
-                           contiguous=o.objective == "latency" and ctx.calib is not None) if setup.fallback else None
+                           contiguous=o.objective == "latency" and ctx.calib is not None, judge=judge) \
+                if setup.fallback else None
             trial = Trial(label, ranges, fb.built if fb is not None else built, fb)
             tried.append(trial)
             if best is None or trial.rank > best.rank:

@@ -11,13 +11,21 @@ the option's default runs once per pass, with no option at all.
 A name entry that matches nothing must say so: one note in the pass's report and a warning. An option set without
 the one that makes the pass read it (``COMPANIONS``) is refused before any work (exit 2), as is bins with
 method=minmax and align with rank. Passes make graph constants only through ``passes.base.constant``.
+
+The end-to-end runs are independent, and one after another they took a third of the suite's time: they start
+together on a pool of worker processes (one per CPU, ``end_to_end_runs``), each test waiting for its own run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
+import multiprocessing
+import os
 import re
 import typing
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +34,7 @@ import onnx
 import pytest
 
 import graphopt.passes.catalog  # noqa: F401  (registers the built-in passes)
+from graphopt.cli import main
 from graphopt.errors import UsageError
 from graphopt.passes.base import constant
 from graphopt.passes.options import OptionSpec
@@ -182,27 +191,57 @@ def test_every_declared_value_parses_or_is_a_usage_error(pass_name):
             assert spec.parse("none", pass_name) is None
 
 
+def run_cli(args: list[str]) -> tuple[int, str, str]:
+    """The CLI in-process (in a worker), with what it prints on stdout and stderr (as the ``cli`` fixture)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@pytest.fixture(scope="module")
+def end_to_end_runs(request: pytest.FixtureRequest, small_calib: Path, tmp_path_factory: pytest.TempPathFactory):
+    """spec -> (the output path, the future of its CLI run): every selected case's run, submitted at once to a
+    pool of (fresh, spawned) worker processes, one per CPU up to 4, in the order the tests run."""
+    specs = [item.callspec.params["spec"] for item in request.session.items
+             if item.originalname == "test_option_end_to_end"]
+    assert len(set(specs)) == len(specs)
+    root = tmp_path_factory.mktemp("runs")
+    pool = ProcessPoolExecutor(min(_cpus(), 4), mp_context=multiprocessing.get_context("spawn"))
+    runs: dict[str, tuple[Path, Future]] = {}
+    for i, spec in enumerate(specs):
+        model = MODELS / f"{MODEL.get(spec.partition(':')[0], DEFAULT_MODEL)}.onnx"
+        out = root / f"{i}.onnx"
+        args = [str(model), str(out), "--pass", spec, "--calib-data", str(small_calib), "--latency-runs", "0"]
+        runs[spec] = out, pool.submit(run_cli, args)
+    yield runs
+    pool.shutdown(cancel_futures=True)
+
+
 @pytest.mark.parametrize("pass_name,spec", CASES, ids=[s for _, s in CASES])
-def test_option_end_to_end(cli, tmp_path, small_calib, pass_name, spec):
-    model = MODELS / f"{MODEL.get(pass_name, DEFAULT_MODEL)}.onnx"
-    out = tmp_path / "out.onnx"
-    r = cli(model, out, "--pass", spec, "--calib-data", small_calib, "--latency-runs", "0")
-    assert r.code in (0, 1, 2), f"exit {r.code}:\n{r.err}"
-    assert "Traceback" not in r.out + r.err
-    if r.code == 0:
+def test_option_end_to_end(end_to_end_runs, pass_name, spec):
+    out, run = end_to_end_runs[spec]
+    code, stdout, stderr = run.result()
+    assert code in (0, 1, 2), f"exit {code}:\n{stderr}"
+    assert "Traceback" not in stdout + stderr
+    if code == 0:
         onnx.checker.check_model(str(out))
-    elif r.code == 1:
+    elif code == 1:
         assert not out.exists(), "targets missed but the model was written"
     else:
-        lines = [line for line in r.err.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error: "), r.err
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     for (name, option), values in NAMES.items():
         for value, matches in values:
             if pass_name == name and spec == f"{name}:{option}={value}":
                 name_part = value.rpartition(":")[0] if option == "layers" else value
                 said = f"{option}: '{name_part}' matches no"
-                assert (said in r.out) != matches, r.out
-                assert (said in r.err) != matches, r.err       # the warning
+                assert (said in stdout) != matches, stdout
+                assert (said in stderr) != matches, stderr       # the warning
 
 
 def _without_companion(pass_name: str, option: str) -> str:

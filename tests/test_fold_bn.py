@@ -6,9 +6,6 @@ pass) and checks the op list, the numbers in onnxruntime with graph optimization
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import onnx
 import pytest
@@ -377,12 +374,13 @@ def test_optimize_default_pipeline():
     assert report.passes[1]["counts"] == {folded_key("BatchNormalization", "Conv"): 1}
 
 
-def test_cli_default_pipeline(tmp_path):
+def test_cli_default_pipeline(cli, tmp_path):
+    """In-process (the ``cli`` fixture): ``python -m graphopt`` as a process, default pipeline and exit 0 included,
+    is run by tests/test_layers.py and tests/test_cli_errors.py."""
     src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(conv_bn_model(relu=True), src)
-    proc = subprocess.run([sys.executable, "-m", "graphopt", str(src), str(dst), "--latency-runs", "0"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    res = cli(src, dst, "--latency-runs", "0")
+    assert res.code == 0, res.err
     out = load_model(dst)
     assert "BatchNormalization" not in ops(out) and ops(out) == ["Conv", "Relu"]
-    assert "PASSED" in proc.stdout
+    assert "PASSED" in res.out

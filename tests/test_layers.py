@@ -4,6 +4,7 @@ generic names in the user's working directory (calibration.py, passes.py) cannot
 from __future__ import annotations
 
 import ast
+import functools
 import subprocess
 import sys
 
@@ -12,6 +13,8 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10
     import tomli as tomllib
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 # folder in the repository -> the package it installs as (pyproject's package-dir)
@@ -74,7 +77,9 @@ def layer(name: str) -> int:
     return (exact or covered)[0]
 
 
+@functools.cache
 def graph() -> dict[str, set[str]]:
+    """Each module's project imports (parsed once: the tests only read it)."""
     mods = modules()
     return {name: imports(name, path, set(mods)) for name, path in mods.items()}
 
@@ -118,13 +123,16 @@ def test_user_files_named_like_our_packages_do_not_shadow_them(tmp_path: Path):
         (tmp_path / f"{name}.py").write_text(f"raise SystemExit('the user\\'s {name}.py was imported')\n")
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     model = ROOT / "models" / "mnist_mlp.onnx"
+    calib = tmp_path / "calib8.npz"       # quantize runs only to show the package loads: 8 samples do
+    with np.load(ROOT / "models" / "mnist_calib.npz") as data:
+        np.savez(calib, input=data["input"][:8])
     cli = subprocess.run([sys.executable, "-m", "graphopt", str(model), str(tmp_path / "out.onnx"), "--latency-runs",
                           "0", "-q"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
     assert (tmp_path / "out.onnx").stat().st_size > 0
     api = subprocess.run([sys.executable, "-c", "import graphopt, onnx; m = onnx.load(r'%s'); "
                           "out, rep = graphopt.optimize(m, ['quantize'], calib_data=r'%s', latency_runs=0); "
-                          "print(rep.passes[-1]['pass'])" % (model, ROOT / "models" / "mnist_calib.npz")],
+                          "print(rep.passes[-1]['pass'])" % (model, calib)],
                          cwd=tmp_path, env=env, capture_output=True, text=True)
     assert api.returncode == 0, api.stderr
     assert api.stdout.strip() == "quantize"

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphs import calib, conv_net, run
 
 
-def _switchable(per_channel: bool = True) -> tuple[onnx.ModelProto, Builder]:
+def switchable_builder(per_channel: bool = True) -> tuple[onnx.ModelProto, Builder]:
     model = conv_net()
     graph = import_graph(model)
     infer_shapes(graph, model)
@@ -27,7 +27,7 @@ def _switchable(per_channel: bool = True) -> tuple[onnx.ModelProto, Builder]:
 
 
 def test_switchable_weighted_ops_read_constant_weights_in_both_branches() -> None:
-    model, builder = _switchable()
+    model, builder = switchable_builder()
     sw = builder.build(switchable=True).model
     weighted = {n.op_type for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
     assert weighted and not weighted & {n.op_type for n in sw.graph.node}     # every one moved into an If
@@ -72,7 +72,7 @@ def test_dequantized_equals_onnxruntime_dequantize_linear_to_the_bit(dtype: type
 
 
 def test_switchable_per_tensor_weights_all_on_match_the_real_build_unfused() -> None:
-    _, builder = _switchable(per_channel=False)
+    _, builder = switchable_builder(per_channel=False)
     sw = builder.build(switchable=True)
     on = {name: np.array(True) for name in sw.switches.values()}
     feed = calib(8)[0]

@@ -83,22 +83,23 @@ def test_stays_float_where_it_must(options, reason):
     assert reason in step["layers"][0]["status"] and step["counts"][recurrent.RECURRENT_FLOAT] == 1
 
 
-@pytest.mark.parametrize("faster", [True, False])
+@pytest.mark.parametrize("faster", [True, False, "slightly"])
 def test_latency_keeps_it_only_where_measured_faster(monkeypatch, faster):
-    """objective=latency follows the with/without timing (faked: the real one depends on the machine's load)."""
+    """objective=latency follows the with/without timing (faked: the real one depends on the machine's load); a
+    gain beyond the noise but under latency.MIN_GAIN (2%) does not pay."""
     timed = []
 
     def fake(models, feed, budget_s, runs, rewarm, pairs, anchor=None):
         timed.append((len(models), pairs, anchor))
-        return [Timing(1.0, 0.01), Timing(0.5 if faster else 1.0, 0.01)]
+        return [Timing(1.0, 0.001), Timing({True: 0.5, False: 1.0, "slightly": 0.98}[faster], 0.001)]
 
     monkeypatch.setattr(recurrent, "time_models", fake)
     out, step = quantize(lstm_model(), "objective=latency")
     assert timed == [(2, [(0, 1)], 0)]
-    assert ops(out) == (["com.microsoft.DynamicQuantizeLSTM"] if faster else ["LSTM"])
+    assert ops(out) == (["com.microsoft.DynamicQuantizeLSTM"] if faster is True else ["LSTM"])
     said = step["layers"][0]["status"] + " | " + " | ".join(step["notes"])
-    assert ("measured faster: 500.0 µs int8 vs 1000.0 µs float" if faster else "float: targets hold") in said
-    assert faster or "speed: not measured faster" in step["layers"][0]["status"]
+    assert ("measured faster: 500.0 µs int8 vs 1000.0 µs float" if faster is True else "float: targets hold") in said
+    assert faster is True or "speed: not measured 3% faster" in step["layers"][0]["status"]
 
 
 def test_branch_the_samples_do_not_take_is_said(monkeypatch):

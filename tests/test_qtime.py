@@ -8,17 +8,16 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from graphopt.calibration.readers import Batch
-from graphopt.graph import cleanup, export, import_graph, infer_shapes
+from graphopt.graph import cleanup, export, import_graph
 from graphopt.metrics import OutputStats
 from graphopt.passes import judge as judge_mod
 from graphopt.passes.judge import Judge
-from graphopt.passes.quantization.build import Builder
-from graphopt.passes.quantization.plan import candidate_tensors, make_plan
 from graphopt.runtime import POOL_MACS, run_threads, session_options
 from graphopt.validate import Thresholds
 from onnx import numpy_helper
 
 from graphs import calib, conv_net, parse_model, run
+from test_qfast import switchable_builder
 
 SPIN = "session.intra_op.allow_spinning"
 
@@ -175,12 +174,7 @@ def test_switched_check_stops_once_top1_is_lost_with_the_same_answer(flipped: se
 
 
 def test_switchable_build_switches_with_if_off_is_float_on_is_the_real_builds_fake_quantization() -> None:
-    model = conv_net()
-    graph = import_graph(model)
-    infer_shapes(graph, model)
-    plan = make_plan(graph, ())
-    builder = Builder(graph, plan, {t: (-4.0, 4.0) for t in candidate_tensors(plan)}, model, per_channel=True,
-                      reduce_range=False, activations="uint8")
+    model, builder = switchable_builder()
     sw = builder.build(switchable=True)
     assert "Where" not in {n.op_type for n in sw.model.graph.node}
     assert sum(n.op_type == "If" for n in sw.model.graph.node) >= len(sw.switches) > 0

@@ -94,6 +94,8 @@ def test_regions_join_the_int8_ops_that_share_a_quantized_tensor():
     ([10.0, 5.0, 6.0], "int8", (True, True)),         # all int8 measured faster than the choice: taken
     ([10.0, 6.0, 9.95], "int8", (True, True)),        # the choice is not faster than float, all int8 is
     ([10.0, 9.9, 9.95], "float", (False, False)),     # nothing faster than float beyond the noise
+    ([10.0, 9.75, 9.8], "float", (False, False)),     # faster beyond the noise, but by 2.5% < MIN_GAIN
+    ([10.0, 9.65, 9.8], "int8", (True, True)),        # 3.5%: pays
 ])
 def test_choice_from_the_table_and_the_confirmation(monkeypatch, confirm, written, int8):
     tables = iter([[Timing(10.0, 0.1), Timing(6.0, 0.1), Timing(10.5, 0.1)], [Timing(t, 0.1) for t in confirm]])
@@ -211,6 +213,9 @@ def test_a_float_prefix_is_written_where_it_measures_fastest(monkeypatch):
     real = quantize_module.choose
     monkeypatch.setattr(quantize_module, "choose", lambda *a, **k: dataclasses.replace(real(*a, **k),
                                                                                        written="contiguous"))
+    early = quantize_module.choose_early        # int8 pays before the fidelity search, so the search runs
+    monkeypatch.setattr(quantize_module, "choose_early", lambda *a, **k: dataclasses.replace(early(*a, **k),
+                                                                                             written="int8"))
     out, rep = graphopt.optimize(outlier_mlp(), ["quantize:min-top1=0,min-cosine=0.9999"], calib_data=[{"x": x}],
                                  latency_runs=0, validate_output=False)
     notes = rep.passes[-1]["notes"]

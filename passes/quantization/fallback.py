@@ -262,10 +262,13 @@ class FallbackResult:
 
 
 def fall_back(builder: Builder, built: Built, float_model: onnx.ModelProto, roles: onnx.ModelProto,
-              calib: Iterable[Batch], targets: Thresholds, contiguous: bool = False) -> FallbackResult:
+              calib: Iterable[Batch], targets: Thresholds, contiguous: bool = False, judge: Judge | None = None
+              ) -> FallbackResult:
     """``built`` (every tensor int8) if it meets ``targets``, else the build the search chooses; ``contiguous``
-    (objective=latency): with the best contiguous float run as a second candidate, for the latency search."""
-    judge = Judge(float_model, roles, judge_samples(calib), targets)
+    (objective=latency): with the best contiguous float run as a second candidate, for the latency search.
+    ``judge``: the caller's judge of ``float_model`` on ``calib`` against ``targets`` (its float outputs kept for
+    the caller's later checks), else one made here."""
+    judge = judge if judge is not None else Judge(float_model, roles, judge_samples(calib), targets)
     full = judge.quality(built.model)
     check_rows = min(judge.checked.values()) if judge.checked else None
     if judge.meets(full):

@@ -32,10 +32,23 @@ notches' sum projected to the cap (notch ∝ 1/√n): the two would stay togethe
 by 1/FUTILITY, so the cap's answer is the answer now; moot (final comparison) when it is between two candidates and
 either is decided not faster than float (never written). On MTCNN O-Net, where some region's gain sits inside its
 notch, the table and the final comparison ran to their caps: 1.1 s of the pass's 1.6.
+
+Early decision (``choose_early``): speed does not depend on the biases' values nor on the ranges' (the same ops and
+shapes), so right after calibration the all-int8 build (the same QDQ placement, no full mean correction) is timed as
+above against float, before the fidelity search. Where neither all int8 nor the regions faster alone pay, the model
+is written float there: the fallback and the mean correction are not run. This rules out, untimed, the candidates
+the fidelity search would have added, all with fewer int8 ops than all int8 (each a subset of its tensors): the
+fallback's harm-ordered build, the regions of that build faster alone, and the contiguous candidate (one float
+run at an end); their regions are parts of the regions timed. It assumes that a part of an int8 run does not pay
+where neither the whole run nor all of them together did (a slower int8 part inside a region whose total gain is
+under MIN_GAIN; each cut adds a boundary's Q/DQ pair too). Where int8 pays early and the fidelity search leaves every
+tensor int8 (the same regions), the early choice is the choice (``reusable``): the two builds differ only in bias
+values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -47,12 +60,16 @@ import onnx
 from graphopt.calibration.feeds import first_row_feed
 from graphopt.calibration.readers import Batch
 
-from graphopt.runtime import latency_runs
+from graphopt.runtime import LatencySessions, latency_runs
 
 from .build import Built
 from .samples import modelled_cost
 
 MAX_REGIONS = 12            # regions timed one by one; above, consecutive ones are timed and chosen together
+# int8 is written for speed only where it saves at least this much of float's median, beyond the notches: a smaller
+# gain is within what one process's state moves on a shared 2-vCPU VM (10-40 us per run) and flipped the choice run
+# to run on MTCNN R-Net and O-Net (all int8 and float within 1%), and it would trade fidelity for nothing one feels.
+MIN_GAIN = 0.03
 TABLE_BUDGET_S = 3.0        # seconds of runs for the per-region table
 CONFIRM_BUDGET_S = 1.5      # seconds of runs for the final comparison
 TABLE_RUNS = 30          # runs per model in the table, and in the final comparison (tiny models reach them well
@@ -83,6 +100,10 @@ class Timing:
     def faster(self, other: Timing) -> bool:
         return self.median + self.notch < other.median - other.notch
 
+    def pays(self, float_: Timing) -> bool:
+        """Worth writing over float: measured faster and by at least MIN_GAIN of float's median."""
+        return self.faster(float_) and self.median <= (1 - MIN_GAIN) * float_.median
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -99,6 +120,7 @@ class Choice:
     all_float: Timing
     written: str
     contiguous: Timing | None = None
+    early: bool = False         # decided before the fidelity search, on the build without the mean correction
 
     @property
     def timed(self) -> Timing:
@@ -141,8 +163,20 @@ def regions(built: Built) -> list[Region]:
 
 
 def timing(runs: list[float]) -> Timing:
-    q = np.percentile(runs, [25, 75])
-    return Timing(statistics.median(runs), NOTCH * float(q[1] - q[0]) / math.sqrt(len(runs)))
+    q1, q3 = (quantile(runs, q) for q in (0.25, 0.75))
+    return Timing(statistics.median(runs), NOTCH * (q3 - q1) / math.sqrt(len(runs)))
+
+
+def quantile(runs: list[float], q: float) -> float:
+    """``np.percentile(runs, 100 q)`` to the bit (its default linear method: virtual index n·q + (1 − q) − 1, the
+    two neighbours blended from the nearer one's side), without numpy's first call importing numpy.ma (28 ms in
+    each pass)."""
+    s = sorted(runs)
+    v = len(s) * q + (1 - q) - 1
+    lo = math.floor(v)
+    g = v - lo
+    a, b = s[lo], s[min(lo + 1, len(s) - 1)]
+    return b - (b - a) * (1 - g) if g >= 0.5 else a + (b - a) * g
 
 
 def separated(pairs: list[tuple[int, int]], cap: int, anchor: int | None = None
@@ -180,11 +214,13 @@ def futile(a: Timing, b: Timing, n: int, cap: int) -> bool:
 
 
 def time_models(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], budget_s: float, runs: int,
-                rewarm: int, pairs: list[tuple[int, int]], anchor: int | None = None) -> list[Timing]:
+                rewarm: int, pairs: list[tuple[int, int]], anchor: int | None = None,
+                kept: LatencySessions | None = None) -> list[Timing]:
     """Each model's median and notch (module docstring), interleaved, each until the ``pairs`` (indices into
-    ``models``) it is in are decided (``separated``, ``anchor``: float's index), ``runs`` rounds or ``budget_s``."""
+    ``models``) it is in are decided (``separated``, ``anchor``: float's index), ``runs`` rounds or ``budget_s``;
+    ``kept``: the sessions of models timed more than once."""
     times = latency_runs(models, feed, threads=1, runs=runs, warmup=1, budget_s=budget_s, clock=time.thread_time,
-                         rewarm=rewarm, done=separated(pairs, runs, anchor))
+                         rewarm=rewarm, done=separated(pairs, runs, anchor), kept=kept)
     return [timing(t) for t in times]
 
 
@@ -202,17 +238,19 @@ def timing_feed(calib: Iterable[Batch]) -> dict[str, np.ndarray]:
 
 
 def choose(built: Built, float_model: onnx.ModelProto, build: Callable[[set[str]], onnx.ModelProto],
-           feed: dict[str, np.ndarray], contiguous: onnx.ModelProto | None = None) -> Choice:
+           feed: dict[str, np.ndarray], contiguous: onnx.ModelProto | None = None,
+           kept: LatencySessions | None = None) -> Choice:
     """The assignment to write (module docstring). ``build(keep_float)`` builds the model with those tensors
     float (on top of those the fidelity search left float), for timing only; ``contiguous``: the fallback's
-    contiguous candidate, timed in the final comparison with the others."""
+    contiguous candidate, timed in the final comparison with the others; ``kept``: the sessions of the models timed
+    more than once (float, all int8)."""
     found = regions(built)
     rewarm = rewarm_runs(float_model, feed)
     every = {t for r in found for t in r.tensors}
     if len(found) > 1:
         alone = [build(every - set(r.tensors)) for r in found]
         table = time_models([float_model, *alone], feed, TABLE_BUDGET_S, TABLE_RUNS, rewarm,
-                            [(0, i) for i in range(1, len(alone) + 1)], 0)
+                            [(0, i) for i in range(1, len(alone) + 1)], 0, kept)
         gains = tuple(Timing(table[0].median - t.median, table[0].notch + t.notch) for t in table[1:])
     else:
         gains = ()
@@ -224,7 +262,7 @@ def choose(built: Built, float_model: onnx.ModelProto, build: Callable[[set[str]
     if contiguous is not None:
         models.append(contiguous)
     final = time_models(models, feed, CONFIRM_BUDGET_S, CONFIRM_RUNS, rewarm,
-                        [(a, b) for a in range(len(models)) for b in range(a + 1, len(models))], 0)
+                        [(a, b) for a in range(len(models)) for b in range(a + 1, len(models))], 0, kept)
     chosen = final[2] if partial else None
     alt = final[-1] if contiguous is not None else None
     written = pick(final[0], final[1], chosen, alt)
@@ -233,11 +271,11 @@ def choose(built: Built, float_model: onnx.ModelProto, build: Callable[[set[str]
 
 
 def pick(all_float: Timing, all_int8: Timing, chosen: Timing | None, contiguous: Timing | None = None) -> str:
-    """What to write: of the table's choice, all int8 and the contiguous candidate, those measured faster than
-    float; of these, in that order, a later one only where measured faster than the one taken so far (all int8
+    """What to write: of the table's choice, all int8 and the contiguous candidate, those that pay over float
+    (``Timing.pays``); of these, in that order, a later one only where measured faster than the one taken so far (all int8
     over the table's choice only where faster than it); none: float."""
     fast = [(name, t) for name, t in (("chosen", chosen), ("int8", all_int8), ("contiguous", contiguous))
-            if t is not None and t.faster(all_float)]
+            if t is not None and t.pays(all_float)]
     if not fast:
         return "float"
     name, best = fast[0]
@@ -245,3 +283,17 @@ def pick(all_float: Timing, all_int8: Timing, chosen: Timing | None, contiguous:
         if t.faster(best):
             name, best = other, t
     return name
+
+
+def choose_early(built: Built, float_model: onnx.ModelProto, build: Callable[[set[str]], onnx.ModelProto],
+                 feed: dict[str, np.ndarray], kept: LatencySessions | None = None) -> Choice:
+    """The early decision (module docstring): ``choose`` on ``built``, the all-int8 build without the full mean
+    correction, before the fidelity search (``build``, ``kept``: as ``choose``'s)."""
+    return dataclasses.replace(choose(built, float_model, build, feed, None, kept), early=True)
+
+
+def reusable(early_built: Built, early: Choice, built: Built, contiguous: bool) -> Choice | None:
+    """``early`` (the choice for ``early_built``) where it is the choice for ``built``, the fidelity search's build:
+    the same quantized tensors (so the same regions) and no contiguous candidate to time against them; else None
+    (``choose`` again)."""
+    return early if not contiguous and set(built.tensors) == set(early_built.tensors) else None

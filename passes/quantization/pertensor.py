@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphopt.runtime import LatencySessions
+
 from ..judge import Judge
 from .build import Built
 from .latency import CONFIRM_BUDGET_S, CONFIRM_RUNS, Timing, rewarm_runs, time_models
@@ -76,10 +78,11 @@ def eligible(plan: Plan, built: Built, reduce_range: bool) -> tuple[list[tuple[s
 
 
 def try_per_tensor(plan: Plan, built: Built, reduce_range: bool, rebuild: Callable[[frozenset[str]], Built],
-                   judge: Judge | None, float_model: onnx.ModelProto, feed: dict[str, np.ndarray]
-                   ) -> tuple[Built, PerTensor]:
+                   judge: Judge | None, float_model: onnx.ModelProto, feed: dict[str, np.ndarray],
+                   kept: LatencySessions | None = None) -> tuple[Built, PerTensor]:
     """The build to write (``built``, per channel, or its per-tensor rebuild) and the decision (module docstring);
-    ``rebuild(units)``: the same assignment with those units' weights per tensor; ``judge``: None without targets."""
+    ``rebuild(units)``: the same assignment with those units' weights per tensor; ``judge``: None without targets;
+    ``kept``: the latency sessions objective=latency's choice made of the float model and ``built``."""
     units, refused = eligible(plan, built, reduce_range)
     if not units:
         why = (f"one scale per tensor errs over {100 * MAX_PER_TENSOR_ERROR:.0f}% of the weight: "
@@ -90,7 +93,7 @@ def try_per_tensor(plan: Plan, built: Built, reduce_range: bool, rebuild: Callab
         return built, PerTensor(tuple(units), False, "per tensor misses the targets on calibration data")
     rewarm = rewarm_runs(float_model, feed)
     t = time_models([float_model, built.model, candidate.model], feed, CONFIRM_BUDGET_S, CONFIRM_RUNS, rewarm,
-                    [(1, 2)])
+                    [(1, 2)], kept=kept)
     timings = (t[0], t[1], t[2])
     if t[2].faster(t[1]):
         return candidate, PerTensor(tuple(units), True, "measured faster", timings)

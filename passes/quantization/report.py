@@ -14,7 +14,7 @@ from .build import Built
 from .calibrate import Calibration, Ranges
 from ..judge import Quality, top1_required
 from .fallback import SENSITIVITY_BUDGET_S, FallbackResult
-from .latency import Choice
+from .latency import MIN_GAIN, Choice
 from .plan import Plan
 
 CALIBRATION_SAMPLES = "calibration samples"
@@ -233,9 +233,15 @@ def _latency(res: PassResult, c: Choice) -> None:
     run = f", one float run at an end {_ms(c.contiguous)}" if c.contiguous is not None else ""
     timed = (f"all int8 {_ms(c.all_int8)}{chosen}{run}, float {_ms(c.all_float)}; median per run, 1 thread, noise "
              f"±{100 * c.noise:.1f}%")
+    if c.written == "float" and c.early:
+        res.notes.append(f"objective=latency: kept float, decided before the fidelity search: neither all int8 nor "
+                         f"the regions faster alone is measured {100 * MIN_GAIN:.0f}% faster on this CPU ({timed}); "
+                         "the search could only leave more tensors float (parts of these regions, or one float run "
+                         "at an end), so it and the bias correction were not run")
+        return
     if c.written == "float":
         res.notes.append(f"objective=latency: kept float: no int8 assignment that meets the targets is measured "
-                         f"faster on this CPU ({timed})")
+                         f"{100 * MIN_GAIN:.0f}% faster on this CPU ({timed})")
         return
     if c.written == "contiguous":
         res.notes.append(f"objective=latency: one float run at an end, the rest int8, measured fastest ({timed}; "
@@ -243,7 +249,8 @@ def _latency(res: PassResult, c: Choice) -> None:
         res.counts[SPEEDUP] = round(c.all_float.median / c.timed.median, 3)
         return
     n = len(c.regions)
-    res.notes.append(f"objective=latency: {sum(c.int8)} of {n} int8 regions kept ({timed})")
+    early = "; timed before the fidelity search, which left every tensor int8" if c.early else ""
+    res.notes.append(f"objective=latency: {sum(c.int8)} of {n} int8 regions kept ({timed}{early})")
     res.counts[REGIONS_INT8] = sum(c.int8)
     if not all(c.int8):
         res.counts[REGIONS_FLOAT] = n - sum(c.int8)
@@ -261,7 +268,7 @@ def _speed_reasons(c: Choice | None) -> dict[str, tuple[int, str | None]]:
         if not on:
             alone = f"; int8 alone saves {c.gains[i].median:+.3g} ms (±{c.gains[i].notch:.2g})" if c.gains else ""
             why = (f"speed: region {i + 1} is faster float" if c.written == "chosen" else
-                   "speed: no int8 assignment is measured faster") + alone
+                   f"speed: no int8 assignment is measured {100 * MIN_GAIN:.0f}% faster") + alone
         out.update({op: (i + 1, why) for op in r.ops})
     return out
 
