@@ -15,7 +15,7 @@ from graphopt.passes.quantization import switch as switch_mod
 from graphopt.passes.quantization.fallback import Fallback
 from graphs import calib, session
 from onnx import helper
-from test_qfast import _switchable
+from test_qfast import switchable_builder
 
 
 def _search(n: int, answer: int, suffix_answer: int | None = None) -> tuple[Fallback, list[tuple[str, int]]]:
@@ -75,7 +75,7 @@ def test_shortest_run_is_the_shorter_of_both_full_searches(n: int) -> None:
 
 
 def test_a_units_own_input_quantization_op_and_activation_share_one_if(monkeypatch: pytest.MonkeyPatch) -> None:
-    _, builder = _switchable()      # conv_net's switchable build, test_qfast's helper
+    _, builder = switchable_builder()      # conv_net's switchable build, test_qfast's helper
     sw = builder.build(switchable=True)
     branches = {n.name: [[x.op_type for x in helper.get_attribute_value(a).node] for a in n.attribute]
                 for n in sw.model.graph.node if n.op_type == "If"}
