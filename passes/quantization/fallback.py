@@ -1,8 +1,8 @@
 """The quantize pass's fallback: leave the most harmful activation tensors float until the fidelity targets hold.
 
-Yardstick: passes/judge.py (``Quality``, ``Judge``) against the float model on up to 256 calibration
-samples, the targets checked with a one-sided 95% margin. The search, on fewer samples, steers by the targets
-themselves and the chosen model is confirmed with the margins.
+Yardstick: passes/judge.py (``Quality``, ``Judge``) against the float model on up to 256 calibration samples, the
+targets checked with a one-sided 95% margin. The search, on fewer samples, steers by the targets themselves and the
+chosen model is confirmed with the margins.
 
 Search (``Fallback``): one switchable build (``build``) evaluates any subset of tensors quantized in one session.
 Each tensor's sensitivity, the outputs with only that tensor quantized, is measured from the outputs backwards
@@ -10,15 +10,17 @@ Each tensor's sensitivity, the outputs with only that tensor quantized, is measu
 modelled seconds (``samples``), so the result does not depend on the machine or its load. The tensors are ordered
 most harmful first (``harm_order``), and a binary search finds the fewest k such that leaving the first k float
 meets the targets (``first_k``: k = 1 tried first). The real build of that choice is then checked on every fallback
-sample; where the check disagrees the search runs once more above k on the check's samples (if that fits RESEARCH_BUDGET_S), then k grows
-by half until the check holds (the integer kernels round differently from the switchable model's fake quantization).
+sample; where the check disagrees the search runs once more above k on the check's samples (if that fits
+RESEARCH_BUDGET_S), then k grows by half until the check holds (the integer kernels round differently from the
+switchable model's fake quantization).
 
 Contiguous candidate (``Fallback.contiguous``, objective=latency): the same binary search and check over the tensors
 in the order the model computes them, from the input end (a float prefix) and from the output end (a float suffix),
 without the sensitivity sweep (the suffix only below the prefix's k, ``shortest_run``). Its float part is one run,
-so the int8 model has one boundary where the harm-ordered choice leaves a QuantizeLinear / DequantizeLinear pair around every tensor it keeps float; the latency search times
-both and writes the faster (``latency``). The search is not monotone in k (a longer float prefix can flip a row
-back), so it finds a k that meets the targets, not always the smallest.
+so the int8 model has one boundary where the harm-ordered choice leaves a QuantizeLinear / DequantizeLinear pair
+around every tensor it keeps float; the latency search times both and writes the faster (``latency``). The search is
+not monotone in k (a longer float prefix can flip a row back), so it finds a k that meets the targets, not always
+the smallest.
 """
 
 from __future__ import annotations
