@@ -11,7 +11,8 @@ dropped (``drop_idle``): it would add rounding error and two ops for nothing. A 
 
 Switchable builds (for the fallback's search, ``switch``): every quantized tensor and every int8 unit's op sit
 in ``If(switch)`` with a boolean graph input per tensor, so that one session evaluates any subset of tensors
-quantized (fake quantization in float), a unit with a float input running with float weights as a real build does.
+quantized (fake quantization in float), a unit with a float input running with float weights as a real build does;
+a unit whose input no other op reads quantizes it in its own If, its fused activation included (switch.py).
 
 Every real build with bias sites gets the full mean correction (``refit_biases``) on the feeds ``refit`` gives; the
 float side of it and the GPTQ-rounded weights are kept across builds.
@@ -35,7 +36,7 @@ from graphopt.calibration.qparams import qparams
 from graphopt.graph import cleanup, export, is_float32
 from graphopt.passes.base import constant
 
-from .switch import dequantized, switched, switched_op
+from .switch import Source, dequantized, switched, switched_op
 from .plan import FLOAT_OUTPUT, SHARED_SCALE, Plan, Unit, int8_data, plan_reads
 from .weights import (
     bias_scale,
@@ -88,6 +89,7 @@ class _Edit:
         self.switchable = switchable
         self.switches: dict[str, str] = {}
         self.bias_sites: dict[str, BiasSite] = {}     # unit -> its int32 bias, for the full mean correction
+        self.sources: dict[str, Source] = {}          # switched tensor -> its float original and Q/DQ steps
         self.corrected: list[str] = []
 
     def name(self, base: str) -> str:
@@ -124,7 +126,8 @@ class _Edit:
             sw = gs.Variable(self.name(f"graphopt_switch_{len(self.switches)}"), dtype=np.bool_, shape=[])
             g.inputs.append(sw)
             self.switches[t.name] = sw.name
-            out = switched(g, self.name, sw, dq, t, g.nodes[-2:])
+            steps = g.nodes[-2:]
+            out = switched(g, self.name, sw, dq, t, steps)
         for c in consumers:
             for i, inp in enumerate(c.inputs):
                 if inp is t:
@@ -134,6 +137,8 @@ class _Edit:
             t.name = self.name(f"{name}_float")
             out.name = name
             g.outputs = [out if o is t else o for o in g.outputs]
+        if self.switchable:
+            self.sources[out.name] = (t, steps)
 
 
 def drop_idle(qdq: dict[str, None], ops_io: list[tuple[list[str], str | None, bool]]) -> list[str]:
@@ -208,11 +213,11 @@ class Builder:
         for name in p.qdq:
             edit.insert_qdq(tensors[name], *params[name])
         int8_units = []
-        for x_names, (u, node, _) in zip(inputs, p.units):
+        for x_names, (u, node, act) in zip(inputs, p.units):
             if not all(t in p.qdq for t in x_names):
                 continue  # an input stays float: the unit cannot run integer, so its weights stay float too
             if u.weight_axis is not None:
-                self._weights(edit, node, u, params[x_names[0]][0], edit.switches.get(x_names[0]),
+                self._weights(edit, node, act, u, params[x_names[0]][0], edit.switches.get(x_names[0]),
                               self.per_channel and u.name not in per_tensor)
             int8_units.append(u.name)
         cleanup(edit.graph).toposort()
@@ -279,8 +284,8 @@ class Builder:
             r[0], r[1] = min(r[0], lo), max(r[1], hi)
         return {n: qparams(*group_range[find(n)], self.activations, symmetric=False) for n in names}
 
-    def _weights(self, edit: _Edit, node: gs.Node, u: Unit, x_scale: np.ndarray, switch: str | None,
-                 per_channel: bool) -> None:
+    def _weights(self, edit: _Edit, node: gs.Node, act: gs.Node | None, u: Unit, x_scale: np.ndarray,
+                 switch: str | None, per_channel: bool) -> None:
         """int8 weights and int32 bias of the unit's op ``node`` in the copy (``weights``), with the bias's
         rounding correction where the unit has a mean input patch, put behind DequantizeLinear (and, in a
         switchable build, ``If(switch)``); records the unit's bias site for the full mean correction."""
@@ -322,7 +327,9 @@ class Builder:
                 fake[2] = constant(edit.name(f"{bias.name}_fake_quantized"),
                                    dequantized(bq, b_scale if per_axis else b_scale[:1], np.zeros(1, np.int32),
                                                0 if per_axis else None))
-            switched_op(edit.graph, edit.name, switch, node, fake)
+            x = node.inputs[0]      # its own quantization in the op's If where no other op reads it (switch.py)
+            switched_op(edit.graph, edit.name, switch, node, fake, act,
+                        edit.sources.get(x.name) if len(x.outputs) == 1 else None)
             return
         wq = constant(edit.name(f"{w.name}_quantized"), qw)
         s = constant(edit.name(f"{w.name}_scale"), w_scale if per_axis else np.reshape(w_scale, ()))
