@@ -112,3 +112,18 @@ def test_objective_latency_times_each_branch():
         else:
             assert said and "QuantizeLinear" in branch_ops(out, attr), res.notes
     onnx.checker.check_model(out, full_check=True)
+
+
+def test_captured_outer_values_stay_within_their_memory_budget(monkeypatch):
+    """The outer values are held for every captured feed: past CAPTURE_BYTES the first feeds only (at least one),
+    with a note saying how many; each branch still quantized on the feeds that take it."""
+    from graphopt.passes.quantization import branches
+    one_feed = 4 * 3 * 8 * 8 * 4                           # x, the branches' outer value, per feed (float32)
+    monkeypatch.setattr(branches, "CAPTURE_BYTES", 4 * one_feed + one_feed // 2)
+    out, res = quantize(if_conv_model(), feeds((True, False)))
+    assert any("calibrated on the first 16 samples only" in n for n in res.notes), res.notes
+    for attr in ("then_branch", "else_branch"):
+        assert "QuantizeLinear" in branch_ops(out, attr)
+    captured, whole = branches.capture(if_conv_model(), ["x"], IterableSource(feeds((True,)), model_inputs(
+        if_conv_model())), budget=1)
+    assert len(captured) == 1 and not whole

@@ -21,7 +21,8 @@ optimizes it as it will the branch inside the model (``_input``).
 What stays float, with one line each (``why``): a branch no calibration feed takes; a branch when there is no
 calibration data; a branch one of whose outputs is an outer value (the standalone model would pass an input
 through); Loop and Scan bodies (their values depend on the iteration-carried state, which no single outer value
-gives: not calibrated this way). Captured feeds are held in memory (the branch's outer values for every feed).
+gives: not calibrated this way). Captured feeds are held in memory (the branches' outer values per feed): the
+first feeds only, up to CAPTURE_BYTES of them, said in a note.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ ADDITIVE = (CALIBRATION_SAMPLES, UNITS_INT8, UNITS_FLOAT, TENSORS_QUANTIZED, TEN
             GPTQ_ROUNDED)
 WORST = (COSINE, COSINE_LOW, TOP1)
 Quantizer = Callable[[gs.Graph, PassContext], PassResult]
+# The branches' outer values are held for every captured feed: at most this many bytes of them (the first feeds;
+# the pass's own calibration streams its data, this does not). 256 feeds of a 2 MiB activation: 512 MiB.
+CAPTURE_BYTES = 1 << 30
 
 
 class Captured(DataSource):
@@ -129,18 +133,25 @@ def constants(graph: gs.Graph) -> dict[str, list[gs.Constant]]:
     return out
 
 
-def capture(model: onnx.ModelProto, names: Sequence[str], calib: DataSource) -> list[tuple[Batch, dict[str, Any]]]:
+def capture(model: onnx.ModelProto, names: Sequence[str], calib: DataSource, budget: int | None = None
+            ) -> tuple[list[tuple[Batch, dict[str, Any]]], bool]:
     """Per feed of ``calib``: the feed and the values of ``names`` (tensors of the model's top level, graph inputs
-    included) on it, from one session with those names as extra outputs."""
+    included) on it, from one session with those names as extra outputs; the first feeds only, while the values
+    held stay within ``budget`` bytes (CAPTURE_BYTES; at least one feed); and whether every feed was taken."""
+    budget = CAPTURE_BYTES if budget is None else budget
     feed_names = {i.name for i in model.graph.input}
     fetch = [n for n in dict.fromkeys(names) if n not in feed_names]
     sess = make_session(model, "model with an If branch's outer values as outputs", extra_outputs=fetch)
     out = []
+    held = 0
     for b in calib:
         values = dict(zip(fetch, sess.run(fetch, b.feed))) if fetch else {}
         values.update({n: b.feed[n] for n in names if n in feed_names})
+        held += sum(np.asarray(v).nbytes for v in values.values())
+        if out and held > budget:
+            return out, False
         out.append((b, values))
-    return out
+    return out, True
 
 
 def taken(cond: gs.Tensor, captured: list[tuple[Batch, dict[str, Any]]]) -> list[bool]:
@@ -222,7 +233,10 @@ def quantize_branches(graph: gs.Graph, ctx: PassContext, ops: Sequence[str], qua
     frees = {id(s): free_values(s) for n in ifs for s in subgraphs(n)}
     names = [n.inputs[0].name for n in ifs if const_value(n.inputs[0]) is None] + \
         [t.name for f in frees.values() for t in f]
-    captured = capture(export(graph, ctx.original), names, ctx.calib)
+    captured, whole = capture(export(graph, ctx.original), names, ctx.calib)
+    if not whole:
+        out.notes.append(f"If branches calibrated on the first {sum(b.rows for b, _ in captured)} samples only: the "
+                         f"outer values they read are held in memory, at most {CAPTURE_BYTES >> 20} MiB of them")
     for node in ifs:
         takes = taken(node.inputs[0], captured)
         for key, side in (("then_branch", True), ("else_branch", False)):
