@@ -252,8 +252,8 @@ class Quantize(Pass):
         meets the targets (the fallback's judge; None: no targets) and measures faster than per channel on ``feed``
         (against ``before``, the float model written where int8 is not faster; ``kept``: the latency sessions)."""
         built, decision = try_per_tensor(plan, best.built, setup.reduce_range,
-                                         lambda units: builder.build(keep, per_tensor=units), judge, before, feed,
-                                         kept)
+                                         lambda units, refit: builder.build(keep, per_tensor=units, refit=refit),
+                                         judge, before, feed, kept)
         return best._replace(built=built), decision
 
     @staticmethod

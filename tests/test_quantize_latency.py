@@ -339,9 +339,9 @@ class _Refusing:
         return False
 
 
-def test_per_channel_auto_declines_with_a_reason_where_per_tensor_errs_or_misses_the_targets():
+def test_per_channel_auto_declines_with_a_reason_where_per_tensor_errs_or_misses_the_targets(monkeypatch):
     plan, builder, built = per_tensor_case(wide_columns())
-    unused = lambda units: pytest.fail("no candidate is built where the error rule refuses every layer")  # noqa: E731
+    unused = lambda units, refit: pytest.fail("no candidate is built where the error rule refuses every layer")  # noqa: E731
     kept, decision = try_per_tensor(plan, built, False, unused, None, wide_columns(), {})
     assert kept is built and not decision.written and decision.timings is None
     assert "errs over 3% of the weight" in decision.line() and "per channel" in decision.line()
@@ -349,9 +349,22 @@ def test_per_channel_auto_declines_with_a_reason_where_per_tensor_errs_or_misses
         y = Gemm(x, w, b)
     }""", w=rand(16, 16, seed=3), b=rand(16, seed=4))
     plan, builder, built = per_tensor_case(small)
-    kept, decision = try_per_tensor(plan, built, False, lambda units: builder.build(per_tensor=units), _Refusing(),
-                                    small, {})
+    refits = []
+
+    def rebuild(units, refit):
+        refits.append(refit)
+        return builder.build(per_tensor=units, refit=refit)
+
+    # timed first, without the mean correction; not faster: the corrected build is never made
+    monkeypatch.setattr(pertensor, "time_models", lambda models, *a, **k: [Timing(1.0, .01), Timing(.6, .01),
+                                                                            Timing(.6, .01)])
+    kept, decision = try_per_tensor(plan, built, False, rebuild, _Refusing(), small, {})
+    assert kept is built and "not measured 3% faster" in decision.line() and refits == [False]
+    monkeypatch.setattr(pertensor, "time_models", lambda models, *a, **k: [Timing(1.0, .01), Timing(.6, .01),
+                                                                            Timing(.4, .01)])
+    kept, decision = try_per_tensor(plan, built, False, rebuild, _Refusing(), small, {})
     assert kept is built and not decision.written and "misses the targets" in decision.line()
+    assert refits == [False, False, True]
     assert [u for u, _ in decision.units] == [plan.units[0].name]
     scalar = builder.build(per_tensor=frozenset(u for u, _ in decision.units)).model
     scales = [onnx.numpy_helper.to_array(t) for t in scalar.graph.initializer if t.name.endswith("w_scale")]

@@ -100,9 +100,10 @@ class Timing:
     def faster(self, other: Timing) -> bool:
         return self.median + self.notch < other.median - other.notch
 
-    def pays(self, float_: Timing) -> bool:
-        """Worth writing over float: measured faster and by at least MIN_GAIN of float's median."""
-        return self.faster(float_) and self.median <= (1 - MIN_GAIN) * float_.median
+    def pays(self, other: Timing) -> bool:
+        """Worth writing over ``other`` (float, or the per-channel build): measured faster, and by at least MIN_GAIN
+        of its median."""
+        return self.faster(other) and self.median <= (1 - MIN_GAIN) * other.median
 
 
 @dataclass(frozen=True)
