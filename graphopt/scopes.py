@@ -17,7 +17,7 @@ interleaved medians of 3000 runs). MatMul reading an outer weight measured the s
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Iterator
 
 import onnx
@@ -28,16 +28,28 @@ def share_initializers(model: onnx.ModelProto) -> int:
     root = model.graph      # one wrapper object per graph, held for the whole call: ids stay valid
     parents: dict[int, onnx.GraphProto | None] = {id(root): None}
     groups: dict[tuple, list[tuple[onnx.GraphProto, onnx.TensorProto]]] = defaultdict(list)
-    for g in list(_subgraphs(root, parents)):
+    graphs = [root, *_subgraphs(root, parents)]
+    defined = Counter(n for g in graphs for n in _defines(g))
+    for g in graphs[1:]:
         outputs = {o.name for o in g.output}
         for t in g.initializer:
             if t.data_location != onnx.TensorProto.EXTERNAL and t.name not in outputs:
                 groups[(t.data_type, tuple(t.dims), _payload(t))].append((g, t))
     dropped = 0
     for copies in groups.values():
-        if len({id(g) for g, _ in copies}) > 1:      # (equal tensors of one graph are not this module's matter)
+        # (equal tensors of one graph are not this module's matter; a kept name that some other value of the model
+        # also has, legal in sibling subgraphs, would be shadowed there once it moves up: left as it is)
+        if len({id(g) for g, _ in copies}) > 1 and defined[copies[0][1].name] == sum(
+                t.name == copies[0][1].name for _, t in copies):
             dropped += _share(copies, parents)
     return dropped
+
+
+def _defines(g: onnx.GraphProto) -> Iterator[str]:
+    """The names ``g`` itself gives values: its inputs, initializers and node outputs."""
+    yield from (i.name for i in g.input)
+    yield from (t.name for t in g.initializer)
+    yield from (o for n in g.node for o in n.output if o)
 
 
 def _subgraphs(g: onnx.GraphProto, parents: dict[int, onnx.GraphProto | None]) -> Iterator[onnx.GraphProto]:

@@ -90,3 +90,15 @@ def test_different_values_and_branch_outputs_stay_export_shares():
     assert [where for where, _ in _stored(once)] == [""]
     again = export(import_graph(once), once)
     assert again.graph.SerializeToString() == once.graph.SerializeToString()
+
+
+def test_a_kept_name_another_value_has_is_left_in_place():
+    """Sibling subgraphs may give one name to different values: moving an initializer of that name up would shadow
+    the other one, so its group stays as it is (and the model stays valid)."""
+    model = _model(rand(4, seed=1), nested=False, copies=True)
+    then, other = (a.g for a in model.graph.node[0].attribute)
+    kept = then.initializer[0].name
+    other.node.extend([onnx.helper.make_node("Identity", ["x"], [kept])])     # the else-branch's own value
+    assert share_initializers(model) == 0
+    onnx.checker.check_model(model, full_check=True)
+    assert [t.name for t in then.initializer] == [kept] and len(other.initializer) == 1
