@@ -14,6 +14,7 @@ import pytest
 
 import graphopt
 from graphopt.errors import UsageError
+from graphopt.graph import graph_protos
 from graphopt.passes.quantization import recurrent
 from graphopt.passes.quantization.latency import Timing
 from graphs import loop_lstm_model, make_model, node, ops, parse_model, rand, rel_error, run, same_graph
@@ -102,15 +103,17 @@ def test_latency_keeps_it_only_where_measured_faster(monkeypatch, faster):
     assert faster is True or "speed: not measured 3% faster" in step["layers"][0]["status"]
 
 
-def test_branch_the_samples_do_not_take_is_said(monkeypatch):
+@pytest.mark.parametrize("shared", [False, True])
+def test_branch_the_samples_do_not_take_is_said(monkeypatch, shared):
     """An LSTM in an If branch the calibration samples never take changes no output bit: under objective=latency it
-    stays float, said so, and nothing is timed for it."""
+    stays float, said so, and nothing is timed for it; where it reads the weights of one made int8, it goes int8 with
+    it (float, it would keep them stored beside their int8 copy)."""
     model = parse_model(f"""
     agraph (float[{T}, 1, {I}] x, bool b) => (float[{T}, 1, 1, {H}] y) {{
         y = If (b) <then_branch = g1 () => (float[{T}, 1, 1, {H}] t) {{ t, th = LSTM <hidden_size = {H}> (x, W, R) }},
                     else_branch = g2 () => (float[{T}, 1, 1, {H}] e) {{ e, eh = LSTM <hidden_size = {H}> (x, W2, R2) }}>
-    }}""", W=rand(1, 4 * H, I, seed=1), R=rand(1, 4 * H, H, seed=2), W2=rand(1, 4 * H, I, seed=3),
-        R2=rand(1, 4 * H, H, seed=4))
+    }}""", W=rand(1, 4 * H, I, seed=1), R=rand(1, 4 * H, H, seed=2), W2=rand(1, 4 * H, I, seed=1 if shared else 3),
+        R2=rand(1, 4 * H, H, seed=2 if shared else 4))
     data = [{**d, "b": np.array(True)} for d in calib(8)]
     timed = []
     monkeypatch.setattr(recurrent, "time_models", lambda models, *a, **k: timed.append(len(models)) or
@@ -118,7 +121,11 @@ def test_branch_the_samples_do_not_take_is_said(monkeypatch):
     out, step = quantize(model, "objective=latency,min-top1=0", data)
     assert timed == [2]                       # base and the then-branch LSTM; the else one is not timed
     statuses = [r["status"] for r in step["layers"]]
-    assert statuses[0] == "int8" and "not run by the calibration samples" in statuses[1]
+    assert statuses[0] == "int8" and (statuses[1] == "int8" if shared else "not run by the calibration" in statuses[1])
+    assert shared == any("int8 as LSTM" in n for n in step["notes"])   # equal W2/R2: one tensor (graphopt.scopes)
+    float_w = [t for g in graph_protos(out.graph) for t in g.initializer
+               if t.data_type == onnx.TensorProto.FLOAT and list(t.dims) == [1, 4 * H, I]]
+    assert len(float_w) == (0 if shared else 1)     # shared: no float copy kept for the unrun LSTM
 
 
 def test_quantize_dynamic_after_quantize_is_refused_with_the_reason():
