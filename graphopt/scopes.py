@@ -29,6 +29,8 @@ def share_initializers(model: onnx.ModelProto) -> int:
     parents: dict[int, onnx.GraphProto | None] = {id(root): None}
     groups: dict[tuple, list[tuple[onnx.GraphProto, onnx.TensorProto]]] = defaultdict(list)
     graphs = [root, *_subgraphs(root, parents)]
+    if len(graphs) < 3:     # fewer than two subgraphs: nothing to share
+        return 0
     defined = Counter(n for g in graphs for n in _defines(g))
     for g in graphs[1:]:
         outputs = {o.name for o in g.output}
