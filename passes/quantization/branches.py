@@ -90,14 +90,19 @@ class Branches:
         decline goes."""
         res.layers += self.layers
         res.notes += self.notes
-        for k, v in self.counts.items():
-            res.counts[k] = min(res.counts.get(k, v), v) if k in WORST else res.counts.get(k, 0) + v
+        _add_counts(res.counts, self.counts)
         if self.ranges:
             cal = res.artifacts.setdefault("calibration", {"method": None, "ranges": {}})
             cal["ranges"].update(self.ranges)
         if self.layers:     # the branches had something to quantize, whatever the enclosing graph has
             res.declined = [d for d in res.declined if d["reason"] != nothing_here]
         res.changed = res.changed or self.changed
+
+
+def _add_counts(into: dict[str, float], counts: dict[str, float]) -> None:
+    """Fold ``counts`` into ``into``: a fidelity figure (WORST) the lower of the two, any other count summed."""
+    for k, v in counts.items():
+        into[k] = min(into.get(k, v), v) if k in WORST else into.get(k, 0) + v
 
 
 def holds(graph: gs.Graph, ops: Sequence[str]) -> bool:
@@ -278,11 +283,7 @@ def _one(root: gs.Graph, branch: gs.Graph, free: list[gs.Variable], feeds: list[
         return None if res.layers else f"float: {reasons[0]}"
     put_back(branch, sub, free)
     out.changed = True
-    for k, v in res.counts.items():
-        if k in ADDITIVE:
-            out.counts[k] = out.counts.get(k, 0) + v
-        elif k in WORST:
-            out.counts[k] = min(out.counts.get(k, v), v)
+    _add_counts(out.counts, {k: v for k, v in res.counts.items() if k in ADDITIVE or k in WORST})
     out.ranges.update(res.artifacts.get("calibration", {}).get("ranges", {}))
     out.notes += [f"{where}: int8 QDQ, calibrated on its outer values ({', '.join(t.name for t in free)}) captured "
                   f"on {len(feeds)} feed(s)", *(f"{where}: {n}" for n in res.notes)]

@@ -19,10 +19,11 @@ Choice (``choose``, ``pick``): a table built once, all float and each region int
 m_float − m_region. The regions with a positive gain are int8 (taking gains as adding up), the rest stay float:
 small layers where int8's overhead exceeds its gain, islands whose boundaries cost more than they save. That
 assignment is then timed against all float and all int8 (the fidelity search's build), interleaved: of the two,
-those measured faster than float are candidates, all int8 taken over the table's choice only where measured faster
+those that pay over float (measured faster, and by MIN_GAIN of its median: ``Timing.pays``) are candidates, all int8 taken over the table's choice only where measured faster
 than it (the gains need not add up: on mnist_cnn no region alone pays, all three together 1.37x); the fallback's
 contiguous candidate (one float run at an end of the model, ``fallback``), where there is one, is timed with them and
-taken only where measured faster than the others taken; no candidate: the model stays float. The same model, data and CPU give the same assignment wherever the gains exceed the noise.
+taken only where measured faster than the others taken; no candidate: the model stays float. The same model, data
+and CPU give the same assignment wherever the gains exceed the noise.
 Time: at most TABLE_BUDGET_S + CONFIRM_BUDGET_S of runs (at least 5 rounds per model), one build and session per
 region. Sequential stop (``separated``): looked at every 5 rounds from the 10th (a few looks, so the 5% of one look
 grows little), each model leaves the rotation once every comparison it is in is decided (the table's region against
