@@ -65,7 +65,8 @@ def _ifs(graph: gs.Graph, ifs: list[gs.Node], ctx: PassContext, ops: Sequence[st
     captured, whole = capture(export(graph, ctx.original), names, ctx.require_calib("quantize"))
     if not whole:
         out.notes.append(f"If branches calibrated on the first {sum(b.rows for b, _ in captured)} samples only: the "
-                         f"outer values they read are held in memory, at most {standalone.CAPTURE_BYTES >> 20} MiB of them")
+                         f"outer values they read are held in memory, at most {standalone.CAPTURE_BYTES >> 20} MiB "
+                         "of them")
     for node in ifs:
         takes = taken(node.inputs[0], captured)
         for key, side in (("then_branch", True), ("else_branch", False)):
