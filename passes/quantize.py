@@ -28,7 +28,7 @@ What the pass does, in order (each step's module says how, with the math):
   * report (``report``): the layers that run float and why (fidelity or speed), the tensors left float with their
     sensitivity, the measured latency of the choice against all int8 and all float.
 If branches that stay (a condition computed at run time) are quantized as models of their own, calibrated on the
-outer values they read (``branches``); Loop/Scan bodies stay float, one report row each saying so (``subgraphs``).
+outer values they read (``branches``), and Loop/Scan bodies on their values at every iteration (``loops``).
 LSTMs (in the model and in If/Loop/Scan bodies) get int8 weights as DynamicQuantizeLSTM where that meets the targets
 and, with objective=latency, measures faster (``recurrent``); GRU/RNN stay float (no integer kernel).
 Declined: models already quantized (QDQ, QLinear*, *Integer ops); opset < 10 that cannot be converted.

@@ -455,3 +455,75 @@ def if_conv_model(nested: bool = False) -> onnx.ModelProto:
         y = If (b) <then_branch = g1 () => (float[N, 4, 8, 8] t) {{ {then} }},
                     else_branch = g2 () => (float[N, 4, 8, 8] e) {{ {convs("w3", "w4", "e")} }}>
     }}""", **weights, **biases)
+
+
+def loop_matmul_model(grow: bool = False) -> onnx.ModelProto:
+    """h = Loop(n, h0) with h <- Relu(MatMul(h, w)) (w an outer weight), each step's h also a scan output hs.
+    ``grow``: the carried value grows instead, h <- Concat(h, MatMul(x, w)) on the outer x, so its shape changes
+    at every iteration (scan outputs cannot stack it)."""
+    step = ("p = MatMul(x, w)  hout = Concat <axis = 1> (hin, p)  hsc = Relu(p)" if grow else
+            "p = MatMul(hin, w)  hout = Relu(p)  hsc = Identity(hout)")
+    return parse_model(f"""
+    agraph (float[1, 8] x, float[1, 8] h0, int64 n) => (float[1, H] h, float[T, 1, 8] hs) {{
+        t = Constant <value = bool {{1}}> ()
+        h, hs = Loop (n, t, h0) <body = step (int64 i, bool cin, float[1, H] hin)
+                                         => (bool cout, float[1, H] hout, float[1, 8] hsc) {{
+            cout = Identity(cin)
+            {step} }}>
+    }}""", w=rand(8, 8, seed=9, lo=-0.6, hi=0.6))
+
+
+def _trained_body(net: str, image: str) -> tuple[list[onnx.NodeProto], str, list[onnx.TensorProto]]:
+    """models/<net>.onnx's nodes reading ``image`` for its input, the name of its logits, its trained weights."""
+    g = onnx.load(MODELS / f"{net}.onnx").graph
+    nodes = list(g.node)
+    for n in nodes:
+        n.input[:] = [image if i == g.input[0].name else i for i in n.input]
+    return nodes, g.output[0].name, list(g.initializer)
+
+
+def mnist_scan_model(net: str = "mnist_mlp") -> onnx.ModelProto:
+    """A Scan over sequences of MNIST images seq [N, T, 1, 28, 28] (scan_input_axes [1]) whose body is
+    models/<net>.onnx's graph with its trained weights (outer-scope initializers): each step's logits are a scan
+    output (scan_output_axes [1]: logits [N, T, 10]) and their running sum the carried state (acc [N, 10])."""
+    nodes, y, weights = _trained_body(net, "image")
+    body = helper.make_graph(
+        nodes + [node("Add", ["acc_in", y], ["acc_out"]), node("Identity", [y], ["step_logits"])], "step",
+        [value_info("acc_in", ["N", 10]), value_info("image", ["N", 1, 28, 28])],
+        [value_info("acc_out", ["N", 10]), value_info("step_logits", ["N", 10])])
+    return make_model([
+        node("Shape", ["seq"], ["n"], start=0, end=1), node("Concat", ["n", "ten"], ["shape"], axis=0),
+        node("ConstantOfShape", ["shape"], ["acc0"]),
+        node("Scan", ["acc0", "seq"], ["acc", "logits"], num_scan_inputs=1, scan_input_axes=[1],
+             scan_output_axes=[1], body=body)],
+        [("seq", ["N", "T", 1, 28, 28])], [("acc", ["N", 10]), ("logits", ["N", "T", 10])],
+        {"ten": np.array([10], np.int64), **{w.name: numpy_helper.to_array(w) for w in weights}})
+
+
+def mnist_loop_model(net: str = "mnist_cnn") -> onnx.ModelProto:
+    """A Loop over the steps of sequences of MNIST images seq [N, T, 1, 28, 28] (trip count T): the body gathers
+    image i from the outer-scope seq and runs models/<net>.onnx's graph on it with its trained weights; each step's
+    logits are a scan output (stacked on axis 0, transposed to logits [N, T, 10]) and the running sum of their
+    softmax the carried state (prob [N, 10])."""
+    nodes, y, weights = _trained_body(net, "image")
+    body = helper.make_graph(
+        [node("Gather", ["seq", "i"], ["image"], axis=1), *nodes, node("Softmax", [y], ["p"], axis=1),
+         node("Add", ["acc_in", "p"], ["acc_out"]), node("Identity", ["cin"], ["cout"]),
+         node("Identity", [y], ["step_logits"])], "step",
+        [value_info("i", [], np.int64), value_info("cin", [], np.bool_), value_info("acc_in", ["N", 10])],
+        [value_info("cout", [], np.bool_), value_info("acc_out", ["N", 10]), value_info("step_logits", ["N", 10])])
+    return make_model([
+        node("Shape", ["seq"], ["n"], start=0, end=1), node("Concat", ["n", "ten"], ["shape"], axis=0),
+        node("ConstantOfShape", ["shape"], ["acc0"]),
+        node("Shape", ["seq"], ["t1"], start=1, end=2), node("Squeeze", ["t1"], ["trips"]),
+        node("Loop", ["trips", "", "acc0"], ["prob", "steps"], body=body),
+        node("Transpose", ["steps"], ["logits"], perm=[1, 0, 2])],
+        [("seq", ["N", "T", 1, 28, 28])], [("prob", ["N", 10]), ("logits", ["N", "T", 10])],
+        {"ten": np.array([10], np.int64), **{w.name: numpy_helper.to_array(w) for w in weights}})
+
+
+def mnist_sequences(split: str = "calib", steps: int = 4) -> dict[str, np.ndarray]:
+    """models/mnist_<split>.npz's images as sequences seq [N/steps, steps, 1, 28, 28] (labels [N/steps, steps])."""
+    d = np.load(MODELS / f"mnist_{split}.npz")
+    n = len(d["input"]) // steps * steps
+    return {"seq": d["input"][:n].reshape(-1, steps, 1, 28, 28), "__labels__": d["__labels__"][:n].reshape(-1, steps)}

@@ -60,7 +60,8 @@ def test_lstm_fires_and_stays_within_bound():
 def test_in_a_loop_body():
     model = loop_lstm_model()
     data = [{"h0": rand(1, 1, 8, seed=s), "n": np.array(3, np.int64)} for s in range(8)]
-    out, step = quantize(model, "objective=size,min-top1=0", data)
+    # the body's MatMul left float: this is the LSTM's error alone (test_qloop.py: the body's QDQ)
+    out, step = quantize(model, "objective=size,min-top1=0,exclude=MatMul", data)
     body = [n.op_type for n in out.graph.node[-1].attribute[0].g.node]
     assert "DynamicQuantizeLSTM" in body and "LSTM" not in body
     assert "in Loop" in step["layers"][-1]["layer"] and step["layers"][-1]["status"] == "int8"

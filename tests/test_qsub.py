@@ -2,7 +2,7 @@
 (passes/quantization/branches.py): each branch is calibrated on the outer values it reads, captured per feed from
 the enclosing model, and quantized as a model of its own. It fires (golden op list inside the branch, and
 onnxruntime runs QLinearConv there), it is within a stated bound of float (ORT_DISABLE_ALL), it declines with a
-reason a branch no feed takes and a Loop body, a second run changes nothing, onnx.checker (full) passes."""
+reason a branch no feed takes and a Loop body without data, a second run changes nothing, onnx.checker (full) passes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import onnx
 
 from graphopt.calibration.readers import IterableSource, model_inputs
 from graphopt.passes.base import PassContext
-from graphopt.passes.quantization.branches import LOOP_BODY
+from graphopt.passes.quantization import standalone
+from graphopt.passes.quantization.loops import NO_DATA as LOOP_NO_DATA
 from graphopt.pipeline import make_spec, run_pipeline
 from graphs import if_conv_model, loop_lstm_model, ort_kernels, rand, run, same_graph
 
@@ -55,7 +56,7 @@ def test_both_branches_int8_within_bound_and_onnxruntime_runs_integer_kernels(tm
     # a second run finds the branches quantized and leaves the model as it is
     again, res2 = quantize(out, feeds((True, False)))
     assert same_graph(out, again)
-    assert all(r["status"].startswith("float: the branch is already quantized") for r in res2.layers)
+    assert all(r["status"].startswith("float: the subgraph is already quantized") for r in res2.layers)
 
 
 def test_branch_no_feed_takes_stays_float_with_reason():
@@ -70,15 +71,17 @@ def test_branch_no_feed_takes_stays_float_with_reason():
     onnx.checker.check_model(out, full_check=True)
 
 
-def test_loop_body_stays_float_with_reason():
-    """The body's MatMul stays float (no QDQ there, one row with the reason); its LSTM gets int8 weights by
-    ``recurrent`` (DynamicQuantizeLSTM needs no calibrated range), with a row of its own."""
+def test_loop_body_without_data_stays_float_with_reason():
+    """Without calibration data the body's MatMul stays float (no QDQ there, one row with the reason); its LSTM
+    gets int8 weights by ``recurrent`` (DynamicQuantizeLSTM needs no calibrated range), with a row of its own.
+    With data the body is quantized on its per-iteration values: tests/test_qloop.py."""
     model = loop_lstm_model()
-    out, res = quantize(model, [{"h0": rand(1, 1, 8, seed=8), "n": np.array(3, np.int64)}])
+    out, records = run_pipeline(model, [make_spec("quantize", SIZE)], PassContext(original=model))
+    res = records[-1].result
     assert "QuantizeLinear" not in {n.op_type for n in out.graph.node}
     body = next(a.g for n in out.graph.node for a in n.attribute if a.name == "body")
     assert "QuantizeLinear" not in {n.op_type for n in body.node}
-    assert [(r["op"], r["status"]) for r in res.layers] == [("MatMul x1", LOOP_BODY), ("LSTM", "int8")]
+    assert [(r["op"], r["status"]) for r in res.layers] == [("MatMul x1", LOOP_NO_DATA), ("LSTM", "int8")]
     assert "DynamicQuantizeLSTM" in {n.op_type for n in body.node}
 
 
@@ -117,13 +120,12 @@ def test_objective_latency_times_each_branch():
 def test_captured_outer_values_stay_within_their_memory_budget(monkeypatch):
     """The outer values are held for every captured feed: past CAPTURE_BYTES the first feeds only (at least one),
     with a note saying how many; each branch still quantized on the feeds that take it."""
-    from graphopt.passes.quantization import branches
     one_feed = 4 * 3 * 8 * 8 * 4                           # x, the branches' outer value, per feed (float32)
-    monkeypatch.setattr(branches, "CAPTURE_BYTES", 4 * one_feed + one_feed // 2)
+    monkeypatch.setattr(standalone, "CAPTURE_BYTES", 4 * one_feed + one_feed // 2)
     out, res = quantize(if_conv_model(), feeds((True, False)))
     assert any("calibrated on the first 16 samples only" in n for n in res.notes), res.notes
     for attr in ("then_branch", "else_branch"):
         assert "QuantizeLinear" in branch_ops(out, attr)
-    captured, whole = branches.capture(if_conv_model(), ["x"], IterableSource(feeds((True,)), model_inputs(
+    captured, whole = standalone.capture(if_conv_model(), ["x"], IterableSource(feeds((True,)), model_inputs(
         if_conv_model())), budget=1)
     assert len(captured) == 1 and not whole
