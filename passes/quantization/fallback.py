@@ -20,7 +20,7 @@ without the sensitivity sweep (the suffix only below the prefix's k, ``shortest_
 so the int8 model has one boundary where the harm-ordered choice leaves a QuantizeLinear / DequantizeLinear pair
 around every tensor it keeps float; the latency search times both and writes the faster (``latency``). Where the
 real build at the search's k fails its check, the run is lengthened with real builds (``climb``: k doubled until
-one meets the targets, then the gap bisected): the switchable model has no full mean correction, and on a float run
+one meets the targets): the switchable model has no full mean correction, and on a float run
 that error decides (EfficientNet-Lite0: it asked for 48 of 61 tensors on 128 rows where real builds meet the targets
 with 7). The search is not monotone in k (a longer float prefix can flip a row back), so it finds a k that meets
 the targets, not always the smallest.
@@ -49,7 +49,6 @@ SENSITIVITY_SAMPLES = 8
 SENSITIVITY_BUDGET_S = 30.0
 SEARCH_BUDGET_S = 15.0      # for the binary search over how many tensors stay float
 RESEARCH_BUDGET_S = 120.0   # for searching again on the check's samples when the check disagrees with the search
-CLIMB_BUILDS = 6            # real builds to lengthen the contiguous float run where the search's k fails its check
 def harm_order(sites: list[str], sens: Mapping[str, Quality], top1_misses: bool) -> list[str]:
     """``sites`` most harmful first, by their sensitivity (cosine, top-1 with only that tensor int8), for the target
     that fails: top-1 first (then cosine) when every tensor int8 misses the top-1 check, else cosine first (then
@@ -207,24 +206,17 @@ class Fallback:
 
     def climb(self, k: int) -> tuple[int, Built, Quality] | None:
         """The first k of ``order`` float, checked with a real build; where that fails, k doubled until a real
-        build meets the targets, then the gap between the last that failed and it bisected, CLIMB_BUILDS real
-        builds in all; the shortest that met them (None: none did below every tensor float)."""
+        build meets the targets (None: none did below every tensor float). No bisection below it: each more real
+        check is one more chance for a candidate to pass on the calibration rows by luck (EfficientNet-Lite0, 128
+        crops: the bisection's 3 tensors passed with 127 of 128 and agreed on 0.945 of the held-out photos, where
+        4, 6, 8 and 13 agreed on 0.957-0.969)."""
         n = len(self.order)
-        lo, best, builds = k - 1, None, 0
-        while best is None and k < n and builds < CLIMB_BUILDS:
-            met, builds = self.real(k), builds + 1
+        while k < n:
+            met = self.real(k)
             if met is not None:
-                best = (k, *met)
-            else:
-                lo, k = k, min(n - 1, 2 * k) if k < n - 1 else n
-        while best is not None and best[0] - lo > 1 and builds < CLIMB_BUILDS:
-            mid = (lo + best[0]) // 2
-            met, builds = self.real(mid), builds + 1
-            if met is not None:
-                best = (mid, *met)
-            else:
-                lo = mid
-        return best
+                return (k, *met)
+            k = min(n - 1, 2 * k) if k < n - 1 else n
+        return None
 
 
 def contiguous_order(sites: list[str], model: onnx.ModelProto) -> list[str]:
