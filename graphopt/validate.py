@@ -23,7 +23,7 @@ feed, for validation and for the passes' judge alike.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
@@ -96,6 +96,7 @@ class ValidationResult:
     correct_after: int = 0
     failures: list[str] = field(default_factory=list)
     metric: tuple[str, float, float] | None = None     # (name, float's own value, the rewritten model's)
+    stopped: bool = False       # ``validate``'s ``stop`` ended it early: the figures cover ``samples`` only
 
     @property
     def passed(self) -> bool:
@@ -118,13 +119,16 @@ class ValidationResult:
 
 def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Iterable[Any], *, exact: bool,
              thresholds: Thresholds, description: str = "", sessions: tuple[Any, Any] | None = None,
-             roles: onnx.ModelProto | None = None, in_turn: bool = False) -> ValidationResult:
+             roles: onnx.ModelProto | None = None, in_turn: bool = False,
+             stop: Callable[[list[OutputStats], int], bool] | None = None) -> ValidationResult:
     """Compare the two models on every batch; the result lists failures (empty when validation passed).
 
     ``roles``: the model whose graph says which outputs are class scores (``class_score_outputs``,
     ``sequence_score_outputs``), when ``original`` is a rewrite of it (a pass's own float model, whose opset upgrade
     may have wrapped a Softmax in Flatten/Reshape); by default ``original``. ``in_turn``: one onnxruntime session
-    at a time (``validate_in_turn``; models over 2 GB), ``batches`` then being re-iterable."""
+    at a time (``validate_in_turn``; models over 2 GB), ``batches`` then being re-iterable. ``stop(stats, samples)``
+    (for a search that only asks whether a candidate fails; not with ``in_turn``): asked after each batch, True ends
+    the comparison there, ``stopped`` set and nothing judged."""
     if in_turn:
         return validate_in_turn(original, rewritten, batches, exact=exact, thresholds=thresholds,
                                 description=description, roles=roles)
@@ -161,6 +165,9 @@ def validate(original: onnx.ModelProto, rewritten: onnx.ModelProto, batches: Ite
         res.feeds += 1
         res.samples += batch.rows
         comparison.add(ref, out, batch.labels, batch.rows)
+        if stop is not None and stop(comparison.stats, res.samples):
+            res.stopped = True
+            return res
         for floor_sess, is_input in list(floor_sessions):
             got = ref if is_input else out
             try:

@@ -153,10 +153,25 @@ class Judge:
 
     def quality(self, model: onnx.ModelProto) -> Quality:
         """``judged`` for ``model`` against float on every judge sample."""
+        q = self._measured(model, early=False)
+        assert q is not None
+        return q
+
+    def passing(self, model: onnx.ModelProto) -> Quality | None:
+        """``quality`` where ``model`` meets the targets with the check's margins, else None: a search that only
+        asks whether a candidate fails stops its runs as soon as the top-1 check cannot hold (``top1_lost``)."""
+        q = self._measured(model, early=True)
+        return q if q is not None and self.meets(q) else None
+
+    def _measured(self, model: onnx.ModelProto, early: bool) -> Quality | None:
         self.start()
+        total = sum(b.rows for b in self.batches)
+        stop = (lambda stats, seen: seen < total and self.top1_lost(stats, seen, total, True)) if early else None
         v = validate(self.float_model, model, self.batches, exact=False, thresholds=self.targets.measures(),
                      sessions=(self.ref, make_session(model, "quantized model", threads=self.threads)),
-                     roles=self.roles)
+                     roles=self.roles, stop=stop)
+        if v.stopped:
+            return None
         self.checked.update({s.name: s.top1_rows for i, s in enumerate(v.outputs)
                              if s.top1 is not None and (i in self.scores or s.score_axis is not None)})
         q = self.judged(v.outputs, None if v.metric is None else v.metric[1:])
