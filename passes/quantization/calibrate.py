@@ -29,10 +29,10 @@ from graphopt.calibration.gptq import ConvGeometry, Fanout, HessianObserver
 from graphopt.calibration.observers import HistogramObserver, MinMaxObserver
 from graphopt.calibration.ranges import compute_range
 from graphopt.calibration.readers import Batch
-from graphopt.graph import is_float32
 from graphopt.passes.base import PassContext
 
 from graphopt.errors import UsageError
+from graphopt.graph import is_float32
 
 from .plan import Plan, candidate_tensors
 
