@@ -14,10 +14,12 @@ from graphopt.calibration.ranges import compute_range
 from graphopt.calibration.readers import open_source
 from graphopt.passes.base import PassContext
 from graphopt.passes.quantization import calibrate as calibrate_mod
+from graphopt.passes.quantization import latency
 from graphopt.passes.quantization.calibrate import calibrate, same_values
 from graphopt.passes.quantization.plan import candidate_tensors, make_plan
 from graphopt.passes.quantize import Quantize
 from graphs import parse_model, rand
+from test_quantize_latency import runs
 
 from graphopt.graph import import_graph, infer_shapes
 from graphopt.runtime import run_with_outputs
@@ -101,3 +103,16 @@ def test_a_copy_shares_its_source_observer_and_gets_the_range_it_would_have_had(
         method = "minmax" if name == "y" else options.method        # a graph output keeps its min and max
         assert ranges[name] == compute_range(own, method, 99.99)
     assert ranges["y"] != ranges["c2"]          # the same observer, each with its own method
+
+
+def test_the_look_at_five_rounds_decides_only_wide_gaps() -> None:
+    # at 5 rounds a pair is decided only where its notches, doubled, are apart; no futility there; at 10 as before
+    flt, wide, narrow = runs(1.0, 0.02, 12), runs(0.8, 0.02, 12), runs(0.9, 0.02, 12)
+    table = latency.separated([(0, 1), (0, 2)], 30, 0)
+    assert table([flt[:5], wide[:5], narrow[:5]]) == {0, 2}          # 1 leaves; 2 (apart at one notch) stays
+    t5 = [latency.timing(x[:5]) for x in (flt, wide, narrow)]
+    assert t5[2].faster(t5[0])                   # what the look at 10 would decide, not taken at 5
+    assert table([flt[:10], wide[:5], narrow[:10]]) == set()
+    same = latency.separated([(0, 1)], 30, 0)
+    assert same([flt[:5], flt[:5]]) == {0, 1}                   # equal: futile at 10, not at 5
+    assert latency.separated([(0, 1)], 30, 0)([flt[:6], wide[:6]]) is None     # no look at 6
