@@ -116,3 +116,16 @@ def test_the_look_at_five_rounds_decides_only_wide_gaps() -> None:
     same = latency.separated([(0, 1)], 30, 0)
     assert same([flt[:5], flt[:5]]) == {0, 1}                   # equal: futile at 10, not at 5
     assert latency.separated([(0, 1)], 30, 0)([flt[:6], wide[:6]]) is None     # no look at 6
+
+
+def test_a_candidate_that_falls_short_of_the_minimum_gain_is_decided_and_moot() -> None:
+    # 1 is 1% faster than float with narrow notches: apart from it, but short of 3% even with both notches; so its
+    # pair with 2 (undecided: wide notches) is moot; without min_gain, 1 vs 2 keeps both timed
+    flt, close, wide = runs(1.0, 0.002, 12)[:10], runs(0.99, 0.002, 12)[:10], runs(0.985, 0.05, 12)[:10]
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    assert latency.separated(pairs, 60, 0)([flt, close, wide]) == {0, 1, 2}
+    assert latency.separated(pairs, 60, 0, latency.MIN_GAIN)([flt, close, wide]) == {0, 2}
+    # within reach of 3% given its notches, and not apart: still timed, as before
+    assert latency.separated([(0, 1)], 60, 0, latency.MIN_GAIN)([flt, wide]) == {0, 1}
+    # per-channel=auto's pair: the per-channel build is the anchor, float (in no pair) is timed while it is
+    assert latency.separated([(1, 2)], 60, 1, latency.MIN_GAIN)([flt, flt, close]) == set()
