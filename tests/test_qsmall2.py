@@ -129,3 +129,11 @@ def test_a_candidate_that_falls_short_of_the_minimum_gain_is_decided_and_moot() 
     assert latency.separated([(0, 1)], 60, 0, latency.MIN_GAIN)([flt, wide]) == {0, 1}
     # per-channel=auto's pair: the per-channel build is the anchor, float (in no pair) is timed while it is
     assert latency.separated([(1, 2)], 60, 1, latency.MIN_GAIN)([flt, flt, close]) == set()
+
+
+def test_the_table_takes_a_region_short_of_the_minimum_gain_at_its_median_sign() -> None:
+    # region 1 gains 0.7% of float (notches 1% each): not apart, not futile at 30 rounds, but short of 3%
+    flt, tiny = runs(1.0, 0.01, 12)[:10], runs(0.993, 0.01, 12)[:10]
+    assert not latency.timing(tiny).faster(latency.timing(flt))
+    assert latency.separated([(0, 1)], 30, 0)([flt, tiny]) == {0, 1}
+    assert latency.separated([(0, 1)], 30, 0, latency.MIN_GAIN)([flt, tiny]) == set()

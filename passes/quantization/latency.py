@@ -30,10 +30,12 @@ grows little), and once at the 5th for wide gaps only (notches doubled, no futil
 its medians to move by about two notches to read otherwise at the 10th; Magika's int8 at 0.42x float, mnist_wide's
 at 0.49x), each model leaves the rotation once every comparison it is in is decided (the table's region against
 float; the final one's every pair), and the timing stops when none is left, before TABLE_RUNS / CONFIRM_RUNS rounds.
-A comparison is decided when the notches are apart; in the final one (and per-channel=auto's), a candidate is
-also decided once it falls short of paying, its gain over float plus both notches under MIN_GAIN of float's median
-(it is never written unless the medians move beyond their notches: MTCNN's near-ties, mnist_wide's per-tensor Gemm,
-which ran to the 60-round cap); futile when the medians' difference is under FUTILITY times the
+A comparison is decided when the notches are apart; with float (and per-channel=auto's with the per-channel build),
+also once the other falls short, its gain plus both notches under MIN_GAIN of float's median: a final candidate
+that short is never written unless the medians move beyond their notches (MTCNN's near-ties; mnist_wide's per-tensor
+Gemm ran to the 60-round cap at 0.376 against 0.373 ms), and a region that short alone is taken at its median's
+sign, as at the cap (Magika's third region, 0.7% of float's 8 ms, ran the table to its 30 rounds); futile when the
+medians' difference is under FUTILITY times the
 notches' sum projected to the cap (notch ∝ 1/√n): the two would stay together at the cap unless the difference grew
 by 1/FUTILITY, so the cap's answer is the answer now; moot (final comparison) when it is between two candidates and
 either is decided not faster than float (never written). On MTCNN O-Net, where some region's gain sits inside its
@@ -273,7 +275,7 @@ def choose(built: Built, float_model: onnx.ModelProto, build: Callable[[set[str]
     if len(found) > 1:
         alone = [build(every - set(r.tensors)) for r in found]
         table = time_models([float_model, *alone], feed, TABLE_BUDGET_S, TABLE_RUNS, rewarm,
-                            [(0, i) for i in range(1, len(alone) + 1)], 0, kept)
+                            [(0, i) for i in range(1, len(alone) + 1)], 0, kept, MIN_GAIN)
         gains = tuple(Timing(table[0].median - t.median, table[0].notch + t.notch) for t in table[1:])
     else:
         gains = ()
