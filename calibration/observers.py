@@ -5,8 +5,8 @@
 finite value seen so far (and at least 2^-64, so that bins/A stays finite in float32 for subnormal data); when a
 batch exceeds it, A doubles and each pair of neighbouring bins on either side of zero merges into one. Merging nests
 exactly (bin edges A·k/bins are shared by every power-of-two A), so updating in pieces gives the same histogram as
-one update with all the data — memory does not grow with the sample count. Values are binned in chunks of 2^20, so
-the temporaries stay small however large a tensor is.
+one update with all the data — memory does not grow with the sample count. Values are binned in chunks of 2^16, so
+the temporaries stay small however large a tensor is, and in the core's cache between one pass and the next.
 Exact zeros are also counted on their own: zero is exactly representable after quantization, so the KL search
 leaves ReLU's spike at 0 out of the distributions it compares. Range methods (``calibration.ranges``) read the
 histogram; they never see the raw data.
@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-CHUNK = 1 << 20           # values binned at a time
+CHUNK = 1 << 16           # values binned at a time (their buffers stay in cache)
 MIN_EXTENT = 2.0 ** -64   # the smallest A: bins / A must not overflow float32 (2^128) for any bin count in use
 
 
@@ -84,19 +84,23 @@ class HistogramObserver(MinMaxObserver):
             else:
                 self.hist[self.bins] += int(x.size)
             return
-        # bins / extent is a power of two, so x * (bins / extent) is exact in float32 and floor() bins it exactly.
+        # bins / extent is a power of two, so x * (bins / extent) is exact in float32 and floor() bins it exactly;
+        # the floored values are integers below 2·bins (< 2^24), so adding bins and casting to int32 are exact too.
         # Every value is finite and |x| < A (``_grow``), so the bins run from 0 to 2·bins − 1 with no clipping.
-        # In chunks, so the temporaries (float and index copies) stay small however large the tensor is.
+        # In chunks small enough that the float, index and zero-flag buffers stay in the core's cache between the
+        # passes (64 Ki values: 0.6 MB), so each pass after the first reads cache, not memory.
         scale = x.dtype.type(self.bins / self.extent)
-        buf = np.empty(min(x.size, CHUNK), x.dtype)
+        n = min(x.size, CHUNK)
+        buf, idx, zero = np.empty(n, x.dtype), np.empty(n, np.int32), np.empty(n, np.bool_)
         for start in range(0, x.size, CHUNK):
             part = x[start:start + CHUNK]
-            self.exact_zeros += int(part.size - np.count_nonzero(part))
-            idx = buf[:part.size]
-            np.multiply(part, scale, out=idx)
-            np.floor(idx, out=idx)
-            idx += self.bins
-            self.hist += np.bincount(idx.astype(np.intp), minlength=2 * self.bins)
+            k = part.size
+            self.exact_zeros += int(np.count_nonzero(np.equal(part, 0, out=zero[:k])))
+            f = np.multiply(part, scale, out=buf[:k])
+            np.floor(f, out=f)
+            f += self.bins
+            np.copyto(idx[:k], f, casting="unsafe")
+            self.hist += np.bincount(idx[:k], minlength=2 * self.bins)
 
     def _grow(self, amax: float) -> None:
         # The smallest power of two strictly above amax (frexp is exact: amax = m·2^e with 0.5 <= m < 1), so no

@@ -229,7 +229,7 @@ def test_timing_stops_once_the_comparisons_it_is_for_are_decided():
     rng = np.random.default_rng(0)
     flt, fast, near = (list(m + rng.normal(0, 0.01, 60)) for m in (2.0, 1.0, 1.001))
     table = latency.separated([(0, 1), (0, 2)], 60)          # each against float (index 0) only
-    assert table([flt[:5], fast[:5], near[:5]]) is None       # too few rounds to look
+    assert table([flt[:4], fast[:4], near[:4]]) is None       # too few rounds to look
     assert table([flt[:10], fast[:10], near[:10]]) == set()   # both apart from float; 1 and 2 need not be
     assert table([flt[:11], fast[:11], near[:11]]) is None    # looked at every 5 rounds only
     every = latency.separated([(0, 1), (0, 2), (1, 2)], 60)

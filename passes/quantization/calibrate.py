@@ -32,11 +32,14 @@ from graphopt.calibration.readers import Batch
 from graphopt.passes.base import PassContext
 
 from graphopt.errors import UsageError
+from graphopt.graph import is_float32
 
 from .plan import Plan, candidate_tensors
 
 Ranges = dict[str, tuple[float, float]]
 BOUNDED = {"Softmax", "Sigmoid", "HardSigmoid", "Tanh"}
+# ops whose output holds exactly their data input's values, rearranged: observed once, as their input (``same_values``)
+COPIES = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"}
 # percentile=auto tries these in order (benchmarks/RESULTS.md, results/ranges.md): with every layer int8, 99.99 is
 # better than 99.999 where they differ on the convolutional models (PP-OCRv4 rec eval cosine 0.985 / 0.988 against
 # 0.978 / 0.971, PP-OCR cls top-1 agreement 0.977 / 0.977 against 0.932 / 0.977); a transformer's LayerNorm outputs
@@ -70,9 +73,12 @@ def calibrate(graph: gs.Graph, float_model: onnx.ModelProto, plan: Plan, options
         if missing:
             raise UsageError(f"--load-calibration has no range for {len(missing)} tensor(s) this model needs, "
                              f"e.g. '{missing[0]}'; calibrate again")
+    copies = same_values(plan, wanted)
     observers: dict[str, MinMaxObserver] = {} if loaded is not None else {
-        t: (MinMaxObserver() if o.method == "minmax" else HistogramObserver(o.bins)) for t in wanted}
+        t: (MinMaxObserver() if o.method == "minmax" else HistogramObserver(o.bins)) for t in wanted if t not in copies}
     readers: dict[str, list[Any]] = {t: [obs] for t, obs in observers.items()}
+    if loaded is None:      # a copy's statistics are its source's: one observer, the copy not fetched for it
+        observers = {t: observers[copies.get(t, t)] for t in wanted}
     hessians: dict[str, HessianObserver] = {}
     means: dict[str, PatchMeanObserver] = {}
     if ctx.calib is not None:
@@ -98,6 +104,21 @@ def calibrate(graph: gs.Graph, float_model: onnx.ModelProto, plan: Plan, options
         return Calibration([(o.method, ranges_at(AUTO_PERCENTILES[0]))], hessians, means, seen, None)
     percentiles = AUTO_PERCENTILES if o.percentile == "auto" else (o.percentile,)
     return Calibration([(str(p), ranges_at(p)) for p in percentiles], hessians, means, seen, None)
+
+
+def same_values(plan: Plan, wanted: list[str]) -> dict[str, str]:
+    """{tensor: the observed tensor it holds the same values as}: the outputs of the planned ops that move values
+    without computing any (COPIES), whose data input is observed too, through chains of them. Same values, batch by
+    batch, give the same histogram, min, max and counts (``HistogramObserver``: updating in pieces is exact), so the
+    copy's range is its source's by whatever method either takes."""
+    observed = set(wanted)
+    source: dict[str, str] = {}
+    for n in plan.others:       # topological order: a chain's source is resolved before the copies after it
+        if n.op in COPIES and n.inputs and n.outputs and n.inputs[0].name in observed \
+                and n.outputs[0].name in observed and is_float32(n.outputs[0]):
+            x = n.inputs[0].name
+            source[n.outputs[0].name] = source.get(x, x)
+    return source
 
 
 def _weight_observers(plan: Plan, o: Any, readers: dict[str, list[Any]], hessians: dict[str, HessianObserver],

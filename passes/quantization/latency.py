@@ -26,9 +26,16 @@ taken only where measured faster than the others taken; no candidate: the model 
 and CPU give the same assignment wherever the gains exceed the noise.
 Time: at most TABLE_BUDGET_S + CONFIRM_BUDGET_S of runs (at least 5 rounds per model), one build and session per
 region. Sequential stop (``separated``): looked at every 5 rounds from the 10th (a few looks, so the 5% of one look
-grows little), each model leaves the rotation once every comparison it is in is decided (the table's region against
+grows little), and once at the 5th for wide gaps only (notches doubled, no futility: a pair decided there would need
+its medians to move by about two notches to read otherwise at the 10th; Magika's int8 at 0.42x float, mnist_wide's
+at 0.49x), each model leaves the rotation once every comparison it is in is decided (the table's region against
 float; the final one's every pair), and the timing stops when none is left, before TABLE_RUNS / CONFIRM_RUNS rounds.
-A comparison is decided when the notches are apart; futile when the medians' difference is under FUTILITY times the
+A comparison is decided when the notches are apart; with float (and per-channel=auto's with the per-channel build),
+also once the other falls short, its gain plus both notches under MIN_GAIN of float's median: a final candidate
+that short is never written unless the medians move beyond their notches (MTCNN's near-ties; mnist_wide's per-tensor
+Gemm ran to the 60-round cap at 0.376 against 0.373 ms), and a region that short alone is taken at its median's
+sign, as at the cap (Magika's third region, 0.7% of float's 8 ms, ran the table to its 30 rounds); futile when the
+medians' difference is under FUTILITY times the
 notches' sum projected to the cap (notch ∝ 1/√n): the two would stay together at the cap unless the difference grew
 by 1/FUTILITY, so the cap's answer is the answer now; moot (final comparison) when it is between two candidates and
 either is decided not faster than float (never written). On MTCNN O-Net, where some region's gain sits inside its
@@ -78,6 +85,8 @@ CONFIRM_RUNS = 60        # within the budgets)
 NOTCH = 1.57
 SEQUENTIAL_MIN = 10      # rounds before the sequential stop looks, and how often it looks then
 SEQUENTIAL_EVERY = 5
+EARLY_LOOK = 5           # one look before: a pair whose notches are apart at EARLY_WIDEN times their width
+EARLY_WIDEN = 2.0
 FUTILITY = 0.5           # a pair whose difference is under half its notches projected to the cap is futile
 REWARM = 3
 REWARM_ABOVE_S = 5e-3
@@ -181,26 +190,40 @@ def quantile(runs: list[float], q: float) -> float:
     return b - (b - a) * (1 - g) if g >= 0.5 else a + (b - a) * g
 
 
-def separated(pairs: list[tuple[int, int]], cap: int, anchor: int | None = None
+def separated(pairs: list[tuple[int, int]], cap: int, anchor: int | None = None, min_gain: float = 0.0
               ) -> Callable[[list[list[float]]], set[int] | None]:
     """The sequential stop (module docstring): looked at every SEQUENTIAL_EVERY rounds from SEQUENTIAL_MIN on, the
     models still needed, those in a pair not yet decided (None between looks). A pair is decided once its notches
-    are apart, or once it is futile (``futile``: it would not come apart by ``cap`` rounds), and stays decided.
+    are apart, or once it is futile (``futile``: it would not come apart by ``cap`` rounds), and stays decided; at
+    the one look before, EARLY_LOOK rounds, only where its notches are apart at EARLY_WIDEN times their width.
     ``anchor`` (float): a pair of two others is moot once either is decided not faster than the anchor (what is not
-    faster than float is never written, so how it compares with another candidate does not matter). A model in no
-    pair stays timed while any other is."""
+    faster than float is never written, so how it compares with another candidate does not matter). ``min_gain``
+    (where only a gain of that share of the anchor's median is written: ``Timing.pays``): a pair with the anchor is
+    decided too once the other model falls short, its median gain plus both notches under min_gain of the anchor's
+    median, and is then moot in its other pairs. A model in no pair stays timed while any other is."""
     decided: set[tuple[int, int]] = set()
+
+    def short(m: int, t: list[Timing]) -> bool:
+        """Model m cannot pay min_gain over the anchor unless the medians move beyond their notches."""
+        a = t[anchor] if anchor is not None else None
+        return a is not None and min_gain > 0 and a.median - t[m].median + a.notch + t[m].notch < min_gain * a.median
 
     def needed(times: list[list[float]]) -> set[int] | None:
         n = max(len(t) for t in times)
-        if n < SEQUENTIAL_MIN or n % SEQUENTIAL_EVERY:
+        early = n == EARLY_LOOK < SEQUENTIAL_MIN
+        if not early and (n < SEQUENTIAL_MIN or n % SEQUENTIAL_EVERY):
             return None
         t = [timing(x) for x in times]
         for a, b in pairs:
-            if t[a].faster(t[b]) or t[b].faster(t[a]) or futile(t[a], t[b], min(len(times[a]), len(times[b])), cap):
+            if early:       # only a wide gap: no futility, notches doubled
+                wide = [Timing(x.median, EARLY_WIDEN * x.notch) for x in (t[a], t[b])]
+                if wide[0].faster(wide[1]) or wide[1].faster(wide[0]):
+                    decided.add((a, b))
+            elif (t[a].faster(t[b]) or t[b].faster(t[a]) or futile(t[a], t[b], min(len(times[a]), len(times[b])), cap)
+                  or (anchor in (a, b) and short(b if a == anchor else a, t))):
                 decided.add((a, b))
         slower = {m for a, b in decided for m in (a, b) if anchor in (a, b) and m != anchor
-                  and not t[m].faster(t[anchor])}
+                  and (not t[m].faster(t[anchor]) or (not early and short(m, t)))}
         left = [(a, b) for a, b in pairs if (a, b) not in decided and not (anchor not in (a, b) and {a, b} & slower)]
         if not left:
             return set()
@@ -217,12 +240,12 @@ def futile(a: Timing, b: Timing, n: int, cap: int) -> bool:
 
 def time_models(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], budget_s: float, runs: int,
                 rewarm: int, pairs: list[tuple[int, int]], anchor: int | None = None,
-                kept: LatencySessions | None = None) -> list[Timing]:
+                kept: LatencySessions | None = None, min_gain: float = 0.0) -> list[Timing]:
     """Each model's median and notch (module docstring), interleaved, each until the ``pairs`` (indices into
-    ``models``) it is in are decided (``separated``, ``anchor``: float's index), ``runs`` rounds or ``budget_s``;
-    ``kept``: the sessions of models timed more than once."""
+    ``models``) it is in are decided (``separated``, ``anchor``: float's index, or the model the others must pay
+    ``min_gain`` over), ``runs`` rounds or ``budget_s``; ``kept``: the sessions of models timed more than once."""
     times = latency_runs(models, feed, threads=1, runs=runs, warmup=1, budget_s=budget_s, clock=time.thread_time,
-                         rewarm=rewarm, done=separated(pairs, runs, anchor), kept=kept)
+                         rewarm=rewarm, done=separated(pairs, runs, anchor, min_gain), kept=kept)
     return [timing(t) for t in times]
 
 
@@ -252,7 +275,7 @@ def choose(built: Built, float_model: onnx.ModelProto, build: Callable[[set[str]
     if len(found) > 1:
         alone = [build(every - set(r.tensors)) for r in found]
         table = time_models([float_model, *alone], feed, TABLE_BUDGET_S, TABLE_RUNS, rewarm,
-                            [(0, i) for i in range(1, len(alone) + 1)], 0, kept)
+                            [(0, i) for i in range(1, len(alone) + 1)], 0, kept, MIN_GAIN)
         gains = tuple(Timing(table[0].median - t.median, table[0].notch + t.notch) for t in table[1:])
     else:
         gains = ()
@@ -264,7 +287,7 @@ def choose(built: Built, float_model: onnx.ModelProto, build: Callable[[set[str]
     if contiguous is not None:
         models.append(contiguous)
     final = time_models(models, feed, CONFIRM_BUDGET_S, CONFIRM_RUNS, rewarm,
-                        [(a, b) for a in range(len(models)) for b in range(a + 1, len(models))], 0, kept)
+                        [(a, b) for a in range(len(models)) for b in range(a + 1, len(models))], 0, kept, MIN_GAIN)
     chosen = final[2] if partial else None
     alt = final[-1] if contiguous is not None else None
     written = pick(final[0], final[1], chosen, alt)

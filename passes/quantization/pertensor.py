@@ -95,7 +95,7 @@ def try_per_tensor(plan: Plan, built: Built, reduce_range: bool, rebuild: Callab
     names = frozenset(u for u, _ in units)
     rewarm = rewarm_runs(float_model, feed)
     t = time_models([float_model, built.model, rebuild(names, False).model], feed, CONFIRM_BUDGET_S, CONFIRM_RUNS,
-                    rewarm, [(1, 2)], kept=kept)
+                    rewarm, [(1, 2)], 1, kept, MIN_GAIN)
     timings = (t[0], t[1], t[2])
     if not t[2].pays(t[1]):
         return built, PerTensor(tuple(units), False, f"per tensor not measured {100 * MIN_GAIN:.0f}% faster", timings)
