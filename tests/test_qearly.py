@@ -17,7 +17,7 @@ from graphopt.passes.quantization import latency
 from graphopt.passes.quantization.latency import Timing
 
 from graphs import calib, conv_net, ops
-from test_quantize_latency import outlier_mlp
+from test_quantize_latency import data, outlier_mlp, tiny_chain
 
 
 class Calls:
@@ -89,3 +89,21 @@ def test_objective_size_times_nothing(monkeypatch):
     calls = Calls(monkeypatch, int8=10.2)
     out, notes = quantize(conv_net(), calib(16), ",objective=size")
     assert calls.timed == [] and calls.fallbacks == 1 and ops(out).count("QuantizeLinear") >= 2
+
+
+def test_with_several_regions_int8_paying_alone_skips_the_early_table(monkeypatch):
+    """tiny_chain: 3 one-layer int8 regions. All int8 against float first: where it pays, the early decision is
+    taken on those two alone (the per-region table is left to the choice after the search, which times it once)."""
+    calls = Calls(monkeypatch, int8=6.0)
+    out, notes = quantize(tiny_chain(3), data(8))
+    assert calls.timed[0] == 2                         # the early decision: all int8 against float only
+    assert 3 + 1 in calls.timed[1:]                    # the table after the search: float and each region alone
+    assert ops(out).count("QuantizeLinear") >= 1
+
+
+def test_with_several_regions_int8_not_paying_alone_times_the_regions_early(monkeypatch):
+    calls = Calls(monkeypatch, int8=10.2)              # nothing pays: the table decides early, float written
+    out, notes = quantize(tiny_chain(3), data(8))
+    assert calls.timed[:2] == [2, 3 + 1] and calls.fallbacks == 0
+    assert "QuantizeLinear" not in ops(out)
+    assert any("decided before the fidelity search" in n for n in notes), notes
