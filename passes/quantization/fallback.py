@@ -12,18 +12,16 @@ most harmful first (``harm_order``), and a binary search finds the fewest k such
 meets the targets (``first_k``: k = 1 tried first). The real build of that choice is then checked on every fallback
 sample; where the check disagrees the search runs once more above k on the check's samples (if that fits
 RESEARCH_BUDGET_S), then k grows by half until the check holds (the integer kernels round differently from the
-switchable model's fake quantization).
+switchable model's fake quantization). A real check that only has to say whether a candidate fails stops its runs
+once the top-1 check cannot hold any more (``Judge.passing``): the same answers, sooner.
 
-Contiguous candidate (``Fallback.contiguous``, objective=latency): the same binary search over the tensors in the
-order the model computes them, from the input end (a float prefix) and from the output end (a float suffix),
+Contiguous candidate (``Fallback.contiguous``, objective=latency): the same binary search and check over the tensors
+in the order the model computes them, from the input end (a float prefix) and from the output end (a float suffix),
 without the sensitivity sweep (the suffix only below the prefix's k, ``shortest_run``). Its float part is one run,
 so the int8 model has one boundary where the harm-ordered choice leaves a QuantizeLinear / DequantizeLinear pair
-around every tensor it keeps float; the latency search times both and writes the faster (``latency``). Where the
-real build at the search's k fails its check, the run is lengthened with real builds (``climb``: k doubled until
-one meets the targets): the switchable model has no full mean correction, and on a float run
-that error decides (EfficientNet-Lite0: it asked for 48 of 61 tensors on 128 rows where real builds meet the targets
-with 7). The search is not monotone in k (a longer float prefix can flip a row back), so it finds a k that meets
-the targets, not always the smallest.
+around every tensor it keeps float; the latency search times both and writes the faster (``latency``). The search is
+not monotone in k (a longer float prefix can flip a row back), so it finds a k that meets the targets, not always
+the smallest.
 """
 
 from __future__ import annotations
@@ -49,6 +47,7 @@ SENSITIVITY_SAMPLES = 8
 SENSITIVITY_BUDGET_S = 30.0
 SEARCH_BUDGET_S = 15.0      # for the binary search over how many tensors stay float
 RESEARCH_BUDGET_S = 120.0   # for searching again on the check's samples when the check disagrees with the search
+SHORTEN_BUILDS = 4          # real builds to shorten the contiguous float run where the check lengthened it
 def harm_order(sites: list[str], sens: Mapping[str, Quality], top1_misses: bool) -> list[str]:
     """``sites`` most harmful first, by their sensitivity (cosine, top-1 with only that tensor int8), for the target
     that fails: top-1 first (then cosine) when every tensor int8 misses the top-1 check, else cosine first (then
@@ -177,10 +176,11 @@ class Fallback:
         k, side = self.shortest_run(contiguous_order(self.sites, self.judge.float_model))
         if k >= len(self.order):
             return None
-        found = self.climb(k)
-        if found is None:
+        searched = k
+        k, built, q = self.check(k)
+        if k >= len(self.order) or not built.int8_units or not self.judge.meets(q):
             return None
-        k, built, q = found
+        k, built, q = self.shorten(searched, k, built, q)
         return side, tuple(self.order[:k]), built, q
 
     def shortest_run(self, topo: list[str]) -> tuple[int, str]:
@@ -197,26 +197,22 @@ class Fallback:
             k = self.smallest_k(1, self.search_feeds, confident=False, hi=k - 1)
         return k, side
 
-    def real(self, k: int) -> tuple[Built, Quality] | None:
-        """The real build with the first k of ``order`` float and its quality, if it meets the targets and still
-        runs a layer int8 (else None)."""
-        built = self.builder.build(set(self.order[:k]))
-        q = self.judge.passing(built.model) if built.int8_units else None
-        return None if q is None else (built, q)
-
-    def climb(self, k: int) -> tuple[int, Built, Quality] | None:
-        """The first k of ``order`` float, checked with a real build; where that fails, k doubled until a real
-        build meets the targets (None: none did below every tensor float). No bisection below it: each more real
-        check is one more chance for a candidate to pass on the calibration rows by luck (EfficientNet-Lite0, 128
-        crops: the bisection's 3 tensors passed with 127 of 128 and agreed on 0.945 of the held-out photos, where
-        4, 6, 8 and 13 agreed on 0.957-0.969)."""
-        n = len(self.order)
-        while k < n:
-            met = self.real(k)
-            if met is not None:
-                return (k, *met)
-            k = min(n - 1, 2 * k) if k < n - 1 else n
-        return None
+    def shorten(self, lo: int, k: int, built: Built, q: Quality) -> tuple[int, Built, Quality]:
+        """Where the check needed more than the ``lo`` tensors the search found, bisect (lo, k) with real builds,
+        at most SHORTEN_BUILDS of them, keeping the shortest that meets the targets: the switchable model has no
+        full mean correction, so it asks for a longer run than the real builds need (EfficientNet-Lite0: 32
+        tensors, where 13 meet the targets)."""
+        for _ in range(SHORTEN_BUILDS):
+            if k - lo <= 1:
+                break
+            mid = (lo + k) // 2
+            b = self.builder.build(set(self.order[:mid]))
+            mq = self.judge.passing(b.model) if b.int8_units else None
+            if mq is not None:
+                k, built, q = mid, b, mq
+            else:
+                lo = mid
+        return k, built, q
 
 
 def contiguous_order(sites: list[str], model: onnx.ModelProto) -> list[str]:
