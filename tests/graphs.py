@@ -473,6 +473,28 @@ def loop_matmul_model(grow: bool = False) -> onnx.ModelProto:
     }}""", w=rand(8, 8, seed=9, lo=-0.6, hi=0.6))
 
 
+def nested_loop_model() -> onnx.ModelProto:
+    """h = Loop(n, h0) whose body runs g = Loop(k, h) with g <- Relu(MatMul(g, w)), then h <- Relu(MatMul(g, v)):
+    a MatMul with an outer weight in each of two nested bodies."""
+    return parse_model("""
+    agraph (float[1, 8] x, float[1, 8] h0, int64 n, int64 k) => (float[1, 8] h, float[T, 1, 8] hs) {
+        t = Constant <value = bool {1}> ()
+        h, hs = Loop (n, t, h0) <body = outer (int64 i, bool cin, float[1, 8] hin)
+                                          => (bool cout, float[1, 8] hout, float[1, 8] hsc) {
+            cout = Identity(cin)
+            t2 = Constant <value = bool {1}> ()
+            g = Loop (k, t2, hin) <body = inner (int64 j, bool c2, float[1, 8] gin) => (bool c2o, float[1, 8] gout) {
+                c2o = Identity(c2)
+                p = MatMul(gin, w)
+                gout = Relu(p)
+            }>
+            q = MatMul(g, v)
+            hout = Relu(q)
+            hsc = Identity(hout)
+        }>
+    }""", w=rand(8, 8, seed=9, lo=-0.6, hi=0.6), v=rand(8, 8, seed=3, lo=-0.6, hi=0.6))
+
+
 def _trained_body(net: str, image: str) -> tuple[list[onnx.NodeProto], str, list[onnx.TensorProto]]:
     """models/<net>.onnx's nodes reading ``image`` for its input, the name of its logits, its trained weights."""
     g = onnx.load(MODELS / f"{net}.onnx").graph

@@ -13,7 +13,7 @@ from graphopt.calibration.readers import IterableSource, model_inputs
 from graphopt.passes.base import PassContext
 from graphopt.passes.quantization import loops, standalone
 from graphopt.pipeline import make_spec, run_pipeline
-from graphs import loop_matmul_model, mnist_scan_model, mnist_sequences, rand, run, same_graph
+from graphs import loop_matmul_model, mnist_scan_model, mnist_sequences, nested_loop_model, rand, run, same_graph
 
 SIZE = {"objective": "size"}       # int8 wherever the targets hold: no timing (objective=latency is timed)
 SEQ = mnist_sequences("calib")
@@ -67,6 +67,25 @@ def test_loop_with_carried_state_int8_within_bound():
     assert "Loop 'h'.body: int8 QDQ, calibrated on its inputs at 24 iterations of 8 feed(s)" in res.notes
     onnx.checker.check_model(out, full_check=True)
     for f in loop_feeds(3, 12)[8:]:        # 8-bit, carried 3 times: within 5% of float's largest value
+        ref, got = run(model, f)[1], run(out, f)[1]
+        assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+def test_a_loop_in_a_loop_body_int8_in_both_bodies():
+    """The inner Loop is at the top level of the outer body's standalone model, calibrated on one row per inner
+    iteration of every outer one (n = 3, k = 2: 24 and 48 rows from 8 feeds)."""
+    model = nested_loop_model()
+    feeds = [{**f, "k": np.array(2, np.int64)} for f in loop_feeds(3, 8)]
+    out, res = quantize(model, feeds)
+    outer = next(a.g for n in out.graph.node for a in n.attribute if a.name == "body")
+    inner = next(a.g for n in outer.node if n.op_type == "Loop" for a in n.attribute if a.name == "body")
+    assert {"QuantizeLinear", "MatMul"} <= {n.op_type for n in outer.node}
+    assert [n.op_type for n in inner.node] == ["Identity", "QuantizeLinear", "DequantizeLinear", "DequantizeLinear",
+                                               "MatMul", "Relu"]
+    assert "Loop 'h'.body: Loop 'g'.body: int8 QDQ, calibrated on its inputs at 48 iterations of 24 feed(s)" \
+        in res.notes, res.notes
+    onnx.checker.check_model(out, full_check=True)
+    for f in [{**f, "k": np.array(2, np.int64)} for f in loop_feeds(3, 12)[8:]]:
         ref, got = run(model, f)[1], run(out, f)[1]
         assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
 
