@@ -320,7 +320,7 @@ def choose_early(built: Built, float_model: onnx.ModelProto, build: Callable[[se
     the search (the returned choice has no regions: ``reusable`` does not reuse it)."""
     if len(regions(built)) > 1:
         pair = time_models([float_model, built.model], feed, CONFIRM_BUDGET_S, CONFIRM_RUNS,
-                           rewarm_runs(float_model, feed), [(0, 1)], 0, kept)
+                           rewarm_runs(float_model, feed), [(0, 1)], 0, kept, MIN_GAIN)
         if pair[1].pays(pair[0]):
             return Choice((), (), (), (), None, pair[1], pair[0], "int8", early=True)
     return dataclasses.replace(choose(built, float_model, build, feed, None, kept), early=True)
