@@ -112,6 +112,21 @@ def test_captured_iterations_stay_within_their_memory_budget(monkeypatch):
     assert "QuantizeLinear" in body_ops(out)
 
 
+def test_a_feed_is_captured_in_parts_that_hold_a_quarter_of_the_budget():
+    """A feed whose values at every iteration would not fit is run in parts of fewer rows (measured on its first
+    row): the parts' captured values are the whole feed's, cut along the batch axis."""
+    model = mnist_scan_model()
+    feeds = [{"seq": SEQ["seq"][i:i + 8]} for i in (0, 8)]
+    model_copy, names = loops.iterations_model(model, 3)
+    whole, _ = standalone.capture(model_copy, names, IterableSource(feeds, model_inputs(model)))
+    per_row = sum(np.asarray(v).nbytes for v in whole[0][1].values()) // 8
+    parts, every = standalone.capture(model_copy, names, IterableSource(feeds, model_inputs(model)),
+                                      budget=8 * per_row + per_row // 2)      # a quarter: 2 rows
+    assert [b.rows for b, _ in parts] == [2, 2, 2, 2] and not every         # the budget: the first feed only
+    for name in names:
+        assert np.array_equal(np.concatenate([v[name] for _, v in parts], axis=1), whole[0][1][name])
+
+
 def test_cli_scan_over_mnist_sequences(cli, tmp_path):
     m, out = tmp_path / "scan.onnx", tmp_path / "out.onnx"
     onnx.save(mnist_scan_model(), m)

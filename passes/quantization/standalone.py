@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.calibration.feeds import Batch, DataSource
+from graphopt.calibration.feeds import Batch, DataSource, first_row_feed
 from graphopt.graph import const_value, export, graph_protos, import_graph, quantized_ops
 from graphopt.passes.base import PassContext, PassResult
 from graphopt.runtime import make_session
@@ -132,21 +132,43 @@ def capture(model: onnx.ModelProto, names: Sequence[str], calib: DataSource, bud
             ) -> tuple[list[tuple[Batch, dict[str, Any]]], bool]:
     """Per feed of ``calib``: the feed and the values of ``names`` (tensors of the model's top level, graph inputs
     included) on it, from one session with those names as extra outputs; the first feeds only, while the values
-    held stay within ``budget`` bytes (CAPTURE_BYTES; at least one feed); and whether every feed was taken."""
+    held stay within ``budget`` bytes (CAPTURE_BYTES; at least one feed); and whether every feed was taken. A feed
+    is run in parts of at most as many rows as hold a quarter of the budget, measured on its first row alone
+    (``_parts``): a Loop body's values at every iteration of a 16-row feed could otherwise exceed the budget in
+    one run."""
     budget = CAPTURE_BYTES if budget is None else budget
     feed_names = {i.name for i in model.graph.input}
     fetch = [n for n in dict.fromkeys(names) if n not in feed_names]
     sess = make_session(model, "model with a subgraph's captured values as outputs", extra_outputs=fetch)
+
+    def values_on(feed: dict[str, Any]) -> dict[str, Any]:
+        values = dict(zip(fetch, sess.run(fetch, feed))) if fetch else {}
+        values.update({n: feed[n] for n in names if n in feed_names})
+        return values
+
     out = []
-    held = 0
+    held, step = 0, None
     for b in calib:
-        values = dict(zip(fetch, sess.run(fetch, b.feed))) if fetch else {}
-        values.update({n: b.feed[n] for n in names if n in feed_names})
-        held += sum(np.asarray(v).nbytes for v in values.values())
-        if out and held > budget:
-            return out, False
-        out.append((b, values))
+        if step is None and b.rows > 1:
+            one = first_row_feed(b.feed)
+            step = max(1, budget // (4 * max(1, sum(np.asarray(v).nbytes for v in values_on(one).values()))))
+        for part in _parts(b, step or b.rows):
+            values = values_on(part.feed)
+            held += sum(np.asarray(v).nbytes for v in values.values())
+            if out and held > budget:
+                return out, False
+            out.append((part, values))
     return out, True
+
+
+def _parts(b: Batch, step: int) -> list[Batch]:
+    """``b`` in feeds of at most ``step`` rows (its arrays cut along axis 0, 0-d values kept); whole where it has
+    no more rows or where its arrays do not all have its rows along axis 0 (no batch axis to cut)."""
+    arrays = [v for v in b.feed.values() if isinstance(v, np.ndarray) and v.ndim]
+    if b.rows <= step or not arrays or any(v.shape[0] != b.rows for v in arrays):
+        return [b]
+    return [Batch({k: v[i:i + step] if isinstance(v, np.ndarray) and v.ndim else v for k, v in b.feed.items()},
+                  None if b.labels is None else b.labels[i:i + step]) for i in range(0, b.rows, step)]
 
 
 def _input(t: gs.Variable, first: np.ndarray) -> onnx.ValueInfoProto:
