@@ -7,7 +7,10 @@ observed tensors under a fixed budget (256 MB, measured on the first row) and to
 peak is the same for 16 calibration samples as for 16,000. Where one run's observed tensors take at most a
 quarter of that budget, the next run goes on a worker thread while the observers take the current one's arrays
 (``runtime.ahead``; the same runs in the same order, so the same statistics): MTCNN O-Net's 256 samples, 0.23 s of
-runs and ~0.2 s of histogram updates, in about the longer of the two on two cores. A tqdm progress bar counts
+runs and ~0.2 s of histogram updates, in about the longer of the two on two cores. With a core to spare, runs are
+cut to as many rows as fit a quarter of the budget wherever one row does, so that they overlap too: the histograms
+do not depend on how the samples are split into runs (``observers``), and Magika (21 MB of observed tensors per
+sample: runs of 3 rows instead of 12) calibrates its 256 samples in 3.0 s instead of 5.0. A tqdm progress bar counts
 samples when stderr is a terminal.
 """
 
@@ -47,7 +50,8 @@ def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[Ba
         sess = session_for(model, session_options(threads), extra_outputs=names)
     except Exception as e:
         raise InputError(f"onnxruntime cannot run the model for calibration: {one_line(e)}") from e
-    runs = _Runs(sess, names, batches, splittable, max_samples, budget_bytes)
+    spare = spare_core()
+    runs = _Runs(sess, names, batches, splittable, max_samples, budget_bytes, spare)
     feeds = iter(runs)
     first = next(feeds, None)       # the first batch of several rows decides the rows per run
     if first is not None:
@@ -55,7 +59,7 @@ def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[Ba
         todo = itertools.chain([first], feeds)
         # a run's outputs within a quarter of the budget: the next run goes on a worker thread while the observers
         # take this one's (``runtime.ahead``; two runs' outputs held, within the budget), else one after the other
-        for _, values in ahead(run, todo) if runs.overlap and spare_core() else ((f, run(f)) for f in todo):
+        for _, values in ahead(run, todo) if runs.overlap and spare else ((f, run(f)) for f in todo):
             for name, value in zip(names, values):
                 if isinstance(value, np.ndarray) and value.dtype.kind == "f":
                     observers[name].update(value)
@@ -66,13 +70,13 @@ def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[Ba
 class _Runs:
     """The feeds of a collection's runs, batch by batch, until ``max_samples``: a batch cut into runs of ``rows``
     rows, chosen at the first batch of several rows (as many as keep one run's observed tensors, measured on one
-    row, within the budget; at most MAX_RUN_ROWS); ``overlap``: those take at most a quarter of it; ``seen``: the
-    samples of the batches given so far."""
+    row, within the budget; at most MAX_RUN_ROWS; with a ``spare`` core, no more than fit a quarter of it where one
+    row does); ``overlap``: those take at most a quarter of it; ``seen``: the samples of the batches given so far."""
 
     def __init__(self, sess: ort.InferenceSession, names: list[str], batches: Iterable[Batch], splittable: bool,
-                 max_samples: int | None, budget_bytes: int) -> None:
+                 max_samples: int | None, budget_bytes: int, spare: bool = False) -> None:
         self.sess, self.names, self.batches, self.splittable = sess, names, batches, splittable
-        self.max_samples, self.budget_bytes = max_samples, budget_bytes
+        self.max_samples, self.budget_bytes, self.spare = max_samples, budget_bytes, spare
         self.rows: int | None = None
         self.overlap = False
         self.seen = 0
@@ -87,6 +91,9 @@ class _Runs:
                     probe_values = _run(self.sess, self.names, {k: v[:1] for k, v in batch.feed.items()})
                     per_row = sum(v.nbytes for v in probe_values if isinstance(v, np.ndarray))
                     self.rows = max(1, min(MAX_RUN_ROWS, int(self.budget_bytes // max(per_row, 1))))
+                    quarter = int(self.budget_bytes // 4 // max(per_row, 1))
+                    if self.spare and quarter >= 1:     # smaller runs, so that the next one overlaps the observers
+                        self.rows = min(self.rows, quarter)
                     self.overlap = per_row * self.rows <= self.budget_bytes // 4
                     del probe_values
                 step = n if (self.rows is None or n <= 1) else self.rows

@@ -137,17 +137,28 @@ def test_collector_overlapped_equals_one_after_the_other(monkeypatch: pytest.Mon
 
     overlaps: list[bool] = []
     monkeypatch.setattr(collector_mod, "ahead", lambda fn, items: (overlaps.append(True), ahead(fn, items))[1])
+    rows: list[int] = []
+    run = collector_mod._run
+    monkeypatch.setattr(collector_mod, "_run", lambda sess, names, feed: (rows.append(len(feed["x"])),
+                                                                          run(sess, names, feed))[1])
 
-    def histograms(budget: int) -> list[tuple[np.ndarray, float, int]]:
+    def histograms(budget: int, spare: bool) -> list[tuple[np.ndarray, float, int]]:
+        monkeypatch.setattr(collector_mod, "spare_core", lambda: spare)
         obs = {t: HistogramObserver(256) for t in names}
+        rows.clear()
         assert collect(f, names, batches, obs, threads=1, budget_bytes=budget) == 40
         return [(o.hist, o.extent, o.exact_zeros) for o in obs.values()]
 
-    # the same runs (whole 8-row batches): overlapped where 16 rows take under a quarter of the budget, not at 16
-    overlapped, alone = histograms(1 << 30), histograms(collector_mod.MAX_RUN_ROWS * per_row)
-    assert overlaps == [True]                                   # the first overlapped, the second not
-    for (h1, e1, z1), (h2, e2, z2) in zip(overlapped, alone):
-        assert np.array_equal(h1, h2) and e1 == e2 and z1 == z2
+    # with a spare core: whole 8-row batches overlapped where 16 rows take under a quarter of the budget, and runs of
+    # 4 rows (a quarter) overlapped where 16 fill it; without one: whole batches one after the other
+    overlapped = histograms(1 << 30, True)
+    assert rows == [1] + [8] * 5 and overlaps == [True]          # the probe row, then the batches
+    quarters = histograms(collector_mod.MAX_RUN_ROWS * per_row, True)
+    assert rows == [1] + [4] * 10 and overlaps == [True, True]
+    alone = histograms(collector_mod.MAX_RUN_ROWS * per_row, False)
+    assert rows == [1] + [8] * 5 and overlaps == [True, True]
+    for (h1, e1, z1), (h2, e2, z2), (h3, e3, z3) in zip(overlapped, quarters, alone):
+        assert np.array_equal(h1, h3) and np.array_equal(h2, h3) and e1 == e2 == e3 and z1 == z2 == z3
 
 
 def test_judge_computes_float_ahead_once_with_the_same_figures(monkeypatch: pytest.MonkeyPatch) -> None:
