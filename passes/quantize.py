@@ -23,8 +23,9 @@ What the pass does, in order (each step's module says how, with the math):
     mean correction is timed against float; where int8 does not pay there, the model is written float without the
     fallback (``latency.choose_early``: what that rules out). Else the int8 regions of the fallback's build are
     timed on this CPU, alone and together, and only those measured faster stay int8, or the fallback's contiguous
-    candidate (one float run at the input or output end, one boundary) where it measures fastest; where nothing is
-    faster the model is written float (the input after the exact passes). objective=size: int8 wherever the targets hold;
+    candidate (one float run at the input or output end, one boundary) where it measures fastest (where that
+    candidate already measures as fast as all int8, the fallback's scattered search is not run:
+    ``latency.scattered_skipped``); where nothing is faster the model is written float (the input after the exact passes). objective=size: int8 wherever the targets hold;
   * report (``report``): the layers that run float and why (fidelity or speed), the tensors left float with their
     sensitivity, the measured latency of the choice against all int8 and all float.
 If branches that stay (a condition computed at run time) are quantized as models of their own, calibrated on the
@@ -39,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import onnx
@@ -59,7 +60,7 @@ from .quantization.build import Builder, Built, Refit
 from .quantization.calibrate import Calibration, Ranges, calibrate
 from .quantization.cpu import reduce_range_auto
 from .quantization.fallback import fall_back
-from .quantization.latency import Choice, choose, choose_early, reusable, timing_feed
+from .quantization.latency import Choice, choose, choose_early, reusable, scattered_skipped, timing_feed
 from .quantization.pads import fold_pads
 from .quantization.pertensor import PerTensor, try_per_tensor
 from .quantization.plan import WEIGHTED, Plan, make_plan
@@ -214,7 +215,9 @@ class Quantize(Pass):
             return kept_float(setup, plan, Trial(label, ranges, early[0], None), early[1])
         if judge is not None and before is not None:
             judge.start()
-        best, tried, builder = self._trials(graph, plan, calibration, float_model, first, setup, ctx, judge, refit)
+        skip = self._skip(early[0], before, ctx, kept) if early is not None and before is not None else None
+        best, tried, builder = self._trials(graph, plan, calibration, float_model, first, setup, ctx, judge, refit,
+                                            skip)
         choice = None
         contiguous = best.fallback.contiguous if best.fallback is not None else None
         per_tensor = None
@@ -271,6 +274,17 @@ class Quantize(Pass):
                                    timing_feed(ctx.require_calib("quantize")), kept)
 
     @staticmethod
+    def _skip(every: Built, before: onnx.ModelProto, ctx: PassContext, kept: LatencySessions | None
+              ) -> Callable[[Built], str | None]:
+        """The fallback's test of its contiguous candidate against ``every`` (the early all-int8 build):
+        ``latency.scattered_skipped``, the candidate's session kept for the choice after the search."""
+        def skip(run: Built) -> str | None:
+            if kept is not None:
+                kept.models[id(run.model)] = run.model
+            return scattered_skipped(every.model, run.model, before, timing_feed(ctx.require_calib("quantize")), kept)
+        return skip
+
+    @staticmethod
     def _fastest(best: Trial, builder: Builder, before: onnx.ModelProto, ctx: PassContext, kept: LatencySessions,
                  reuse: Choice | None = None) -> tuple[Trial, Choice, set[str]]:
         """objective=latency (``latency``): the trial with the regions measured slower left float, the choice
@@ -306,8 +320,8 @@ class Quantize(Pass):
                        hessians=calibration.hessians, means=calibration.means, refit=refit)
 
     def _trials(self, graph: gs.Graph, plan: Plan, calibration: Calibration, float_model: onnx.ModelProto,
-                first: Builder, setup: Setup, ctx: PassContext, judge: Judge | None, refit: Refit | None
-                ) -> tuple[Trial, list[Trial], Builder]:
+                first: Builder, setup: Setup, ctx: PassContext, judge: Judge | None, refit: Refit | None,
+                skip: Callable[[Built], str | None] | None = None) -> tuple[Trial, list[Trial], Builder]:
         """Each candidate set of ranges (in order of preference) built (``first``: the first one's builder) and, if
         the fallback runs, brought to the targets; the best (most units int8, then fewest tensors float), all those
         tried and the best's builder. A candidate that meets the targets with every tensor int8 cannot be beaten,
@@ -321,7 +335,8 @@ class Quantize(Pass):
             built = builder.build()
             fb = fall_back(builder, built, float_model, ctx.original, ctx.require_calib(self.name),
                            judge_targets(ctx, o),
-                           contiguous=o.objective == "latency" and ctx.calib is not None, judge=judge) \
+                           contiguous=o.objective == "latency" and ctx.calib is not None, judge=judge,
+                           skip=skip) \
                 if setup.fallback else None
             trial = Trial(label, ranges, fb.built if fb is not None else built, fb)
             tried.append(trial)

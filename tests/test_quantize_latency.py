@@ -14,7 +14,7 @@ import graphopt.runtime as runtime
 import graphopt.passes.quantize as quantize_module
 from graphopt.errors import UsageError
 from graphopt.graph import export, import_graph, infer_shapes
-from graphopt.passes.quantization import latency, pertensor
+from graphopt.passes.quantization import fallback as fallback_module, latency, pertensor
 from graphopt.passes.quantization.build import Builder, Built
 from graphopt.passes.quantization.fallback import contiguous_order
 from graphopt.passes.quantization.latency import Region, Timing, choose, regions
@@ -216,6 +216,7 @@ def test_a_float_prefix_is_written_where_it_measures_fastest(monkeypatch):
     early = quantize_module.choose_early        # int8 pays before the fidelity search, so the search runs
     monkeypatch.setattr(quantize_module, "choose_early", lambda *a, **k: dataclasses.replace(early(*a, **k),
                                                                                              written="int8"))
+    monkeypatch.setattr(quantize_module, "scattered_skipped", lambda *a, **k: None)    # both candidates searched
     out, rep = graphopt.optimize(outlier_mlp(), ["quantize:min-top1=0,min-cosine=0.9999"], calib_data=[{"x": x}],
                                  latency_runs=0, validate_output=False)
     notes = rep.passes[-1]["notes"]
@@ -223,6 +224,51 @@ def test_a_float_prefix_is_written_where_it_measures_fastest(monkeypatch):
     assert any("one float run at an end" in n for n in notes), notes
     q = [n for n in out.graph.node if n.op_type == "QuantizeLinear"]
     assert "x" not in [n.input[0] for n in q] and len(q) >= 2      # the input float, the rest int8
+
+
+@pytest.mark.parametrize("timed, skipped", [
+    ([10.0, 6.0], False),           # all int8 clearly faster: a scattered choice might pay, so it is searched
+    ([10.0, 9.9], True),            # within MIN_GAIN of the float run
+    ([10.0, 12.0], True),           # slower than it
+])
+def test_the_scattered_search_runs_only_where_all_int8_pays_over_the_float_run(monkeypatch, timed, skipped):
+    seen = []
+    monkeypatch.setattr(latency, "time_models", lambda models, *a, **k: seen.append(models) or
+                        [Timing(t, 0.1) for t in timed])
+    run, every = onnx.ModelProto(), onnx.ModelProto()
+    why = latency.scattered_skipped(every, run, two_big_matmuls(), {"x": np.zeros((1, 768), np.float32)})
+    assert seen == [[run, every]]
+    assert (why is not None) == skipped
+    if skipped:
+        assert f"one float run at an end measured {timed[0]:.3g} ms, all int8 {timed[1]:.3g} ms" in why
+
+
+def test_where_the_float_run_is_as_fast_as_all_int8_it_is_written_without_the_scattered_search(monkeypatch):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    x[:, 0] *= 300
+    early = quantize_module.choose_early
+    monkeypatch.setattr(quantize_module, "choose_early", lambda *a, **k: dataclasses.replace(early(*a, **k),
+                                                                                             written="int8"))
+    asked = []
+    monkeypatch.setattr(quantize_module, "scattered_skipped", lambda *a, **k: asked.append(a) or "as fast (test)")
+    monkeypatch.setattr(fallback_module.Fallback, "sweep", lambda self: pytest.fail("the scattered search ran"))
+    real = quantize_module.choose
+    monkeypatch.setattr(quantize_module, "choose", lambda *a, **k: dataclasses.replace(real(*a, **k), written="int8"))
+    model = outlier_mlp()
+    out, rep = graphopt.optimize(model, ["quantize:min-top1=0,min-cosine=0.9999"], calib_data=[{"x": x}],
+                                 latency_runs=0, validate_output=False)
+    notes = rep.passes[-1]["notes"]
+    assert len(asked) == 1
+    assert any("a float prefix of 1 tensors" in n for n in notes), notes
+    assert any("scattered search (tensors float by harm) not run: as fast (test)" in n for n in notes), notes
+    assert any("int8 regions kept (one float run at an end" in n for n in notes), notes    # the search's build
+    onnx.checker.check_model(out)
+    q = [n for n in out.graph.node if n.op_type == "QuantizeLinear"]
+    assert "x" not in [n.input[0] for n in q] and len(q) >= 2      # the input float, the rest int8
+    y_float, y_int8 = run(model, {"x": x})[0], run(out, {"x": x})[0]
+    cos = float((y_float * y_int8).sum() / np.linalg.norm(y_float) / np.linalg.norm(y_int8))
+    assert cos >= 0.9999 - 1e-4         # the targets the search met on these rows (lossy: a stated bound)
 
 
 def test_timing_stops_once_the_comparisons_it_is_for_are_decided():

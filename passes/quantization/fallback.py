@@ -19,13 +19,15 @@ Contiguous candidate (``Fallback.contiguous``, objective=latency): the same bina
 in the order the model computes them, from the input end (a float prefix) and from the output end (a float suffix),
 without the sensitivity sweep (the suffix only below the prefix's k, ``shortest_run``). Its float part is one run,
 so the int8 model has one boundary where the harm-ordered choice leaves a QuantizeLinear / DequantizeLinear pair
-around every tensor it keeps float; the latency search times both and writes the faster (``latency``). The search is
-not monotone in k (a longer float prefix can flip a row back), so it finds a k that meets the targets, not always
+around every tensor it keeps float; the latency search times both and writes the faster (``latency``), and where
+the contiguous candidate already measures as fast as all int8 the scattered search is not run at all (``skip``,
+``latency.scattered_skipped``). The search is not monotone in k (a longer float prefix can flip a row back), so it finds a k that meets the targets, not always
 the smallest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -254,6 +256,7 @@ class FallbackResult:
     search: SearchSummary | None = None
     shape: str | None = None                    # "prefix" / "suffix": ``harmful`` is one contiguous float run
     contiguous: FallbackResult | None = None    # objective=latency: the contiguous candidate (None: none found)
+    skipped: str | None = None                  # this is the contiguous candidate: why the scattered search was not run
 
     @property
     def floated(self) -> tuple[str, ...]:
@@ -265,12 +268,13 @@ class FallbackResult:
 
 
 def fall_back(builder: Builder, built: Built, float_model: onnx.ModelProto, roles: onnx.ModelProto,
-              calib: Iterable[Batch], targets: Thresholds, contiguous: bool = False, judge: Judge | None = None
-              ) -> FallbackResult:
+              calib: Iterable[Batch], targets: Thresholds, contiguous: bool = False, judge: Judge | None = None,
+              skip: Callable[[Built], str | None] | None = None) -> FallbackResult:
     """``built`` (every tensor int8) if it meets ``targets``, else the build the search chooses; ``contiguous``
-    (objective=latency): with the best contiguous float run as a second candidate, for the latency search.
-    ``judge``: the caller's judge of ``float_model`` on ``calib`` against ``targets`` (its float outputs kept for
-    the caller's later checks), else one made here."""
+    (objective=latency): with the best contiguous float run as a second candidate, for the latency search, and
+    ``skip(its build)`` saying why the scattered search need not run (None: it runs; ``latency.scattered_skipped``):
+    then that candidate is the result. ``judge``: the caller's judge of ``float_model`` on ``calib`` against
+    ``targets`` (its float outputs kept for the caller's later checks), else one made here."""
     judge = judge if judge is not None else Judge(float_model, roles, judge_samples(calib), targets)
     full = judge.quality(built.model)
     check_rows = min(judge.checked.values()) if judge.checked else None
@@ -284,6 +288,9 @@ def fall_back(builder: Builder, built: Built, float_model: onnx.ModelProto, role
         alt = FallbackResult(alt_built, full, alt_q, check_rows, floated,
                              search=SearchSummary(len(search.sites), 0, 0, 0,
                                                   sum(b.rows for b in search.search_feeds), None), shape=side)
+        why = skip(alt_built) if skip is not None else None
+        if why is not None:
+            return dataclasses.replace(alt, skipped=why)
     search.sweep()
     k, chosen, final = search.choose()
     nothing = None

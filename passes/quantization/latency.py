@@ -54,6 +54,14 @@ tensor int8 (the same regions), the early choice is the choice (``reusable``): t
 values. With several regions, all int8 is timed against float first: where it pays, int8 can pay and the early
 decision is taken without the per-region table (one session and run per region: 13 s of PP-OCRv4 det's pass, 12
 regions), which the choice after the search times anyway.
+
+Scattered search (``scattered_skipped``): where the fallback found its contiguous candidate, that candidate is timed
+against all int8 before the harm-ordered (scattered) search runs; where all int8 is not MIN_GAIN faster, the
+scattered search (its sensitivity sweep, binary search, checks: 24 s of EfficientNet-Lite0's pass, 31 s of PP-OCRv4
+det's) is not run and the contiguous candidate is the fidelity search's build. A scattered choice runs a subset of
+all int8's ops with a QuantizeLinear / DequantizeLinear pair around each of its float tensors, so it is taken not to
+beat by MIN_GAIN a candidate that all int8 itself does not (the early decision's assumption, one step on: PP-OCRv4
+det, AMD EPYC Zen 4: one float run 36.1 ms, all int8 38.5, the scattered choice's regions faster alone 37.9).
 """
 
 from __future__ import annotations
@@ -324,6 +332,19 @@ def choose_early(built: Built, float_model: onnx.ModelProto, build: Callable[[se
         if pair[1].pays(pair[0]):
             return Choice((), (), (), (), None, pair[1], pair[0], "int8", early=True)
     return dataclasses.replace(choose(built, float_model, build, feed, None, kept), early=True)
+
+
+def scattered_skipped(all_int8: onnx.ModelProto, contiguous: onnx.ModelProto, float_model: onnx.ModelProto,
+                      feed: dict[str, np.ndarray], kept: LatencySessions | None = None) -> str | None:
+    """Why the fallback's scattered search is not worth running (None: it is), from the contiguous candidate timed
+    against all int8 (the early build), interleaved (module docstring, "Scattered search")."""
+    run, every = time_models([contiguous, all_int8], feed, CONFIRM_BUDGET_S, CONFIRM_RUNS,
+                             rewarm_runs(float_model, feed), [(0, 1)], 0, kept, MIN_GAIN)
+    if every.pays(run):
+        return None
+    return (f"one float run at an end measured {run.median:.3g} ms, all int8 {every.median:.3g} ms (not "
+            f"{100 * MIN_GAIN:.0f}% faster): a scattered choice, fewer int8 ops and more boundaries, is taken not "
+            "to pay over it")
 
 
 def reusable(early_built: Built, early: Choice, built: Built, contiguous: bool) -> Choice | None:

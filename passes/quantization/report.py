@@ -112,7 +112,7 @@ def report(setup: Setup, plan: Plan, calibration: Calibration, best: Trial, trie
     built = best.built
     _layers(res, plan, built, floated, setup.per_channel, choice)
     if choice is not None:
-        _latency(res, choice)
+        _latency(res, choice, best.fallback)
     elif o.objective == "latency" and not setup.calib:
         res.notes.append("objective=latency: no calibration sample to time on, so int8 wherever the targets hold "
                          "(as objective=size)")
@@ -197,6 +197,8 @@ def _fallback(res: PassResult, fb: FallbackResult, o: Any, floated: int) -> None
     if fb.shape is not None:
         res.notes.append(f"fallback: a float {fb.shape} of {len(fb.harmful)} tensors (searched on {s.search_rows} "
                          "samples in the order the model computes them, checked on every calibration sample)")
+        if fb.skipped is not None:
+            res.notes.append(f"fallback: scattered search (tensors float by harm) not run: {fb.skipped}")
         res.counts[TENSORS_FLOAT] = floated
         return
     if s.late and s.sweep_samples > 1:
@@ -217,7 +219,7 @@ def kept_float(setup: Setup, plan: Plan, best: Trial, choice: Choice) -> PassRes
         res.decline(site, why)
     floated = _left_float(best.fallback, setup.options) if best.fallback is not None else {}
     _layers(res, plan, best.built, floated, setup.per_channel, choice)
-    _latency(res, choice)
+    _latency(res, choice, best.fallback)
     res.artifacts["calibration"] = {"method": setup.options.method,
                                     "ranges": {k: list(v) for k, v in best.ranges.items()}}
     return res
@@ -227,12 +229,14 @@ def _ms(t: Any) -> str:
     return f"{t.median:.3g} ms"
 
 
-def _latency(res: PassResult, c: Choice) -> None:
-    """objective=latency's line: what was written and the timings it was decided on; its counts."""
+def _latency(res: PassResult, c: Choice, fb: FallbackResult | None) -> None:
+    """objective=latency's line: what was written and the timings it was decided on; its counts. ``fb``: the
+    fallback's result (where it skipped the scattered search, its build is the one float run at an end)."""
     chosen = f", the {sum(c.faster)} regions faster alone {_ms(c.chosen)}" if c.chosen is not None else ""
     run = f", one float run at an end {_ms(c.contiguous)}" if c.contiguous is not None else ""
-    timed = (f"all int8 {_ms(c.all_int8)}{chosen}{run}, float {_ms(c.all_float)}; median per run, 1 thread, noise "
-             f"±{100 * c.noise:.1f}%")
+    searched = "one float run at an end" if fb is not None and fb.skipped is not None else "all int8"
+    timed = (f"{searched} {_ms(c.all_int8)}{chosen}{run}, float {_ms(c.all_float)}; median per run, 1 thread, "
+             f"noise ±{100 * c.noise:.1f}%")
     if c.written == "float" and c.early:
         res.notes.append(f"objective=latency: kept float, decided before the fidelity search: neither all int8 nor "
                          f"the regions faster alone is measured {100 * MIN_GAIN:.0f}% faster on this CPU ({timed}); "
