@@ -25,7 +25,8 @@ What the pass does, in order (each step's module says how, with the math):
     timed on this CPU, alone and together, and only those measured faster stay int8, or the fallback's contiguous
     candidate (one float run at the input or output end, one boundary) where it measures fastest (where that
     candidate already measures as fast as all int8, the fallback's scattered search is not run:
-    ``latency.scattered_skipped``); where nothing is faster the model is written float (the input after the exact passes). objective=size: int8 wherever the targets hold;
+    ``latency.scattered_skipped``); where nothing is faster the model is written float (the input after the exact
+    passes). objective=size: int8 wherever the targets hold;
   * report (``report``): the layers that run float and why (fidelity or speed), the tensors left float with their
     sensitivity, the measured latency of the choice against all int8 and all float.
 If branches that stay (a condition computed at run time) are quantized as models of their own, calibrated on the

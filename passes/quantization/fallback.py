@@ -21,8 +21,8 @@ without the sensitivity sweep (the suffix only below the prefix's k, ``shortest_
 so the int8 model has one boundary where the harm-ordered choice leaves a QuantizeLinear / DequantizeLinear pair
 around every tensor it keeps float; the latency search times both and writes the faster (``latency``), and where
 the contiguous candidate already measures as fast as all int8 the scattered search is not run at all (``skip``,
-``latency.scattered_skipped``). The search is not monotone in k (a longer float prefix can flip a row back), so it finds a k that meets the targets, not always
-the smallest.
+``latency.scattered_skipped``). The search is not monotone in k (a longer float prefix can flip a row back), so
+it finds a k that meets the targets, not always the smallest.
 """
 
 from __future__ import annotations
