@@ -272,7 +272,8 @@ class LatencySessions:
         return self.sessions[key]
 
 
-def latency_runs(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, threads: int = 1, runs: int = 20,
+def latency_runs(models: list[onnx.ModelProto], feed: Mapping[str, Any] | list[Mapping[str, Any]], *,
+                 threads: int = 1, runs: int = 20,
                  warmup: int = 3, budget_s: float = 20.0, clock: Callable[[], float] = time.perf_counter,
                  rewarm: int = 0, done: Callable[[list[list[float]]], Collection[int] | None] | None = None,
                  kept: LatencySessions | None = None) -> list[list[float]]:
@@ -281,11 +282,13 @@ def latency_runs(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, 
     ``done(times so far)``, asked after each round from the fifth on, names the models the caller still needs timed
     (None: all): the others leave the rotation, and none left stops. ``rewarm``: untimed runs of a model right before
     each timed one, so that it is timed with its weights in the caches as a model run repeatedly is, not after the
-    other models evicted them. ``kept``: the caller's sessions of models it times more than once."""
+    other models evicted them. ``kept``: the caller's sessions of models it times more than once. ``feed``: one for
+    every model, or a list of one per model."""
     sessions = [(kept or LatencySessions(())).get(m, threads) for m in models]
-    for s in sessions:
+    feeds = feed if isinstance(feed, list) else [feed] * len(models)
+    for s, f in zip(sessions, feeds):
         for _ in range(warmup):
-            s.run(None, feed)
+            s.run(None, f)
     times: list[list[float]] = [[] for _ in sessions]
     active = list(range(len(sessions)))
     start = time.perf_counter()
@@ -293,9 +296,9 @@ def latency_runs(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], *, 
         for r in range(runs):
             for i in (active if r % 2 == 0 else active[::-1]):
                 for _ in range(rewarm):
-                    sessions[i].run(None, feed)
+                    sessions[i].run(None, feeds[i])
                 t0 = clock()
-                sessions[i].run(None, feed)
+                sessions[i].run(None, feeds[i])
                 times[i].append((clock() - t0) * 1e3)
             bar.update()
             if r < 4:

@@ -22,7 +22,7 @@ from test_quantize_latency import data, outlier_mlp, tiny_chain
 
 class Calls:
     """How often the pass timed models, ran the fallback and the full mean correction, with the timings faked:
-    float (index 0) at 10 ms, every int8 model at ``int8`` ms."""
+    float (index 0; each region's float cut) at 10 ms, every int8 model (each int8 cut) at ``int8`` ms."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, int8: float) -> None:
         self.timed: list[int] = []
@@ -30,8 +30,10 @@ class Calls:
         self.refits = 0
         fall_back, refit = quantize_module.fall_back, build_module.refit_biases
 
-        def time_models(models: list[Any], *args: Any, **kwargs: Any) -> list[Timing]:
+        def time_models(models: list[Any], feed: Any, *args: Any, **kwargs: Any) -> list[Timing]:
             self.timed.append(len(models))
+            if isinstance(feed, list):      # the table's region cuts: a float and an int8 cut per region
+                return [Timing(10.0, 0.1), Timing(int8, 0.1)] * (len(models) // 2)
             return [Timing(10.0, 0.1)] + [Timing(int8, 0.1)] * (len(models) - 1)
 
         def counted_fall_back(*args: Any, **kwargs: Any) -> Any:
@@ -97,13 +99,13 @@ def test_with_several_regions_int8_paying_alone_skips_the_early_table(monkeypatc
     calls = Calls(monkeypatch, int8=6.0)
     out, notes = quantize(tiny_chain(3), data(8))
     assert calls.timed[0] == 2                         # the early decision: all int8 against float only
-    assert 3 + 1 in calls.timed[1:]                    # the table after the search: float and each region alone
+    assert 2 * 3 in calls.timed[1:]                    # the table after the search: each region's two cuts
     assert ops(out).count("QuantizeLinear") >= 1
 
 
 def test_with_several_regions_int8_not_paying_alone_times_the_regions_early(monkeypatch):
     calls = Calls(monkeypatch, int8=10.2)              # nothing pays: the table decides early, float written
     out, notes = quantize(tiny_chain(3), data(8))
-    assert calls.timed[:2] == [2, 3 + 1] and calls.fallbacks == 0
+    assert calls.timed[:2] == [2, 2 * 3] and calls.fallbacks == 0
     assert "QuantizeLinear" not in ops(out)
     assert any("decided before the fidelity search" in n for n in notes), notes

@@ -69,6 +69,8 @@ class Built:
     switches: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     # each op that runs int8 (a unit's name, another op's node name) with the quantized tensors it reads or writes
     links: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # each op of ``links``: the tensors its nodes write in ``model`` (a unit's op and its fused activation)
+    produces: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
 
 
 class _Placement(NamedTuple):
@@ -210,8 +212,11 @@ class Builder:
         labels = [u.name for u, _, _ in p.units] + p.others
         links = tuple((labels[i], tuple(t for t in [*ops_io[i][0], ops_io[i][1]] if t in p.qdq))
                       for i in live_ops(p.qdq, ops_io))
+        writes = [[node.outputs[0]] + ([act.outputs[0]] if act is not None else []) for _, node, act in p.units] + \
+            [[tensors[out]] for _, out, _ in p.others_io]
         for name in p.qdq:
             edit.insert_qdq(tensors[name], *params[name])
+        produces = {labels[i]: tuple(t.name for t in writes[i]) for i in live_ops(p.qdq, ops_io)}   # names as exported
         int8_units = []
         for x_names, (u, node, act) in zip(inputs, p.units):
             if not all(t in p.qdq for t in x_names):
@@ -227,7 +232,7 @@ class Builder:
             model, skipped = self._refit(model, edit)
         return Built(model, tuple(int8_units), tuple(p.qdq), tuple(idle), tuple(edit.corrected),
                      tuple(u for u in int8_units if u in self.hessians), skipped, MappingProxyType(edit.switches),
-                     links)
+                     links, MappingProxyType(produces))
 
     def _placement(self, g: gs.Graph) -> _Placement:
         """Which tensors of the copy ``g`` a build with nothing left float quantizes (module docstring)."""

@@ -15,29 +15,34 @@ comes with its notch
     notch = 1.57 · IQR / √n        (McGill, Tukey & Larsen 1978: non-overlapping notches ≈ medians differ at 5%)
 and "a is faster than b" means m_a + notch_a < m_b − notch_b. The noise reported is (notch_a + notch_b) / m_float.
 
-Choice (``choose``, ``pick``): a table built once, all float and each region int8 alone; a region's gain is
-m_float − m_region. The regions with a positive gain are int8 (taking gains as adding up), the rest stay float:
-small layers where int8's overhead exceeds its gain, islands whose boundaries cost more than they save. That
-assignment is then timed against all float and all int8 (the fidelity search's build), interleaved: of the two,
-those that pay over float (measured faster, and by MIN_GAIN of its median: ``Timing.pays``) are candidates, all int8 taken over the table's choice only where measured faster
-than it (the gains need not add up: on mnist_cnn no region alone pays, all three together 1.37x); the fallback's
-contiguous candidate (one float run at an end of the model, ``fallback``), where there is one, is timed with them and
-taken only where measured faster than the others taken; no candidate: the model stays float. The same model, data
-and CPU give the same assignment wherever the gains exceed the noise.
+Choice (``choose``, ``pick``): a table built once (``table_gains``): each region cut out of the model as its float
+ops and as its int8 run with its boundary pairs, each cut fed the float model's values at the region's inputs
+(``cuts``), timed in (float, int8) pairs; a region's gain is m(float cut) − m(int8 cut). PP-OCRv4 det, 11 regions:
+0.5 s of runs, gains of +0.3 to +0.6 ms ± 0.05–0.4 for its two-op regions, where whole models took 8.7 s and gave
+−3.9 to +6.9 ms ± 4–10 for the same regions (the whole model's noise). Where no cut can be made, whole models: all
+float and each region int8 alone, a gain m_float − m_region. The regions with a positive gain are int8 (taking gains
+as adding up), the rest stay float: small layers where int8's overhead exceeds its gain, islands whose boundaries
+cost more than they save. That assignment is then timed against all float and all int8 (the fidelity search's
+build), interleaved: of the two, those that pay over float (measured faster, and by MIN_GAIN of its median:
+``Timing.pays``) are candidates, all int8 taken over the table's choice only where measured faster than it (the
+gains need not add up: on mnist_cnn no region alone pays, all three together 1.37x); the fallback's contiguous
+candidate (one float run at an end of the model, ``fallback``), where there is one, is timed with them and taken
+only where measured faster than the others taken; no candidate: the model stays float. The same model, data and CPU
+give the same assignment wherever the gains exceed the noise.
 Time: at most TABLE_BUDGET_S + CONFIRM_BUDGET_S of runs (at least 5 rounds per model), one build and session per
 region. Sequential stop (``separated``): looked at every 5 rounds from the 10th (a few looks, so the 5% of one look
 grows little), and once at the 5th for wide gaps only (notches doubled, no futility: a pair decided there would need
 its medians to move by about two notches to read otherwise at the 10th; Magika's int8 at 0.42x float, mnist_wide's
 at 0.49x), each model leaves the rotation once every comparison it is in is decided (the table's region against
-float; the final one's every pair), and the timing stops when none is left, before TABLE_RUNS / CONFIRM_RUNS rounds.
-A comparison is decided when the notches are apart; with float (and per-channel=auto's with the per-channel build),
-also once the other falls short, its gain plus both notches under MIN_GAIN of float's median: a final candidate
-that short is never written unless the medians move beyond their notches (MTCNN's near-ties; mnist_wide's per-tensor
-Gemm ran to the 60-round cap at 0.376 against 0.373 ms), and a region that short alone is taken at its median's
-sign, as at the cap (Magika's third region, 0.7% of float's 8 ms, ran the table to its 30 rounds); futile when the
-medians' difference is under FUTILITY times the
-notches' sum projected to the cap (notch ∝ 1/√n): the two would stay together at the cap unless the difference grew
-by 1/FUTILITY, so the cap's answer is the answer now; moot (final comparison) when it is between two candidates and
+float, or its int8 cut against its float cut; the final one's every pair), and the timing stops when none is left,
+before TABLE_RUNS / CONFIRM_RUNS rounds. A comparison is decided when the notches are apart; with float (and
+per-channel=auto's with the per-channel build), also once the other falls short, its gain plus both notches under
+MIN_GAIN of float's median: a final candidate that short is never written unless the medians move beyond their
+notches (MTCNN's near-ties; mnist_wide's per-tensor Gemm ran to the 60-round cap at 0.376 against 0.373 ms), and a
+region that short alone is taken at its median's sign, as at the cap (Magika's third region, 0.7% of float's 8 ms,
+ran the table to its 30 rounds); futile when the medians' difference is under FUTILITY times the notches' sum
+projected to the cap (notch ∝ 1/√n): the two would stay together at the cap unless the difference grew by
+1/FUTILITY, so the cap's answer is the answer now; moot (final comparison) when it is between two candidates and
 either is decided not faster than float (never written). On MTCNN O-Net, where some region's gain sits inside its
 notch, the table and the final comparison ran to their caps: 1.1 s of the pass's 1.6.
 
@@ -71,7 +76,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
@@ -81,6 +86,7 @@ from graphopt.calibration.readers import Batch
 from graphopt.runtime import LatencySessions, latency_runs
 
 from .build import Built
+from .cuts import region_cuts
 from .samples import modelled_cost
 
 MAX_REGIONS = 12            # regions timed one by one; above, consecutive ones are timed and chosen together
@@ -248,12 +254,13 @@ def futile(a: Timing, b: Timing, n: int, cap: int) -> bool:
     return abs(a.median - b.median) < FUTILITY * (a.notch + b.notch) * math.sqrt(n / cap)
 
 
-def time_models(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], budget_s: float, runs: int,
-                rewarm: int, pairs: list[tuple[int, int]], anchor: int | None = None,
+def time_models(models: list[onnx.ModelProto], feed: dict[str, np.ndarray] | list[dict[str, Any]], budget_s: float,
+                runs: int, rewarm: int, pairs: list[tuple[int, int]], anchor: int | None = None,
                 kept: LatencySessions | None = None, min_gain: float = 0.0) -> list[Timing]:
     """Each model's median and notch (module docstring), interleaved, each until the ``pairs`` (indices into
     ``models``) it is in are decided (``separated``, ``anchor``: float's index, or the model the others must pay
-    ``min_gain`` over), ``runs`` rounds or ``budget_s``; ``kept``: the sessions of models timed more than once."""
+    ``min_gain`` over), ``runs`` rounds or ``budget_s``; ``kept``: the sessions of models timed more than once;
+    ``feed``: one for all, or one per model."""
     times = latency_runs(models, feed, threads=1, runs=runs, warmup=1, budget_s=budget_s, clock=time.thread_time,
                          rewarm=rewarm, done=separated(pairs, runs, anchor, min_gain), kept=kept)
     return [timing(t) for t in times]
@@ -282,13 +289,7 @@ def choose(built: Built, float_model: onnx.ModelProto, build: Callable[[set[str]
     found = regions(built)
     rewarm = rewarm_runs(float_model, feed)
     every = {t for r in found for t in r.tensors}
-    if len(found) > 1:
-        alone = [build(every - set(r.tensors)) for r in found]
-        table = time_models([float_model, *alone], feed, TABLE_BUDGET_S, TABLE_RUNS, rewarm,
-                            [(0, i) for i in range(1, len(alone) + 1)], 0, kept, MIN_GAIN)
-        gains = tuple(Timing(table[0].median - t.median, table[0].notch + t.notch) for t in table[1:])
-    else:
-        gains = ()
+    gains = table_gains(built, found, float_model, build, feed, rewarm, kept) if len(found) > 1 else ()
     faster = tuple(g.median > 0 for g in gains) if gains else (True,) * len(found)
     partial = any(faster) and not all(faster)
     models = [float_model, built.model]
@@ -305,10 +306,29 @@ def choose(built: Built, float_model: onnx.ModelProto, build: Callable[[set[str]
     return Choice(tuple(found), gains, faster, int8, chosen, final[1], final[0], written, alt)
 
 
+def table_gains(built: Built, found: list[Region], float_model: onnx.ModelProto,
+                build: Callable[[set[str]], onnx.ModelProto], feed: dict[str, np.ndarray], rewarm: int,
+                kept: LatencySessions | None) -> tuple[Timing, ...]:
+    """Each region's gain alone (module docstring): from its float and int8 cuts (``cuts``), else from whole models
+    (float against the build with that region alone int8)."""
+    every = {t for r in found for t in r.tensors}
+    alone = [build(every - set(r.tensors)) for r in found]
+    writes = [{t for op in r.ops for t in built.produces.get(op, ())} for r in found]
+    cut = region_cuts(build(every), alone, [(w, set(r.tensors)) for w, r in zip(writes, found)], feed)
+    if cut is not None:
+        models, feeds, sessions = cut
+        t = time_models(models, feeds, TABLE_BUDGET_S, TABLE_RUNS, 0,
+                        [(i, i + 1) for i in range(0, len(models), 2)], None, sessions)
+        return tuple(Timing(f.median - q.median, f.notch + q.notch) for f, q in zip(t[::2], t[1::2]))
+    table = time_models([float_model, *alone], feed, TABLE_BUDGET_S, TABLE_RUNS, rewarm,
+                        [(0, i) for i in range(1, len(alone) + 1)], 0, kept, MIN_GAIN)
+    return tuple(Timing(table[0].median - t.median, table[0].notch + t.notch) for t in table[1:])
+
+
 def pick(all_float: Timing, all_int8: Timing, chosen: Timing | None, contiguous: Timing | None = None) -> str:
     """What to write: of the table's choice, all int8 and the contiguous candidate, those that pay over float
-    (``Timing.pays``); of these, in that order, a later one only where measured faster than the one taken so far (all int8
-    over the table's choice only where faster than it); none: float."""
+    (``Timing.pays``); of these, in that order, a later one only where measured faster than the one taken so far
+    (all int8 over the table's choice only where faster than it); none: float."""
     fast = [(name, t) for name, t in (("chosen", chosen), ("int8", all_int8), ("contiguous", contiguous))
             if t is not None and t.pays(all_float)]
     if not fast:
