@@ -27,8 +27,9 @@ def quantize(model: onnx.ModelProto, calib: list[dict[str, np.ndarray]]) -> tupl
 
 def test_each_cut_computes_what_its_whole_model_computes_at_the_region_outputs(monkeypatch):
     """tiny_chain(3): three one-MatMul int8 regions between Tanh ops. Every float cut gives the float build's values
-    at its outputs, every int8 cut the values of the build with that region alone int8 (the same kernels, the
-    region's quantize/dequantize pairs included), on the float model's values at the region's inputs."""
+    at its outputs, every int8 cut the values of the int8 build there (the same kernels, the region's
+    quantize/dequantize pairs included) from that build's values at its inputs; the table feeds both the float
+    model's values there."""
     seen: list[tuple[Any, Any]] = []
     real = latency.region_cuts
 
@@ -40,17 +41,21 @@ def test_each_cut_computes_what_its_whole_model_computes_at_the_region_outputs(m
     monkeypatch.setattr(latency, "region_cuts", recorded)
     quantize(tiny_chain(3), data(8))
     assert seen and seen[0][1] is not None
-    (float_model, alone, regions, feed), (models, feeds, _) = seen[0]
-    assert len(models) == 2 * len(alone) == 2 * len(regions) == 6
-    for i, whole in enumerate(alone):
-        for cut, source in ((models[2 * i], float_model), (models[2 * i + 1], whole)):
+    (float_model, int8_model, regions, feed), (models, feeds, _) = seen[0]
+    assert len(models) == 2 * len(regions) == 6
+    for i in range(len(regions)):
+        for j, source in ((2 * i, float_model), (2 * i + 1, int8_model)):
+            cut = models[j]
             onnx.checker.check_model(cut)
-            names = [o.name for o in cut.graph.output]
-            assert {i.name for i in cut.graph.input} == set(feeds[2 * i + (cut is models[2 * i + 1])])
-            expected = run_with_outputs(source, names, feed, "whole model")
-            got = run_with_outputs(cut, names, feeds[2 * i + (cut is models[2 * i + 1])], "cut")
-            for n in names:
-                np.testing.assert_allclose(got[n], expected[n], rtol=1e-6, atol=1e-6)
+            entries, exits = [t.name for t in cut.graph.input], [o.name for o in cut.graph.output]
+            assert set(entries) == set(feeds[j])
+            given = run_with_outputs(float_model, entries, feed, "float model")     # what the table feeds it
+            for t in entries:
+                np.testing.assert_array_equal(feeds[j][t], given[t])
+            whole = run_with_outputs(source, entries + exits, feed, "whole model")   # the cut computes the same
+            got = run_with_outputs(cut, exits, {t: whole[t] for t in entries}, "cut")
+            for t in exits:
+                np.testing.assert_allclose(got[t], whole[t], rtol=1e-6, atol=1e-6)
         int8_ops = [n.op_type for n in models[2 * i + 1].graph.node]
         assert int8_ops.count("QuantizeLinear") >= 1 and "MatMul" in int8_ops      # the region's int8 run
         assert "QuantizeLinear" not in [n.op_type for n in models[2 * i].graph.node]    # its float twin

@@ -7,7 +7,7 @@ per round and its gain carries the whole model's noise: PP-OCRv4 det (AMD EPYC Z
 of runs, notches of ±3.6% of its 60 ms, wider than most regions' gains. A cut pair runs only the region: one round
 of every region's pair is about two runs of the model, and each gain has its own region's noise.
 
-The int8 cut of region R, in ``alone`` (the build where R alone runs int8): the nodes that write the outputs of R's
+The int8 cut of region R, in the build where the regions run int8: the nodes that write the outputs of R's
 ops (``Built.produces``: a unit's op and its fused activation, another op), the QuantizeLinear of each tensor of R
 and the DequantizeLinear after it, and the DequantizeLinear of the ops' constant weights and biases. Its inputs are
 what these nodes read that other nodes make (the region's entries), its outputs what they make that other nodes or
@@ -78,15 +78,17 @@ def cut_model(model: onnx.ModelProto, s: Span, values: Mapping[str, np.ndarray])
     return onnx.shape_inference.infer_shapes(cut)
 
 
-def region_cuts(float_model: onnx.ModelProto, alone: list[onnx.ModelProto], regions: list[tuple[set[str], set[str]]],
+def region_cuts(float_model: onnx.ModelProto, int8_model: onnx.ModelProto, regions: list[tuple[set[str], set[str]]],
                 feed: Mapping[str, Any]) -> tuple[list[onnx.ModelProto], list[dict[str, Any]], LatencySessions] | None:
-    """For each region ((the tensors its ops write, its quantized tensors)) and its build alone int8 in ``alone``:
-    the float cut and the int8 cut (in that order, two models per region), each one's feed (the float model's values
-    at its entries on ``feed``), and their latency sessions, each loaded and run once; None where one cannot be
-    made (module docstring)."""
+    """For each region ((the tensors its ops write, its quantized tensors)) of ``int8_model``: the float cut (from
+    ``float_model``, the build with every region float) and the int8 cut (in that order, two models per region),
+    each one's feed (the float model's values at its entries on ``feed``), and their latency sessions, each loaded
+    and run once; None where one cannot be made (module docstring). A region's int8 cut is the same in the build
+    with every region int8 as in the build with it alone int8: no quantized tensor is two regions' (``regions``
+    joins the ops that share one), so its boundary pairs are its own."""
     spans = []
-    for model, (writes, tensors) in zip(alone, regions):
-        f, q = span(float_model, writes, set()), span(model, writes, tensors)
+    for writes, tensors in regions:
+        f, q = span(float_model, writes, set()), span(int8_model, writes, tensors)
         if f is None or q is None:
             return None
         spans.append((f, q))
@@ -97,8 +99,8 @@ def region_cuts(float_model: onnx.ModelProto, alone: list[onnx.ModelProto], regi
         values = {**(run_with_outputs(float_model, inner, feed, "float model (region inputs)") if inner else {}),
                   **{t: np.asarray(feed[t]) for t in wanted if t in given}}
         models, feeds = [], []
-        for model, (f, q) in zip(alone, spans):
-            for source, s in ((float_model, f), (model, q)):
+        for f, q in spans:
+            for source, s in ((float_model, f), (int8_model, q)):
                 models.append(cut_model(source, s, values))
                 feeds.append({t: values[t] for t in s.entries})
         sessions = LatencySessions(models)

@@ -309,17 +309,18 @@ def choose(built: Built, float_model: onnx.ModelProto, build: Callable[[set[str]
 def table_gains(built: Built, found: list[Region], float_model: onnx.ModelProto,
                 build: Callable[[set[str]], onnx.ModelProto], feed: dict[str, np.ndarray], rewarm: int,
                 kept: LatencySessions | None) -> tuple[Timing, ...]:
-    """Each region's gain alone (module docstring): from its float and int8 cuts (``cuts``), else from whole models
-    (float against the build with that region alone int8)."""
+    """Each region's gain alone (module docstring): from its float and int8 cuts (``cuts``: from the build with
+    every region float and from ``built``), else from whole models (float against the build with that region alone
+    int8)."""
     every = {t for r in found for t in r.tensors}
-    alone = [build(every - set(r.tensors)) for r in found]
     writes = [{t for op in r.ops for t in built.produces.get(op, ())} for r in found]
-    cut = region_cuts(build(every), alone, [(w, set(r.tensors)) for w, r in zip(writes, found)], feed)
+    cut = region_cuts(build(every), built.model, [(w, set(r.tensors)) for w, r in zip(writes, found)], feed)
     if cut is not None:
         models, feeds, sessions = cut
         t = time_models(models, feeds, TABLE_BUDGET_S, TABLE_RUNS, 0,
                         [(i, i + 1) for i in range(0, len(models), 2)], None, sessions)
         return tuple(Timing(f.median - q.median, f.notch + q.notch) for f, q in zip(t[::2], t[1::2]))
+    alone = [build(every - set(r.tensors)) for r in found]
     table = time_models([float_model, *alone], feed, TABLE_BUDGET_S, TABLE_RUNS, rewarm,
                         [(0, i) for i in range(1, len(alone) + 1)], 0, kept, MIN_GAIN)
     return tuple(Timing(table[0].median - t.median, table[0].notch + t.notch) for t in table[1:])
