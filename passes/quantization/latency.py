@@ -29,22 +29,23 @@ gains need not add up: on mnist_cnn no region alone pays, all three together 1.3
 candidate (one float run at an end of the model, ``fallback``), where there is one, is timed with them and taken
 only where measured faster than the others taken; no candidate: the model stays float. The same model, data and CPU
 give the same assignment wherever the gains exceed the noise.
-Time: at most TABLE_BUDGET_S + CONFIRM_BUDGET_S of runs (at least 5 rounds per model), one build and session per
-region. Sequential stop (``separated``): looked at every 5 rounds from the 10th (a few looks, so the 5% of one look
-grows little), and once at the 5th for wide gaps only (notches doubled, no futility: a pair decided there would need
-its medians to move by about two notches to read otherwise at the 10th; Magika's int8 at 0.42x float, mnist_wide's
-at 0.49x), each model leaves the rotation once every comparison it is in is decided (the table's region against
-float, or its int8 cut against its float cut; the final one's every pair), and the timing stops when none is left,
-before TABLE_RUNS / CONFIRM_RUNS rounds. A comparison is decided when the notches are apart; with float (and
-per-channel=auto's with the per-channel build), also once the other falls short, its gain plus both notches under
-MIN_GAIN of float's median: a final candidate that short is never written unless the medians move beyond their
-notches (MTCNN's near-ties; mnist_wide's per-tensor Gemm ran to the 60-round cap at 0.376 against 0.373 ms), and a
-region that short alone is taken at its median's sign, as at the cap (Magika's third region, 0.7% of float's 8 ms,
-ran the table to its 30 rounds); futile when the medians' difference is under FUTILITY times the notches' sum
-projected to the cap (notch ∝ 1/√n): the two would stay together at the cap unless the difference grew by
-1/FUTILITY, so the cap's answer is the answer now; moot (final comparison) when it is between two candidates and
-either is decided not faster than float (never written). On MTCNN O-Net, where some region's gain sits inside its
-notch, the table and the final comparison ran to their caps: 1.1 s of the pass's 1.6.
+Time: at most TABLE_BUDGET_S + CONFIRM_BUDGET_S of runs (at least 5 rounds per model), the float build and two cut
+sessions per region (whole models: one build and session per region). Sequential stop (``separated``): looked at
+every 5 rounds from the 10th (a few looks, so the 5% of one look grows little), and once at the 5th for wide gaps
+only (notches doubled, no futility: a pair decided there would need its medians to move by about two notches to read
+otherwise at the 10th; Magika's int8 at 0.42x float, mnist_wide's at 0.49x), each model leaves the rotation once
+every comparison it is in is decided (the table's region against float, or its int8 cut against its float cut; the
+final one's every pair), and the timing stops when none is left, before TABLE_RUNS / CONFIRM_RUNS rounds. A
+comparison is decided when the notches are apart; with float (and per-channel=auto's with the per-channel build),
+also once the other falls short, its gain plus both notches under MIN_GAIN of float's median: a final candidate that
+short is never written unless the medians move beyond their notches (MTCNN's near-ties; mnist_wide's per-tensor Gemm
+ran to the 60-round cap at 0.376 against 0.373 ms), and a region that short alone is taken at its median's sign, as
+at the cap (Magika's third region, 0.7% of float's 8 ms, ran the table to its 30 rounds); futile when the medians'
+difference is under FUTILITY times the notches' sum projected to the cap (notch ∝ 1/√n): the two would stay together
+at the cap unless the difference grew by 1/FUTILITY, so the cap's answer is the answer now; moot (final comparison)
+when it is between two candidates and either is decided not faster than float (never written). On MTCNN O-Net, where
+some region's gain sits inside its notch, the table and the final comparison ran to their caps: 1.1 s of the pass's
+1.6.
 
 Early decision (``choose_early``): speed does not depend on the biases' values nor on the ranges' (the same ops and
 shapes), so right after calibration the all-int8 build (the same QDQ placement, no full mean correction) is timed as
