@@ -64,10 +64,11 @@ regions), which the choice after the search times anyway.
 Scattered search (``scattered_skipped``): where the fallback found its contiguous candidate, that candidate is timed
 against all int8 before the harm-ordered (scattered) search runs; where all int8 is not MIN_GAIN faster, the
 scattered search (its sensitivity sweep, binary search, checks: 31 s of PP-OCRv4 det's pass; on EfficientNet-Lite0,
-where all int8 is 15% faster than the float run, it runs, 24 s) is not run and the contiguous candidate is the fidelity search's build. A scattered choice runs a subset of
-all int8's ops with a QuantizeLinear / DequantizeLinear pair around each of its float tensors, so it is taken not to
-beat by MIN_GAIN a candidate that all int8 itself does not (the early decision's assumption, one step on: PP-OCRv4
-det, AMD EPYC Zen 4: one float run 36.1 ms, all int8 38.5, the scattered choice's regions faster alone 37.9).
+where all int8 is 15% faster than the float run, it runs, 24 s) is not run and the contiguous candidate is the
+fidelity search's build. A scattered choice runs a subset of all int8's ops with a QuantizeLinear / DequantizeLinear
+pair around each of its float tensors, so it is taken not to beat by MIN_GAIN a candidate that all int8 itself does
+not (the early decision's assumption, one step on: PP-OCRv4 det, AMD EPYC Zen 4: one float run 36.1 ms, all int8
+38.5, the scattered choice's regions faster alone 37.9).
 """
 
 from __future__ import annotations
