@@ -4,6 +4,7 @@ the input), the choice reproducible where the gains are clear; regions; the opti
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -207,20 +208,29 @@ def outlier_mlp() -> onnx.ModelProto:
         b2=rand(16, seed=6))
 
 
-def test_a_float_prefix_is_written_where_it_measures_fastest(monkeypatch):
+def quantize_outlier_mlp(monkeypatch: pytest.MonkeyPatch, written: str, skip: Callable[..., str | None]
+                         ) -> tuple[onnx.ModelProto, onnx.ModelProto, np.ndarray, list[str]]:
+    """outlier_mlp quantized (min-cosine 0.9999: its input stays float) with int8 paying in the early decision, so
+    the fidelity search runs; the choice after it forced to ``written`` and the scattered-search test replaced by
+    ``skip``. The model, the output, the calibration rows and the notes."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64, 16)).astype(np.float32)
     x[:, 0] *= 300
     real = quantize_module.choose
     monkeypatch.setattr(quantize_module, "choose", lambda *a, **k: dataclasses.replace(real(*a, **k),
-                                                                                       written="contiguous"))
-    early = quantize_module.choose_early        # int8 pays before the fidelity search, so the search runs
+                                                                                       written=written))
+    early = quantize_module.choose_early
     monkeypatch.setattr(quantize_module, "choose_early", lambda *a, **k: dataclasses.replace(early(*a, **k),
                                                                                              written="int8"))
-    monkeypatch.setattr(quantize_module, "scattered_skipped", lambda *a, **k: None)    # both candidates searched
-    out, rep = graphopt.optimize(outlier_mlp(), ["quantize:min-top1=0,min-cosine=0.9999"], calib_data=[{"x": x}],
+    monkeypatch.setattr(quantize_module, "scattered_skipped", skip)
+    model = outlier_mlp()
+    out, rep = graphopt.optimize(model, ["quantize:min-top1=0,min-cosine=0.9999"], calib_data=[{"x": x}],
                                  latency_runs=0, validate_output=False)
-    notes = rep.passes[-1]["notes"]
+    return model, out, x, rep.passes[-1]["notes"]
+
+
+def test_a_float_prefix_is_written_where_it_measures_fastest(monkeypatch):
+    _, out, _, notes = quantize_outlier_mlp(monkeypatch, "contiguous", lambda *a: None)   # both candidates searched
     assert any("a float prefix of 1 tensors" in n for n in notes), notes
     assert any("one float run at an end" in n for n in notes), notes
     q = [n for n in out.graph.node if n.op_type == "QuantizeLinear"]
@@ -245,21 +255,9 @@ def test_the_scattered_search_runs_only_where_all_int8_pays_over_the_float_run(m
 
 
 def test_where_the_float_run_is_as_fast_as_all_int8_it_is_written_without_the_scattered_search(monkeypatch):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((64, 16)).astype(np.float32)
-    x[:, 0] *= 300
-    early = quantize_module.choose_early
-    monkeypatch.setattr(quantize_module, "choose_early", lambda *a, **k: dataclasses.replace(early(*a, **k),
-                                                                                             written="int8"))
-    asked = []
-    monkeypatch.setattr(quantize_module, "scattered_skipped", lambda *a, **k: asked.append(a) or "as fast (test)")
     monkeypatch.setattr(fallback_module.Fallback, "sweep", lambda self: pytest.fail("the scattered search ran"))
-    real = quantize_module.choose
-    monkeypatch.setattr(quantize_module, "choose", lambda *a, **k: dataclasses.replace(real(*a, **k), written="int8"))
-    model = outlier_mlp()
-    out, rep = graphopt.optimize(model, ["quantize:min-top1=0,min-cosine=0.9999"], calib_data=[{"x": x}],
-                                 latency_runs=0, validate_output=False)
-    notes = rep.passes[-1]["notes"]
+    asked = []
+    model, out, x, notes = quantize_outlier_mlp(monkeypatch, "int8", lambda *a: asked.append(a) or "as fast (test)")
     assert len(asked) == 1
     assert any("a float prefix of 1 tensors" in n for n in notes), notes
     assert any("scattered search (tensors float by harm) not run: as fast (test)" in n for n in notes), notes

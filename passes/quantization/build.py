@@ -210,13 +210,13 @@ class Builder:
                   for x, (u, node, act) in zip(inputs, p.units)] + p.others_io
         idle = drop_idle(p.qdq, ops_io)
         labels = [u.name for u, _, _ in p.units] + p.others
-        links = tuple((labels[i], tuple(t for t in [*ops_io[i][0], ops_io[i][1]] if t in p.qdq))
-                      for i in live_ops(p.qdq, ops_io))
+        live = live_ops(p.qdq, ops_io)
+        links = tuple((labels[i], tuple(t for t in [*ops_io[i][0], ops_io[i][1]] if t in p.qdq)) for i in live)
         writes = [[node.outputs[0]] + ([act.outputs[0]] if act is not None else []) for _, node, act in p.units] + \
             [[tensors[out]] for _, out, _ in p.others_io]
         for name in p.qdq:
             edit.insert_qdq(tensors[name], *params[name])
-        produces = {labels[i]: tuple(t.name for t in writes[i]) for i in live_ops(p.qdq, ops_io)}   # names as exported
+        produces = {labels[i]: tuple(t.name for t in writes[i]) for i in live}      # the names as exported
         int8_units = []
         for x_names, (u, node, act) in zip(inputs, p.units):
             if not all(t in p.qdq for t in x_names):

@@ -290,7 +290,6 @@ def choose(built: Built, float_model: onnx.ModelProto, build: Callable[[set[str]
     more than once (float, all int8)."""
     found = regions(built)
     rewarm = rewarm_runs(float_model, feed)
-    every = {t for r in found for t in r.tensors}
     gains = table_gains(built, found, float_model, build, feed, rewarm, kept) if len(found) > 1 else ()
     faster = tuple(g.median > 0 for g in gains) if gains else (True,) * len(found)
     partial = any(faster) and not all(faster)
